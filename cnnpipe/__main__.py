@@ -1,0 +1,3 @@
+from cnnpipe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""The online augmentation policy (a versioned JSON) and its batched application.
+
+Every transform draws its own random parameters per sample, and the whole batch goes through one
+`affine_grid` + `grid_sample` call, so augmenting costs a few kernel launches per batch on any
+device, not a Python loop per image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cnnpipe.config import AugmentConfig
+from cnnpipe.errors import CnnpipeError
+
+POLICY_VERSION = 1
+
+
+def no_flips(num_classes: int) -> list[int]:
+    """The flip table of data with no known mirror symmetry: -1 = this class is never flipped.
+
+    Digits are not mirror-symmetric (a flipped 3 is no digit) and data we know nothing about is
+    never flipped; a table maps class i to the class its mirror image belongs to.
+    """
+    return [-1] * num_classes
+
+
+@dataclass
+class AugmentPolicy:
+    translate: float
+    rotate: float
+    scale: float
+    shear: float
+    brightness: float
+    contrast: float
+    saturation: float
+    cutout: float
+    hflip: list[int] = field(default_factory=list)
+    version: int = POLICY_VERSION
+
+    @classmethod
+    def from_config(cls, cfg: AugmentConfig, hflip: list[int]) -> AugmentPolicy:
+        return cls(cfg.translate, cfg.rotate, cfg.scale, cfg.shear, cfg.brightness, cfg.contrast,
+                   cfg.saturation, cfg.cutout, hflip)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> AugmentPolicy:
+        if d.get("version") != POLICY_VERSION:
+            raise CnnpipeError(f"{where}: expected policy version {POLICY_VERSION}, got {d.get('version')!r}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise CnnpipeError(f"{where}: not an augmentation policy ({e})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def is_identity(self) -> bool:
+        geometric = self.translate or self.rotate or self.scale or self.shear
+        photometric = self.brightness or self.contrast or self.saturation or self.cutout
+        return not (geometric or photometric or any(t >= 0 for t in self.hflip))
+
+
+def _uniform(n: int, bound: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    return (torch.rand(n, generator=g, device=device) * 2 - 1) * bound
+
+
+def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy,
+                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a float batch N x C x H x W in [0, 1]; flips may remap labels, so both come back."""
+    n, c, h, w = x.shape
+    dev = x.device
+    if policy.hflip and any(t >= 0 for t in policy.hflip):
+        table = torch.tensor(policy.hflip, device=dev)
+        target = table[labels]
+        flip = (torch.rand(n, generator=g, device=dev) < 0.5) & (target >= 0)
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+        labels = torch.where(flip, target, labels)
+
+    if policy.translate or policy.rotate or policy.scale or policy.shear:
+        angle = _uniform(n, math.radians(policy.rotate), g, dev)
+        shear = _uniform(n, math.radians(policy.shear), g, dev)
+        zoom = 1 + _uniform(n, policy.scale, g, dev)
+        tx, ty = _uniform(n, 2 * policy.translate, g, dev), _uniform(n, 2 * policy.translate, g, dev)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # theta maps output to input coordinates; dividing by zoom > 1 magnifies the image
+        theta = torch.stack([
+            torch.stack([cos / zoom, (-sin + torch.tan(shear) * cos) / zoom, tx], 1),
+            torch.stack([sin / zoom, (cos + torch.tan(shear) * sin) / zoom, ty], 1),
+        ], 1)
+        grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+        # border padding repeats the edge: no black wedges that a model could learn as a cue
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    if policy.brightness:
+        x = x * (1 + _uniform(n, policy.brightness, g, dev)).view(n, 1, 1, 1)
+    if policy.contrast:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (1 + _uniform(n, policy.contrast, g, dev)).view(n, 1, 1, 1) + mean
+    if policy.saturation and c == 3:
+        gray = (x * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = (x - gray) * (1 + _uniform(n, policy.saturation, g, dev)).view(n, 1, 1, 1) + gray
+    if policy.cutout:
+        side = max(1, round(policy.cutout * min(h, w)))
+        cy = torch.randint(0, h, (n, 1, 1), generator=g, device=dev)
+        cx = torch.randint(0, w, (n, 1, 1), generator=g, device=dev)
+        ys = torch.arange(h, device=dev).view(1, h, 1)
+        xs = torch.arange(w, device=dev).view(1, 1, w)
+        hole = ((ys - cy).abs() <= side // 2) & ((xs - cx).abs() <= side // 2)
+        x = x.masked_fill(hole.unsqueeze(1), 0.0)
+    return x.clamp_(0, 1), labels

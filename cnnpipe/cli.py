@@ -1,0 +1,131 @@
+"""`cnnpipe <stage>`: translate flags and params.yaml into one stage call; nothing more.
+
+Each command prints its small result as JSON on stdout and progress on stderr. Exit codes:
+0 ok, 1 internal error (a bug: traceback shown), 2 bad input, 3 tracking store unreachable, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from cnnpipe import __version__
+from cnnpipe.config import (AugmentConfig, EvaluateConfig, IngestConfig, RegisterConfig, TrackingConfig, TrainConfig,
+                            add_flags, load_block, read_params, tracking_config)
+from cnnpipe.errors import EXIT_INTERRUPTED, EXIT_OK, CnnpipeError
+
+Handler = Callable[[argparse.Namespace, dict, Path], dict]
+
+
+def _cfg(cls: type, block: str, args: argparse.Namespace, params: dict, params_path: Path):  # noqa: ANN202
+    return load_block(cls, block, params, vars(args), params_path)
+
+
+def _tracking(args: argparse.Namespace, params: dict, params_path: Path) -> TrackingConfig | None:
+    if getattr(args, "no_tracking", False):
+        return None
+    return tracking_config(params, args, params_path)
+
+
+def _ingest(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.stages import ingest
+
+    return ingest.run(_cfg(IngestConfig, "ingest", args, params, pp), args.out, args.report)
+
+
+def _augment(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.stages import augment
+
+    return augment.run(_cfg(AugmentConfig, "augment", args, params, pp), args.data, args.out)
+
+
+def _train(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.stages import train
+
+    return train.run(_cfg(TrainConfig, "train", args, params, pp), args.data, args.augmented, args.out,
+                     _tracking(args, params, pp))
+
+
+def _evaluate(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.stages import evaluate
+
+    return evaluate.run(_cfg(EvaluateConfig, "evaluate", args, params, pp), args.model, args.data, args.out,
+                        _tracking(args, params, pp))
+
+
+def _register(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.stages import register
+
+    return register.run(_cfg(RegisterConfig, "register", args, params, pp), args.model, args.data, args.evaluation,
+                        args.out, tracking_config(params, args, pp))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnpipe", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Exit codes: 0 ok, 1 internal error, 2 bad input, "
+                                            "3 tracking store unreachable, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"cnnpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+
+    def command(name: str, help: str, handler: Handler, cls: type | None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+        p.set_defaults(handler=handler)
+        if cls is not None:
+            add_flags(p, cls)
+        return p
+
+    def with_tracking(p: argparse.ArgumentParser, optional: bool) -> None:
+        add_flags(p, TrackingConfig, prefix="tracking-")
+        if optional:
+            p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (runs without mlflow)")
+
+    p = command("ingest", "read a dataset source into the processed format (train/val/test)", _ingest, IngestConfig)
+    p.add_argument("--out", type=Path, default=Path("data/processed"), help="processed dataset directory")
+    p.add_argument("--report", type=Path, default=Path("data/reports/ingest_report.json"), help="ingest report (JSON)")
+
+    p = command("augment", "balance the training split and write the online augmentation policy", _augment,
+                AugmentConfig)
+    p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset directory")
+    p.add_argument("--out", type=Path, default=Path("data/augmented"), help="augmented dataset directory")
+
+    p = command("train", "train a model on the augmented training split", _train, TrainConfig)
+    p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset (validation split)")
+    p.add_argument("--augmented", type=Path, default=Path("data/augmented"), help="augmented dataset (training split)")
+    p.add_argument("--out", type=Path, default=Path("data/model"), help="model directory")
+    with_tracking(p, optional=True)
+
+    p = command("evaluate", "metrics and confusion matrix of a model on the val and test splits", _evaluate,
+                EvaluateConfig)
+    p.add_argument("--model", type=Path, default=Path("data/model"), help="model directory (from train)")
+    p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset directory")
+    p.add_argument("--out", type=Path, default=Path("data/evaluation"), help="evaluation directory")
+    with_tracking(p, optional=True)
+
+    p = command("register", "log the model as an MLflow pyfunc and register it in the Model Registry", _register,
+                RegisterConfig)
+    p.add_argument("--model", type=Path, default=Path("data/model"), help="model directory (from train)")
+    p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset (input example)")
+    p.add_argument("--evaluation", type=Path, default=Path("data/evaluation"), help="evaluation directory")
+    p.add_argument("--out", type=Path, default=Path("data/registered.json"), help="registration record (JSON)")
+    with_tracking(p, optional=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        params = read_params(args.params)
+        result = args.handler(args, params, args.params)
+    except CnnpipeError as e:
+        print(f"cnnpipe {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"cnnpipe {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(json.dumps(result, default=str))
+    return EXIT_OK

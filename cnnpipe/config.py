@@ -1,0 +1,216 @@
+"""One dataclass per params.yaml block: load, override from flags, validate.
+
+Every field carries its help text, so `cnnpipe <stage> --help` and params.yaml describe the same
+knobs. A field named `image_size` in block `ingest` is `ingest.image_size` in params.yaml and
+`--image-size` on the command line; a flag wins over params.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from cnnpipe.errors import CnnpipeError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def knob(default: Any, help: str, choices: tuple | None = None, minimum: float | None = None,
+         maximum: float | None = None) -> Any:
+    """A config field with its help text and its valid range."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class IngestConfig:
+    source: str = knob("digits", "dataset source (digits: scikit-learn's embedded 8x8 scans)")
+    path: str | None = knob(None, "where the source's files are (a file or folder; unused for digits)")
+    image_size: int = knob(16, "images are resized to image_size x image_size", minimum=4, maximum=1024)
+    channels: int = knob(1, "1 = grayscale, 3 = RGB", choices=(1, 3))
+    val_fraction: float = knob(0.1, "fraction of each class held out for validation", minimum=0.0, maximum=0.5)
+    test_fraction: float = knob(0.2, "fraction of each class held out for test (when the source has no official test split)",
+                                minimum=0.0, maximum=0.5)
+    seed: int = knob(0, "seed of the stratified split")
+
+
+@dataclass
+class AugmentConfig:
+    balance_to: int = knob(0, "oversample every training class below this count with augmented copies (0 = off)", minimum=0)
+    translate: float = knob(0.1, "max shift, as a fraction of the image side", minimum=0.0, maximum=0.5)
+    rotate: float = knob(10.0, "max rotation in degrees", minimum=0.0, maximum=180.0)
+    scale: float = knob(0.1, "max zoom in or out, as a fraction", minimum=0.0, maximum=0.9)
+    shear: float = knob(0.0, "max shear in degrees", minimum=0.0, maximum=45.0)
+    brightness: float = knob(0.2, "max brightness change, as a fraction", minimum=0.0, maximum=1.0)
+    contrast: float = knob(0.2, "max contrast change, as a fraction", minimum=0.0, maximum=1.0)
+    saturation: float = knob(0.0, "max saturation change, as a fraction (RGB only)", minimum=0.0, maximum=1.0)
+    cutout: float = knob(0.0, "side of the square cut out of each image, as a fraction of the side (0 = off)",
+                         minimum=0.0, maximum=1.0)
+    seed: int = knob(0, "seed of class balancing and of the preview")
+
+
+@dataclass
+class TrainConfig:
+    arch: str = knob("cnn3", "architecture from the model registry")
+    width: int = knob(16, "base width (channels of the first conv layer; hidden units for mlp)", minimum=1)
+    epochs: int = knob(12, "training epochs", minimum=1)
+    batch_size: int = knob(64, "images per step", minimum=1)
+    optimizer: str = knob("sgd", "sgd (Nesterov), adamw or adam", choices=("sgd", "adamw", "adam"))
+    lr: float = knob(0.05, "peak learning rate", minimum=0.0)
+    momentum: float = knob(0.9, "SGD momentum / Adam beta1", minimum=0.0, maximum=1.0)
+    weight_decay: float = knob(5e-4, "weight decay", minimum=0.0)
+    schedule: str = knob("onecycle", "learning-rate schedule", choices=("onecycle", "cosine", "step", "constant"))
+    label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy loss", minimum=0.0, maximum=0.5)
+    augment: bool = knob(True, "apply the augment stage's online policy every epoch")
+    device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    seed: int = knob(0, "seed of initialization, shuffling and augmentation")
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = knob(512, "images per inference step", minimum=1)
+    device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+
+
+@dataclass
+class RegisterConfig:
+    model_name: str = knob("cnnpipe-digits", "name in the MLflow Model Registry")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = knob("sqlite:///mlflow.db", "MLflow tracking URI (the MLFLOW_TRACKING_URI environment variable overrides it)")
+    experiment: str = knob("cnnpipe", "MLflow experiment name")
+
+
+BLOCKS: dict[str, type] = {
+    "ingest": IngestConfig,
+    "augment": AugmentConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "register": RegisterConfig,
+    "tracking": TrackingConfig,
+}
+
+T = TypeVar("T")
+
+
+def _base_type(cls: type, name: str) -> tuple[type, bool]:
+    """(the scalar type, whether None is allowed) of field `name`, e.g. `str | None` -> (str, True)."""
+    annotation = typing.get_type_hints(cls)[name]
+    args = typing.get_args(annotation)
+    if args:
+        non_none = [a for a in args if a is not type(None)]
+        return non_none[0], len(non_none) != len(args)
+    return annotation, False
+
+
+def _coerce(value: Any, kind: type, optional: bool, where: str) -> Any:
+    if value is None:
+        if optional:
+            return None
+        raise CnnpipeError(f"{where}: expected {kind.__name__}, got null")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise CnnpipeError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise CnnpipeError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise CnnpipeError(f"{where}: expected an integer, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise CnnpipeError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise CnnpipeError(f"{where}: expected a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise CnnpipeError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _validate(cfg: Any, block: str) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        where = f"{block}.{f.name}"
+        meta = f.metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            expected = ", ".join(str(c) for c in meta["choices"])
+            raise CnnpipeError(f"{where}: expected one of {expected}, got {value!r}")
+        if value is None or isinstance(value, (str, bool)):
+            continue
+        if meta.get("minimum") is not None and value < meta["minimum"]:
+            raise CnnpipeError(f"{where}: expected >= {meta['minimum']}, got {value!r}")
+        if meta.get("maximum") is not None and value > meta["maximum"]:
+            raise CnnpipeError(f"{where}: expected <= {meta['maximum']}, got {value!r}")
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    try:
+        params = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CnnpipeError(f"params file '{path}' not found") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise CnnpipeError(f"params file '{path}' is not readable YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(params, dict):
+        raise CnnpipeError(f"params file '{path}': expected a mapping of blocks at the top level")
+    return params
+
+
+def load_block(cls: type[T], block: str, params: dict[str, Any], overrides: dict[str, Any],
+               params_path: Path = DEFAULT_PARAMS) -> T:
+    """Build `cls` from `params[block]`, then apply the non-None `overrides`, then validate."""
+    if block not in params:
+        raise CnnpipeError(f"params file '{params_path}': missing block '{block}'")
+    raw = params[block] or {}
+    if not isinstance(raw, dict):
+        raise CnnpipeError(f"params file '{params_path}': block '{block}' must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise CnnpipeError(f"params file '{params_path}': {block}.{unknown[0]} is not a known field "
+                           f"(expected one of: {', '.join(fields)})")
+    values = {name: _coerce(v, *_base_type(cls, name), f"{block}.{name}") for name, v in raw.items()}
+    for name, v in overrides.items():
+        if v is not None and name in fields:
+            values[name] = _coerce(v, *_base_type(cls, name), f"--{name.replace('_', '-')}")
+    cfg = cls(**values)
+    _validate(cfg, block)
+    return cfg
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """One flag per field, all defaulting to None so params.yaml decides unless a flag is given."""
+    group = parser.add_argument_group(f"params ({cls.__name__}; default from params.yaml)")
+    for f in dataclasses.fields(cls):
+        kind, _ = _base_type(cls, f.name)
+        flag = f"--{prefix}{f.name.replace('_', '-')}"
+        dest = f"{prefix.replace('-', '_')}{f.name}"
+        help_text = f.metadata["help"]
+        if kind is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, type=kind, default=None, metavar=kind.__name__.upper(),
+                               choices=f.metadata.get("choices"), help=help_text)
+
+
+def tracking_config(params: dict[str, Any], args: argparse.Namespace, params_path: Path) -> TrackingConfig:
+    """The tracking block; precedence: --tracking-uri flag, then MLFLOW_TRACKING_URI, then params.yaml."""
+    overrides = {"uri": os.environ.get("MLFLOW_TRACKING_URI") or None, "experiment": None}
+    overrides.update({k: getattr(args, f"tracking_{k}") for k in ("uri", "experiment")
+                      if getattr(args, f"tracking_{k}", None) is not None})
+    block = params if "tracking" in params else {**params, "tracking": {}}
+    return load_block(TrackingConfig, "tracking", block, overrides, params_path)

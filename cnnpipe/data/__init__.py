@@ -1,0 +1,1 @@
+"""Datasets: sources that read what users download, the split, and the processed format."""

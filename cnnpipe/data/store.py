@@ -1,0 +1,140 @@
+"""The processed-dataset format every stage after ingest reads.
+
+    <dir>/manifest.json          format, source, input sha256s, counts, image size, channel mean/std
+    <dir>/classes.json           class names, index = label
+    <dir>/<split>_images.npy     uint8 N x H x W x C (memory-mappable)
+    <dir>/<split>_labels.npy     int64 N
+
+The augmented dataset (augment -> train) is the same format holding only the train split, plus
+`policy.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.fsio import atomic_dir, read_json
+
+FORMAT = "cnnpipe.dataset/1"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8 N x H x W x C
+    labels: np.ndarray  # int64 N
+
+
+@dataclass
+class Dataset:
+    classes: list[str]
+    splits: dict[str, Split]
+    manifest: dict[str, Any]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.manifest["channels"])
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on the 0..1 scale, in chunks so a memory-mapped array stays cheap."""
+    c = images.shape[-1]
+    total, sq, n = np.zeros(c), np.zeros(c), 0
+    for start in range(0, len(images), 4096):
+        chunk = images[start:start + 4096].reshape(-1, c).astype(np.float64) / 255.0
+        total += chunk.sum(0)
+        sq += (chunk ** 2).sum(0)
+        n += len(chunk)
+    mean = total / max(n, 1)
+    std = np.sqrt(np.maximum(sq / max(n, 1) - mean ** 2, 1e-12))
+    return mean.round(6).tolist(), std.round(6).tolist()
+
+
+def cross_split_duplicates(splits: dict[str, Split]) -> dict[str, int]:
+    """Exact-duplicate images (same bytes) shared by two splits: a leakage check."""
+    hashes = {name: {hashlib.blake2b(img.tobytes(), digest_size=16).digest() for img in s.images}
+              for name, s in splits.items()}
+    names = list(hashes)
+    return {f"{a}-{b}": len(hashes[a] & hashes[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+
+
+def write_dataset(path: Path | str, classes: list[str], splits: dict[str, Split], manifest: dict[str, Any],
+                  extra_files: dict[str, bytes | dict | list] | None = None) -> dict:
+    """Write the dataset atomically; the manifest gets counts, size, channels and train mean/std added.
+
+    `extra_files` (name -> bytes, or a dict/list written as JSON) land in the same atomic directory.
+    """
+    first = next(iter(splits.values())).images
+    h, w, c = first.shape[1:]
+    mean, std = channel_stats(splits["train"].images)
+    counts = {}
+    for name, s in splits.items():
+        if s.images.dtype != np.uint8 or s.images.ndim != 4 or s.images.shape[1:] != (h, w, c):
+            raise ValueError(f"split {name}: expected uint8 N x {h} x {w} x {c}, got {s.images.dtype} {s.images.shape}")
+        per_class = np.bincount(s.labels, minlength=len(classes))
+        counts[name] = {"total": int(len(s.labels)), "per_class": dict(zip(classes, per_class.tolist()))}
+    manifest = {
+        "format": FORMAT,
+        **manifest,
+        "image_size": int(h),
+        "channels": int(c),
+        "num_classes": len(classes),
+        "counts": counts,
+        "mean": mean,
+        "std": std,
+    }
+    with atomic_dir(path) as tmp:
+        for name, s in splits.items():
+            np.save(tmp / f"{name}_images.npy", np.ascontiguousarray(s.images))
+            np.save(tmp / f"{name}_labels.npy", s.labels.astype(np.int64))
+        (tmp / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+    return manifest
+
+
+def read_dataset(path: Path | str, splits: tuple[str, ...] = SPLITS, mmap: bool = True) -> Dataset:
+    """Read and check a processed dataset; every problem is one line naming the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CnnpipeError(f"dataset '{path}' not found (expected a directory written by `cnnpipe ingest`)")
+    manifest = read_json(path / "manifest.json", "dataset manifest")
+    if manifest.get("format") != FORMAT:
+        raise CnnpipeError(f"dataset manifest '{path / 'manifest.json'}': expected format {FORMAT}, "
+                           f"got {manifest.get('format')!r}")
+    classes = read_json(path / "classes.json", "class list")
+    if not isinstance(classes, list) or len(classes) != manifest.get("num_classes"):
+        raise CnnpipeError(f"class list '{path / 'classes.json'}': expected {manifest.get('num_classes')} names")
+    out = {}
+    shape = (manifest["image_size"], manifest["image_size"], manifest["channels"])
+    for name in splits:
+        img_path, lab_path = path / f"{name}_images.npy", path / f"{name}_labels.npy"
+        if not img_path.exists():
+            raise CnnpipeError(f"dataset '{path}' has no '{name}' split ({img_path.name} missing)")
+        try:
+            images = np.load(img_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            labels = np.load(lab_path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise CnnpipeError(f"dataset file in '{path}' for split '{name}' is not a readable .npy: {e}") from None
+        if images.dtype != np.uint8 or images.shape[1:] != shape or len(images) != len(labels):
+            raise CnnpipeError(f"dataset file '{img_path}': expected uint8 N x {' x '.join(map(str, shape))} "
+                               f"with {len(labels)} images, got {images.dtype} {images.shape}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise CnnpipeError(f"dataset file '{lab_path}': labels outside 0..{len(classes) - 1}")
+        out[name] = Split(images, labels)
+    return Dataset(classes, out, manifest)

@@ -1,0 +1,1 @@
+"""Metrics and figures of a trained model on a split."""

@@ -1,0 +1,60 @@
+"""The MLflow pyfunc model: a DataFrame column `image` (base64 PNG/JPEG/PPM) or uint8 arrays in."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.serving.predictor import Predictor
+
+CHECKPOINT = "checkpoint"  # the artifact key of the model file
+
+
+def _decode(value: Any, i: int) -> bytes | np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise CnnpipeError(f"image {i}: not valid base64") from None
+    raise CnnpipeError(f"image {i}: expected base64 text, bytes or a uint8 array, got {type(value).__name__}")
+
+
+def to_images(model_input: Any) -> list[bytes | np.ndarray]:
+    """The raw images in `model_input`: a DataFrame with an `image` column, or a uint8 N x H x W x C array."""
+    if isinstance(model_input, pd.DataFrame):
+        if "image" not in model_input.columns:
+            raise CnnpipeError(f"input: expected a column 'image', got {list(model_input.columns)}")
+        return [_decode(v, i) for i, v in enumerate(model_input["image"])]
+    if isinstance(model_input, np.ndarray):
+        if model_input.dtype != np.uint8 or model_input.ndim not in (3, 4):
+            raise CnnpipeError(f"input: expected a uint8 N x H x W [x C] array, got {model_input.dtype} {model_input.shape}")
+        return list(model_input)
+    raise CnnpipeError(f"input: expected a DataFrame with an 'image' column or a uint8 array, got {type(model_input).__name__}")
+
+
+def predict_frame(predictor: Predictor, model_input: Any, top_k: int = 5) -> pd.DataFrame:
+    """One row per image: predicted_class, predicted_class_index, confidence, top_k."""
+    return pd.DataFrame(predictor.predict(predictor.preprocess(to_images(model_input)), top_k=top_k))
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    """Holds no state when logged: the model file comes in as an artifact at load time."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.predictor = Predictor.from_file(context.artifacts[CHECKPOINT])
+
+    # model_input is left unannotated: MLflow reads a type hint there as a schema of its own (it then
+    # warns once that hints are missing; the logged signature does that job)
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input,  # noqa: ANN001
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return predict_frame(self.predictor, model_input, int((params or {}).get("top_k", 5)))

@@ -1,0 +1,1 @@
+"""One module per stage; each exposes `run(cfg, <paths>) -> dict` and knows nothing of its caller."""

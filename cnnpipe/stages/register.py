@@ -1,0 +1,65 @@
+"""register: log the model as an MLflow pyfunc (raw images in) into the pipeline's run and register it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+import cnnpipe
+from cnnpipe.config import RegisterConfig, TrackingConfig
+from cnnpipe.data.store import read_dataset
+from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
+from cnnpipe.serving.predictor import Predictor
+from cnnpipe.stages.train import MODEL_FILE
+from cnnpipe.tracking import Tracker
+
+
+def _png_base64(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out: Path,
+        tracking: TrackingConfig) -> dict:
+    from mlflow.models import infer_signature
+
+    from cnnpipe.serving import pyfunc_model
+    from cnnpipe.serving.pyfunc import CHECKPOINT, predict_frame
+
+    ensure_writable_parent(out)
+    predictor = Predictor.from_file(model_dir / MODEL_FILE)  # fail here, not inside MLflow, on a bad model file
+    metrics = read_json(evaluation / "metrics.json", "evaluation metrics")
+    ds = read_dataset(data, splits=("test",))
+    tracker = Tracker.resume(tracking, model_dir)
+
+    example = pd.DataFrame({"image": [_png_base64(np.asarray(img)) for img in ds.splits["test"].images[:2]]})
+    signature = infer_signature(example, predict_frame(predictor, example), params={"top_k": 5})
+    model_uri = tracker.log_pyfunc_model(
+        "model",
+        python_model=str(Path(pyfunc_model.__file__)),  # models from code: nothing pickled
+        artifacts={CHECKPOINT: str(model_dir / MODEL_FILE)},
+        code_paths=[str(Path(cnnpipe.__file__).parent)],  # the model loads where cnnpipe is not installed
+        signature=signature,
+        input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+                          f"pandas=={pd.__version__}", f"pillow=={Image.__version__}"],
+    )
+    test = metrics.get("test", {})
+    tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **Tracker.source_tags(ds.manifest),
+            **{f"test.{k}": v for k, v in test.items()}}
+    version = tracker.register_model(model_uri, cfg.model_name, tags)
+    record = {"name": cfg.model_name, "version": version, "model_uri": f"models:/{cfg.model_name}/{version}",
+              "logged_model_uri": model_uri, "run_id": tracker.run_id, "tracking_uri": tracking.uri,
+              "test": test}
+    write_json(out, record)
+    print(f"registered {cfg.model_name} version {version} (test accuracy {test.get('accuracy', float('nan')):.4f})",
+          file=sys.stderr)
+    return record

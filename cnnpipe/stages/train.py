@@ -1,0 +1,105 @@
+"""train: the augmented training split + the validation split -> a model file, per-epoch history.
+
+With `tracking` given, the stage starts the pipeline's MLflow run (params, per-epoch metrics, the
+data manifest and the augmentation preview) and writes the run id next to the model; with None it
+needs no MLflow at all (a bare GPU box, benchmarks).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from cnnpipe.augment import AugmentPolicy
+from cnnpipe.config import TrackingConfig, TrainConfig
+from cnnpipe.data.store import Dataset, read_dataset
+from cnnpipe.engine.checkpoint import ModelSpec, save_model
+from cnnpipe.engine.device import resolve_device
+from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
+from cnnpipe.engine.loop import TrainData, fit
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.fsio import atomic_dir, ensure_writable_parent, read_json
+from cnnpipe.models import build_model, count_parameters
+
+MODEL_FILE = "model.pt"
+HISTORY_FILE = "history.csv"
+
+
+def _check_same_data(processed: Dataset, augmented: Dataset, data: Path, aug: Path) -> None:
+    for what in ("classes", "image_size", "channels"):
+        a, b = getattr(processed, what), getattr(augmented, what)
+        if a != b:
+            raise CnnpipeError(f"augmented dataset '{aug}' does not match dataset '{data}': {what} {b!r} vs {a!r} "
+                               f"(re-run `cnnpipe augment`)")
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: TrackingConfig | None) -> dict:
+    ensure_writable_parent(out)
+    processed = read_dataset(data, splits=("val",))
+    aug = read_dataset(augmented, splits=("train",))
+    _check_same_data(processed, aug, data, augmented)
+    policy = AugmentPolicy.from_dict(read_json(augmented / "policy.json", "augmentation policy"),
+                                     str(augmented / "policy.json")) if cfg.augment else None
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, cfg.width).to(device)
+    n_params = count_parameters(model)
+    train_split, val_split = aug.splits["train"], processed.splits["val"]
+
+    tracker = None  # started once every input is known good, so a bad input leaves no failed run behind
+    if tracking is not None:
+        from cnnpipe.tracking import Tracker
+
+        tracker = Tracker.start(tracking, run_name=f"{aug.manifest['source']['name']}-{cfg.arch}",
+                                tags={"cnnpipe.source": aug.manifest["source"]["name"]})
+        tracker.log_params(dataclasses.asdict(cfg), prefix="train.")
+        tracker.log_params({k: v for k, v in policy.to_dict().items() if k != "hflip"} if policy else {}, prefix="augment.")
+        tracker.log_params({"source": aug.manifest["source"]["name"], "image_size": aug.image_size,
+                            "channels": aug.channels, "num_classes": len(aug.classes),
+                            "train_images": len(train_split.labels), "val_images": len(val_split.labels),
+                            "parameters": n_params}, prefix="data.")
+        tracker.set_tags(tracker.source_tags(processed.manifest))
+    try:
+        print(f"{cfg.arch}: {n_params:,} parameters, {len(train_split.labels):,} training images, "
+              f"{len(val_split.labels):,} validation images, device {device}", file=sys.stderr)
+        mean, std = stats_tensors(aug.manifest["mean"], aug.manifest["std"], device)
+        tensors = TrainData(
+            train_images=to_nchw_uint8(train_split.images, device),
+            train_labels=torch.from_numpy(train_split.labels).to(device),
+            val_images=to_nchw_uint8(val_split.images, device),
+            val_labels=torch.from_numpy(val_split.labels).to(device),
+            mean=mean, std=std,
+        )
+        with atomic_dir(out) as tmp:
+            history = fit(model, tensors, cfg, policy,
+                          on_epoch=(lambda s: tracker.log_metrics(s, step=int(s["epoch"]))) if tracker else None)
+            spec = ModelSpec(cfg.arch, cfg.width, aug.channels, len(aug.classes), aug.image_size,
+                             aug.classes, aug.manifest["mean"], aug.manifest["std"])
+            save_model(tmp / MODEL_FILE, model, spec)
+            _write_history(tmp / HISTORY_FILE, history)
+            if tracker is not None:
+                tracker.write_run_file(tmp)
+                tracker.log_artifact(tmp / HISTORY_FILE, "train")
+                tracker.log_artifact(augmented / "manifest.json", "data")
+                tracker.log_artifact(augmented / "policy.json", "augment")
+                tracker.log_artifact(augmented / "preview.png", "augment")
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(ok=False)
+        raise
+    if tracker is not None:
+        tracker.finish(ok=True)
+    last = history[-1]
+    return {"epochs": len(history), "val_accuracy": last["val/accuracy"], "val_loss": last["val/loss"],
+            "parameters": n_params, "run_id": tracker.run_id if tracker else None}

@@ -1,0 +1,167 @@
+"""The only module that talks to MLflow.
+
+One pipeline run is one MLflow run: `train` starts it (or adopts the run `mlflow run` made, via
+MLFLOW_RUN_ID), writes its id next to the model, and `evaluate` / `register` log into the same run.
+Artifacts of each stage go under a folder named after the stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnnpipe.config import TrackingConfig
+from cnnpipe.errors import CnnpipeError, ServiceUnavailable
+from cnnpipe.fsio import read_json, write_json
+
+RUN_FILE = "mlflow_run.json"  # written next to the model: which run the later stages log into
+
+
+def _check_reachable(uri: str) -> None:
+    """Fail fast with one line; MLflow's own client would retry an unreachable server for minutes."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+                r.read()
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ServiceUnavailable(f"tracking URI {uri} cannot be reached: {reason}") from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.parent.is_dir():
+            raise ServiceUnavailable(f"tracking URI {uri}: directory '{db.parent}' does not exist")
+        if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise ServiceUnavailable(f"tracking URI {uri}: '{db}' is not writable")
+
+
+def _artifact_root(uri: str) -> str | None:
+    """With a SQLite store, artifacts live in `mlartifacts/` beside the database (as `mlflow server` does)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides
+
+
+@dataclass(eq=False)
+class Tracker:
+    """A handle on one MLflow run."""
+
+    uri: str
+    run_id: str
+
+    @functools.cached_property
+    def client(self):  # noqa: ANN201 - MlflowClient, imported lazily
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    @staticmethod
+    def source_tags(manifest: dict[str, Any]) -> dict[str, str]:
+        """Where a run's code and data came from: the git commit and the dataset's input hashes."""
+        inputs = json.dumps(manifest["source"].get("inputs", []), sort_keys=True).encode()
+        tags = {"dataset.source": manifest["source"]["name"],
+                "dataset.inputs_sha256": hashlib.sha256(inputs).hexdigest()}
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            if commit.returncode == 0:
+                tags["git.commit"] = commit.stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass  # not a git checkout, or no git: the tag is simply absent
+        return tags
+
+    @classmethod
+    def start(cls, cfg: TrackingConfig, run_name: str, tags: dict[str, str]) -> Tracker:
+        """Start the pipeline's run, or adopt the one `mlflow run` started for us."""
+        client = _connect(cfg.uri)
+        adopted = os.environ.get("MLFLOW_RUN_ID")
+        if adopted:
+            tracker = cls(cfg.uri, adopted)
+            tracker.set_tags(tags)
+            return tracker
+        exp = client.get_experiment_by_name(cfg.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment, _artifact_root(cfg.uri))
+        run = client.create_run(exp_id, run_name=run_name, tags=tags)
+        return cls(cfg.uri, run.info.run_id)
+
+    @classmethod
+    def resume(cls, cfg: TrackingConfig, run_dir: Path) -> Tracker:
+        """The run whose id `train` wrote into `run_dir`."""
+        info = read_json(run_dir / RUN_FILE, "MLflow run file")
+        client = _connect(cfg.uri)
+        try:
+            client.get_run(info["run_id"])
+        except Exception:
+            raise CnnpipeError(f"MLflow run {info.get('run_id')} from '{run_dir / RUN_FILE}' is not in the "
+                               f"tracking store {cfg.uri} (was the model trained against another store?)") from None
+        return cls(cfg.uri, info["run_id"])
+
+    def write_run_file(self, run_dir: Path) -> None:
+        write_json(run_dir / RUN_FILE, {"run_id": self.run_id, "tracking_uri": self.uri})
+
+    def log_params(self, params: dict[str, Any], prefix: str = "") -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(f"{prefix}{k}", str(v)) for k, v in params.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v == v]  # NaN: not logged
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, folder: str) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), folder)
+        else:
+            self.client.log_artifact(self.run_id, str(path), folder)
+
+    def finish(self, ok: bool) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+    def log_pyfunc_model(self, name: str, **kwargs: Any) -> str:
+        """Log an MLflow pyfunc model into this run; returns its model URI."""
+        import mlflow
+
+        # log_model works on the fluent API's active run; scope it to this run and store
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():
+            # MLflow nags about predict()'s type hints and integer output columns; we pass a signature
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
+            info = mlflow.pyfunc.log_model(name=name, **kwargs)
+        return info.model_uri
+
+    def register_model(self, model_uri: str, name: str, tags: dict[str, str]) -> str:
+        """Register `model_uri` as a new version of `name`; returns the version."""
+        import mlflow
+
+        mlflow.set_registry_uri(self.uri)
+        version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+        return str(version.version)
+
+
+def _connect(uri: str):  # noqa: ANN202 - MlflowClient, imported lazily
+    _check_reachable(uri)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:
+        raise ServiceUnavailable(f"tracking URI {uri} cannot be used: {str(e).splitlines()[0]}") from None
+    return client

@@ -1,0 +1,44 @@
+"""Tiny generated datasets in the real processed format."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnpipe.data.store import Split, write_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The tests run the real `cnnpipe`, `dvc` and `mlflow` executables: those of this interpreter's
+# environment, also when pytest is started as `.venv/bin/python -m pytest` without activating it.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def make_images(n_per_class: int, classes: int, size: int, channels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class k is a bright bar at a class-specific row, plus noise: learnable, but not trivially identical."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), n_per_class)
+    images = rng.integers(0, 60, (len(labels), size, size, channels), dtype=np.uint8)
+    band = max(1, size // classes)
+    for i, k in enumerate(labels):
+        images[i, k * band:(k + 1) * band] = 220
+    return images, labels.astype(np.int64)
+
+
+def write_tiny_dataset(path: Path, classes: int = 3, size: int = 8, channels: int = 1, n: int = 12) -> Path:
+    names = [f"class{k}" for k in range(classes)]
+    splits = {}
+    for i, split in enumerate(("train", "val", "test")):
+        images, labels = make_images(n if split == "train" else max(2, n // 3), classes, size, channels, seed=i)
+        splits[split] = Split(images, labels)
+    write_dataset(path, names, splits, {"source": {"name": "tiny", "path": None, "inputs": []}})
+    return path
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    return write_tiny_dataset(tmp_path / "processed")

@@ -1,0 +1,76 @@
+import numpy as np
+import torch
+
+from cnnpipe.augment import AugmentPolicy, apply_policy, no_flips
+from cnnpipe.data.store import Split
+from cnnpipe.stages.augment import balance
+from tests.conftest import make_images
+
+
+def policy(**kw) -> AugmentPolicy:
+    base = dict(translate=0, rotate=0, scale=0, shear=0, brightness=0, contrast=0, saturation=0, cutout=0,
+                hflip=no_flips(3))
+    return AugmentPolicy(**{**base, **kw})
+
+
+def batch(n=16, c=3, size=12):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, c, size, size, generator=g), torch.arange(n) % 3
+
+
+def test_identity_policy_changes_nothing():
+    x, y = batch()
+    out, labels = apply_policy(x.clone(), y, policy(), torch.Generator().manual_seed(0))
+    assert policy().is_identity and torch.equal(out, x) and torch.equal(labels, y)
+
+
+def test_every_transform_is_per_sample_and_seeded():
+    x, y = batch()
+    p = policy(translate=0.2, rotate=20, scale=0.2, shear=10, brightness=0.3, contrast=0.3, saturation=0.3, cutout=0.3)
+    a, _ = apply_policy(x.clone(), y, p, torch.Generator().manual_seed(1))
+    b, _ = apply_policy(x.clone(), y, p, torch.Generator().manual_seed(1))
+    c, _ = apply_policy(x.clone(), y, p, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    # per sample: two copies of the same image come out different in one batch
+    twins = x[:1].repeat(2, 1, 1, 1)
+    t, _ = apply_policy(twins, y[:2], p, torch.Generator().manual_seed(3))
+    assert not torch.equal(t[0], t[1])
+
+
+def test_translation_moves_content():
+    x = torch.zeros(1, 1, 16, 16)
+    x[0, 0, 8, 8] = 1.0
+    out, _ = apply_policy(x.clone(), torch.zeros(1, dtype=torch.long), policy(translate=0.25, hflip=[-1]),
+                          torch.Generator().manual_seed(0))
+    assert out.argmax() != x.argmax()
+
+
+def test_cutout_zeroes_a_square():
+    x = torch.ones(4, 1, 16, 16)
+    out, _ = apply_policy(x, torch.zeros(4, dtype=torch.long), policy(cutout=0.25, hflip=[-1]),
+                          torch.Generator().manual_seed(0))
+    zeros = (out == 0).flatten(1).sum(1)
+    assert (zeros > 0).all() and (zeros <= 25).all()
+
+
+def test_flip_table_remaps_labels_and_never_flips_forbidden_classes():
+    # class 0 flips into itself, 1 <-> 2 swap, class 3 never flips
+    x = torch.arange(4 * 1 * 2 * 4, dtype=torch.float).view(4, 1, 2, 4).repeat(50, 1, 1, 1) / 32
+    y = torch.arange(4).repeat(50)
+    out, labels = apply_policy(x.clone(), y, policy(hflip=[0, 2, 1, -1]), torch.Generator().manual_seed(0))
+    flipped = (out != x).flatten(1).any(1)
+    assert flipped.any() and not flipped[y == 3].any()
+    assert torch.equal(labels[flipped & (y == 1)], torch.full_like(labels[flipped & (y == 1)], 2))
+    assert torch.equal(labels[~flipped], y[~flipped])
+    assert torch.equal(out[flipped], x[flipped].flip(-1))
+
+
+def test_balance_tops_up_rare_classes_with_new_images():
+    images, labels = make_images(10, 3, 8, 1)
+    keep = np.concatenate([np.arange(10), np.arange(10, 14), np.arange(20, 30)])  # class 1 has 4 images
+    split = Split(images[keep], labels[keep])
+    out, added = balance(split, 10, policy(rotate=15, translate=0.1), torch.Generator().manual_seed(0))
+    assert np.bincount(out.labels).tolist() == [10, 10, 10] and added == {1: 6}
+    new = out.images[len(split.labels):]
+    assert not any(np.array_equal(n, o) for n in new for o in split.images)  # augmented, not duplicated

@@ -1,0 +1,100 @@
+"""The real `cnnpipe` executable: --help, results, and one-line errors that leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, write_tiny_dataset
+
+STAGES = ["ingest", "augment", "train", "evaluate", "register"]
+
+
+def cnnpipe(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | (env or {})
+    return subprocess.run(["cnnpipe", *args], cwd=cwd, capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, code: int, text: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("cnnpipe ") and "error:" in lines[0] and text in lines[0], lines[0]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_has_help(stage, tmp_path):
+    proc = cnnpipe(stage, "--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "--params" in proc.stdout and "--out" in proc.stdout
+
+
+def test_unknown_dataset(workdir):
+    proc = cnnpipe("ingest", "--source", "mnist", cwd=workdir)
+    one_line_error(proc, 2, "ingest.source: unknown dataset 'mnist' (expected one of: digits)")
+    assert not (workdir / "data" / "processed").exists() and not (workdir / "data" / "reports" / "ingest_report.json").exists()
+
+
+def test_missing_params_block(workdir):
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    del params["train"]
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    one_line_error(cnnpipe("train", cwd=workdir), 2, "missing block 'train'")
+
+
+def test_output_path_not_writable(workdir):
+    (workdir / "blocker").write_text("a file, not a directory")
+    proc = cnnpipe("ingest", "--out", "blocker/processed", cwd=workdir)
+    one_line_error(proc, 2, "output path 'blocker/processed' is not writable")
+    assert (workdir / "blocker").read_text() == "a file, not a directory"
+
+
+def test_bad_flag_value(workdir):
+    proc = cnnpipe("ingest", "--image-size", "2", cwd=workdir)
+    one_line_error(proc, 2, "ingest.image_size: expected >= 4, got 2")
+
+
+def test_unreachable_tracking_uri_leaves_no_model(workdir):
+    write_tiny_dataset(workdir / "data" / "processed")
+    assert cnnpipe("augment", cwd=workdir).returncode == 0
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = cnnpipe("train", "--epochs", "1", cwd=workdir, env={"MLFLOW_TRACKING_URI": uri})
+    one_line_error(proc, 3, f"tracking URI {uri} cannot be reached")
+    assert not (workdir / "data" / "model").exists()
+    assert not list((workdir / "data").glob(".model.tmp-*"))
+
+
+def test_stages_chain_without_tracking_and_reject_mismatched_model(workdir):
+    write_tiny_dataset(workdir / "data" / "processed", classes=3, size=8)
+    assert cnnpipe("augment", cwd=workdir).returncode == 0
+    proc = cnnpipe("train", "--epochs", "2", "--no-tracking", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["epochs"] == 2
+    proc = cnnpipe("evaluate", "--no-tracking", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((workdir / "data" / "evaluation" / "metrics.json").read_text())
+    assert set(metrics) == {"val", "test"} and 0 <= metrics["test"]["accuracy"] <= 1
+
+    write_tiny_dataset(workdir / "other", classes=4, size=8)
+    proc = cnnpipe("evaluate", "--no-tracking", "--data", "other", "--out", "eval2", cwd=workdir)
+    one_line_error(proc, 2, "does not match dataset 'other': model takes 3 classes")
+    assert not (workdir / "eval2").exists()

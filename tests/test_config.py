@@ -1,0 +1,64 @@
+import argparse
+from pathlib import Path
+
+import pytest
+
+from cnnpipe.config import IngestConfig, TrackingConfig, TrainConfig, add_flags, load_block, read_params, tracking_config
+from cnnpipe.errors import CnnpipeError
+
+PP = Path("params.yaml")
+
+
+def test_block_loads_and_flags_override():
+    cfg = load_block(TrainConfig, "train", {"train": {"epochs": 3, "lr": "0.1"}}, {"epochs": 7, "arch": None}, PP)
+    assert cfg.epochs == 7 and cfg.lr == 0.1 and cfg.arch == "cnn3"
+
+
+@pytest.mark.parametrize("block, message", [
+    ({}, "missing block 'train'"),
+    ({"train": {"epochz": 3}}, "train.epochz is not a known field"),
+    ({"train": {"epochs": "many"}}, "train.epochs: expected an integer, got 'many'"),
+    ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer"),
+    ({"train": {"epochs": 0}}, "train.epochs: expected >= 1, got 0"),
+    ({"train": {"optimizer": "lbfgs"}}, "train.optimizer: expected one of sgd, adamw, adam, got 'lbfgs'"),
+    ({"train": {"augment": "maybe"}}, "train.augment: expected true or false"),
+    ({"train": [1, 2]}, "block 'train' must be a mapping"),
+])
+def test_bad_params_name_the_field(block, message):
+    with pytest.raises(CnnpipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_block(TrainConfig, "train", block, {}, PP)
+
+
+def test_optional_field_accepts_null():
+    assert load_block(IngestConfig, "ingest", {"ingest": {"path": None}}, {}, PP).path is None
+
+
+def test_params_file_errors(tmp_path):
+    with pytest.raises(CnnpipeError, match="not found"):
+        read_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(CnnpipeError, match="not readable YAML"):
+        read_params(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(CnnpipeError, match="mapping of blocks"):
+        read_params(bad)
+
+
+def test_flags_are_generated_from_fields():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, TrainConfig)
+    args = parser.parse_args(["--batch-size", "32", "--no-augment"])
+    assert args.batch_size == 32 and args.augment is False and args.epochs is None
+
+
+def test_tracking_precedence(monkeypatch):
+    params = {"tracking": {"uri": "sqlite:///a.db"}}
+    args = argparse.Namespace(tracking_uri=None, tracking_experiment=None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_config(params, args, PP).uri == "sqlite:///a.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert tracking_config(params, args, PP).uri == "sqlite:///env.db"
+    args.tracking_uri = "sqlite:///flag.db"
+    assert tracking_config(params, args, PP).uri == "sqlite:///flag.db"
+    assert tracking_config({}, argparse.Namespace(), PP).experiment == TrackingConfig().experiment

@@ -1,0 +1,165 @@
+"""The whole pipeline as users run it: `dvc repro` in a fresh git + DVC workspace, a real SQLite MLflow
+store, the Model Registry, `mlflow ui` answering on 127.0.0.1, and the registered model on real images."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.e2e
+MODEL_NAME = "cnnpipe-digits"
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A fresh clone's worth of the project: code, dvc.yaml, params.yaml; git and DVC initialized."""
+    ws = tmp_path_factory.mktemp("repo")
+    shutil.copytree(REPO / "cnnpipe", ws / "cnnpipe", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", "MLproject", "python_env.yaml", "pyproject.toml"):
+        shutil.copy(REPO / name, ws / name)
+    run(["git", "init", "-q"], ws)
+    run(["dvc", "init", "-q"], ws)
+    run(["dvc", "config", "core.analytics", "false"], ws)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def first_repro(workspace: Path) -> str:
+    return run(["dvc", "repro"], workspace)
+
+
+def client(ws: Path):  # noqa: ANN201
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_repro_runs_every_stage_and_registers_an_accurate_model(workspace, first_repro):
+    for stage in ("ingest", "augment", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first_repro
+    metrics = json.loads((workspace / "data/evaluation/metrics.json").read_text())
+    assert metrics["test"]["accuracy"] > 0.95, metrics
+    manifest = json.loads((workspace / "data/processed/manifest.json").read_text())
+    assert manifest["source"]["name"] == "digits" and len(manifest["source"]["inputs"][0]["sha256"]) == 64
+    assert sum(c["total"] for c in manifest["counts"].values()) == 1797
+
+    c = client(workspace)
+    version = c.get_model_version(MODEL_NAME, "1")
+    assert float(version.tags["test.accuracy"]) == pytest.approx(metrics["test"]["accuracy"])
+    assert version.tags["dataset.source"] == "digits"
+    run_ = c.get_run(version.run_id)
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["train.arch"] == "cnn3"
+    assert run_.data.metrics["test/accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    epochs = yaml.safe_load((workspace / "params.yaml").read_text())["train"]["epochs"]
+    assert len(c.get_metric_history(run_.info.run_id, "train/loss")) == epochs
+    artifacts = {a.path for a in c.list_artifacts(run_.info.run_id, "evaluate")}
+    assert "evaluate/confusion_matrix.png" in artifacts and "evaluate/metrics.json" in artifacts
+    png = Path(c.download_artifacts(run_.info.run_id, "evaluate/confusion_matrix.png", str(workspace)))
+    assert Image.open(png).size[0] > 300
+    assert (workspace / "mlartifacts").is_dir() and not (workspace / "mlruns").exists()
+
+
+def test_second_repro_is_a_noop(workspace, first_repro):
+    out = run(["dvc", "repro"], workspace)
+    assert "Running stage" not in out and "Data and pipelines are up to date." in out
+
+
+def test_dvc_metrics_and_plots_read_the_outputs(workspace, first_repro):
+    assert "test.accuracy" in run(["dvc", "metrics", "show"], workspace)
+    run(["dvc", "plots", "show", "-o", "plots"], workspace)
+    assert (workspace / "plots" / "index.html").stat().st_size > 0
+
+
+def test_registered_model_predicts_raw_images(workspace, first_repro):
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/1")
+    images = np.load(workspace / "data/processed/test_images.npy")[:40]
+    labels = np.load(workspace / "data/processed/test_labels.npy")[:40]
+
+    def b64png(a: np.ndarray) -> str:
+        buf = io.BytesIO()
+        Image.fromarray(a[..., 0]).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    out = model.predict(pd.DataFrame({"image": [b64png(a) for a in images]}), params={"top_k": 3})
+    assert list(out.columns) == ["predicted_class", "predicted_class_index", "confidence", "top_k"]
+    assert (out["predicted_class_index"].to_numpy() == labels).mean() > 0.9
+    assert len(out["top_k"][0]) == 3 and 0 < out["confidence"][0] <= 1
+
+
+def test_mlflow_ui_shows_the_run_and_the_model(workspace, first_repro):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(["mlflow", "ui", "--backend-store-uri", f"sqlite:///{workspace / 'mlflow.db'}",
+                               "--host", "127.0.0.1", "--port", str(port)], cwd=workspace,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2).read()
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow ui did not start"
+                time.sleep(0.5)
+        got = json.load(urllib.request.urlopen(f"{base}/api/2.0/mlflow/registered-models/get?name={MODEL_NAME}"))
+        run_id = got["registered_model"]["latest_versions"][0]["run_id"]
+        run_ = json.load(urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}"))["run"]
+        assert any(m["key"] == "test/accuracy" for m in run_["data"]["metrics"])
+        assert b"<html" in urllib.request.urlopen(base, timeout=10).read().lower()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # mlflow ui leaves a uvicorn child: stop the whole group
+        server.wait(timeout=30)
+
+
+def test_changing_epochs_reruns_train_onwards_not_ingest(workspace, first_repro):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], workspace)
+    assert "Running stage 'ingest'" not in out and "Running stage 'augment'" not in out
+    for stage in ("train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out
+    assert client(workspace).get_model_version(MODEL_NAME, "2").tags["arch"] == "cnn3"
+
+
+def test_mlflow_project_runs_the_pipeline_in_one_run(workspace, first_repro):
+    out = run(["mlflow", "run", ".", "--env-manager", "local", "-P", "epochs=2", "-P", "model_name=digits-mlproject",
+               "-P", "workdir=mlproject"], workspace)
+    assert "succeeded" in out
+    c = client(workspace)
+    version = c.get_model_version("digits-mlproject", "1")
+    run_ = c.get_run(version.run_id)
+    assert run_.data.tags.get("mlflow.project.entryPoint") == "main"  # the run `mlflow run` made, adopted
+    assert run_.data.params["train.epochs"] == "2" and "test/accuracy" in run_.data.metrics
+    assert not (workspace / "data/mlproject").exists() and (workspace / "mlproject/model/model.pt").is_file()
