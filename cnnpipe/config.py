@@ -31,13 +31,21 @@ def knob(default: Any, help: str, choices: tuple | None = None, minimum: float |
 
 @dataclass
 class IngestConfig:
-    source: str = knob("digits", "dataset source (digits: scikit-learn's embedded 8x8 scans)")
-    path: str | None = knob(None, "where the source's files are (a file or folder; unused for digits)")
+    source: str = knob("digits", "dataset source: digits (embedded), gtsrb, cifar10, imagefolder, pickle")
+    path: str | None = knob(None, "the source's files: an archive, a folder or an http(s) URL (unused for digits)")
+    test_path: str | None = knob(None, "official test images: GTSRB_Final_Test_Images.zip (gtsrb) or a test root (imagefolder)")
+    test_labels: str | None = knob(None, "gtsrb: GT-final_test.csv or GTSRB_Final_Test_GT.zip, the test split's labels")
+    sha256: str | None = knob(None, "expected sha256 of a downloaded `path` (official archives' checksums are built in)")
+    cache_dir: str = knob("data/downloads", "where downloads are kept (and resumed)")
     image_size: int = knob(16, "images are resized to image_size x image_size", minimum=4, maximum=1024)
     channels: int = knob(1, "1 = grayscale, 3 = RGB", choices=(1, 3))
-    val_fraction: float = knob(0.1, "fraction of each class held out for validation", minimum=0.0, maximum=0.5)
-    test_fraction: float = knob(0.2, "fraction of each class held out for test (when the source has no official test split)",
+    roi_crop: bool = knob(True, "gtsrb: crop each image to the sign's region of interest from the CSV")
+    val_fraction: float = knob(0.1, "fraction of each class held out for validation (when the source has no official one)",
+                               minimum=0.0, maximum=0.5)
+    test_fraction: float = knob(0.2, "fraction of each class held out for test (when the source has no official one)",
                                 minimum=0.0, maximum=0.5)
+    max_bad_fraction: float = knob(0.01, "fail when more than this fraction of the files are unusable; else skip them",
+                                   minimum=0.0, maximum=1.0)
     seed: int = knob(0, "seed of the stratified split")
 
 

@@ -41,6 +41,7 @@ def workspace(tmp_path_factory) -> Path:
     shutil.copytree(REPO / "cnnpipe", ws / "cnnpipe", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", "MLproject", "python_env.yaml", "pyproject.toml"):
         shutil.copy(REPO / name, ws / name)
+    shutil.copytree(REPO / "data" / "raw", ws / "data" / "raw")
     run(["git", "init", "-q"], ws)
     run(["dvc", "init", "-q"], ws)
     run(["dvc", "config", "core.analytics", "false"], ws)
@@ -163,3 +164,26 @@ def test_mlflow_project_runs_the_pipeline_in_one_run(workspace, first_repro):
     assert run_.data.tags.get("mlflow.project.entryPoint") == "main"  # the run `mlflow run` made, adopted
     assert run_.data.params["train.epochs"] == "2" and "test/accuracy" in run_.data.metrics
     assert not (workspace / "data/mlproject").exists() and (workspace / "mlproject/model/model.pt").is_file()
+
+
+def test_dvc_push_and_pull_round_trip_the_data_on_a_fresh_clone(workspace, first_repro, tmp_path):
+    from tests import formats
+
+    formats.gtsrb_zip(workspace / "data/raw/signs.zip", classes=2, tracks=2, frames=2)
+    run(["dvc", "add", "-q", "data/raw/signs.zip"], workspace)
+    storage = tmp_path / "storage"
+    run(["dvc", "remote", "add", "-d", "-f", "local", str(storage)], workspace)
+    run(["git", "add", "-A"], workspace)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"], workspace)
+    run(["dvc", "push"], workspace)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(workspace), str(clone)], tmp_path)
+    assert not (clone / "data/processed").exists() and not (clone / "data/raw/signs.zip").exists()
+    run(["dvc", "pull"], clone)
+    for rel in ("data/raw/signs.zip", "data/processed/train_images.npy", "data/model/model.pt",
+                "data/evaluation/metrics.json"):
+        assert (clone / rel).read_bytes() == (workspace / rel).read_bytes(), rel
+    # the clone is exactly where the workspace is: the new raw file is ingest's only pending change
+    assert run(["dvc", "status"], clone) == run(["dvc", "status"], workspace)
+    assert "up to date" in run(["dvc", "status", "augment", "train", "evaluate"], clone)

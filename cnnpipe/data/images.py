@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 def resize_batch(images: np.ndarray, size: int, channels: int, chunk: int = 4096) -> np.ndarray:
     """Resize to size x size and convert to `channels` (1 = luma, 3 = RGB), in batches with torch."""
+    if images.shape[1:] == (size, size, channels):
+        return images
+    # imported here: torch's CUDA build costs ~650 MB of RSS, which ingest of files never needs
+    import torch
+    import torch.nn.functional as F
+
     out = np.empty((len(images), size, size, channels), np.uint8)
     for start in range(0, len(images), chunk):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + chunk])).permute(0, 3, 1, 2).float()

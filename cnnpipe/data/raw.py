@@ -8,9 +8,18 @@ import numpy as np
 
 
 @dataclass
+class Images:
+    images: np.ndarray  # uint8 N x H x W x C, at the configured image size and channels
+    labels: np.ndarray  # int64 N
+
+
+@dataclass
 class RawDataset:
     classes: list[str]
-    images: np.ndarray  # uint8 N x H x W x C, already at the configured image size and channels
-    labels: np.ndarray  # int64 N
+    pool: Images  # what the split carves val (and test) out of
+    groups: np.ndarray | None = None  # images sharing a group stay in one split (GTSRB: one physical sign)
+    val: Images | None = None  # an official validation split, used as is
+    test: Images | None = None  # an official test split, used as is
     inputs: list[dict] = field(default_factory=list)  # [{"path": ..., "sha256": ...}] of the files read
+    files: int = 0  # image files (or records) seen, good and bad
     bad_files: list[dict] = field(default_factory=list)  # [{"path": ..., "error": ...}]

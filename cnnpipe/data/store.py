@@ -101,6 +101,7 @@ def write_dataset(path: Path | str, classes: list[str], splits: dict[str, Split]
         (tmp / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         for name, content in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, bytes):
                 (tmp / name).write_bytes(content)
             else:

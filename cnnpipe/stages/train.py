@@ -91,7 +91,8 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
             if tracker is not None:
                 tracker.write_run_file(tmp)
                 tracker.log_artifact(tmp / HISTORY_FILE, "train")
-                tracker.log_artifact(augmented / "manifest.json", "data")
+                tracker.log_artifact(data / "manifest.json", "data")
+                tracker.log_artifact(data / "figures", "data/figures")
                 tracker.log_artifact(augmented / "policy.json", "augment")
                 tracker.log_artifact(augmented / "preview.png", "augment")
     except BaseException:

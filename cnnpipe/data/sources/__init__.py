@@ -6,11 +6,15 @@ from collections.abc import Callable
 
 from cnnpipe.config import IngestConfig
 from cnnpipe.data.raw import RawDataset
-from cnnpipe.data.sources import digits
+from cnnpipe.data.sources import cifar10, digits, gtsrb, imagefolder, pickle_files
 from cnnpipe.errors import CnnpipeError
 
 SOURCES: dict[str, Callable[[IngestConfig], RawDataset]] = {
     "digits": digits.load,
+    "gtsrb": gtsrb.load,
+    "cifar10": cifar10.load,
+    "imagefolder": imagefolder.load,
+    "pickle": pickle_files.load,
 }
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 from importlib import resources
 
 import numpy as np
-from sklearn.datasets import load_digits
 
 from cnnpipe.config import IngestConfig
 from cnnpipe.data.images import resize_batch
-from cnnpipe.data.raw import RawDataset
+from cnnpipe.data.raw import Images, RawDataset
 from cnnpipe.fsio import sha256_file
 
 
 def load(cfg: IngestConfig) -> RawDataset:
+    from sklearn.datasets import load_digits  # imported here: ~190 MB that other sources never need
+
     digits = load_digits()
     # 0..16 ink levels -> 0..255 gray, N x 8 x 8 x 1
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
@@ -22,7 +23,7 @@ def load(cfg: IngestConfig) -> RawDataset:
         inputs = [{"path": "sklearn/datasets/data/digits.csv.gz", "sha256": sha256_file(p)}]
     return RawDataset(
         classes=[str(d) for d in range(10)],
-        images=resize_batch(images, cfg.image_size, cfg.channels),
-        labels=digits.target.astype(np.int64),
+        pool=Images(resize_batch(images, cfg.image_size, cfg.channels), digits.target.astype(np.int64)),
         inputs=inputs,
+        files=len(images),
     )

@@ -1,0 +1,49 @@
+"""Decode one image file's bytes into the uint8 H x W x C array the processed dataset holds."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cnnpipe.errors import CnnpipeError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".webp")
+
+
+class BadImage(Exception):
+    """This file is not a usable image: counted in the ingest report and skipped."""
+
+
+def decode(data: bytes, name: str, size: int, channels: int,
+           box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """Decode, optionally crop to `box` (x1, y1, x2, y2 in pixels), convert and resize to size x size.
+
+    Grayscale, palette, RGBA, CMYK and 16-bit images are converted to `channels` (1: luma, 3: RGB;
+    transparency is composited on black). An image over PIL's decompression-bomb limit is refused
+    as an error, not skipped: it is an attack or a mistake, never a training image.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CnnpipeError(f"image '{name}' refused: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"{type(e).__name__}: {e}") from None
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        flat = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        flat.alpha_composite(img)
+        img = flat
+    if img.mode.startswith("I;16") or img.mode == "I":
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+    img = img.convert("L" if channels == 1 else "RGB")
+    if box is not None:
+        img = img.crop(box)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(img).reshape(size, size, channels)

@@ -1,0 +1,85 @@
+"""Fetch a dataset archive from an http(s) URL: resumable, verified, cached."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+from cnnpipe.errors import CnnpipeError
+
+# The official archives' published checksums (md5 is what their publishers and torchvision give).
+KNOWN_MD5 = {
+    "GTSRB_Final_Training_Images.zip": "f33fd80ac59bff73c82d25ab499e03a3",
+    "GTSRB_Final_Test_Images.zip": "c7e4e6327067d32654124b0fe9e82185",
+    "GTSRB_Final_Test_GT.zip": "fe31e9c9270bbcd7b84b7f21a9d9d9e5",
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+}
+
+
+def is_url(path: str) -> bool:
+    return urlparse(path).scheme in ("http", "https")
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify(path: Path, name: str, url: str, sha256: str | None) -> None:
+    if sha256:
+        got, want, algo = _digest(path, "sha256"), sha256.lower(), "sha256"
+    else:
+        got, want, algo = _digest(path, "md5"), KNOWN_MD5[name], "md5"
+    if got != want:
+        raise CnnpipeError(f"download '{url}': {algo} {got} does not match the expected {want}")
+
+
+def fetch(url: str, cache_dir: Path, sha256: str | None, timeout: float = 60.0) -> Path:
+    """The verified local copy of `url` in `cache_dir`, downloading (or resuming) what is missing."""
+    name = Path(urlparse(url).path).name or "download"
+    if not sha256 and name not in KNOWN_MD5:
+        raise CnnpipeError(f"ingest.sha256: required to verify '{url}' (no published checksum is known for '{name}')")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / name
+    if final.exists():
+        _verify(final, name, url, sha256)
+        return final
+    part = cache_dir / f"{name}.part"
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            if have and r.status != 206:  # the server ignored the range: start over
+                have = 0
+            total = int(r.headers.get("Content-Length", 0)) + have
+            with open(part, "ab" if have else "wb") as f, tqdm(total=total or None, initial=have, unit="B",
+                                                               unit_scale=True, desc=name, file=sys.stderr,
+                                                               disable=not sys.stderr.isatty()) as bar:
+                while block := r.read(1 << 20):
+                    f.write(block)
+                    bar.update(len(block))
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the range starts at the end: the partial file is complete
+            pass
+        else:
+            raise CnnpipeError(f"download '{url}' failed: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise CnnpipeError(f"download '{url}' failed: {getattr(e, 'reason', e)} "
+                           f"(partial file kept in {part}; run again to resume)") from None
+    try:
+        _verify(part, name, url, sha256)
+    except CnnpipeError:
+        part.unlink()
+        raise
+    os.replace(part, final)
+    return final

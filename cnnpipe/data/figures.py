@@ -1,0 +1,69 @@
+"""Figures of a processed dataset: class distribution, samples per class, pixel intensities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cnnpipe.data.images import image_grid  # noqa: E402
+from cnnpipe.data.store import Split  # noqa: E402
+
+SAMPLES_PER_CLASS = 8
+
+
+def class_distribution_png(splits: dict[str, Split], classes: list[str], path: Path) -> None:
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * n + 2), 4.5), constrained_layout=True)
+    width = 0.8 / len(splits)
+    for k, (name, s) in enumerate(splits.items()):
+        counts = np.bincount(s.labels, minlength=n)
+        ax.bar(np.arange(n) + (k - (len(splits) - 1) / 2) * width, counts, width, label=f"{name} ({counts.sum():,})")
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=max(5.0, min(9.0, 200.0 / n)))
+    ax.set_ylabel("images")
+    ax.set_title("images per class and split")
+    ax.legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def samples_png(split: Split, classes: list[str], path: Path, seed: int = 0) -> None:
+    """One row per class, up to SAMPLES_PER_CLASS random images each, the class name beside it."""
+    rng = np.random.default_rng(seed)
+    h, w, c = split.images.shape[1:]
+    rows = []
+    for k in range(len(classes)):
+        idx = np.flatnonzero(split.labels == k)
+        pick = np.sort(rng.choice(idx, min(SAMPLES_PER_CLASS, len(idx)), replace=False)) if len(idx) else idx
+        row = np.zeros((SAMPLES_PER_CLASS, h, w, c), np.uint8)
+        row[:len(pick)] = split.images[pick]
+        rows.append(row)
+    grid = image_grid(np.concatenate(rows), cols=SAMPLES_PER_CLASS, scale=1)
+    fig_h = max(3.0, 0.42 * len(classes))
+    fig, ax = plt.subplots(figsize=(fig_h * grid.shape[1] / grid.shape[0] + 2.5, fig_h), constrained_layout=True)
+    ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, interpolation="nearest")
+    ax.set_yticks([1 + (h + 1) * k + h / 2 for k in range(len(classes))], classes, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title("training samples per class")
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # long class names must not be clipped
+    plt.close(fig)
+
+
+def pixel_histogram_png(split: Split, path: Path, max_images: int = 4000) -> None:
+    c = split.images.shape[-1]
+    take = split.images[:max_images].reshape(-1, c)
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    colors = ["gray"] if c == 1 else ["red", "green", "blue"]
+    for ch in range(c):
+        ax.plot(np.bincount(take[:, ch], minlength=256) / len(take), color=colors[ch],
+                label="gray" if c == 1 else colors[ch])
+    ax.set_xlabel("intensity")
+    ax.set_ylabel("fraction of pixels")
+    ax.set_title(f"pixel intensities (first {min(max_images, len(split.images)):,} training images)")
+    ax.legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

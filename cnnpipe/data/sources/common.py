@@ -1,0 +1,72 @@
+"""What every file-based source needs: resolve a path or URL, hash inputs, decode while counting bad files."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cnnpipe.config import IngestConfig
+from cnnpipe.data.archive import FileTree
+from cnnpipe.data.decode import BadImage, decode
+from cnnpipe.data.download import fetch, is_url
+from cnnpipe.data.raw import Images
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.fsio import sha256_file
+
+
+def resolve(spec: str | None, cfg: IngestConfig, field: str, required: bool = True) -> Path | None:
+    """A local path for params field `field`: downloaded (and verified) first when it is a URL."""
+    if spec is None:
+        if required:
+            raise CnnpipeError(f"ingest.{field}: required for source {cfg.source!r} (a file, folder or URL)")
+        return None
+    if is_url(spec):
+        return fetch(spec, Path(cfg.cache_dir), cfg.sha256 if field == "path" else None)
+    path = Path(spec)
+    if not path.exists():
+        raise CnnpipeError(f"ingest.{field}: '{path}' not found")
+    return path
+
+
+def input_record(path: Path) -> dict:
+    """The input's identity for the manifest: a file's sha256, or a folder's hash over its files' hashes."""
+    if path.is_file():
+        return {"path": str(path), "sha256": sha256_file(path)}
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
+    return {"path": str(path), "sha256": h.hexdigest(), "kind": "folder"}
+
+
+@dataclass
+class Entry:
+    name: str  # path inside the tree
+    label: int
+    box: tuple[float, float, float, float] | None = None
+
+
+def decode_entries(tree: FileTree, entries: Iterable[Entry], cfg: IngestConfig, bad: list[dict],
+                   desc: str) -> tuple[Images, list[int]]:
+    """Decode every entry; unusable files go to `bad`. Returns the images and the indices kept."""
+    entries = list(entries)
+    out = np.empty((len(entries), cfg.image_size, cfg.image_size, cfg.channels), np.uint8)
+    labels = np.empty(len(entries), np.int64)
+    kept = []
+    for i, e in enumerate(tqdm(entries, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty())):
+        try:
+            out[len(kept)] = decode(tree.read(e.name), f"{tree.path}:{e.name}", cfg.image_size, cfg.channels, e.box)
+        except BadImage as err:
+            bad.append({"path": f"{tree.path}:{e.name}", "error": str(err)})
+            continue
+        except OSError as err:
+            bad.append({"path": f"{tree.path}:{e.name}", "error": f"unreadable: {err}"})
+            continue
+        labels[len(kept)] = e.label
+        kept.append(i)
+    return Images(out[:len(kept)], labels[:len(kept)]), kept
