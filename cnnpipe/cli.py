@@ -46,7 +46,7 @@ def _train(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.stages import train
 
     return train.run(_cfg(TrainConfig, "train", args, params, pp), args.data, args.augmented, args.out,
-                     _tracking(args, params, pp))
+                     _tracking(args, params, pp), checkpoint=args.checkpoint, resume=args.resume)
 
 
 def _evaluate(args: argparse.Namespace, params: dict, pp: Path) -> dict:
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset (validation split)")
     p.add_argument("--augmented", type=Path, default=Path("data/augmented"), help="augmented dataset (training split)")
     p.add_argument("--out", type=Path, default=Path("data/model"), help="model directory")
+    p.add_argument("--checkpoint", type=Path, default=Path("data/checkpoints/train.pt"),
+                   help="training state saved after every epoch (removed when training succeeds)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint")
     with_tracking(p, optional=True)
 
     p = command("evaluate", "metrics and confusion matrix of a model on the val and test splits", _evaluate,

@@ -61,6 +61,8 @@ class AugmentConfig:
     saturation: float = knob(0.0, "max saturation change, as a fraction (RGB only)", minimum=0.0, maximum=1.0)
     cutout: float = knob(0.0, "side of the square cut out of each image, as a fraction of the side (0 = off)",
                          minimum=0.0, maximum=1.0)
+    flip: str = knob("auto", "auto: the dataset's class-aware flip tables (GTSRB, CIFAR-10; others never flip); none",
+                     choices=("auto", "none"))
     seed: int = knob(0, "seed of class balancing and of the preview")
 
 
@@ -77,6 +79,14 @@ class TrainConfig:
     schedule: str = knob("onecycle", "learning-rate schedule", choices=("onecycle", "cosine", "step", "constant"))
     label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy loss", minimum=0.0, maximum=0.5)
     augment: bool = knob(True, "apply the augment stage's online policy every epoch")
+    ema: float = knob(0.0, "decay of the exponential moving average of weights evaluated and saved (0 = off)",
+                      minimum=0.0, maximum=0.99999)
+    early_stopping_patience: int = knob(0, "stop after this many epochs without improvement and keep the best "
+                                           "epoch's weights (0 = off)", minimum=0)
+    early_stopping_metric: str = knob("val/accuracy", "what early stopping watches",
+                                      choices=("val/accuracy", "val/loss"))
+    channels_last: bool = knob(True, "NHWC memory layout (measured 1.4-1.8x faster on CPU, faster on tensor cores)")
+    compile: bool = knob(False, "torch.compile the model (pays a compile time up front; worth it on long GPU runs)")
     device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     seed: int = knob(0, "seed of initialization, shuffling and augmentation")
 

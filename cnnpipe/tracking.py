@@ -92,16 +92,21 @@ class Tracker:
         return cls(cfg.uri, run.info.run_id)
 
     @classmethod
+    def reopen(cls, cfg: TrackingConfig, run_id: str, where: str) -> Tracker:
+        """An existing run (named in `where`), marked running again: an interrupted training resumes into it."""
+        client = _connect(cfg.uri)
+        try:
+            client.get_run(run_id)
+        except Exception:
+            raise CnnpipeError(f"MLflow run {run_id} from '{where}' is not in the tracking store {cfg.uri} "
+                               f"(was it written against another store?)") from None
+        return cls(cfg.uri, run_id)
+
+    @classmethod
     def resume(cls, cfg: TrackingConfig, run_dir: Path) -> Tracker:
         """The run whose id `train` wrote into `run_dir`."""
         info = read_json(run_dir / RUN_FILE, "MLflow run file")
-        client = _connect(cfg.uri)
-        try:
-            client.get_run(info["run_id"])
-        except Exception:
-            raise CnnpipeError(f"MLflow run {info.get('run_id')} from '{run_dir / RUN_FILE}' is not in the "
-                               f"tracking store {cfg.uri} (was the model trained against another store?)") from None
-        return cls(cfg.uri, info["run_id"])
+        return cls.reopen(cfg, str(info.get("run_id")), str(run_dir / RUN_FILE))
 
     def write_run_file(self, run_dir: Path) -> None:
         write_json(run_dir / RUN_FILE, {"run_id": self.run_id, "tracking_uri": self.uri})

@@ -74,3 +74,29 @@ def test_balance_tops_up_rare_classes_with_new_images():
     assert np.bincount(out.labels).tolist() == [10, 10, 10] and added == {1: 6}
     new = out.images[len(split.labels):]
     assert not any(np.array_equal(n, o) for n in new for o in split.images)  # augmented, not duplicated
+
+
+def test_flip_tables_are_class_aware():
+    from cnnpipe.augment import flip_tables
+    from cnnpipe.augment.policy import CIFAR10
+    from cnnpipe.data.sources.gtsrb import CLASSES
+
+    g = flip_tables(CLASSES, "auto")
+    name = CLASSES.index
+    assert g["hflip"][name("Keep right")] == name("Keep left") and g["hflip"][name("Turn left ahead")] == name("Turn right ahead")
+    assert g["hflip"][name("Yield")] == name("Yield")
+    assert g["hflip"][name("Stop")] == -1 and g["vflip"][name("Stop")] == -1 and g["rot180"][name("Stop")] == -1
+    assert g["hflip"][name("Speed limit (30km/h)")] == -1 and g["vflip"][name("Speed limit (30km/h)")] == name("Speed limit (30km/h)")
+    assert g["rot180"][name("End of all speed and passing limits")] == name("End of all speed and passing limits")
+    assert flip_tables(CIFAR10, "auto")["hflip"] == list(range(10))
+    assert flip_tables([str(d) for d in range(10)], "auto") == {k: [-1] * 10 for k in ("hflip", "vflip", "rot180")}
+    assert flip_tables(CLASSES, "none")["hflip"] == [-1] * 43
+
+
+def test_rotation_by_half_turn_table():
+    x = torch.arange(2 * 1 * 3 * 3, dtype=torch.float).view(2, 1, 3, 3).repeat(40, 1, 1, 1) / 18
+    y = torch.tensor([0, 1]).repeat(40)
+    out, labels = apply_policy(x.clone(), y, policy(hflip=[], rot180=[0, -1]), torch.Generator().manual_seed(0))
+    turned = (out != x).flatten(1).any(1)
+    assert turned[y == 0].any() and not turned[y == 1].any()
+    assert torch.equal(out[turned], x[turned].flip((-2, -1))) and torch.equal(labels, y)

@@ -98,3 +98,55 @@ def test_stages_chain_without_tracking_and_reject_mismatched_model(workdir):
     proc = cnnpipe("evaluate", "--no-tracking", "--data", "other", "--out", "eval2", cwd=workdir)
     one_line_error(proc, 2, "does not match dataset 'other': model takes 3 classes")
     assert not (workdir / "eval2").exists()
+
+
+def test_killed_training_resumes_into_the_same_run(workdir):
+    """SIGKILL a real `cnnpipe train` mid-run, then `--resume`: same epoch count, same MLflow run."""
+    import signal
+    import time
+
+    import torch
+
+    write_tiny_dataset(workdir / "data" / "processed", classes=3, size=16, n=300)
+    assert cnnpipe("augment", cwd=workdir).returncode == 0
+    args = ["train", "--epochs", "30", "--width", "16", "--batch-size", "32"]
+    proc = subprocess.Popen(["cnnpipe", *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    ckpt = workdir / "data" / "checkpoints" / "train.pt"
+    deadline = time.time() + 120
+    epoch = 0
+    while epoch < 2:
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+        if ckpt.exists():
+            epoch = torch.load(ckpt, weights_only=True)["epoch"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "data" / "model").exists()  # no partial model
+    state = torch.load(ckpt, weights_only=True)  # the checkpoint on disk is whole
+    assert 2 <= state["epoch"] < 30
+
+    done = cnnpipe(*args, "--resume", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming after epoch {state['epoch']}" in done.stderr
+    result = json.loads(done.stdout)
+    assert result["epochs"] == 30 and result["run_id"] == state["run_id"] and not ckpt.exists()
+    assert result["val_accuracy"] > 0.9
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(result["run_id"]).info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(result["run_id"], "val/accuracy")}
+    assert steps == set(range(1, 31))
+
+
+def test_resume_with_a_corrupt_checkpoint_writes_nothing(workdir):
+    write_tiny_dataset(workdir / "data" / "processed")
+    assert cnnpipe("augment", cwd=workdir).returncode == 0
+    (workdir / "data" / "checkpoints").mkdir(parents=True)
+    (workdir / "data" / "checkpoints" / "train.pt").write_bytes(b"\x00" * 100)
+    proc = cnnpipe("train", "--resume", cwd=workdir)
+    one_line_error(proc, 2, "checkpoint 'data/checkpoints/train.pt' is corrupt")
+    assert not (workdir / "data" / "model").exists() and not (workdir / "mlflow.db").exists()

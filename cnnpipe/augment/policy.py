@@ -21,12 +21,45 @@ POLICY_VERSION = 1
 
 
 def no_flips(num_classes: int) -> list[int]:
-    """The flip table of data with no known mirror symmetry: -1 = this class is never flipped.
-
-    Digits are not mirror-symmetric (a flipped 3 is no digit) and data we know nothing about is
-    never flipped; a table maps class i to the class its mirror image belongs to.
-    """
+    """A flip table in which no class is ever flipped (-1 = never flip this class)."""
     return [-1] * num_classes
+
+
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# GTSRB (class ids of the official order). Mirror-invariant signs flip into themselves, mirror pairs
+# flip into each other (keep left <-> keep right), and signs with text or arrows never flip.
+GTSRB_HFLIP_SAME = (11, 12, 13, 15, 17, 18, 22, 26, 30, 35)
+GTSRB_HFLIP_PAIRS = ((19, 20), (33, 34), (36, 37), (38, 39))
+GTSRB_VFLIP_SAME = (1, 5, 12, 15, 17)  # "30", "80", the diamond, the empty circle, no entry
+GTSRB_ROT180_SAME = (12, 15, 17, 32, 40)  # also the diagonal bar and the roundabout
+
+
+def flip_tables(classes: list[str], mode: str) -> dict[str, list[int]]:
+    """Class-aware flip tables: entry i is the class an image of class i becomes, -1 = never flipped.
+
+    Known by their class names: GTSRB's 43 signs (and the tutorial pickles that use its names) and
+    CIFAR-10 (every class mirror-invariant horizontally). Anything else is never flipped: a flipped
+    digit or letter is not the same class.
+    """
+    from cnnpipe.data.sources.gtsrb import CLASSES as GTSRB
+
+    n = len(classes)
+    tables = {"hflip": no_flips(n), "vflip": no_flips(n), "rot180": no_flips(n)}
+    if mode == "none":
+        return tables
+    if classes == GTSRB:
+        for c in GTSRB_HFLIP_SAME:
+            tables["hflip"][c] = c
+        for a, b in GTSRB_HFLIP_PAIRS:
+            tables["hflip"][a], tables["hflip"][b] = b, a
+        for c in GTSRB_VFLIP_SAME:
+            tables["vflip"][c] = c
+        for c in GTSRB_ROT180_SAME:
+            tables["rot180"][c] = c
+    elif classes == CIFAR10:
+        tables["hflip"] = list(range(n))
+    return tables
 
 
 @dataclass
@@ -39,13 +72,15 @@ class AugmentPolicy:
     contrast: float
     saturation: float
     cutout: float
-    hflip: list[int] = field(default_factory=list)
+    hflip: list[int] = field(default_factory=list)  # class -> class after a horizontal flip, -1 = never
+    vflip: list[int] = field(default_factory=list)  # ... after a vertical flip
+    rot180: list[int] = field(default_factory=list)  # ... after a half turn
     version: int = POLICY_VERSION
 
     @classmethod
-    def from_config(cls, cfg: AugmentConfig, hflip: list[int]) -> AugmentPolicy:
+    def from_config(cls, cfg: AugmentConfig, tables: dict[str, list[int]]) -> AugmentPolicy:
         return cls(cfg.translate, cfg.rotate, cfg.scale, cfg.shear, cfg.brightness, cfg.contrast,
-                   cfg.saturation, cfg.cutout, hflip)
+                   cfg.saturation, cfg.cutout, **tables)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> AugmentPolicy:
@@ -63,7 +98,7 @@ class AugmentPolicy:
     def is_identity(self) -> bool:
         geometric = self.translate or self.rotate or self.scale or self.shear
         photometric = self.brightness or self.contrast or self.saturation or self.cutout
-        return not (geometric or photometric or any(t >= 0 for t in self.hflip))
+        return not (geometric or photometric or any(t >= 0 for t in (*self.hflip, *self.vflip, *self.rot180)))
 
 
 def _uniform(n: int, bound: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -75,12 +110,12 @@ def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy,
     """Augment a float batch N x C x H x W in [0, 1]; flips may remap labels, so both come back."""
     n, c, h, w = x.shape
     dev = x.device
-    if policy.hflip and any(t >= 0 for t in policy.hflip):
-        table = torch.tensor(policy.hflip, device=dev)
-        target = table[labels]
-        flip = (torch.rand(n, generator=g, device=dev) < 0.5) & (target >= 0)
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
-        labels = torch.where(flip, target, labels)
+    for table, dims in ((policy.hflip, (-1,)), (policy.vflip, (-2,)), (policy.rot180, (-2, -1))):
+        if table and any(t >= 0 for t in table):
+            target = torch.tensor(table, device=dev)[labels]
+            flip = (torch.rand(n, generator=g, device=dev) < 0.5) & (target >= 0)
+            x = torch.where(flip.view(n, 1, 1, 1), x.flip(dims), x)
+            labels = torch.where(flip, target, labels)
 
     if policy.translate or policy.rotate or policy.scale or policy.shear:
         angle = _uniform(n, math.radians(policy.rotate), g, dev)

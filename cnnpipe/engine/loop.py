@@ -2,15 +2,21 @@
 
 Images never leave the device between epochs and no DataLoader workers are involved: each step
 gathers a batch by index, augments it with one batched call and normalizes it on the fly.
+
+Every random stream (shuffling, augmentation, dropout) is reseeded at the start of each epoch from
+(seed, rank, epoch), so an epoch's randomness depends on nothing that came before it: a run resumed
+from a checkpoint repeats the uninterrupted run exactly on CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +25,7 @@ from tqdm import tqdm
 
 from cnnpipe.augment import AugmentPolicy, apply_policy
 from cnnpipe.config import TrainConfig
+from cnnpipe.engine.distributed import Dist, all_sum
 from cnnpipe.engine.inference import normalize, predict_logits
 
 
@@ -32,6 +39,14 @@ class TrainData:
     val_labels: torch.Tensor
     mean: torch.Tensor  # 1 x C x 1 x 1
     std: torch.Tensor
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    model: nn.Module  # the weights to keep: the EMA's, or the best epoch's under early stopping
+    best_epoch: int
+    stopped_early: bool
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -58,6 +73,23 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
     return 1.0
 
 
+class EMA:
+    """Exponential moving average of the weights; BatchNorm statistics are copied, not averaged."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
 def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
                    std: torch.Tensor) -> tuple[float, float]:
     """(loss, accuracy) of `model` on a split held on the device."""
@@ -68,50 +100,95 @@ def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
+def _epoch_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
+    return (seed * 1_000_003 + rank * 10_007 + epoch * 101 + stream) % (2**63 - 1)
+
+
+def _better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value > best if metric == "val/accuracy" else value < best
+
+
 def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPolicy | None,
-        on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """Train `model` in place for cfg.epochs; returns one dict of metrics per epoch."""
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
+        checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
+        dist: Dist = Dist()) -> FitResult:
+    """Train `model` in place; returns the history and the weights to keep.
+
+    `checkpoint(state)` is called after every epoch with everything `resume` needs to continue.
+    """
     device = data.train_images.device
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=memory)
+    net = model
+    if dist.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    # bf16 autocast where it pays (tensor cores); plain fp32 on CPU, whose results must repeat exactly
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
+        else contextlib.nullcontext
     n = len(data.train_labels)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total))
-    tty = sys.stderr.isatty()
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
+    ema = EMA(model, cfg.ema) if cfg.ema else None
+    history: list[dict[str, float]] = []
+    best_value, best_epoch, best_state = None, 0, None
+    start_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        if ema is not None:
+            ema.model.load_state_dict(resume["ema"])
+        history = resume["history"]
+        best_value, best_epoch, best_state = resume["best_value"], resume["best_epoch"], resume["best_state"]
+        start_epoch = resume["epoch"] + 1
+    g_order, g_aug = torch.Generator(device=device), torch.Generator(device=device)
+    tty = sys.stderr.isatty() and dist.is_main
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        torch.manual_seed(_epoch_seed(cfg.seed, dist.rank, epoch, 0))  # dropout and the like
+        g_order.manual_seed(_epoch_seed(cfg.seed, 0, epoch, 1))  # one order for all ranks: they split each batch
+        g_aug.manual_seed(_epoch_seed(cfg.seed, dist.rank, epoch, 2))
         model.train()
         start = time.perf_counter()
-        order = torch.randperm(n, generator=g, device=device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
+        order = torch.randperm(n, generator=g_order, device=device)
+        sums = torch.zeros(3, device=device)  # loss * count, correct, count
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
                    disable=not tty, leave=False, file=sys.stderr)
         for i in bar:
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size][dist.rank::dist.world]
             x = data.train_images[idx].float().div_(255.0)
             y = data.train_labels[idx]
             if policy is not None and not policy.is_identity:
-                x, y = apply_policy(x, y, policy, g)
-            logits = model(normalize(x, data.mean, data.std))
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                x, y = apply_policy(x, y, policy, g_aug)
+            x = normalize(x, data.mean, data.std).contiguous(memory_format=memory)
+            with autocast():
+                logits = net(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
+            if ema is not None:
+                ema.update(model)
+            sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
             if tty and i % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{(i + 1) * cfg.batch_size / (time.perf_counter() - start):.0f}")
+                done = (i + 1) * cfg.batch_size
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{done / (time.perf_counter() - start):.0f}")
         bar.close()
         seconds = time.perf_counter() - start
-        val_loss, val_acc = evaluate_split(model, data.val_images, data.val_labels, data.mean, data.std)
+        loss_sum, correct, count = all_sum(sums, dist).tolist()
+        evaluated = ema.model if ema is not None else model
+        val_loss, val_acc = evaluate_split(evaluated, data.val_images, data.val_labels, data.mean, data.std)
         stats = {
             "epoch": epoch,
-            "train/loss": loss_sum.item() / n,
-            "train/accuracy": correct.item() / n,
+            "train/loss": loss_sum / count,
+            "train/accuracy": correct / count,
             "val/loss": val_loss,
             "val/accuracy": val_acc,
             "lr": opt.param_groups[0]["lr"],
@@ -119,9 +196,29 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             "train/epoch_seconds": seconds,
         }
         history.append(stats)
-        print(f"epoch {epoch}/{cfg.epochs}  train loss {stats['train/loss']:.4f} acc {stats['train/accuracy']:.4f}  "
-              f"val loss {val_loss:.4f} acc {val_acc:.4f}  {stats['train/images_per_s']:.0f} img/s",
-              file=sys.stderr, flush=True)
-        if on_epoch is not None:
-            on_epoch(stats)
-    return history
+        watched = stats[cfg.early_stopping_metric]
+        if _better(cfg.early_stopping_metric, watched, best_value):
+            best_value, best_epoch = watched, epoch
+            if cfg.early_stopping_patience:
+                best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
+        if dist.is_main:
+            print(f"epoch {epoch}/{cfg.epochs}  train loss {stats['train/loss']:.4f} acc {stats['train/accuracy']:.4f}  "
+                  f"val loss {val_loss:.4f} acc {val_acc:.4f}  {stats['train/images_per_s']:.0f} img/s "
+                  f"({seconds:.1f} s)", file=sys.stderr, flush=True)
+            if on_epoch is not None:
+                on_epoch(stats)
+            if checkpoint is not None:
+                checkpoint({"epoch": epoch, "config": asdict(cfg), "model": model.state_dict(),
+                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "ema": ema.model.state_dict() if ema is not None else None, "history": history,
+                            "best_value": best_value, "best_epoch": best_epoch, "best_state": best_state})
+        if cfg.early_stopping_patience and epoch - best_epoch >= cfg.early_stopping_patience:
+            stopped_early = epoch < cfg.epochs
+            if dist.is_main:
+                print(f"early stopping: {cfg.early_stopping_metric} has not improved for "
+                      f"{cfg.early_stopping_patience} epochs; keeping epoch {best_epoch}", file=sys.stderr)
+            break
+    kept = ema.model if ema is not None else model
+    if cfg.early_stopping_patience and best_state is not None:
+        kept.load_state_dict(best_state)
+    return FitResult(history, kept.to(memory_format=torch.contiguous_format), best_epoch, stopped_early)

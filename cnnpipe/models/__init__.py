@@ -7,12 +7,17 @@ from collections.abc import Callable
 from torch import nn
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.models import cnn3, mlp
+from cnnpipe.models import cnn3, cnn5, fastnet, lenet5, mlp, resnet
 
 # name -> (builder, smallest image side it takes)
 MODELS: dict[str, tuple[Callable[..., nn.Module], int]] = {
+    "fastnet": (fastnet.build, fastnet.MIN_SIZE),
     "mlp": (mlp.build, 1),
+    "lenet5": (lenet5.build, lenet5.MIN_SIZE),
     "cnn3": (cnn3.build, cnn3.MIN_SIZE),
+    "cnn5": (cnn5.build, cnn5.MIN_SIZE),
+    "resnet9": (resnet.build_resnet9, resnet.MIN_SIZE),
+    "resnet18": (resnet.build_resnet18, resnet.MIN_SIZE),
 }
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnpipe.augment import AugmentPolicy, apply_policy, no_flips
+from cnnpipe.augment import AugmentPolicy, apply_policy, flip_tables, no_flips
 from cnnpipe.config import AugmentConfig
 from cnnpipe.data.images import image_grid
 from cnnpipe.data.store import Split, read_dataset, write_dataset
@@ -38,7 +38,8 @@ def balance(split: Split, target: int, policy: AugmentPolicy, g: torch.Generator
         return split, {}
     src = np.sort(np.concatenate(picks))
     # copies keep their class: the flip table only remaps labels online, not here
-    copy_policy = AugmentPolicy(**{**policy.to_dict(), "hflip": no_flips(len(counts))})
+    never = no_flips(len(counts))
+    copy_policy = AugmentPolicy(**{**policy.to_dict(), "hflip": never, "vflip": never, "rot180": never})
     new_x, new_y = _augment_uint8(split.images[src], split.labels[src], copy_policy, g)
     added = dict(zip(*np.unique(new_y, return_counts=True)))
     return Split(np.concatenate([split.images, new_x]), np.concatenate([split.labels, new_y])), \
@@ -57,7 +58,7 @@ def preview_png(split: Split, policy: AugmentPolicy, g: torch.Generator) -> byte
 
 def run(cfg: AugmentConfig, data: Path, out: Path) -> dict:
     ds = read_dataset(data, splits=("train",))
-    policy = AugmentPolicy.from_config(cfg, no_flips(len(ds.classes)))
+    policy = AugmentPolicy.from_config(cfg, flip_tables(ds.classes, cfg.flip))
     g = torch.Generator().manual_seed(cfg.seed)
     train = ds.splits["train"]
     if cfg.balance_to:

@@ -17,8 +17,9 @@ import torch
 from cnnpipe.augment import AugmentPolicy
 from cnnpipe.config import TrackingConfig, TrainConfig
 from cnnpipe.data.store import Dataset, read_dataset
-from cnnpipe.engine.checkpoint import ModelSpec, save_model
+from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_model
 from cnnpipe.engine.device import resolve_device
+from cnnpipe.engine.distributed import barrier, init_distributed
 from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
 from cnnpipe.engine.loop import TrainData, fit
 from cnnpipe.errors import CnnpipeError
@@ -44,35 +45,49 @@ def _write_history(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
-def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: TrackingConfig | None) -> dict:
+def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: TrackingConfig | None,
+        checkpoint: Path | None = None, resume: bool = False) -> dict:
+    """Train; with `checkpoint`, the full state is saved there after every epoch and removed on success,
+    and `resume` continues from it (into the same MLflow run)."""
+    dist = init_distributed()
     ensure_writable_parent(out)
     processed = read_dataset(data, splits=("val",))
     aug = read_dataset(augmented, splits=("train",))
     _check_same_data(processed, aug, data, augmented)
     policy = AugmentPolicy.from_dict(read_json(augmented / "policy.json", "augmentation policy"),
                                      str(augmented / "policy.json")) if cfg.augment else None
-    device = resolve_device(cfg.device)
+    device = dist.device(resolve_device(cfg.device))
+    state = load_checkpoint(checkpoint, dataclasses.asdict(cfg)) if resume and checkpoint else None
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, cfg.width).to(device)
     n_params = count_parameters(model)
     train_split, val_split = aug.splits["train"], processed.splits["val"]
 
     tracker = None  # started once every input is known good, so a bad input leaves no failed run behind
-    if tracking is not None:
+    if tracking is not None and dist.is_main:
         from cnnpipe.tracking import Tracker
 
-        tracker = Tracker.start(tracking, run_name=f"{aug.manifest['source']['name']}-{cfg.arch}",
-                                tags={"cnnpipe.source": aug.manifest["source"]["name"]})
-        tracker.log_params(dataclasses.asdict(cfg), prefix="train.")
-        tracker.log_params({k: v for k, v in policy.to_dict().items() if k != "hflip"} if policy else {}, prefix="augment.")
-        tracker.log_params({"source": aug.manifest["source"]["name"], "image_size": aug.image_size,
-                            "channels": aug.channels, "num_classes": len(aug.classes),
-                            "train_images": len(train_split.labels), "val_images": len(val_split.labels),
-                            "parameters": n_params}, prefix="data.")
-        tracker.set_tags(tracker.source_tags(processed.manifest))
+        if state is not None and state.get("run_id"):
+            tracker = Tracker.reopen(tracking, state["run_id"], str(checkpoint))
+        else:
+            tracker = Tracker.start(tracking, run_name=f"{aug.manifest['source']['name']}-{cfg.arch}",
+                                    tags={"cnnpipe.source": aug.manifest["source"]["name"]})
+            tracker.log_params(dataclasses.asdict(cfg), prefix="train.")
+            tracker.log_params({k: v for k, v in policy.to_dict().items() if not k.endswith("flip")} if policy else {},
+                               prefix="augment.")
+            tracker.log_params({"source": aug.manifest["source"]["name"], "image_size": aug.image_size,
+                                "channels": aug.channels, "num_classes": len(aug.classes),
+                                "train_images": len(train_split.labels), "val_images": len(val_split.labels),
+                                "parameters": n_params, "world_size": dist.world}, prefix="data.")
+            tracker.set_tags(tracker.source_tags(processed.manifest))
+    run_id = tracker.run_id if tracker else None
+    save = (lambda st: save_checkpoint(checkpoint, {**st, "run_id": run_id})) if checkpoint and dist.is_main else None
     try:
-        print(f"{cfg.arch}: {n_params:,} parameters, {len(train_split.labels):,} training images, "
-              f"{len(val_split.labels):,} validation images, device {device}", file=sys.stderr)
+        if dist.is_main:
+            print(f"{cfg.arch}: {n_params:,} parameters, {len(train_split.labels):,} training images, "
+                  f"{len(val_split.labels):,} validation images, device {device}"
+                  + (f", {dist.world} processes" if dist.world > 1 else "")
+                  + (f", resuming after epoch {state['epoch']}" if state else ""), file=sys.stderr)
         mean, std = stats_tensors(aug.manifest["mean"], aug.manifest["std"], device)
         tensors = TrainData(
             train_images=to_nchw_uint8(train_split.images, device),
@@ -81,26 +96,33 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
             val_labels=torch.from_numpy(val_split.labels).to(device),
             mean=mean, std=std,
         )
-        with atomic_dir(out) as tmp:
-            history = fit(model, tensors, cfg, policy,
-                          on_epoch=(lambda s: tracker.log_metrics(s, step=int(s["epoch"]))) if tracker else None)
-            spec = ModelSpec(cfg.arch, cfg.width, aug.channels, len(aug.classes), aug.image_size,
-                             aug.classes, aug.manifest["mean"], aug.manifest["std"])
-            save_model(tmp / MODEL_FILE, model, spec)
-            _write_history(tmp / HISTORY_FILE, history)
-            if tracker is not None:
-                tracker.write_run_file(tmp)
-                tracker.log_artifact(tmp / HISTORY_FILE, "train")
-                tracker.log_artifact(data / "manifest.json", "data")
-                tracker.log_artifact(data / "figures", "data/figures")
-                tracker.log_artifact(augmented / "policy.json", "augment")
-                tracker.log_artifact(augmented / "preview.png", "augment")
+        on_epoch = (lambda s: tracker.log_metrics(s, step=int(s["epoch"]))) if tracker else None
+        result = fit(model, tensors, cfg, policy, on_epoch=on_epoch, checkpoint=save, resume=state, dist=dist)
+        if dist.is_main:
+            with atomic_dir(out) as tmp:
+                spec = ModelSpec(cfg.arch, cfg.width, aug.channels, len(aug.classes), aug.image_size,
+                                 aug.classes, aug.manifest["mean"], aug.manifest["std"])
+                save_model(tmp / MODEL_FILE, result.model, spec)
+                _write_history(tmp / HISTORY_FILE, result.history)
+                if tracker is not None:
+                    tracker.write_run_file(tmp)
+                    tracker.log_metrics({"train/best_epoch": result.best_epoch})
+                    tracker.log_artifact(tmp / HISTORY_FILE, "train")
+                    tracker.log_artifact(data / "manifest.json", "data")
+                    if (data / "figures").is_dir():  # written by ingest; a hand-made dataset may lack them
+                        tracker.log_artifact(data / "figures", "data/figures")
+                    tracker.log_artifact(augmented / "policy.json", "augment")
+                    tracker.log_artifact(augmented / "preview.png", "augment")
+        barrier(dist)
     except BaseException:
         if tracker is not None:
             tracker.finish(ok=False)
         raise
     if tracker is not None:
         tracker.finish(ok=True)
-    last = history[-1]
-    return {"epochs": len(history), "val_accuracy": last["val/accuracy"], "val_loss": last["val/loss"],
-            "parameters": n_params, "run_id": tracker.run_id if tracker else None}
+    if save is not None:
+        checkpoint.unlink(missing_ok=True)  # the model file is the result; a stale state must not be resumed
+    last = result.history[-1]
+    return {"epochs": len(result.history), "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+            "val_accuracy": last["val/accuracy"], "val_loss": last["val/loss"],
+            "parameters": n_params, "run_id": run_id}
