@@ -1,0 +1,82 @@
+"""Benchmark: the default GTSRB recipe (configs/gtsrb.yaml) through the real CLI, on this machine.
+
+ingest (real GTSRB training zip, track-held-out val and test) -> augment -> train -> evaluate, each a
+`cnnpipe` child process. Records the validation and test accuracy, the training time (the train
+stage's own epoch seconds and its wall time) and every stage's peak RSS.
+Target (issue 4, 2-core CPU): >= 98.5 % validation accuracy within 10 minutes of training, <= 3 GB.
+
+    .venv/bin/python benchmarks/train_gtsrb.py [--zip PATH] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)")
+
+
+def stage(args: list[str]) -> tuple[float, int]:
+    """Run `cnnpipe <args>` in a child; (wall seconds, peak RSS in MiB of that child alone)."""
+    cmd = [sys.executable, "-c", MEASURE, str(Path(sys.executable).parent / "cnnpipe"), *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"cnnpipe {args[0]} failed:\n{proc.stderr[-3000:]}")
+    sys.stderr.write(proc.stderr)
+    return wall, int(proc.stderr.strip().splitlines()[-1]) // 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--zip", type=Path, default=ROOT.parent / "shared/data/GTSRB_Final_Training_Images.zip")
+    parser.add_argument("--params", type=Path, default=ROOT / "configs/gtsrb.yaml")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-gtsrb-benchmark"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/train_gtsrb.json")
+    args = parser.parse_args()
+    w, p = args.work, ["--params", str(args.params)]
+    walls, peaks = {}, {}
+    walls["ingest"], peaks["ingest"] = stage(["ingest", *p, "--path", str(args.zip), "--out", f"{w}/processed",
+                                              "--report", f"{w}/ingest_report.json"])
+    walls["augment"], peaks["augment"] = stage(["augment", *p, "--data", f"{w}/processed", "--out", f"{w}/augmented"])
+    walls["train"], peaks["train"] = stage(["train", *p, "--no-tracking", "--data", f"{w}/processed",
+                                            "--augmented", f"{w}/augmented", "--out", f"{w}/model",
+                                            "--checkpoint", f"{w}/checkpoint.pt"])
+    walls["evaluate"], peaks["evaluate"] = stage(["evaluate", *p, "--no-tracking", "--model", f"{w}/model",
+                                                  "--data", f"{w}/processed", "--out", f"{w}/evaluation"])
+    history = list(csv.DictReader(open(w / "model/history.csv")))
+    metrics = json.loads((w / "evaluation/metrics.json").read_text())
+    import yaml
+
+    recipe = yaml.safe_load(args.params.read_text())
+    result = {
+        "benchmark": "GTSRB training set (39,209 images): recipe configs/gtsrb.yaml, val and test held out by track",
+        "val_accuracy": metrics["val"]["accuracy"], "test_accuracy": metrics["test"]["accuracy"],
+        "val_accuracy_per_epoch": [round(float(e["val/accuracy"]), 4) for e in history],
+        "training_seconds": round(sum(float(e["train/epoch_seconds"]) for e in history), 1),
+        "train_stage_wall_s": round(walls["train"], 1),
+        "stage_wall_s": {k: round(v, 1) for k, v in walls.items()},
+        "stage_peak_rss_mib": peaks,
+        "train_images_per_s": round(sum(float(e["train/images_per_s"]) for e in history) / len(history)),
+        "recipe": {k: recipe[k] for k in ("ingest", "augment", "train")},
+        "targets": {"val_accuracy": 0.985, "training_seconds": 600, "peak_rss_mib": 3072},
+        "machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "recipe")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
