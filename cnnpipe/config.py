@@ -94,6 +94,10 @@ class TrainConfig:
 @dataclass
 class EvaluateConfig:
     batch_size: int = knob(512, "images per inference step", minimum=1)
+    grid_images: int = knob(32, "images in each of the misclassified / correct grids", minimum=1, maximum=256)
+    tsne_samples: int = knob(2000, "test images in the t-SNE plot (a stratified sample; 0 = no t-SNE)",
+                             minimum=0, maximum=20000)
+    seed: int = knob(0, "seed of the samples the figures show")
     device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
 
 

@@ -139,16 +139,20 @@ class Tracker:
     def finish(self, ok: bool) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
 
-    def log_pyfunc_model(self, name: str, **kwargs: Any) -> str:
-        """Log an MLflow pyfunc model into this run; returns its model URI."""
+    def log_pyfunc_model(self, name: str, input_example: Any, output_example: Any, params: dict[str, Any],
+                         **kwargs: Any) -> str:
+        """Log an MLflow pyfunc model into this run, its signature inferred from a real input and output;
+        returns its model URI."""
         import mlflow
+        from mlflow.models import infer_signature
 
         # log_model works on the fluent API's active run; scope it to this run and store
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():
-            # MLflow nags about predict()'s type hints and integer output columns; we pass a signature
+            # MLflow warns that integer columns cannot hold missing values: ours never miss
             warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
-            info = mlflow.pyfunc.log_model(name=name, **kwargs)
+            signature = infer_signature(input_example, output_example, params=params)
+            info = mlflow.pyfunc.log_model(name=name, signature=signature, input_example=input_example, **kwargs)
         return info.model_uri
 
     def register_model(self, model_uri: str, name: str, tags: dict[str, str]) -> str:

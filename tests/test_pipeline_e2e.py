@@ -80,7 +80,11 @@ def test_repro_runs_every_stage_and_registers_an_accurate_model(workspace, first
     epochs = yaml.safe_load((workspace / "params.yaml").read_text())["train"]["epochs"]
     assert len(c.get_metric_history(run_.info.run_id, "train/loss")) == epochs
     artifacts = {a.path for a in c.list_artifacts(run_.info.run_id, "evaluate")}
-    assert "evaluate/confusion_matrix.png" in artifacts and "evaluate/metrics.json" in artifacts
+    for name in ("confusion_matrix.png", "metrics.json", "report.html", "report.md", "tsne.png", "misclassified.png",
+                 "reliability_diagram.png", "confusion_matrix.json", "predictions.csv"):
+        assert f"evaluate/{name}" in artifacts, name
+    data_artifacts = {a.path for a in c.list_artifacts(run_.info.run_id, "data/figures")}
+    assert "data/figures/class_distribution.png" in data_artifacts
     png = Path(c.download_artifacts(run_.info.run_id, "evaluate/confusion_matrix.png", str(workspace)))
     assert Image.open(png).size[0] > 300
     assert (workspace / "mlartifacts").is_dir() and not (workspace / "mlruns").exists()

@@ -1,4 +1,8 @@
-"""evaluate: a model + the processed dataset -> metrics.json, confusion matrix (PNG, CSV, per-sample CSV)."""
+"""evaluate: a model + the processed dataset -> metrics.json, the confusion matrix in every form, the
+analyses of a careful practitioner (curves, grids, calibration, filters, feature maps, t-SNE), a report.
+
+Metrics cover the val and the test split (labelled); the figures describe the test split.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,17 @@ import numpy as np
 import torch
 
 from cnnpipe.config import EvaluateConfig, TrackingConfig
-from cnnpipe.data.store import read_dataset
-from cnnpipe.engine.checkpoint import load_model
+from cnnpipe.data.store import Dataset, read_dataset
+from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.device import resolve_device
-from cnnpipe.engine.inference import predict_logits, stats_tensors, to_nchw_uint8
+from cnnpipe.engine.inference import normalize, predict_logits, stats_tensors, to_nchw_uint8
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.evaluation.figures import confusion_matrix_png
+from cnnpipe.evaluation import figures, introspect
 from cnnpipe.evaluation.metrics import classification_metrics
+from cnnpipe.evaluation.report import Report
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent
-from cnnpipe.stages.train import HISTORY_FILE, MODEL_FILE
+from cnnpipe.models import count_parameters
+from cnnpipe.stages.train import CONFIG_FILE, HISTORY_FILE, MODEL_FILE
 
 SPLITS = ("val", "test")
 
@@ -31,46 +37,145 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
+def _check_match(spec: ModelSpec, ds: Dataset, model_path: Path, data: Path) -> None:
+    if (ds.classes, ds.image_size, ds.channels) != (spec.classes, spec.image_size, spec.in_channels):
+        raise CnnpipeError(
+            f"model '{model_path}' does not match dataset '{data}': model takes {spec.num_classes} classes, "
+            f"{spec.image_size}x{spec.image_size}x{spec.in_channels}; dataset has {len(ds.classes)} classes, "
+            f"{ds.image_size}x{ds.image_size}x{ds.channels}")
+
+
+def _stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    if n >= len(labels):
+        return np.arange(len(labels))
+    per = {k: np.flatnonzero(labels == k) for k in np.unique(labels)}
+    take = [rng.choice(idx, max(1, round(n * len(idx) / len(labels))), replace=False) for idx in per.values()]
+    return np.sort(np.concatenate(take))[:n]
+
+
+def _figures(folder: Path, model: torch.nn.Module, spec: ModelSpec, images: np.ndarray, x: torch.Tensor,
+             result: dict, history: list[dict], cfg: EvaluateConfig, mean: torch.Tensor, std: torch.Tensor) -> list[tuple]:
+    """Every PNG of the analysis; returns (file, caption) in report order."""
+    rng = np.random.default_rng(cfg.seed)
+    classes, y_true, y_pred, conf = spec.classes, result["y_true"], result["y_pred"], result["confidence"]
+    made = []
+
+    def short(i: int) -> str:
+        return classes[i] if len(classes[i]) <= 18 else classes[i][:17] + "…"
+
+    figures.confusion_matrix_png(result["confusion"], classes, folder / "confusion_matrix.png", "test")
+    made.append(("confusion_matrix.png", "Confusion matrix on the test split: counts and row-normalized"))
+    if history:
+        figures.training_curves_png(history, folder / "training_curves.png")
+        made.append(("training_curves.png", "Loss and accuracy per epoch, train vs validation"))
+    for name, mask, color, what in (("misclassified.png", y_true != y_pred, "red", "Misclassified"),
+                                    ("correct.png", y_true == y_pred, "blue", "Correctly classified")):
+        idx = np.flatnonzero(mask)
+        idx = np.sort(rng.choice(idx, min(cfg.grid_images, len(idx)), replace=False)) if len(idx) else idx
+        figures.labelled_grid_png(images[idx], [f"{short(y_pred[i])} ({short(y_true[i])})" for i in idx], color,
+                                  folder / name, f"{what} test images: predicted (true)")
+        made.append((name, f"{what} test images, titled predicted (true)"))
+    correct = y_true == y_pred
+    figures.confidence_histogram_png(conf, correct, folder / "confidence_histogram.png")
+    made.append(("confidence_histogram.png", "Confidence of correct and incorrect predictions"))
+    figures.reliability_png(result["calibration"], result["scalars"]["ece"], folder / "reliability_diagram.png")
+    made.append(("reliability_diagram.png", "Reliability diagram: accuracy per confidence bin"))
+    weights = introspect.first_conv(model)
+    if weights is not None:
+        figures.filters_png(weights.numpy(), folder / "first_layer_filters.png")
+        made.append(("first_layer_filters.png", "First-layer convolution filters"))
+        sample = int(np.flatnonzero(correct)[0]) if correct.any() else 0
+        maps = introspect.feature_maps(model, normalize(x[sample:sample + 1], mean, std))
+        figures.feature_maps_png(images[sample], [(n, m.numpy()) for n, m in maps], folder / "feature_maps.png")
+        made.append(("feature_maps.png", f"Feature maps of every conv layer for one test image ({classes[y_true[sample]]})"))
+    if cfg.tsne_samples and len(y_true) >= 5:
+        from sklearn.manifold import TSNE
+
+        pick = _stratified_sample(y_true, cfg.tsne_samples, rng)
+        emb = introspect.penultimate(model, normalize(x[pick], mean, std)).cpu().numpy()
+        points = TSNE(n_components=2, init="pca", random_state=cfg.seed,
+                      perplexity=min(30.0, (len(pick) - 1) / 3)).fit_transform(emb)
+        figures.tsne_png(points, y_true[pick], classes, folder / "tsne.png")
+        made.append(("tsne.png", f"t-SNE of penultimate-layer embeddings, {len(pick):,} test images (stratified)"))
+    return made
+
+
+def _report(folder: Path, ds: Dataset, spec: ModelSpec, n_params: int, train_cfg: dict, metrics: dict,
+            results: dict, made: list[tuple]) -> None:
+    r = Report("cnnpipe evaluation report")
+    src = ds.manifest["source"]
+    r.heading("Data")
+    r.text(f"Source {src['name']}" + (f" ({src['path']})" if src.get("path") else "") +
+           f"; {len(ds.classes)} classes; {ds.image_size}x{ds.image_size}, {ds.channels} channel(s).")
+    r.table(["split", "images"], [[k, v["total"]] for k, v in ds.manifest["counts"].items()])
+    r.heading("Model")
+    r.text(f"{spec.arch}, width {spec.width}: {n_params:,} parameters.")
+    if train_cfg:
+        r.table(["train param", "value"], [[k, str(v)] for k, v in train_cfg.get("train", {}).items()])
+    r.heading("Metrics")
+    names = list(next(iter(metrics.values())))
+    r.table(["split", *names], [[split, *m.values()] for split, m in metrics.items()])
+    r.heading("Most confused pairs (test)")
+    r.table(["true", "predicted", "count"], [[p["true"], p["predicted"], p["count"]] for p in results["test"]["most_confused"]])
+    r.heading("Per class (test)")
+    r.table(["class", "precision", "recall", "f1", "support"],
+            [[c["class"], c["precision"], c["recall"], c["f1"], c["support"]] for c in results["test"]["per_class"]])
+    r.heading("Figures")
+    for file, caption in made:
+        r.image(file, caption)
+    r.write(folder)
+
+
 def run(cfg: EvaluateConfig, model_dir: Path, data: Path, out: Path, tracking: TrackingConfig | None) -> dict:
     ensure_writable_parent(out)
     device = resolve_device(cfg.device)
     model, spec = load_model(model_dir / MODEL_FILE, device)
     ds = read_dataset(data, splits=SPLITS)
-    if (ds.classes, ds.image_size, ds.channels) != (spec.classes, spec.image_size, spec.in_channels):
-        raise CnnpipeError(
-            f"model '{model_dir / MODEL_FILE}' does not match dataset '{data}': model takes {spec.num_classes} classes, "
-            f"{spec.image_size}x{spec.image_size}x{spec.in_channels}; dataset has {len(ds.classes)} classes, "
-            f"{ds.image_size}x{ds.image_size}x{ds.channels}")
+    _check_match(spec, ds, model_dir / MODEL_FILE, data)
+    for name in SPLITS:
+        if len(ds.splits[name].labels) == 0:
+            raise CnnpipeError(f"dataset '{data}': the '{name}' split is empty")
+    tracker = None
+    if tracking is not None:  # connect before the work: an unreachable store fails fast
+        from cnnpipe.tracking import Tracker
+
+        tracker = Tracker.resume(tracking, model_dir)
     mean, std = stats_tensors(spec.mean, spec.std, device)
-    results = {}
+    results, tensors = {}, {}
     for name in SPLITS:
         split = ds.splits[name]
-        if len(split.labels) == 0:
-            raise CnnpipeError(f"dataset '{data}': the '{name}' split is empty")
-        logits = predict_logits(model, to_nchw_uint8(split.images, device), mean, std, cfg.batch_size)
+        tensors[name] = to_nchw_uint8(split.images, device)
+        logits = predict_logits(model, tensors[name], mean, std, cfg.batch_size)
         results[name] = classification_metrics(logits, torch.from_numpy(split.labels).to(device), ds.classes)
-
     metrics = {name: {k: round(v, 6) for k, v in r["scalars"].items()} for name, r in results.items()}
+    history = list(csv.DictReader(open(model_dir / HISTORY_FILE))) if (model_dir / HISTORY_FILE).exists() else []
+    train_cfg = json.loads((model_dir / CONFIG_FILE).read_text()) if (model_dir / CONFIG_FILE).exists() else {}
     test = results["test"]
+    names = np.asarray(ds.classes)
     with atomic_dir(out) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        confusion_matrix_png(test["confusion"], ds.classes, tmp / "confusion_matrix.png", "test")
         _write_csv(tmp / "confusion_matrix.csv", ["true \\ predicted", *ds.classes],
                    [[c, *row] for c, row in zip(ds.classes, test["confusion"].tolist())])
+        # the form KFP's ClassificationMetrics.log_confusion_matrix(categories, matrix) takes
+        (tmp / "confusion_matrix.json").write_text(json.dumps(
+            {"split": "test", "categories": ds.classes, "matrix": test["confusion"].tolist()}) + "\n")
         # one row per test image, the layout DVC's `confusion` plot template reads
-        names = np.asarray(ds.classes)
         _write_csv(tmp / "predictions.csv", ["actual", "predicted"],
                    np.stack([names[test["y_true"]], names[test["y_pred"]]], 1).tolist())
-        _write_csv(tmp / "per_class.csv", ["class", "precision", "recall", "f1", "support"],
-                   [[r["class"], r["precision"], r["recall"], r["f1"], r["support"]] for r in test["per_class"]])
-        if tracking is not None:
-            from cnnpipe.tracking import Tracker
-
-            tracker = Tracker.resume(tracking, model_dir)
+        for split, r in results.items():
+            _write_csv(tmp / f"per_class_{split}.csv", ["class", "precision", "recall", "f1", "support"],
+                       [[c["class"], c["precision"], c["recall"], c["f1"], c["support"]] for c in r["per_class"]])
+        _write_csv(tmp / "most_confused.csv", ["true", "predicted", "count"],
+                   [[p["true"], p["predicted"], p["count"]] for p in test["most_confused"]])
+        made = _figures(tmp, model, spec, np.asarray(ds.splits["test"].images), tensors["test"], test, history, cfg,
+                        mean, std)
+        _report(tmp, ds, spec, count_parameters(model), train_cfg, metrics, results, made)
+        if tracker is not None:
             # at the last epoch's step, so val/* continues train's curves instead of restarting at 0
-            epochs = sum(1 for _ in open(model_dir / HISTORY_FILE)) - 1
-            tracker.log_metrics({f"{split}/{k}": v for split, m in metrics.items() for k, v in m.items()}, step=epochs)
+            tracker.log_metrics({f"{split}/{k}": v for split, m in metrics.items() for k, v in m.items()},
+                                step=len(history))
             tracker.log_artifact(tmp, "evaluate")
     for name, m in metrics.items():
-        print(f"{name}: accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  f1_macro {m['f1_macro']:.4f}", file=sys.stderr)
+        print(f"{name}: accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  f1_macro {m['f1_macro']:.4f}  "
+              f"ece {m['ece']:.4f}", file=sys.stderr)
     return metrics

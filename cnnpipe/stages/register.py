@@ -29,8 +29,6 @@ def _png_base64(image: np.ndarray) -> str:
 
 def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out: Path,
         tracking: TrackingConfig) -> dict:
-    from mlflow.models import infer_signature
-
     from cnnpipe.serving import pyfunc_model
     from cnnpipe.serving.pyfunc import CHECKPOINT, predict_frame
 
@@ -41,14 +39,11 @@ def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out:
     tracker = Tracker.resume(tracking, model_dir)
 
     example = pd.DataFrame({"image": [_png_base64(np.asarray(img)) for img in ds.splits["test"].images[:2]]})
-    signature = infer_signature(example, predict_frame(predictor, example), params={"top_k": 5})
     model_uri = tracker.log_pyfunc_model(
-        "model",
+        "model", example, predict_frame(predictor, example), {"top_k": 5},
         python_model=str(Path(pyfunc_model.__file__)),  # models from code: nothing pickled
         artifacts={CHECKPOINT: str(model_dir / MODEL_FILE)},
         code_paths=[str(Path(cnnpipe.__file__).parent)],  # the model loads where cnnpipe is not installed
-        signature=signature,
-        input_example=example,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
                           f"pandas=={pd.__version__}", f"pillow=={Image.__version__}"],
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from cnnpipe.models import build_model, count_parameters
 
 MODEL_FILE = "model.pt"
 HISTORY_FILE = "history.csv"
+CONFIG_FILE = "train_config.json"  # the params the model was trained with, for the report and registry
 
 
 def _check_same_data(processed: Dataset, augmented: Dataset, data: Path, aug: Path) -> None:
@@ -104,6 +106,8 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
                                  aug.classes, aug.manifest["mean"], aug.manifest["std"])
                 save_model(tmp / MODEL_FILE, result.model, spec)
                 _write_history(tmp / HISTORY_FILE, result.history)
+                (tmp / CONFIG_FILE).write_text(json.dumps({"train": dataclasses.asdict(cfg), "parameters": n_params,
+                                                           "best_epoch": result.best_epoch}, indent=2) + "\n")
                 if tracker is not None:
                     tracker.write_run_file(tmp)
                     tracker.log_metrics({"train/best_epoch": result.best_epoch})

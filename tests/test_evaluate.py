@@ -1,0 +1,99 @@
+"""Evaluation: metrics against a case computed by hand, and every artifact a real, non-empty file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnpipe.config import AugmentConfig, EvaluateConfig, TrainConfig
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.evaluation.metrics import calibration_bins, classification_metrics, expected_calibration_error
+from cnnpipe.stages import augment, evaluate, train
+from tests.conftest import write_tiny_dataset
+
+PNGS = ["confusion_matrix.png", "training_curves.png", "misclassified.png", "correct.png", "confidence_histogram.png",
+        "reliability_diagram.png", "first_layer_filters.png", "feature_maps.png", "tsne.png"]
+
+
+def test_metrics_match_a_hand_computed_case():
+    # 3 classes, 6 images; predictions: 0->0, 0->0, 1->1, 1->2, 2->2, 2->0
+    classes = ["a", "b", "c"]
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    predicted = [0, 0, 1, 2, 2, 0]
+    confidence = [0.9, 0.8, 0.7, 0.6, 0.9, 0.5]
+    logits = torch.full((6, 3), -10.0)
+    for i, (p, c) in enumerate(zip(predicted, confidence)):
+        # softmax over [log c, log((1-c)/2), log((1-c)/2)]: the top probability is exactly c
+        logits[i] = math.log((1 - c) / 2)
+        logits[i, p] = math.log(c)
+    m = classification_metrics(logits, labels, classes)
+    s = m["scalars"]
+    assert s["accuracy"] == pytest.approx(4 / 6) and s["error_rate"] == pytest.approx(2 / 6)
+    assert m["confusion"].tolist() == [[2, 0, 0], [0, 1, 1], [1, 0, 1]]
+    # per class: a P=2/3 R=1 F1=0.8; b P=1 R=0.5 F1=2/3; c P=0.5 R=0.5 F1=0.5
+    assert [round(c["f1"], 6) for c in m["per_class"]] == [0.8, round(2 / 3, 6), 0.5]
+    assert s["precision_macro"] == pytest.approx((2 / 3 + 1 + 0.5) / 3)
+    assert s["f1_macro"] == pytest.approx((0.8 + 2 / 3 + 0.5) / 3)
+    assert s["top5_accuracy"] == 1.0
+    assert s["loss"] == pytest.approx(-np.mean(np.log([0.9, 0.8, 0.7, 0.2, 0.9, 0.25])), rel=1e-5)
+    # ECE over 15 bins: each image alone in its bin except the two 0.9s (both correct)
+    # |1-0.9|*2 + |1-0.8| + |1-0.7| + |0-0.6| + |0-0.5| = 0.2 + 0.2 + 0.3 + 0.6 + 0.5 = 1.8, / 6
+    assert s["ece"] == pytest.approx(1.8 / 6)
+    assert m["most_confused"] == [{"true": "b", "predicted": "c", "count": 1}, {"true": "c", "predicted": "a", "count": 1}] \
+        or m["most_confused"] == [{"true": "c", "predicted": "a", "count": 1}, {"true": "b", "predicted": "c", "count": 1}]
+
+
+def test_perfect_calibration_has_zero_ece():
+    conf = np.array([1.0, 1.0, 0.5, 0.5])
+    correct = np.array([True, True, True, False])
+    assert expected_calibration_error(calibration_bins(conf, correct)) == pytest.approx(0.0)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("eval")
+    write_tiny_dataset(tmp / "processed", classes=4, size=16, channels=3, n=30)
+    augment.run(AugmentConfig(), tmp / "processed", tmp / "augmented")
+    train.run(TrainConfig(arch="fastnet", width=8, epochs=3, batch_size=16), tmp / "processed", tmp / "augmented",
+              tmp / "model", tracking=None)
+    evaluate.run(EvaluateConfig(tsne_samples=40), tmp / "model", tmp / "processed", tmp / "evaluation", tracking=None)
+    return tmp / "evaluation"
+
+
+@pytest.mark.parametrize("name", PNGS)
+def test_every_figure_is_a_valid_non_empty_image(evaluated, name):
+    img = Image.open(evaluated / name)
+    img.verify()
+    img = Image.open(evaluated / name).convert("L")
+    assert img.size[0] >= 100 and img.size[1] >= 100
+    assert np.asarray(img).std() > 5  # not a blank canvas
+
+
+def test_tables_report_and_kfp_matrix(evaluated):
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert set(metrics) == {"val", "test"} and {"accuracy", "ece", "f1_macro", "top5_accuracy"} <= set(metrics["test"])
+    cm = json.loads((evaluated / "confusion_matrix.json").read_text())
+    assert cm["categories"] == ["class0", "class1", "class2", "class3"] and len(cm["matrix"]) == 4
+    assert sum(map(sum, cm["matrix"])) == len((evaluated / "predictions.csv").read_text().splitlines()) - 1
+    md = (evaluated / "report.md").read_text()
+    for png in PNGS:
+        assert f"]({png})" in md
+    assert "| test |" in md and "## Per class (test)" in md
+    html = (evaluated / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(PNGS)
+
+
+def test_mismatched_model_and_empty_split_are_named(evaluated, tmp_path):
+    model_dir = evaluated.parent / "model"
+    write_tiny_dataset(tmp_path / "gray", classes=4, size=16, channels=1)
+    with pytest.raises(CnnpipeError, match="model takes 4 classes, 16x16x3; dataset has 4 classes, 16x16x1"):
+        evaluate.run(EvaluateConfig(), model_dir, tmp_path / "gray", tmp_path / "out", tracking=None)
+    with pytest.raises(CnnpipeError, match="model file '.*missing/model.pt' not found"):
+        evaluate.run(EvaluateConfig(), tmp_path / "missing", tmp_path / "gray", tmp_path / "out", tracking=None)
+    assert not (tmp_path / "out").exists()
