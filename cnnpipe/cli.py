@@ -63,6 +63,68 @@ def _register(args: argparse.Namespace, params: dict, pp: Path) -> dict:
                         args.out, tracking_config(params, args, pp))
 
 
+def _promote(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.stages import promote
+
+    cfg = _cfg(RegisterConfig, "register", args, params, pp)
+    return promote.promote(cfg, tracking_config(params, args, pp), cfg.model_name, args.version, args.data, args.force)
+
+
+def _rollback(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.stages import promote
+
+    return promote.rollback(tracking_config(params, args, pp), _cfg(RegisterConfig, "register", args, params, pp).model_name)
+
+
+def _model_uri(args: argparse.Namespace, params: dict, pp: Path) -> str:
+    return args.model or f"models:/{_cfg(RegisterConfig, 'register', args, params, pp).model_name}@champion"
+
+
+def _serve(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.serving.local import load_registered, predictor_backend
+    from cnnpipe.serving.server import cnnpipe_invoke, make_server, serve_forever
+
+    uri = _model_uri(args, params, pp)
+    predictor, top_k = load_registered(tracking_config(params, args, pp), uri)
+    try:
+        server = make_server(cnnpipe_invoke(predictor_backend(predictor, top_k)), args.host, args.port)
+    except OSError as e:
+        raise CnnpipeError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    serve_forever(server, uri)
+    return {"served": uri, "stopped": True}
+
+
+def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.serving.local import load_registered, predict_files
+
+    predictor, _ = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp))
+    return predict_files(predictor, args.paths, args.output, args.batch_size)
+
+
+def _export(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.serving.local import load_registered
+    from cnnpipe.serving.sagemaker import export
+
+    predictor, top_k = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp))
+    return export(predictor, top_k, args.output)
+
+
+def _deploy(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    import tempfile
+
+    from cnnpipe.serving.local import load_registered
+    from cnnpipe.serving.sagemaker import deploy, export
+
+    name = args.endpoint_name or _cfg(RegisterConfig, "register", args, params, pp).model_name
+    with tempfile.TemporaryDirectory() as d:
+        archive = args.archive
+        if archive is None:
+            predictor, top_k = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp))
+            archive = Path(d) / "model.tar.gz"
+            export(predictor, top_k, archive)
+        return deploy(archive, args.role, args.instance_type, name, args.bucket, args.region, args.image_uri, args.wait)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnpipe", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -115,6 +177,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset (input example)")
     p.add_argument("--evaluation", type=Path, default=Path("data/evaluation"), help="evaluation directory")
     p.add_argument("--out", type=Path, default=Path("data/registered.json"), help="registration record (JSON)")
+    with_tracking(p, optional=False)
+
+    p = command("promote", "compare the challenger with the champion on the test split; move `champion` if better",
+                _promote, RegisterConfig)
+    p.add_argument("--version", default="challenger", help="version number or alias to promote (default: challenger)")
+    p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset (its test split)")
+    p.add_argument("--force", action="store_true", help="promote without comparing")
+    with_tracking(p, optional=False)
+
+    p = command("rollback", "give `champion` back to the previous champion", _rollback, None)
+    p.add_argument("--model-name", help="registered model (default: register.model_name)")
+    with_tracking(p, optional=False)
+
+    p = command("serve", "serve a registered model over HTTP (SageMaker's /ping and /invocations)", _serve, None)
+    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    p.add_argument("--model-name", help="registered model (default: register.model_name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080, as SageMaker)")
+    with_tracking(p, optional=False)
+
+    p = command("predict", "predict image files and folders with a registered model into a CSV", _predict, None)
+    p.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
+    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    p.add_argument("--model-name", help="registered model (default: register.model_name)")
+    p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
+    p.add_argument("--batch-size", type=int, default=256, help="images per inference batch")
+    with_tracking(p, optional=False)
+
+    p = command("export", "package a registered model for a serving platform (sagemaker: model.tar.gz)", _export, None)
+    p.add_argument("target", choices=["sagemaker"], help="the platform")
+    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    p.add_argument("--model-name", help="registered model (default: register.model_name)")
+    p.add_argument("--output", type=Path, default=Path("model.tar.gz"), help="archive to write")
+    with_tracking(p, optional=False)
+
+    p = command("deploy", "deploy a registered model to a SageMaker real-time endpoint (boto3)", _deploy, None)
+    p.add_argument("target", choices=["sagemaker"], help="the platform")
+    p.add_argument("--role", required=True, help="IAM execution role ARN for the SageMaker model")
+    p.add_argument("--instance-type", default="ml.m5.large", help="endpoint instance type (default ml.m5.large)")
+    p.add_argument("--endpoint-name", help="endpoint (and model, endpoint config) name (default: the model name)")
+    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    p.add_argument("--model-name", help="registered model (default: register.model_name)")
+    p.add_argument("--archive", type=Path, help="an existing model.tar.gz instead of exporting the model")
+    p.add_argument("--bucket", help="S3 bucket for the archive (default: sagemaker-<region>-<account>)")
+    p.add_argument("--region", help="AWS region (default: from the AWS configuration, else us-east-1)")
+    p.add_argument("--image-uri", help="serving container (default: AWS's PyTorch 2.5.1 inference image)")
+    p.add_argument("--wait", action="store_true", help="wait until the endpoint is InService")
     with_tracking(p, optional=False)
     return parser
 

@@ -104,6 +104,11 @@ class EvaluateConfig:
 @dataclass
 class RegisterConfig:
     model_name: str = knob("cnnpipe-digits", "name in the MLflow Model Registry")
+    top_k: int = knob(5, "classes the served model returns per image (a request may ask for another k)", minimum=1)
+    auto_promote: bool = knob(True, "after registering (alias `challenger`), run promotion against `champion`")
+    promotion_metric: str = knob("accuracy", "test-split metric that decides promotion",
+                                 choices=("accuracy", "f1_macro", "top5_accuracy", "loss"))
+    min_delta: float = knob(0.001, "the challenger must beat the champion by at least this much", minimum=0.0)
 
 
 @dataclass

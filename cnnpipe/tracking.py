@@ -64,11 +64,15 @@ class Tracker:
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     @staticmethod
-    def source_tags(manifest: dict[str, Any]) -> dict[str, str]:
-        """Where a run's code and data came from: the git commit and the dataset's input hashes."""
+    def source_tags(manifest: dict[str, Any], data_dir: Path | None = None) -> dict[str, str]:
+        """Where a run's code and data came from: the git commit, the dataset's input hashes and, under
+        DVC, the processed dataset's version (its md5 in dvc.lock)."""
         inputs = json.dumps(manifest["source"].get("inputs", []), sort_keys=True).encode()
         tags = {"dataset.source": manifest["source"]["name"],
                 "dataset.inputs_sha256": hashlib.sha256(inputs).hexdigest()}
+        version = _dvc_version(data_dir) if data_dir is not None else None
+        if version:
+            tags["dataset.dvc_md5"] = version
         try:
             commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
             if commit.returncode == 0:
@@ -144,14 +148,18 @@ class Tracker:
         """Log an MLflow pyfunc model into this run, its signature inferred from a real input and output;
         returns its model URI."""
         import mlflow
-        from mlflow.models import infer_signature
+        from mlflow.models import ModelSignature, infer_signature
+        from mlflow.types.schema import AnyType, ColSpec, Schema
 
         # log_model works on the fluent API's active run; scope it to this run and store
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():
             # MLflow warns that integer columns cannot hold missing values: ours never miss
             warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
-            signature = infer_signature(input_example, output_example, params=params)
+            inferred = infer_signature(input_example, output_example, params=params)
+            # the `image` column holds base64 text or uint8 arrays: a type MLflow checks as "any"
+            signature = ModelSignature(Schema([ColSpec(AnyType(), c) for c in input_example.columns]),
+                                       inferred.outputs, inferred.params)
             info = mlflow.pyfunc.log_model(name=name, signature=signature, input_example=input_example, **kwargs)
         return info.model_uri
 
@@ -164,6 +172,25 @@ class Tracker:
         return str(version.version)
 
 
+def _dvc_version(data_dir: Path) -> str | None:
+    """The md5 dvc.lock records for `data_dir` (a stage output), when running in a DVC workspace."""
+    import yaml
+
+    lock = Path("dvc.lock")
+    if not lock.exists():
+        return None
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except yaml.YAMLError:
+        return None
+    want = os.path.normpath(str(data_dir))
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if os.path.normpath(out.get("path", "")) == want:
+                return out.get("md5")
+    return None
+
+
 def _connect(uri: str):  # noqa: ANN202 - MlflowClient, imported lazily
     _check_reachable(uri)
     from mlflow import MlflowClient
@@ -174,3 +201,64 @@ def _connect(uri: str):  # noqa: ANN202 - MlflowClient, imported lazily
     except Exception as e:
         raise ServiceUnavailable(f"tracking URI {uri} cannot be used: {str(e).splitlines()[0]}") from None
     return client
+
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "cnnpipe.champion_history"  # JSON list of the versions that held `champion`, oldest first
+
+
+@dataclass(eq=False)
+class Registry:
+    """The MLflow Model Registry: versions, aliases, tags, and loading a registered model."""
+
+    uri: str
+
+    @functools.cached_property
+    def client(self):  # noqa: ANN201 - MlflowClient, imported lazily
+        return _connect(self.uri)
+
+    def version(self, name: str, ref: str) -> Any:
+        """A model version by number or by alias; a clear error when either does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version(name, ref) if ref.isdigit() \
+                else self.client.get_model_version_by_alias(name, ref)
+        except MlflowException:
+            raise CnnpipeError(f"model {name!r} has no version {'or alias ' if not ref.isdigit() else ''}{ref!r} "
+                               f"in the registry at {self.uri}") from None
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            return None
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def tag_version(self, name: str, version: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, version, k, str(v))
+
+    def champion_history(self, name: str) -> list[str]:
+        return json.loads(self.client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+
+    def set_champion(self, name: str, version: str, history: list[str]) -> None:
+        self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        self.set_alias(name, CHAMPION, version)
+
+    def load_pyfunc(self, model_uri: str) -> Any:
+        """Load `models:/<name>@<alias>` (or /<version>, or any model URI) as an MLflow pyfunc."""
+        import mlflow
+
+        from mlflow.exceptions import MlflowException
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        try:
+            return mlflow.pyfunc.load_model(model_uri)
+        except MlflowException as e:
+            raise CnnpipeError(f"model {model_uri!r} cannot be loaded from {self.uri}: {str(e).splitlines()[0]}") from None

@@ -4,6 +4,7 @@ store, the Model Registry, `mlflow ui` answering on 127.0.0.1, and the registere
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import json
 import os
@@ -147,15 +148,122 @@ def test_mlflow_ui_shows_the_run_and_the_model(workspace, first_repro):
         server.wait(timeout=30)
 
 
-def test_changing_epochs_reruns_train_onwards_not_ingest(workspace, first_repro):
+def test_first_model_became_champion(workspace, first_repro):
+    record = json.loads((workspace / "data/registered.json").read_text())
+    assert record["promotion"]["decision"] == "promoted: first model"
+    assert str(client(workspace).get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            assert time.time() < deadline and proc.poll() is None, "server did not start"
+            time.sleep(0.5)
+
+
+def gtsrb_sized_png() -> bytes:
+    """A real GTSRB image when the shared zip is here, else a same-sized RGB image."""
+    import zipfile
+
+    zip_path = REPO.parent / "shared/data/GTSRB_Final_Training_Images.zip"
+    if zip_path.exists():
+        with zipfile.ZipFile(zip_path) as z:
+            img = Image.open(io.BytesIO(z.read("GTSRB/Final_Training/Images/00014/00000_00000.ppm")))
+    else:
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_cnnpipe_serve_answers_the_champion(workspace, first_repro):
+    port = free_port()
+    proc = subprocess.Popen(["cnnpipe", "serve", "--port", str(port)], cwd=workspace, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/ping", proc)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=gtsrb_sized_png(),
+                                     headers={"Content-Type": "image/png"}, method="POST")
+        pred = json.load(urllib.request.urlopen(req, timeout=30))["predictions"][0]
+        assert pred["predicted_class"] in [str(d) for d in range(10)] and len(pred["top_k"]) == 5
+        assert 0 < pred["confidence"] <= 1
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0  # a clean stop
+
+
+def test_cnnpipe_predict_writes_one_row_per_file(workspace, first_repro, tmp_path):
+    images = np.load(workspace / "data/processed/test_images.npy")[:12]
+    labels = np.load(workspace / "data/processed/test_labels.npy")[:12]
+    for i, img in enumerate(images):
+        Image.fromarray(img[..., 0]).save(tmp_path / f"{i:02d}_{labels[i]}.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "preds.csv"
+    run(["cnnpipe", "predict", str(tmp_path), "--output", str(out)], workspace)
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 13 and rows[-1]["error"] and not rows[0]["error"]
+    good = [r for r in rows if not r["error"]]
+    assert sum(Path(r["path"]).stem.split("_")[1] == r["predicted_class"] for r in good) >= 11
+
+
+def test_mlflow_models_serve_the_champion(workspace, first_repro):
+    """The documented alternative: `mlflow models serve -m models:/<name>@champion --env-manager local`."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}"}
+    proc = subprocess.Popen(["mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@champion", "--env-manager",
+                             "local", "-h", "127.0.0.1", "-p", str(port)], cwd=workspace, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/ping", proc, seconds=120)
+        body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                               "data": [[base64.b64encode(gtsrb_sized_png()).decode()]]}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        pred = json.load(urllib.request.urlopen(req, timeout=60))["predictions"][0]
+        assert {"predicted_class", "predicted_class_index", "confidence", "top_k"} <= set(pred)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # mlflow leaves a uvicorn child: stop the whole group
+        proc.wait(timeout=30)
+
+
+def test_export_sagemaker_from_the_registry(workspace, first_repro, tmp_path):
+    import tarfile
+
+    run(["cnnpipe", "export", "sagemaker", "--output", str(tmp_path / "model.tar.gz")], workspace)
+    with tarfile.open(tmp_path / "model.tar.gz") as tar:
+        assert "code/inference.py" in tar.getnames()
+
+
+def test_a_worse_run_leaves_the_champion_and_reruns_train_onwards_not_ingest(workspace, first_repro):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
-    params["train"]["epochs"] = 2
+    params["train"].update(epochs=1, lr=0.001)  # a clearly worse config
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], workspace)
     assert "Running stage 'ingest'" not in out and "Running stage 'augment'" not in out
     for stage in ("train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out
-    assert client(workspace).get_model_version(MODEL_NAME, "2").tags["arch"] == "cnn3"
+    assert "kept champion: challenger worse by" in out
+    c = client(workspace)
+    assert str(c.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+    assert str(c.get_model_version_by_alias(MODEL_NAME, "challenger").version) == "2"
+    tags = c.get_model_version(MODEL_NAME, "2").tags
+    assert tags["promotion.decision"].startswith("kept champion")
+    assert float(tags["promotion.champion_value"]) > float(tags["promotion.challenger_value"])
+
+    run(["cnnpipe", "promote", "--version", "2", "--force"], workspace)
+    assert str(c.get_model_version_by_alias(MODEL_NAME, "champion").version) == "2"
+    run(["cnnpipe", "rollback"], workspace)
+    assert str(c.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
 
 
 def test_mlflow_project_runs_the_pipeline_in_one_run(workspace, first_repro):

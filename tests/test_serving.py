@@ -56,3 +56,90 @@ def test_frame_output_has_class_names_and_top_k(predictor):
 def test_bad_images_are_named(predictor, bad, message):
     with pytest.raises(CnnpipeError, match=message):
         predictor.preprocess(to_images(bad))
+
+
+# --- the HTTP server -------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import threading  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+
+from cnnpipe.serving.local import predictor_backend  # noqa: E402
+from cnnpipe.serving.server import MAX_PAYLOAD, cnnpipe_invoke, make_server  # noqa: E402
+
+
+@pytest.fixture
+def server(predictor):
+    srv = make_server(cnnpipe_invoke(predictor_backend(predictor, 3)), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize("content_type, fmt", [("image/png", "PNG"), ("image/jpeg", "JPEG"), ("application/x-image", "PPM")])
+def test_raw_image_bodies(server, content_type, fmt):
+    status, out = post(f"{server}/invocations", encoded(fmt), content_type)
+    assert status == 200 and len(out["predictions"]) == 1
+    p = out["predictions"][0]
+    assert set(p) == {"predicted_class", "predicted_class_index", "confidence", "top_k"} and len(p["top_k"]) == 3
+
+
+@pytest.mark.parametrize("payload, n", [
+    ({"image": b64(encoded("PNG"))}, 1),
+    ({"images": [b64(encoded("PNG")), b64(encoded("JPEG"))]}, 2),
+    ({"instances": [b64(encoded("PNG")), {"b64": b64(encoded("PNG"))}, {"image": b64(encoded("PNG"))}]}, 3),
+    ({"instances": [np.zeros((16, 16, 3), np.uint8).tolist()]}, 1),
+    ({"dataframe_split": {"columns": ["image"], "data": [[b64(encoded("PNG"))], [b64(encoded("PNG"))]]}}, 2),
+    ({"dataframe_records": [{"image": b64(encoded("PNG"))}]}, 1),
+    ({"inputs": {"image": [b64(encoded("PNG"))]}}, 1),
+])
+def test_json_forms(server, payload, n):
+    status, out = post(f"{server}/invocations", json.dumps(payload).encode(), "application/json")
+    assert status == 200 and len(out["predictions"]) == n
+
+
+def test_top_k_from_params_and_query(server):
+    body = json.dumps({"image": b64(encoded("PNG")), "params": {"top_k": 2}}).encode()
+    assert len(post(f"{server}/invocations", body, "application/json")[1]["predictions"][0]["top_k"]) == 2
+    assert len(post(f"{server}/invocations?top_k=4", encoded("PNG"), "image/png")[1]["predictions"][0]["top_k"]) == 4
+
+
+@pytest.mark.parametrize("body, content_type, status, message", [
+    (b"", "image/png", 400, "empty request body"),
+    (b"definitely not an image", "image/png", 400, "not a readable image"),
+    (b"hello", "text/plain", 415, "unsupported content type 'text/plain'"),
+    (b"{not json", "application/json", 400, "not valid JSON"),
+    (b'{"pictures": []}', "application/json", 400, "with one of the keys"),
+    (b'{"image": "%%%"}', "application/json", 400, "not valid base64"),
+    (b'{"instances": [[[300]]]}', "application/json", 400, "integers 0..255"),
+])
+def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, body, content_type, status, message):
+    got, out = post(f"{server}/invocations", body, content_type)
+    assert got == status and message in out["error"]
+    with urllib.request.urlopen(f"{server}/ping", timeout=10) as r:
+        assert r.status == 200
+
+
+def test_payload_over_sagemakers_limit_is_refused(server):
+    status, out = post(f"{server}/invocations", b"\x00" * (MAX_PAYLOAD + 1), "image/png")
+    assert status == 413 and "exceeds" in out["error"]
+    assert post(f"{server}/invocations", encoded("PNG"), "image/png")[0] == 200
+
+
+def test_unknown_route(server):
+    assert post(f"{server}/predict", b"x", "image/png")[0] == 404

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
 import mlflow.pyfunc
@@ -11,22 +9,17 @@ import numpy as np
 import pandas as pd
 
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.serving.contract import RequestError, decode_value
 from cnnpipe.serving.predictor import Predictor
 
 CHECKPOINT = "checkpoint"  # the artifact key of the model file
 
 
 def _decode(value: Any, i: int) -> bytes | np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, str):
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise CnnpipeError(f"image {i}: not valid base64") from None
-    raise CnnpipeError(f"image {i}: expected base64 text, bytes or a uint8 array, got {type(value).__name__}")
+    try:
+        return decode_value(value, i)
+    except RequestError as e:
+        raise CnnpipeError(str(e)) from None
 
 
 def to_images(model_input: Any) -> list[bytes | np.ndarray]:

@@ -18,7 +18,8 @@ from cnnpipe.data.store import read_dataset
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.serving.predictor import Predictor
 from cnnpipe.stages.train import MODEL_FILE
-from cnnpipe.tracking import Tracker
+from cnnpipe.stages.promote import promote
+from cnnpipe.tracking import CHALLENGER, Registry, Tracker
 
 
 def _png_base64(image: np.ndarray) -> str:
@@ -40,7 +41,7 @@ def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out:
 
     example = pd.DataFrame({"image": [_png_base64(np.asarray(img)) for img in ds.splits["test"].images[:2]]})
     model_uri = tracker.log_pyfunc_model(
-        "model", example, predict_frame(predictor, example), {"top_k": 5},
+        "model", example, predict_frame(predictor, example, cfg.top_k), {"top_k": cfg.top_k},
         python_model=str(Path(pyfunc_model.__file__)),  # models from code: nothing pickled
         artifacts={CHECKPOINT: str(model_dir / MODEL_FILE)},
         code_paths=[str(Path(cnnpipe.__file__).parent)],  # the model loads where cnnpipe is not installed
@@ -48,13 +49,15 @@ def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out:
                           f"pandas=={pd.__version__}", f"pillow=={Image.__version__}"],
     )
     test = metrics.get("test", {})
-    tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **Tracker.source_tags(ds.manifest),
+    tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **Tracker.source_tags(ds.manifest, data),
             **{f"test.{k}": v for k, v in test.items()}}
     version = tracker.register_model(model_uri, cfg.model_name, tags)
+    Registry(tracking.uri).set_alias(cfg.model_name, CHALLENGER, version)
+    print(f"registered {cfg.model_name} version {version} as {CHALLENGER} "
+          f"(test accuracy {test.get('accuracy', float('nan')):.4f})", file=sys.stderr)
+    promotion = promote(cfg, tracking, cfg.model_name, version, data) if cfg.auto_promote else None
     record = {"name": cfg.model_name, "version": version, "model_uri": f"models:/{cfg.model_name}/{version}",
               "logged_model_uri": model_uri, "run_id": tracker.run_id, "tracking_uri": tracking.uri,
-              "test": test}
+              "test": test, "promotion": promotion}
     write_json(out, record)
-    print(f"registered {cfg.model_name} version {version} (test accuracy {test.get('accuracy', float('nan')):.4f})",
-          file=sys.stderr)
     return record

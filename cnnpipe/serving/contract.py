@@ -1,0 +1,168 @@
+"""The inference contract, standalone (torch, numpy and Pillow only): how a request body becomes
+images, how an image becomes model input, how probabilities become the answer, and SageMaker's four
+handler functions.
+
+cnnpipe's own server, predictor and pyfunc import it; `cnnpipe export sagemaker` copies this very
+file into model.tar.gz as code/inference.py, so the endpoint and `cnnpipe serve` behave the same.
+
+Bodies: image/png, image/jpeg, application/x-image (one raw image), or application/json with one of
+{"image": b64}, {"images": [b64, ...]}, {"instances": [b64 | {"image"|"b64": b64} | pixel array, ...]},
+MLflow's {"dataframe_split": ...}, {"dataframe_records": ...}, {"inputs": ...} (an `image` column),
+and optionally "params": {"top_k": k}. Answer: {"predictions": [{"predicted_class",
+"predicted_class_index", "confidence", "top_k": [{"class", "index", "probability"}, ...]}, ...]}.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MAX_PAYLOAD = 6 * 1024 * 1024  # SageMaker's real-time invocation limit
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/x-portable-pixmap", "image/bmp", "image/webp",
+               "application/x-image")
+JSON_KEYS = ("image", "images", "instances", "dataframe_split", "dataframe_records", "inputs")
+
+
+class RequestError(ValueError):
+    """A bad request: `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def decode_value(value, i: int):  # noqa: ANN001, ANN201 - bytes | np.ndarray
+    """One image of a request: base64 text -> bytes, a pixel array (nested lists) -> uint8 array."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"image {i}: not valid base64") from None
+    if isinstance(value, list):
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 0 or arr.max() > 255:
+            raise RequestError(f"image {i}: expected an array of integers 0..255")
+        return arr.astype(np.uint8)
+    raise RequestError(f"image {i}: expected base64 text or a pixel array, got {type(value).__name__}")
+
+
+def _column(frame, where: str) -> list:  # noqa: ANN001
+    if isinstance(frame, dict) and "columns" in frame:  # dataframe_split
+        if "image" not in frame["columns"]:
+            raise RequestError(f"{where}: expected a column 'image', got {frame['columns']}")
+        k = frame["columns"].index("image")
+        return [row[k] for row in frame.get("data", [])]
+    if isinstance(frame, list):  # dataframe_records, instances
+        return [r.get("image", r.get("b64")) if isinstance(r, dict) else r for r in frame]
+    if isinstance(frame, dict) and "image" in frame:  # inputs: {"image": [...]}
+        v = frame["image"]
+        return v if isinstance(v, list) and (not v or not isinstance(v[0], int)) else [v]
+    raise RequestError(f"{where}: expected an 'image' column")
+
+
+def parse_body(body: bytes, content_type: str) -> tuple[list, int | None]:
+    """The images of a request body (bytes or uint8 arrays) and its top_k (None: the default)."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if not body:
+        raise RequestError("empty request body")
+    if len(body) > MAX_PAYLOAD:
+        raise RequestError(f"payload of {len(body):,} bytes exceeds the {MAX_PAYLOAD:,}-byte limit", 413)
+    if kind in IMAGE_TYPES:
+        return [body], None
+    if kind != "application/json":
+        raise RequestError(f"unsupported content type {content_type!r} (send image/png, image/jpeg, "
+                           "application/x-image or application/json)", 415)
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"body is not valid JSON: {e}") from None
+    key = next((k for k in JSON_KEYS if isinstance(obj, dict) and k in obj), None)
+    if key is None:
+        raise RequestError(f"expected a JSON object with one of the keys {', '.join(JSON_KEYS)}")
+    value = obj[key]
+    raw = [value] if key == "image" else value if key == "images" else _column(value, key)
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("no images in the request")
+    top_k = (obj.get("params") or {}).get("top_k")
+    try:
+        top_k = int(top_k) if top_k is not None else None
+    except (TypeError, ValueError):
+        raise RequestError(f"params.top_k: expected an integer, got {top_k!r}") from None
+    return [decode_value(v, i) for i, v in enumerate(raw)], top_k
+
+
+def to_array(image, size: int, channels: int, i: int = 0) -> np.ndarray:  # noqa: ANN001
+    """Encoded bytes or a uint8 H x W [x C] array -> uint8 size x size x channels, as training saw it."""
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            pil = Image.open(io.BytesIO(image))
+        except UnidentifiedImageError:
+            raise RequestError(f"image {i}: not a readable image (not PNG, JPEG, PPM, BMP, WebP, ...)") from None
+        except OSError as e:
+            raise RequestError(f"image {i}: not a readable image ({e})") from None
+    else:
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
+            raise RequestError(f"image {i}: expected uint8 H x W [x 1|3|4], got {arr.dtype} {arr.shape}")
+        pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+    try:
+        pil = pil.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
+    except (OSError, ValueError) as e:  # truncated data only fails when decoded
+        raise RequestError(f"image {i}: not a readable image ({e})") from None
+    return np.asarray(pil).reshape(size, size, channels)
+
+
+def answer(probs, classes: list[str], top_k: int) -> list[dict]:  # noqa: ANN001 - probs: N x C torch tensor
+    """One dict per image: class, index, confidence and the k most probable classes."""
+    k = min(top_k, probs.shape[1])
+    top_p, top_i = probs.topk(k, dim=1)
+    return [{"predicted_class": classes[i_row[0]], "predicted_class_index": int(i_row[0]), "confidence": float(p_row[0]),
+             "top_k": [{"class": classes[i], "index": int(i), "probability": float(p)} for p, i in zip(p_row, i_row)]}
+            for p_row, i_row in zip(top_p.tolist(), top_i.tolist())]
+
+
+# --- SageMaker's PyTorch serving contract (model.tar.gz: model.pt, metadata.json, code/inference.py) ---
+
+def model_fn(model_dir: str) -> dict:
+    import torch
+
+    with open(os.path.join(model_dir, "metadata.json")) as f:
+        meta = json.load(f)
+    model = torch.jit.load(os.path.join(model_dir, "model.pt"), map_location="cpu").eval()
+    return {"model": model, "meta": meta}
+
+
+def input_fn(request_body: bytes, request_content_type: str) -> dict:
+    if isinstance(request_body, str):
+        request_body = request_body.encode()
+    images, top_k = parse_body(bytes(request_body), request_content_type)
+    return {"images": images, "top_k": top_k}
+
+
+def predict_fn(input_data: dict, model: dict) -> list[dict]:
+    import torch
+
+    meta = model["meta"]
+    size, channels = meta["image_size"], meta["channels"]
+    batch = np.stack([to_array(img, size, channels, i) for i, img in enumerate(input_data["images"])])
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255.0)
+    x = (x - torch.tensor(meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(meta["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        probs = model["model"](x).float().softmax(1)
+    return answer(probs, meta["classes"], input_data["top_k"] or meta["top_k"])
+
+
+def output_fn(prediction: list[dict], accept: str) -> str:
+    if accept and accept.split(";")[0].strip() not in ("application/json", "*/*"):
+        raise RequestError(f"unsupported accept type {accept!r} (application/json)", 406)
+    return json.dumps({"predictions": prediction})
