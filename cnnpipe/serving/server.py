@@ -42,6 +42,9 @@ def make_server(invoke: Invoke, host: str, port: int) -> ThreadingHTTPServer:
     """The HTTP layer: routes, the payload limit, JSON answers; `invoke` does the rest."""
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # headers and body leave as two writes on a kept-alive connection: with Nagle's algorithm the
+        # body waits for the client's delayed ACK, a flat ~40 ms per request (measured p50: 48 ms -> 5.8 ms)
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet: no line per request
             pass
