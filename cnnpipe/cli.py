@@ -101,6 +101,18 @@ def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     return predict_files(predictor, args.paths, args.output, args.batch_size)
 
 
+def _sweep(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.stages import sweep
+
+    if bool(args.grid) == bool(args.preset):
+        raise CnnpipeError("sweep: give --grid axes or --preset study (one of the two)")
+    points = sweep.STUDY if args.preset == "study" else sweep.grid(args.grid)
+    name = args.name or ("study" if args.preset else "sweep")
+    return sweep.run(_cfg(TrainConfig, "train", args, params, pp), _cfg(EvaluateConfig, "evaluate", argparse.Namespace(), params, pp),
+                     tracking_config(params, args, pp), args.data, args.augmented, args.out or Path(f"data/sweeps/{name}"),
+                     points, name)
+
+
 def _export(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.serving.local import load_registered
     from cnnpipe.serving.sagemaker import export
@@ -203,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
     p.add_argument("--batch-size", type=int, default=256, help="images per inference batch")
+    with_tracking(p, optional=False)
+
+    p = command("sweep", "train and evaluate a grid of train params as child runs of one MLflow run, "
+                         "with a comparison table", _sweep, TrainConfig)
+    p.add_argument("--grid", action="append", default=[], metavar="train.NAME=V1,V2",
+                   help="an axis of the grid (repeatable; the runs are the cartesian product)")
+    p.add_argument("--preset", choices=["study"], help="study: mlp vs cnn3, and cnn3 at widths 16/32/64/128")
+    p.add_argument("--name", help="the parent run's name (default: sweep, or study)")
+    p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset")
+    p.add_argument("--augmented", type=Path, default=Path("data/augmented"), help="augmented dataset")
+    p.add_argument("--out", type=Path, help="where the runs and the table go (default: data/sweeps/<name>)")
     with_tracking(p, optional=False)
 
     p = command("export", "package a registered model for a serving platform (sagemaker: model.tar.gz)", _export, None)

@@ -42,3 +42,26 @@ def write_tiny_dataset(path: Path, classes: int = 3, size: int = 8, channels: in
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return write_tiny_dataset(tmp_path / "processed")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc, seconds: float = 90) -> None:  # noqa: ANN001 - a subprocess.Popen
+    """Poll `url` until it answers; fail if `proc` (the server) dies or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            assert time.time() < deadline and proc.poll() is None, f"{url} did not answer"
+            time.sleep(0.5)

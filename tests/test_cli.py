@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, write_tiny_dataset
+from tests.conftest import REPO, free_port, write_tiny_dataset
 
 STAGES = ["ingest", "augment", "train", "evaluate", "register"]
 
@@ -34,12 +33,6 @@ def workdir(tmp_path: Path) -> Path:
     params["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("stage", STAGES)

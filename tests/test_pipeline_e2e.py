@@ -10,9 +10,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, wait_for_http
 
 pytestmark = pytest.mark.e2e
 MODEL_NAME = "cnnpipe-digits"
@@ -122,22 +120,13 @@ def test_registered_model_predicts_raw_images(workspace, first_repro):
 
 
 def test_mlflow_ui_shows_the_run_and_the_model(workspace, first_repro):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(["mlflow", "ui", "--backend-store-uri", f"sqlite:///{workspace / 'mlflow.db'}",
                                "--host", "127.0.0.1", "--port", str(port)], cwd=workspace,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2).read()
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "mlflow ui did not start"
-                time.sleep(0.5)
+        wait_for_http(f"{base}/health", server)
         got = json.load(urllib.request.urlopen(f"{base}/api/2.0/mlflow/registered-models/get?name={MODEL_NAME}"))
         run_id = got["registered_model"]["latest_versions"][0]["run_id"]
         run_ = json.load(urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}"))["run"]
@@ -152,23 +141,6 @@ def test_first_model_became_champion(workspace, first_repro):
     record = json.loads((workspace / "data/registered.json").read_text())
     assert record["promotion"]["decision"] == "promoted: first model"
     assert str(client(workspace).get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
-    deadline = time.time() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            assert time.time() < deadline and proc.poll() is None, "server did not start"
-            time.sleep(0.5)
 
 
 def gtsrb_sized_png() -> bytes:
@@ -191,7 +163,7 @@ def test_cnnpipe_serve_answers_the_champion(workspace, first_repro):
     proc = subprocess.Popen(["cnnpipe", "serve", "--port", str(port)], cwd=workspace, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_ready(f"http://127.0.0.1:{port}/ping", proc)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc)
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=gtsrb_sized_png(),
                                      headers={"Content-Type": "image/png"}, method="POST")
         pred = json.load(urllib.request.urlopen(req, timeout=30))["predictions"][0]
@@ -224,7 +196,7 @@ def test_mlflow_models_serve_the_champion(workspace, first_repro):
                              "local", "-h", "127.0.0.1", "-p", str(port)], cwd=workspace, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_ready(f"http://127.0.0.1:{port}/ping", proc, seconds=120)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, seconds=120)
         body = json.dumps({"dataframe_split": {"columns": ["image"],
                                                "data": [[base64.b64encode(gtsrb_sized_png()).decode()]]}}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
@@ -299,3 +271,13 @@ def test_dvc_push_and_pull_round_trip_the_data_on_a_fresh_clone(workspace, first
     # the clone is exactly where the workspace is: the new raw file is ingest's only pending change
     assert run(["dvc", "status"], clone) == run(["dvc", "status"], workspace)
     assert "up to date" in run(["dvc", "status", "augment", "train", "evaluate"], clone)
+
+
+def test_dvc_experiments_show_the_grid(workspace, first_repro, tmp_path):
+    """After the round trip committed the workspace: a grid point as a DVC experiment, in `dvc exp show`."""
+    run(["dvc", "exp", "run", "-n", "mlp-point", "-S", "train.arch=mlp", "-S", "train.width=64",
+         "-S", "train.epochs=2", "-S", "register.auto_promote=false"], workspace)
+    table = run(["dvc", "exp", "show", "--md"], workspace)
+    assert "mlp-point" in table and "test.accuracy" in table and "train.arch" in table
+    row = next(line for line in table.splitlines() if "mlp-point" in line)
+    assert "mlp" in row.replace("mlp-point", "")

@@ -4,7 +4,6 @@ against a local AWS-compatible endpoint (moto in server mode on 127.0.0.1)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cnnpipe.engine.checkpoint import ModelSpec, save_model

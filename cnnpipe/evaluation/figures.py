@@ -156,3 +156,17 @@ def tsne_png(points: np.ndarray, labels: np.ndarray, classes: list[str], path: P
               ncol=1 if n <= 25 else 2)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def accuracy_vs_parameters_png(params: list[int], accuracy: list[float], labels: list[str], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    ax.scatter(params, accuracy, s=40, color="tab:blue", zorder=3)
+    for x, y, label in zip(params, accuracy, labels):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (log)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("test accuracy vs parameter count")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

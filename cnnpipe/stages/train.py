@@ -48,7 +48,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 
 def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: TrackingConfig | None,
-        checkpoint: Path | None = None, resume: bool = False) -> dict:
+        checkpoint: Path | None = None, resume: bool = False, run_tags: dict[str, str] | None = None) -> dict:
     """Train; with `checkpoint`, the full state is saved there after every epoch and removed on success,
     and `resume` continues from it (into the same MLflow run)."""
     dist = init_distributed()
@@ -72,8 +72,9 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
         if state is not None and state.get("run_id"):
             tracker = Tracker.reopen(tracking, state["run_id"], str(checkpoint))
         else:
-            tracker = Tracker.start(tracking, run_name=f"{aug.manifest['source']['name']}-{cfg.arch}",
-                                    tags={"cnnpipe.source": aug.manifest["source"]["name"]})
+            tracker = Tracker.start(tracking, run_name=(run_tags or {}).get("mlflow.runName",
+                                                                            f"{aug.manifest['source']['name']}-{cfg.arch}"),
+                                    tags={"cnnpipe.source": aug.manifest["source"]["name"], **(run_tags or {})})
             tracker.log_params(dataclasses.asdict(cfg), prefix="train.")
             tracker.log_params({k: v for k, v in policy.to_dict().items() if not k.endswith("flip")} if policy else {},
                                prefix="augment.")
