@@ -113,6 +113,29 @@ def _sweep(args: argparse.Namespace, params: dict, pp: Path) -> dict:
                      points, name)
 
 
+def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from pipeline import training
+
+    if args.action == "compile":
+        return {"compiled": str(training.compile_pipeline(args.output))}
+    arguments = {"params": training.params_text(pp)}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CnnpipeError(f"-p {item!r}: expected key=value")
+        arguments[key.replace("-", "_")] = value
+    arguments = training.typed_arguments(arguments)
+    if args.action == "submit":
+        if not args.host:
+            raise CnnpipeError("pipeline submit: --host (the Kubeflow Pipelines API URL) is required")
+        return training.submit(args.host, arguments, args.experiment, args.run_name, not args.no_cache)
+    uri = tracking_config(params, args, pp).uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # components run elsewhere: absolute
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return training.run_local({**arguments, "tracking_uri": arguments.get("tracking_uri", uri)}, args.root.resolve(),
+                              not args.no_cache)
+
+
 def _export(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.serving.local import load_registered
     from cnnpipe.serving.sagemaker import export
@@ -226,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset")
     p.add_argument("--augmented", type=Path, default=Path("data/augmented"), help="augmented dataset")
     p.add_argument("--out", type=Path, help="where the runs and the table go (default: data/sweeps/<name>)")
+    with_tracking(p, optional=False)
+
+    p = command("pipeline", "Kubeflow Pipelines: compile the pipeline, submit a run, or run it locally", _pipeline, None)
+    p.add_argument("action", choices=["compile", "submit", "run-local"])
+    p.add_argument("--output", type=Path, default=Path("pipeline.yaml"), help="compile: the pipeline YAML to write")
+    p.add_argument("--host", help="submit: the Kubeflow Pipelines API URL")
+    p.add_argument("--experiment", help="submit: experiment name")
+    p.add_argument("--run-name", help="submit: run name")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a pipeline parameter (source, path, arch, epochs, batch_size, lr, model_name, "
+                        "promotion_metric, min_delta, tracking_uri); repeatable")
+    p.add_argument("--no-cache", action="store_true", help="run every step, ignoring cached results")
+    p.add_argument("--root", type=Path, default=Path("data/kfp"), help="run-local: where artifacts go")
     with_tracking(p, optional=False)
 
     p = command("export", "package a registered model for a serving platform (sagemaker: model.tar.gz)", _export, None)

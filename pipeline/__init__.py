@@ -1,0 +1,1 @@
+"""The Kubeflow Pipelines v2 pipeline: ingest -> augment -> train -> evaluate -> register."""
