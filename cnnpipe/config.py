@@ -169,7 +169,7 @@ def _coerce(value: Any, kind: type, optional: bool, where: str) -> Any:
     return value
 
 
-def _validate(cfg: Any, block: str) -> None:
+def validate(cfg: Any, block: str) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         where = f"{block}.{f.name}"
@@ -215,7 +215,7 @@ def load_block(cls: type[T], block: str, params: dict[str, Any], overrides: dict
         if v is not None and name in fields:
             values[name] = _coerce(v, *_base_type(cls, name), f"--{name.replace('_', '-')}")
     cfg = cls(**values)
-    _validate(cfg, block)
+    validate(cfg, block)
     return cfg
 
 

@@ -281,3 +281,12 @@ def test_dvc_experiments_show_the_grid(workspace, first_repro, tmp_path):
     assert "mlp-point" in table and "test.accuracy" in table and "train.arch" in table
     row = next(line for line in table.splitlines() if "mlp-point" in line)
     assert "mlp" in row.replace("mlp-point", "")
+
+
+def test_mlflow_project_stage_entry_points(workspace, first_repro):
+    """`mlflow run . -e <stage>` for every stage, in order, ends with a registered model."""
+    for stage, extra in (("ingest", []), ("augment", []), ("train", ["-P", "epochs=2"]), ("evaluate", []),
+                         ("register", ["-P", "model_name=digits-stages"])):
+        out = run(["mlflow", "run", ".", "-e", stage, "--env-manager", "local", "-P", "workdir=stages", *extra], workspace)
+        assert "succeeded" in out, stage
+    assert client(workspace).get_model_version("digits-stages", "1").tags["arch"] == "cnn3"

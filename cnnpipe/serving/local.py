@@ -6,6 +6,7 @@ import csv
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from cnnpipe.config import TrackingConfig
@@ -60,8 +61,6 @@ def predict_files(predictor: Predictor, paths: list[Path], output: Path, batch_s
                 rows.append([str(f), "", "", "", str(e).replace("image 0: ", "")])
                 bad += 1
         if good:
-            import numpy as np
-
             for f, p in zip(good, predictor.predict(np.stack(images), top_k=1)):
                 rows.append([str(f), p["predicted_class"], p["predicted_class_index"], f"{p['confidence']:.6f}", ""])
     order = {str(f): i for i, f in enumerate(files)}

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from cnnpipe.config import EvaluateConfig, TrackingConfig, TrainConfig, _validate
+from cnnpipe.config import EvaluateConfig, TrackingConfig, TrainConfig
 from cnnpipe.data.store import read_dataset
 from cnnpipe.engine.checkpoint import load_model
 from cnnpipe.engine.inference import predict_logits, stats_tensors, to_nchw_uint8
@@ -68,9 +68,7 @@ def run(base: TrainConfig, eval_cfg: EvaluateConfig, tracking: TrackingConfig, d
     from cnnpipe.tracking import Tracker
 
     ensure_writable_parent(out)
-    configs = [_configure(base, p) for p in points]  # every point validated before anything runs
-    for cfg in configs:
-        _validate(cfg, "train")
+    configs = [_configure(base, p) for p in points]  # every point validated (by load_block) before anything runs
     parent = Tracker.start(tracking, run_name=name, tags={"cnnpipe.sweep": name})
     parent.log_params({"points": len(points), "grid": json.dumps(points)}, prefix="sweep.")
     eval_cfg = dataclasses.replace(eval_cfg, tsne_samples=0)  # per-run t-SNE would dominate a sweep's time
