@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import record  # noqa: E402
 from train_gtsrb import stage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +43,8 @@ def main() -> None:
         "benchmark": "cnnpipe evaluate, every artifact, t-SNE on 2,000 test images",
         "test_images": manifest["counts"]["test"]["total"], "val_images": manifest["counts"]["val"]["total"],
         "wall_s": round(wall, 1), "peak_rss_mib": peak, "artifacts": artifacts, "target_wall_s": 60,
-        "machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+    record(args.out, result)
 
 
 if __name__ == "__main__":

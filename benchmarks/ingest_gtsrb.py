@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,11 +47,8 @@ def main() -> None:
         "images": summary["images"], "splits": summary["splits"], "bad_files": summary["bad_files"],
         "wall_s": round(wall, 2), "images_per_s": round(summary["images"] / wall), "peak_rss_mib": round(peak_mib),
         "targets": {"wall_s": 30, "peak_rss_mib": 1536},
-        "machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    record(args.out, result)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+import time
 from importlib import metadata
+from pathlib import Path
 
 
 def machine_info() -> dict:
@@ -30,3 +33,11 @@ def machine_info() -> dict:
         commit = ""
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "python": platform.python_version(),
             "versions": versions, "git_commit": commit}
+
+
+def record(path: Path, result: dict) -> None:
+    """Add the machine and the date to `result`, write it as JSON to `path`, and print it (less the machine)."""
+    result = {**result, "machine": machine_info(), "date": time.strftime("%Y-%m-%d")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,14 +105,12 @@ def main() -> None:
             "concurrency_8_images_per_s": round(concurrent),
             "batch_256_images_per_s": round(256 / float(np.median(seconds))),
             "batch_256_latency_ms_median": round(float(np.median(seconds)) * 1000, 1),
-            "target_p50_ms": 15, "machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
+            "target_p50_ms": 15,
         }
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+    record(args.out, result)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
@@ -71,11 +71,8 @@ def main() -> None:
         "train_images_per_s": round(sum(float(e["train/images_per_s"]) for e in history) / len(history)),
         "recipe": {k: recipe[k] for k in ("ingest", "augment", "train")},
         "targets": {"val_accuracy": 0.985, "training_seconds": 600, "peak_rss_mib": 3072},
-        "machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "recipe")}, indent=2))
+    record(args.out, result)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ the model's own compute bounds the end-to-end ratio; the pipeline-only figures s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import record  # noqa: E402
 
 from cnnpipe.augment import AugmentPolicy, apply_policy, no_flips  # noqa: E402
 from cnnpipe.data.store import read_dataset  # noqa: E402
@@ -134,11 +133,8 @@ def main() -> None:
                      "cnnpipe engine vs DataLoader over PIL images + torchvision v2 per-image transforms",
         **rows,
         "steps": args.steps, "warmup_steps": args.warmup, "threads": torch.get_num_threads(),
-        "machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    record(args.out, result)
 
 
 if __name__ == "__main__":
