@@ -108,16 +108,16 @@ def _sweep(args: argparse.Namespace, params: dict, pp: Path) -> dict:
         raise CnnpipeError("sweep: give --grid axes or --preset study (one of the two)")
     points = sweep.STUDY if args.preset == "study" else sweep.grid(args.grid)
     name = args.name or ("study" if args.preset else "sweep")
-    return sweep.run(_cfg(TrainConfig, "train", args, params, pp), _cfg(EvaluateConfig, "evaluate", argparse.Namespace(), params, pp),
-                     tracking_config(params, args, pp), args.data, args.augmented, args.out or Path(f"data/sweeps/{name}"),
-                     points, name)
+    evaluate_cfg = load_block(EvaluateConfig, "evaluate", params, {}, pp)
+    return sweep.run(_cfg(TrainConfig, "train", args, params, pp), evaluate_cfg, tracking_config(params, args, pp),
+                     args.data, args.augmented, args.out or Path(f"data/sweeps/{name}"), points, name)
 
 
 def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from pipeline import training
 
     if args.action == "compile":
-        return {"compiled": str(training.compile_pipeline(args.output))}
+        return {"compiled": str(training.compile_pipeline(args.output, training.params_text(pp)))}
     arguments = {"params": training.params_text(pp)}
     for item in args.param:
         key, sep, value = item.partition("=")

@@ -97,7 +97,7 @@ class Tracker:
 
     @classmethod
     def reopen(cls, cfg: TrackingConfig, run_id: str, where: str) -> Tracker:
-        """An existing run (named in `where`), marked running again: an interrupted training resumes into it."""
+        """An existing run, whose id was read from `where`: a resumed training, evaluate and register log into it."""
         client = _connect(cfg.uri)
         try:
             client.get_run(run_id)

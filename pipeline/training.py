@@ -22,7 +22,16 @@ def params_text(path: Path) -> str:
     return json.dumps(yaml.safe_load(path.read_text()))
 
 
-DEFAULT_PARAMS = params_text(Path(__file__).resolve().parents[1] / "params.yaml")
+def _default_params() -> str:
+    """Every block at its dataclass defaults: the pipeline imports without a params.yaml beside it."""
+    import dataclasses
+
+    from cnnpipe.config import BLOCKS
+
+    return json.dumps({name: dataclasses.asdict(cls()) for name, cls in BLOCKS.items()})
+
+
+DEFAULT_PARAMS = _default_params()
 
 
 @dsl.pipeline(name="cnnpipe", description="ingest -> augment -> train -> evaluate -> register (+ promote)")
@@ -67,9 +76,10 @@ def typed_arguments(raw: dict) -> dict:
     return out
 
 
-def compile_pipeline(output: Path) -> Path:
+def compile_pipeline(output: Path, params: str) -> Path:
+    """Write the pipeline YAML with `params` (a params.yaml as JSON text) as the default of its `params`."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(cnnpipe_pipeline, str(output))
+    compiler.Compiler().compile(cnnpipe_pipeline, str(output), pipeline_parameters={"params": params})
     return output
 
 

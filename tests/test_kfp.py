@@ -42,6 +42,8 @@ def test_compiled_pipeline_has_the_five_stages_typed_and_the_gpu_request(tmp_pat
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {"source", "arch", "epochs", "batch_size", "lr", "model_name", "promotion_metric", "min_delta",
             "tracking_uri"} <= set(params)
+    # the params file given to compile is the pipeline's default params
+    assert json.loads(params["params"]["defaultValue"]) == yaml.safe_load((REPO / "params.yaml").read_text())
 
 
 def test_run_local_registers_a_model_with_its_confusion_matrix(tmp_path):
