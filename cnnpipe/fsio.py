@@ -103,9 +103,6 @@ def read_json(path: Path | str, what: str) -> Any:
         raise CnnpipeError(f"{what} '{path}' is not readable JSON: {e}") from None
 
 
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_digest(path: Path | str, algorithm: str = "sha256") -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()

@@ -21,7 +21,7 @@ from cnnpipe.data.sources import gtsrb as gtsrb_source
 from cnnpipe.data.split import stratified_split
 from cnnpipe.data.store import read_dataset
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsio import sha256_file
+from cnnpipe.fsio import file_digest
 from cnnpipe.stages import ingest
 from tests import formats
 
@@ -50,7 +50,7 @@ def test_gtsrb_zip_with_official_test_split(tmp_path):
     assert summary["splits"] == {"train": 45, "val": 15, "test": 6}  # val: 1 of 4 tracks per class, test: official
     assert ds.manifest["split"]["official"] == ["test"] and ds.manifest["split"]["grouped_by"] == "track"
     assert ds.splits["test"].labels.tolist() == [0, 1, 2, 0, 1, 2]
-    assert [i["sha256"] for i in ds.manifest["source"]["inputs"]] == [sha256_file(p) for p in (z, test_zip, gt)]
+    assert [i["sha256"] for i in ds.manifest["source"]["inputs"]] == [file_digest(p) for p in (z, test_zip, gt)]
     for name in ingest.FIGURES:
         assert Image.open(out / "figures" / name).size[0] > 100
 
@@ -268,7 +268,7 @@ def test_download_verifies_resumes_and_caches(tmp_path, server):
 def test_ingest_from_a_url(tmp_path, server):
     served, base = server
     z = formats.gtsrb_zip(served / "signs.zip")
-    summary, _ = run_ingest(tmp_path, source="gtsrb", path=f"{base}/signs.zip", sha256=sha256_file(z),
+    summary, _ = run_ingest(tmp_path, source="gtsrb", path=f"{base}/signs.zip", sha256=file_digest(z),
                             cache_dir=str(tmp_path / "dl"))
     assert summary["images"] == 60 and (tmp_path / "dl" / "signs.zip").exists()
 

@@ -18,8 +18,11 @@ class BadImage(Exception):
 
 
 def decode(data: bytes, name: str, size: int, channels: int,
-           box: tuple[float, float, float, float] | None = None) -> np.ndarray:
-    """Decode, optionally crop to `box` (x1, y1, x2, y2 in pixels), convert and resize to size x size.
+           roi: tuple[float, float, float, float, float, float] | None = None) -> np.ndarray:
+    """Decode, optionally crop to `roi`, convert and resize to size x size.
+
+    `roi` is (x1, y1, x2, y2, width, height): an inclusive box in an image of width x height, scaled
+    to the decoded image's actual size (GTSRB's CSVs describe the originals; copies may be resized).
 
     Grayscale, palette, RGBA, CMYK and 16-bit images are converted to `channels` (1: luma, 3: RGB;
     transparency is composited on black). An image over PIL's decompression-bomb limit is refused
@@ -42,8 +45,11 @@ def decode(data: bytes, name: str, size: int, channels: int,
     if img.mode.startswith("I;16") or img.mode == "I":
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
     img = img.convert("L" if channels == 1 else "RGB")
-    if box is not None:
-        img = img.crop(box)
+    if roi is not None:
+        x1, y1, x2, y2, ref_w, ref_h = roi
+        sx, sy = img.width / ref_w, img.height / ref_h
+        img = img.crop((max(0.0, x1 * sx), max(0.0, y1 * sy), min(img.width, (x2 + 1) * sx),
+                        min(img.height, (y2 + 1) * sy)))
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.asarray(img).reshape(size, size, channels)

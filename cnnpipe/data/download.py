@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import urllib.error
@@ -13,6 +12,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.fsio import file_digest
 
 # The official archives' published checksums (md5 is what their publishers and torchvision give).
 KNOWN_MD5 = {
@@ -27,19 +27,11 @@ def is_url(path: str) -> bool:
     return urlparse(path).scheme in ("http", "https")
 
 
-def _digest(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verify(path: Path, name: str, url: str, sha256: str | None) -> None:
     if sha256:
-        got, want, algo = _digest(path, "sha256"), sha256.lower(), "sha256"
+        got, want, algo = file_digest(path, "sha256"), sha256.lower(), "sha256"
     else:
-        got, want, algo = _digest(path, "md5"), KNOWN_MD5[name], "md5"
+        got, want, algo = file_digest(path, "md5"), KNOWN_MD5[name], "md5"
     if got != want:
         raise CnnpipeError(f"download '{url}': {algo} {got} does not match the expected {want}")
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cnnpipe.config import EvaluateConfig, TrackingConfig
+from cnnpipe.data.split import stratified_split
 from cnnpipe.data.store import Dataset, read_dataset
 from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.device import resolve_device
@@ -43,14 +44,6 @@ def _check_match(spec: ModelSpec, ds: Dataset, model_path: Path, data: Path) -> 
             f"model '{model_path}' does not match dataset '{data}': model takes {spec.num_classes} classes, "
             f"{spec.image_size}x{spec.image_size}x{spec.in_channels}; dataset has {len(ds.classes)} classes, "
             f"{ds.image_size}x{ds.image_size}x{ds.channels}")
-
-
-def _stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    if n >= len(labels):
-        return np.arange(len(labels))
-    per = {k: np.flatnonzero(labels == k) for k in np.unique(labels)}
-    take = [rng.choice(idx, max(1, round(n * len(idx) / len(labels))), replace=False) for idx in per.values()]
-    return np.sort(np.concatenate(take))[:n]
 
 
 def _figures(folder: Path, model: torch.nn.Module, spec: ModelSpec, images: np.ndarray, x: torch.Tensor,
@@ -91,7 +84,9 @@ def _figures(folder: Path, model: torch.nn.Module, spec: ModelSpec, images: np.n
     if cfg.tsne_samples and len(y_true) >= 5:
         from sklearn.manifold import TSNE
 
-        pick = _stratified_sample(y_true, cfg.tsne_samples, rng)
+        share = min(1.0, cfg.tsne_samples / len(y_true))
+        pick = np.arange(len(y_true)) if share >= 1 else \
+            stratified_split(y_true, {"sample": share}, cfg.seed)["sample"][:cfg.tsne_samples]
         emb = introspect.penultimate(model, normalize(x[pick], mean, std)).cpu().numpy()
         points = TSNE(n_components=2, init="pca", random_state=cfg.seed,
                       perplexity=min(30.0, (len(pick) - 1) / 3)).fit_transform(emb)

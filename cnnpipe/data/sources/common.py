@@ -17,7 +17,7 @@ from cnnpipe.data.decode import BadImage, decode
 from cnnpipe.data.download import fetch, is_url
 from cnnpipe.data.raw import Images
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsio import sha256_file
+from cnnpipe.fsio import file_digest
 
 
 def resolve(spec: str | None, cfg: IngestConfig, field: str, required: bool = True) -> Path | None:
@@ -37,10 +37,10 @@ def resolve(spec: str | None, cfg: IngestConfig, field: str, required: bool = Tr
 def input_record(path: Path) -> dict:
     """The input's identity for the manifest: a file's sha256, or a folder's hash over its files' hashes."""
     if path.is_file():
-        return {"path": str(path), "sha256": sha256_file(path)}
+        return {"path": str(path), "sha256": file_digest(path)}
     h = hashlib.sha256()
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
+        h.update(f"{p.relative_to(path).as_posix()}\0{file_digest(p)}\n".encode())
     return {"path": str(path), "sha256": h.hexdigest(), "kind": "folder"}
 
 
@@ -48,7 +48,7 @@ def input_record(path: Path) -> dict:
 class Entry:
     name: str  # path inside the tree
     label: int
-    box: tuple[float, float, float, float] | None = None
+    roi: tuple[float, float, float, float, float, float] | None = None  # see cnnpipe.data.decode.decode
 
 
 def decode_entries(tree: FileTree, entries: Iterable[Entry], cfg: IngestConfig, bad: list[dict],
@@ -60,7 +60,7 @@ def decode_entries(tree: FileTree, entries: Iterable[Entry], cfg: IngestConfig, 
     kept = []
     for i, e in enumerate(tqdm(entries, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty())):
         try:
-            out[len(kept)] = decode(tree.read(e.name), f"{tree.path}:{e.name}", cfg.image_size, cfg.channels, e.box)
+            out[len(kept)] = decode(tree.read(e.name), f"{tree.path}:{e.name}", cfg.image_size, cfg.channels, e.roi)
         except BadImage as err:
             bad.append({"path": f"{tree.path}:{e.name}", "error": str(err)})
             continue

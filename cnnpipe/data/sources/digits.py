@@ -9,7 +9,7 @@ import numpy as np
 from cnnpipe.config import IngestConfig
 from cnnpipe.data.images import resize_batch
 from cnnpipe.data.raw import Images, RawDataset
-from cnnpipe.fsio import sha256_file
+from cnnpipe.fsio import file_digest
 
 
 def load(cfg: IngestConfig) -> RawDataset:
@@ -20,7 +20,7 @@ def load(cfg: IngestConfig) -> RawDataset:
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     data_file = resources.files("sklearn.datasets") / "data" / "digits.csv.gz"
     with resources.as_file(data_file) as p:
-        inputs = [{"path": "sklearn/datasets/data/digits.csv.gz", "sha256": sha256_file(p)}]
+        inputs = [{"path": "sklearn/datasets/data/digits.csv.gz", "sha256": file_digest(p)}]
     return RawDataset(
         classes=[str(d) for d in range(10)],
         pool=Images(resize_batch(images, cfg.image_size, cfg.channels), digits.target.astype(np.int64)),

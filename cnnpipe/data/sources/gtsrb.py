@@ -46,43 +46,13 @@ def _rows(data: bytes, where: str) -> list[dict]:
     return rows
 
 
-def _box(row: dict, image_size: tuple[int, int] | None) -> tuple[float, float, float, float] | None:
-    """The ROI in the image's own pixels: the CSV gives it in the original size, which a resized copy lacks."""
+def _roi(row: dict) -> tuple[float, float, float, float, float, float] | None:
+    """The sign's box and the size of the image the CSV describes (None when the row lacks them)."""
     try:
-        x1, y1, x2, y2 = (float(row[k]) for k in ("Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2"))
-        w, h = float(row["Width"]), float(row["Height"])
+        roi = tuple(float(row[k]) for k in ("Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "Width", "Height"))
     except (KeyError, ValueError, TypeError):
         return None
-    if image_size is None or w <= 0 or h <= 0:
-        return None
-    sx, sy = image_size[0] / w, image_size[1] / h
-    return (max(0.0, x1 * sx), max(0.0, y1 * sy), min(image_size[0], (x2 + 1) * sx), min(image_size[1], (y2 + 1) * sy))
-
-
-def _ppm_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height from a binary PPM header (comment lines allowed), without decoding the pixels."""
-    tokens: list[bytes] = []
-    for line in data[:512].split(b"\n"):
-        if line.startswith(b"#"):
-            continue
-        tokens += line.split()
-        if len(tokens) >= 3:
-            break
-    try:
-        return int(tokens[1]), int(tokens[2])
-    except (IndexError, ValueError):
-        return None
-
-
-def _image_size(tree: FileTree, name: str) -> tuple[int, int] | None:
-    if name.lower().endswith(".ppm"):
-        return _ppm_size(tree.read(name)[:512])
-    from PIL import Image
-
-    try:
-        return Image.open(io.BytesIO(tree.read(name))).size
-    except OSError:
-        return None
+    return roi if roi[4] > 0 and roi[5] > 0 else None
 
 
 def _entries(tree: FileTree, rows: list[dict], folder: str, cfg: IngestConfig, bad: list[dict],
@@ -100,8 +70,7 @@ def _entries(tree: FileTree, rows: list[dict], folder: str, cfg: IngestConfig, b
         if name not in names:
             bad.append({"path": f"{tree.path}:{name}", "error": "listed in the annotations but missing"})
             continue
-        box = _box(row, _image_size(tree, name)) if cfg.roi_crop else None
-        out.append((Entry(name, label, box), row["Filename"]))
+        out.append((Entry(name, label, _roi(row) if cfg.roi_crop else None), row["Filename"]))
     return out
 
 
