@@ -133,7 +133,7 @@ def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # components run elsewhere: absolute
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     return training.run_local({**arguments, "tracking_uri": arguments.get("tracking_uri", uri)}, args.root.resolve(),
-                              not args.no_cache)
+                              not args.no_cache, args.runner)
 
 
 def _export(args: argparse.Namespace, params: dict, pp: Path) -> dict:
@@ -258,10 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="submit: experiment name")
     p.add_argument("--run-name", help="submit: run name")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a pipeline parameter (source, path, arch, epochs, batch_size, lr, model_name, "
-                        "promotion_metric, min_delta, tracking_uri); repeatable")
+                   help="a pipeline parameter (source, path, dvc_repo, dvc_rev, arch, epochs, batch_size, lr, "
+                        "model_name, promotion_metric, min_delta, tracking_uri, credentials_secret); repeatable")
     p.add_argument("--no-cache", action="store_true", help="run every step, ignoring cached results")
     p.add_argument("--root", type=Path, default=Path("data/kfp"), help="run-local: where artifacts go")
+    p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                   help="run-local: components as subprocesses of this environment, or as containers of the image "
+                        "(CNNPIPE_IMAGE) through Docker or podman's Docker API (DOCKER_HOST)")
     with_tracking(p, optional=False)
 
     p = command("export", "package a registered model for a serving platform (sagemaker: model.tar.gz)", _export, None)

@@ -35,6 +35,9 @@ class IngestConfig:
     path: str | None = knob(None, "the source's files: an archive, a folder or an http(s) URL (unused for digits)")
     test_path: str | None = knob(None, "official test images: GTSRB_Final_Test_Images.zip (gtsrb) or a test root (imagefolder)")
     test_labels: str | None = knob(None, "gtsrb: GT-final_test.csv or GTSRB_Final_Test_GT.zip, the test split's labels")
+    dvc_repo: str | None = knob(None, "a DVC repository (git URL or local path): path, test_path and test_labels are "
+                                      "read from it, at dvc_rev, through its DVC remote")
+    dvc_rev: str | None = knob(None, "dvc_repo's git revision (tag, branch or commit; default: its default branch)")
     sha256: str | None = knob(None, "expected sha256 of a downloaded `path` (official archives' checksums are built in)")
     cache_dir: str = knob("data/downloads", "where downloads are kept (and resumed)")
     image_size: int = knob(16, "images are resized to image_size x image_size", minimum=4, maximum=1024)

@@ -65,11 +65,15 @@ class Tracker:
 
     @staticmethod
     def source_tags(manifest: dict[str, Any], data_dir: Path | None = None) -> dict[str, str]:
-        """Where a run's code and data came from: the git commit, the dataset's input hashes and, under
-        DVC, the processed dataset's version (its md5 in dvc.lock)."""
+        """Where a run's code and data came from: the git commit, the dataset's input hashes, the DVC
+        repository and commit it was read from, and, under DVC, the processed dataset's version (its md5 in dvc.lock)."""
         inputs = json.dumps(manifest["source"].get("inputs", []), sort_keys=True).encode()
         tags = {"dataset.source": manifest["source"]["name"],
                 "dataset.inputs_sha256": hashlib.sha256(inputs).hexdigest()}
+        origin = manifest["source"].get("dvc")
+        if origin:  # read from a DVC repository at a commit: the exact, named data version
+            tags |= {"dataset.dvc_repo": origin["repo"], "dataset.dvc_rev": origin["rev"] or "",
+                     "dataset.dvc_commit": origin["commit"]}
         version = _dvc_version(data_dir) if data_dir is not None else None
         if version:
             tags["dataset.dvc_md5"] = version

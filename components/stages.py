@@ -17,7 +17,8 @@ IMAGE = os.environ.get("CNNPIPE_IMAGE", "localhost/cnnpipe:0.1.0")
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def ingest(params: str, source: str, path: str, dataset: Output[Dataset], report: Output[Artifact]):
+def ingest(params: str, source: str, path: str, dvc_repo: str, dvc_rev: str, dataset: Output[Dataset],
+           report: Output[Artifact]):
     from pathlib import Path
 
     import yaml
@@ -25,9 +26,11 @@ def ingest(params: str, source: str, path: str, dataset: Output[Dataset], report
     from cnnpipe.config import IngestConfig, load_block
     from cnnpipe.stages import ingest as stage
 
-    cfg = load_block(IngestConfig, "ingest", yaml.safe_load(params), {"source": source or None, "path": path or None})
+    overrides = {"source": source or None, "path": path or None, "dvc_repo": dvc_repo or None, "dvc_rev": dvc_rev or None}
+    cfg = load_block(IngestConfig, "ingest", yaml.safe_load(params), overrides)
     summary = stage.run(cfg, Path(dataset.path), Path(report.path))
-    dataset.metadata.update({"images": summary["images"], "classes": summary["classes"], "source": source})
+    dataset.metadata.update({"images": summary["images"], "classes": summary["classes"], "source": cfg.source,
+                             **({"dvc_commit": summary["dvc"]["commit"]} if "dvc" in summary else {})})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

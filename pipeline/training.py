@@ -7,11 +7,13 @@ name, promotion rule) plus the MLflow tracking URI every component logs to.
 
 # no `from __future__ import annotations`: KFP reads the pipeline signature's types at runtime
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 
 from components import stages
 
@@ -33,13 +35,19 @@ def _default_params() -> str:
 
 DEFAULT_PARAMS = _default_params()
 
+# What the tracking server, its S3 artifact store and a DVC remote may need, read from the
+# `credentials_secret` Kubernetes secret (`kubectl create secret generic cnnpipe-credentials --from-literal=...`)
+CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL")
+
 
 @dsl.pipeline(name="cnnpipe", description="ingest -> augment -> train -> evaluate -> register (+ promote)")
-def cnnpipe_pipeline(params: str = DEFAULT_PARAMS, source: str = "", path: str = "", arch: str = "cnn3",
-                     epochs: int = 12, batch_size: int = 64, lr: float = 0.05, model_name: str = "cnnpipe-digits",
-                     promotion_metric: str = "accuracy", min_delta: float = 0.001,
-                     tracking_uri: str = "http://mlflow.mlflow.svc.cluster.local:5000") -> str:
-    data = stages.ingest(params=params, source=source, path=path)
+def cnnpipe_pipeline(params: str = DEFAULT_PARAMS, source: str = "", path: str = "", dvc_repo: str = "",
+                     dvc_rev: str = "", arch: str = "cnn3", epochs: int = 12, batch_size: int = 64, lr: float = 0.05,
+                     model_name: str = "cnnpipe-digits", promotion_metric: str = "accuracy", min_delta: float = 0.001,
+                     tracking_uri: str = "http://mlflow.mlflow.svc.cluster.local:5000",
+                     credentials_secret: str = "cnnpipe-credentials") -> str:
+    data = stages.ingest(params=params, source=source, path=path, dvc_repo=dvc_repo, dvc_rev=dvc_rev)
     aug = stages.augment(params=params, data=data.outputs["dataset"])
     fit = stages.train(params=params, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, tracking_uri=tracking_uri,
                        data=data.outputs["dataset"], augmented=aug.outputs["augmented"])
@@ -54,6 +62,11 @@ def cnnpipe_pipeline(params: str = DEFAULT_PARAMS, source: str = "", path: str =
     # log to MLflow, so they run every time
     for task in (fit, scores, reg):
         task.set_caching_options(False)
+    for task in (data, fit, scores, reg):  # augment reads and writes only its artifacts
+        # credentials only from the cluster: each key of the secret becomes the variable of the same name;
+        # optional, since an open tracking server or a public DVC remote needs none
+        kubernetes.use_secret_as_env(task, secret_name=credentials_secret,
+                                     secret_key_to_env={key: key for key in CREDENTIAL_KEYS}, optional=True)
     return reg.outputs["Output"]  # the registered model's URI
 
 def typed_arguments(raw: dict) -> dict:
@@ -84,27 +97,105 @@ def compile_pipeline(output: Path, params: str) -> Path:
 
 
 def submit(host: str, arguments: dict, experiment: "str | None", run_name: "str | None", caching: bool) -> dict:
+    import warnings
+
     import kfp
 
-    client = kfp.Client(host=host)
+    with warnings.catch_warnings():  # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 and later"
+        warnings.simplefilter("ignore", FutureWarning)
+        client = kfp.Client(host=host)
     run = client.create_run_from_pipeline_func(cnnpipe_pipeline, arguments=arguments, run_name=run_name,
                                                experiment_name=experiment, enable_caching=caching)
     return {"run_id": run.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
 
 
-def run_local(arguments: dict, root: Path, caching: bool) -> dict:
-    """The whole pipeline on this machine, every component a subprocess of this environment."""
+def run_local(arguments: dict, root: Path, caching: bool, runner: str = "subprocess") -> dict:
+    """The whole pipeline on this machine: every component a subprocess of this environment, or (runner
+    "docker") a container of the components' image through a Docker-compatible engine (Docker, or podman's
+    service: DOCKER_HOST=unix:///path/podman.sock)."""
     from kfp import local
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "outputs"),
-               enable_caching=caching, cache_root=str(root / "cache"))
+    from cnnpipe.errors import CnnpipeError
+
+    if runner == "docker":
+        arguments, run_args = _container_arguments(arguments)
+        chosen, patched = local.DockerRunner(**run_args), _container_exit_codes()
+    else:
+        chosen, patched = local.SubprocessRunner(use_venv=False), contextlib.nullcontext()
+    local.init(runner=chosen, pipeline_root=str(root / "outputs"), enable_caching=caching,
+               cache_root=str(root / "cache"))
     try:
-        task = cnnpipe_pipeline(**arguments)
+        with patched:
+            task = cnnpipe_pipeline(**arguments)
     except RuntimeError as e:  # kfp.local: a task ended in FAILURE (its log is above)
         import re
 
-        from cnnpipe.errors import CnnpipeError
-
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0])  # kfp colours its messages
         raise CnnpipeError(f"pipeline run failed: {plain}") from None
-    return {"model_uri": task.output, "pipeline_root": str(root / "outputs")}
+    return {"model_uri": task.output, "pipeline_root": str(root / "outputs"), "runner": runner}
+
+
+def _container_arguments(arguments: dict) -> "tuple[dict, dict]":
+    """What containers need to see of this machine: a local data path (read-only), a local DVC repository
+    and a SQLite tracking store's folder, mounted at the same absolute paths. With a SQLite store the
+    containers get no network at all (the image holds everything); with a tracking server or a DVC
+    repository to clone, the host's network."""
+    import docker
+    from docker.types import Mount
+
+    from cnnpipe.errors import CnnpipeError, ServiceUnavailable
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as e:
+        raise ServiceUnavailable(f"pipeline run-local --runner docker: no container engine ({e}); start Docker, or "
+                                 "podman's: `podman system service --time=0 unix:///tmp/podman.sock &` and "
+                                 "`export DOCKER_HOST=unix:///tmp/podman.sock`") from None
+    try:
+        client.images.get(stages.IMAGE)
+    except docker.errors.ImageNotFound:
+        raise CnnpipeError(f"pipeline run-local --runner docker: image {stages.IMAGE!r} not found (build it with "
+                           "container/build.sh, or set CNNPIPE_IMAGE to an image the engine has)") from None
+    finally:
+        client.close()
+    arguments, mounts = dict(arguments), []
+    for key, read_only in (("path", True), ("dvc_repo", False)):  # DVC writes locks into its repository
+        if arguments.get(key) and Path(arguments[key]).exists():
+            arguments[key] = str(Path(arguments[key]).resolve())
+            mounts.append(Mount(arguments[key], arguments[key], type="bind", read_only=read_only))
+    uri = arguments["tracking_uri"]
+    if uri.startswith("sqlite:///"):
+        store = str(Path(uri[len("sqlite:///"):]).parent)
+        mounts.append(Mount(store, store, type="bind"))
+    offline = uri.startswith("sqlite:///") and not arguments.get("dvc_repo")
+    return arguments, {"mounts": mounts, "network_mode": "none" if offline else "host"}
+
+
+def _run_container(client, image: str, command: list, volumes: dict, **run_args) -> int:  # noqa: ANN001
+    """kfp.local's run_docker_container without its bug: it starts containers with auto-remove, and when one
+    is gone before its exit code is read it returns 0, so a component that raised passed (seen with podman).
+    Here the container stays until its exit code is read, then is removed."""
+    container = client.containers.run(image=image, command=command, volumes=volumes, detach=True, stdout=True,
+                                      stderr=True, auto_remove=False, **run_args)
+    try:
+        for line in container.logs(stream=True, follow=True):
+            print(line.decode(errors="replace"), end="")
+        code = container.wait()["StatusCode"]
+        print(f"container of {image} exited with {code}")
+        return code
+    finally:
+        container.remove(force=True)
+
+
+@contextlib.contextmanager
+def _container_exit_codes() -> Iterator[None]:
+    """While the pipeline runs, kfp.local's DockerRunner starts containers with _run_container."""
+    from kfp.local import docker_task_handler
+
+    original = docker_task_handler.run_docker_container
+    docker_task_handler.run_docker_container = _run_container
+    try:
+        yield
+    finally:
+        docker_task_handler.run_docker_container = original

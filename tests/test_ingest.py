@@ -280,3 +280,70 @@ def test_label_outside_the_class_list_is_reported(tmp_path):
     assert summary["bad_files"] == 1 and "label '77' outside the 43 GTSRB classes" in report["bad_file_list"][0]["error"]
     with zipfile.ZipFile(z) as zf:
         assert any(n.endswith("00099_00000.ppm") for n in zf.namelist())
+
+
+# --- a DVC-versioned dataset, by repo + revision + path ------------------------------------------------
+
+def _git(repo: Path, *args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _dvc(repo: Path, *args: str) -> None:
+    import subprocess
+
+    subprocess.run(["dvc", *args], cwd=repo, check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def dvc_repo(tmp_path):
+    """A git + DVC repository whose data/images has 6 images per class at tag v1 and 9 at v2, pushed to a
+    local DVC remote and gone from the repo's cache: fetching it must go through the remote."""
+    repo = tmp_path / "datasets"
+    repo.mkdir()
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "config", "user.email", "ci@example.com")
+    _git(repo, "config", "user.name", "ci")
+    _dvc(repo, "init", "-q")
+    _dvc(repo, "config", "core.analytics", "false")
+    _dvc(repo, "remote", "add", "-d", "storage", str(tmp_path / "dvc-storage"))
+    for tag, n in (("v1", 6), ("v2", 9)):
+        formats.imagefolder(repo / "data" / "images", n=n)
+        _dvc(repo, "add", "data/images")
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-q", "-m", f"images {tag}")
+        _git(repo, "tag", tag)
+        _dvc(repo, "push", "-q")
+    import shutil
+
+    shutil.rmtree(repo / ".dvc" / "cache")
+    return repo
+
+
+def test_ingest_reads_an_exact_version_from_a_dvc_repository(tmp_path, dvc_repo):
+    cache = str(tmp_path / "dl")
+    summary, out = run_ingest(tmp_path, source="imagefolder", dvc_repo=str(dvc_repo), dvc_rev="v1",
+                              path="data/images", cache_dir=cache)
+    v1 = _git(dvc_repo, "rev-parse", "v1")
+    assert summary["files"] == 12 and summary["dvc"] == {"repo": str(dvc_repo), "rev": "v1", "commit": v1}
+    assert read_dataset(out).manifest["source"]["dvc"]["commit"] == v1
+    import shutil
+
+    shutil.rmtree(out)
+    summary, _ = run_ingest(tmp_path, source="imagefolder", dvc_repo=f"file://{dvc_repo}", path="data/images",
+                            cache_dir=cache)  # a git URL (cloned), default branch: v2
+    assert summary["files"] == 18 and summary["dvc"]["commit"] == _git(dvc_repo, "rev-parse", "v2")
+
+
+def test_dvc_repository_errors_name_the_field(tmp_path, dvc_repo):
+    with pytest.raises(CnnpipeError, match=r"^ingest.dvc_rev: 'v9' is not a revision of"):
+        run_ingest(tmp_path, source="imagefolder", dvc_repo=str(dvc_repo), dvc_rev="v9", path="data/images")
+    with pytest.raises(CnnpipeError, match=r"^ingest.path 'data/nothing': not in"):
+        run_ingest(tmp_path, source="imagefolder", dvc_repo=str(dvc_repo), path="data/nothing",
+                   cache_dir=str(tmp_path / "dl"))
+    with pytest.raises(CnnpipeError, match=r"^ingest.path '../images': expected a path inside"):
+        run_ingest(tmp_path, source="imagefolder", dvc_repo=str(dvc_repo), path="../images")
+    with pytest.raises(CnnpipeError, match=r"^ingest.dvc_repo: cannot clone"):
+        run_ingest(tmp_path, source="imagefolder", dvc_repo=str(tmp_path / "no-repo"), path="data/images")
+    assert nothing_written(tmp_path)

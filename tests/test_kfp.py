@@ -24,7 +24,7 @@ def test_compiled_pipeline_has_the_five_stages_typed_and_the_gpu_request(tmp_pat
     proc = cnnpipe("pipeline", "compile", "--params", str(REPO / "params.yaml"), "--output", str(tmp_path / "p.yaml"),
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    spec = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    spec, platform = yaml.safe_load_all((tmp_path / "p.yaml").read_text())  # KFP's spec, then the Kubernetes one
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"ingest", "augment", "train", "evaluate", "register"}
     upstream = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
@@ -42,6 +42,14 @@ def test_compiled_pipeline_has_the_five_stages_typed_and_the_gpu_request(tmp_pat
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {"source", "arch", "epochs", "batch_size", "lr", "model_name", "promotion_metric", "min_delta",
             "tracking_uri"} <= set(params)
+    assert {"dvc_repo", "dvc_rev", "credentials_secret"} <= set(params)
+    # credentials reach the stages that talk to MLflow or a DVC remote from a Kubernetes secret, by name
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == {"exec-ingest", "exec-train", "exec-evaluate", "exec-register"}
+    for executor in executors.values():
+        (secret,) = executor["secretAsEnv"]
+        assert secret["secretNameParameter"] == {"componentInputParameter": "credentials_secret"} and secret["optional"]
+        assert {"secretKey": "MLFLOW_TRACKING_PASSWORD", "envVar": "MLFLOW_TRACKING_PASSWORD"} in secret["keyToEnv"]
     # the params file given to compile is the pipeline's default params
     assert json.loads(params["params"]["defaultValue"]) == yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -70,3 +78,76 @@ def test_a_failing_component_fails_the_run(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == ("cnnpipe pipeline: error: pipeline run failed: Pipeline 'cnnpipe' "
                                                     "finished with status FAILURE. Inner task failed: 'ingest'.")
     assert "unknown dataset 'mnist'" in proc.stdout + proc.stderr  # the component's own error, in kfp's log
+
+
+def test_docker_runner_without_an_engine_says_how_to_start_one(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
+    proc = subprocess.run(["cnnpipe", "pipeline", "run-local", "--runner", "docker"], cwd=tmp_path, capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 3
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("cnnpipe pipeline: error: pipeline run-local --runner docker: no container engine (")
+    assert line.endswith("`export DOCKER_HOST=unix:///tmp/podman.sock`")
+
+
+@pytest.fixture
+def kfp_api():
+    """A local HTTP endpoint standing in for the Kubeflow Pipelines API server: it records every request
+    and answers the few calls `kfp.Client` makes (health, experiments, runs) as the v2beta1 API does."""
+    import http.server
+    import threading
+
+    requests: list[tuple[str, str, dict]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length", 0))
+            body = json.loads(self.rfile.read(length)) if length else {}
+            requests.append((self.command, self.path.split("?")[0], body))
+            reply = {}
+            if self.path.startswith("/apis/v2beta1/experiments"):
+                reply = {"experiments": []} if self.command == "GET" else {"experiment_id": "exp-7", **body}
+            elif self.path.startswith("/apis/v2beta1/runs") and self.command == "POST":
+                reply = {"run_id": "run-42", "display_name": body.get("display_name")}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:  # noqa: ANN002 - quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+
+
+def test_submit_sends_the_pipeline_with_its_parameters(tmp_path, kfp_api):
+    host, requests = kfp_api
+    proc = cnnpipe("pipeline", "submit", "--params", str(REPO / "params.yaml"), "--host", host, "--experiment", "digits",
+                   "--run-name", "nightly", "-p", "epochs=5", "-p", "dvc_rev=v1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"run_id": "run-42",
+                                                                "url": f"{host}/#/runs/details/run-42"}
+    assert ("POST", "/apis/v2beta1/experiments", {"display_name": "digits", "namespace": ""}) in requests
+    (run,) = [body for method, path, body in requests if (method, path) == ("POST", "/apis/v2beta1/runs")]
+    assert run["experiment_id"] == "exp-7" and run["display_name"] == "nightly"
+    assert run["runtime_config"]["parameters"] == {"params": json.dumps(yaml.safe_load((REPO / "params.yaml").read_text())),
+                                                   "epochs": 5, "dvc_rev": "v1"}
+    spec = run["pipeline_spec"]["pipeline_spec"]
+    assert set(spec["root"]["dag"]["tasks"]) == {"ingest", "augment", "train", "evaluate", "register"}
+    assert spec["root"]["dag"]["tasks"]["ingest"]["cachingOptions"] == {"enableCache": True}
+    assert "exec-train" in run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+    requests.clear()
+    proc = cnnpipe("pipeline", "submit", "--params", str(REPO / "params.yaml"), "--host", host, "--no-cache", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = [body for method, path, body in requests if (method, path) == ("POST", "/apis/v2beta1/runs")]
+    tasks = run["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"]
+    assert all(not t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())

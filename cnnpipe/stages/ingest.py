@@ -7,11 +7,12 @@ keeps groups (GTSRB tracks) whole.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 from cnnpipe.config import IngestConfig
-from cnnpipe.data import figures
+from cnnpipe.data import figures, versioned
 from cnnpipe.data.raw import RawDataset
 from cnnpipe.data.sources import load_source
 from cnnpipe.data.split import stratified_split
@@ -51,6 +52,11 @@ def _figures(splits: dict[str, Split], classes: list[str]) -> dict[str, bytes]:
 def run(cfg: IngestConfig, out: Path, report: Path) -> dict:
     ensure_writable_parent(out)
     ensure_writable_parent(report)
+    origin = None
+    if cfg.dvc_repo:  # every input from one commit, even if the named branch moves meanwhile
+        commit = versioned.resolve_commit(cfg.dvc_repo, cfg.dvc_rev)
+        origin = {"repo": cfg.dvc_repo, "rev": cfg.dvc_rev, "commit": commit}
+        cfg = dataclasses.replace(cfg, dvc_rev=commit)
     raw = load_source(cfg)
     bad_fraction = len(raw.bad_files) / max(raw.files, 1)
     summary = {"source": cfg.source, "files": raw.files, "bad_files": len(raw.bad_files),
@@ -67,7 +73,8 @@ def run(cfg: IngestConfig, out: Path, report: Path) -> dict:
             raise CnnpipeError(f"ingest: the {name} split is empty (check ingest.val_fraction / ingest.test_fraction)")
     duplicates = cross_split_duplicates(splits)
     manifest = write_dataset(out, raw.classes, splits, {
-        "source": {"name": cfg.source, "path": cfg.path, "test_path": cfg.test_path, "inputs": raw.inputs},
+        "source": {"name": cfg.source, "path": cfg.path, "test_path": cfg.test_path, "inputs": raw.inputs,
+                   "dvc": origin},
         "split": {"seed": cfg.seed, "val_fraction": None if raw.val is not None else cfg.val_fraction,
                   "test_fraction": None if raw.test is not None else cfg.test_fraction,
                   "official": [s for s, im in (("val", raw.val), ("test", raw.test)) if im is not None],
@@ -77,7 +84,7 @@ def run(cfg: IngestConfig, out: Path, report: Path) -> dict:
     }, extra_files=_figures(splits, raw.classes))
     summary |= {"images": int(sum(c["total"] for c in manifest["counts"].values())),
                 "splits": {name: c["total"] for name, c in manifest["counts"].items()},
-                "duplicates_across_splits": duplicates}
+                "duplicates_across_splits": duplicates, **({"dvc": origin} if origin else {})}
     write_json(report, {**summary, "status": "ok", "bad_file_list": raw.bad_files, "counts": manifest["counts"]})
     if raw.bad_files:
         print(f"ingest: skipped {len(raw.bad_files)} unusable file(s) of {raw.files}; listed in '{report}'",

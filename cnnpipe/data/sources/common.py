@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cnnpipe.config import IngestConfig
+from cnnpipe.data import versioned
 from cnnpipe.data.archive import FileTree
 from cnnpipe.data.decode import BadImage, decode
 from cnnpipe.data.download import fetch, is_url
@@ -21,11 +22,14 @@ from cnnpipe.fsio import file_digest
 
 
 def resolve(spec: str | None, cfg: IngestConfig, field: str, required: bool = True) -> Path | None:
-    """A local path for params field `field`: downloaded (and verified) first when it is a URL."""
+    """A local path for params field `field`: fetched from the DVC repository when one is named, downloaded
+    (and verified) first when it is a URL."""
     if spec is None:
         if required:
             raise CnnpipeError(f"ingest.{field}: required for source {cfg.source!r} (a file, folder or URL)")
         return None
+    if cfg.dvc_repo:  # ingest.run has pinned dvc_rev to a commit
+        return versioned.fetch(cfg.dvc_repo, cfg.dvc_rev, spec, Path(cfg.cache_dir))
     if is_url(spec):
         return fetch(spec, Path(cfg.cache_dir), cfg.sha256 if field == "path" else None)
     path = Path(spec)

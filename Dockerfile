@@ -1,0 +1,36 @@
+# cnnpipe's image: every Kubeflow Pipelines component runs in it, and `cnnpipe` is its CLI.
+# Build once, push, and name it when compiling: CNNPIPE_IMAGE=<registry>/cnnpipe:<tag> cnnpipe pipeline compile
+#
+# BASE_IMAGE: any image with Python >= 3.11 and its venv module. The default is the official one;
+# container/build.sh builds a Debian base with debootstrap where no registry is reachable.
+ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+# A venv first on PATH: KFP runs plain `python3`, and a distribution's system Python refuses pip
+# installs (PEP 668). No .pyc written at run time by read-only pods; no git needed by MLflow.
+RUN python3 -m venv /opt/cnnpipe
+ENV PATH=/opt/cnnpipe/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    GIT_PYTHON_REFRESH=quiet \
+    PYTHONUNBUFFERED=1 \
+    MPLBACKEND=Agg
+
+# Dependencies first, pinned by constraints.txt (torch with its CUDA libraries, for the train step's GPU),
+# so changing cnnpipe's code rebuilds only the small layer below. pip's cache is a cache mount: never in
+# the image (BuildKit also keeps it between builds).
+COPY pyproject.toml constraints.txt /tmp/cnnpipe/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/cnnpipe/pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/cnnpipe/requirements.txt \
+ && pip install -c /tmp/cnnpipe/constraints.txt -r /tmp/cnnpipe/requirements.txt
+
+COPY README.md /tmp/cnnpipe/
+COPY cnnpipe /tmp/cnnpipe/cnnpipe
+COPY components /tmp/cnnpipe/components
+COPY pipeline /tmp/cnnpipe/pipeline
+RUN pip install --no-cache-dir --no-deps /tmp/cnnpipe && rm -rf /tmp/cnnpipe \
+ && python3 -c "import cnnpipe, components, pipeline, kfp, torch, torchvision, mlflow, dvc" \
+ && cnnpipe --version
+
+WORKDIR /workspace
+CMD ["cnnpipe", "--help"]
