@@ -33,6 +33,7 @@ if [[ "$BASE_IMAGE" == "$LOCAL_BASE" ]] && ! podman image exists "$LOCAL_BASE"; 
   tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$LOCAL_BASE" >/dev/null
   rm -rf "$rootfs"
   trap - EXIT
+  echo "build.sh: base $LOCAL_BASE in $(( $(date +%s) - start )) s"
 fi
 
 # pip in the build sees this host's pip settings: a pip.conf with the same index options, this

@@ -1,0 +1,60 @@
+"""The image's build from nothing with podman (container/build.sh): the debootstrapped base, the whole
+build, the image's size, and a rebuild with nothing changed. Runs in a podman store of its own (a
+temporary graphroot), so the machine's images are neither used nor touched.
+
+    python benchmarks/image_build.py        # needs root, podman, runc, debootstrap; ~6 min
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import record  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = "localhost/cnnpipe:bench"
+
+
+def build(env: dict) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(["bash", str(ROOT / "container" / "build.sh")], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"image_build: build.sh failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return time.perf_counter() - start, proc.stdout
+
+
+def size_mb(env: dict, image: str) -> int:
+    out = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", image], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return round(int(out) / 1e6)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="cnnpipe-podman-") as store:
+        conf = Path(store) / "storage.conf"
+        conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{store}/graph"\nrunroot = "{store}/run"\n')
+        env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf), "CNNPIPE_IMAGE": IMAGE,
+               "CONTAINERS_CONF": str(ROOT / "container" / "containers.conf")}
+        try:
+            total, log = build(env)
+            base_s = int(re.search(r"build.sh: base \S+ in (\d+) s", log).group(1))
+            noop, _ = build(env)
+            record(ROOT / "benchmarks" / "results" / "image_build.json", {
+                "what": "container/build.sh from an empty podman store: debootstrap base + Dockerfile",
+                "from_scratch_s": round(total, 1), "base_s": base_s, "image_mb": size_mb(env, IMAGE),
+                "base_mb": size_mb(env, "localhost/debian-python:bookworm"), "rebuild_unchanged_s": round(noop, 1),
+                "podman": subprocess.run(["podman", "--version"], capture_output=True, text=True).stdout.strip(),
+            })
+        finally:
+            subprocess.run(["podman", "system", "reset", "--force"], env=env, capture_output=True)
+
+
+if __name__ == "__main__":
+    main()
