@@ -15,16 +15,19 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.e2e
 
 
-def cnnpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+def cnnpipe(*args: str, cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNPIPE_IMAGE")} | env_vars
     return subprocess.run(["cnnpipe", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_compiled_pipeline_has_the_five_stages_typed_and_the_gpu_request(tmp_path):
     proc = cnnpipe("pipeline", "compile", "--params", str(REPO / "params.yaml"), "--output", str(tmp_path / "p.yaml"),
-                   cwd=tmp_path)
+                   cwd=tmp_path, CNNPIPE_IMAGE="registry.example.com/ml/cnnpipe:1.2")
     assert proc.returncode == 0, proc.stderr
     spec, platform = yaml.safe_load_all((tmp_path / "p.yaml").read_text())  # KFP's spec, then the Kubernetes one
+    # one image for every component, named by one setting
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {
+        "registry.example.com/ml/cnnpipe:1.2"}
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"ingest", "augment", "train", "evaluate", "register"}
     upstream = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
