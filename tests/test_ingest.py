@@ -346,4 +346,10 @@ def test_dvc_repository_errors_name_the_field(tmp_path, dvc_repo):
         run_ingest(tmp_path, source="imagefolder", dvc_repo=str(dvc_repo), path="../images")
     with pytest.raises(CnnpipeError, match=r"^ingest.dvc_repo: cannot clone"):
         run_ingest(tmp_path, source="imagefolder", dvc_repo=str(tmp_path / "no-repo"), path="data/images")
+    import shutil
+
+    shutil.rmtree(tmp_path / "dvc-storage")  # the data is nowhere: neither in the repo's cache nor its remote
+    with pytest.raises(CnnpipeError, match=r"^ingest.path .data/images.: cannot fetch from .* at [0-9a-f]{12}: "):
+        run_ingest(tmp_path, source="imagefolder", dvc_repo=str(dvc_repo), path="data/images",
+                   cache_dir=str(tmp_path / "dl2"))
     assert nothing_written(tmp_path)

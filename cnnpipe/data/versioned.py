@@ -27,30 +27,31 @@ def resolve_commit(repo: str, rev: str | None) -> str:
         fs.close()
 
 
-def fetch(repo: str, commit: str, path: str, cache_dir: Path) -> Path:
-    """A local copy of `path` (a file or folder tracked by git or DVC) as it is at `commit` of `repo`."""
+def fetch(repo: str, commit: str, path: str, cache_dir: Path, field: str = "path") -> Path:
+    """A local copy of `path` (a file or folder tracked by git or DVC; params field `field`) as it is at
+    `commit` of `repo`."""
     from dvc.api import DVCFileSystem
+    from dvc.exceptions import DvcException
+    from dvc_data.index import DataIndexError
 
     rel = Path(path)
     if rel.is_absolute() or ".." in rel.parts:
-        raise CnnpipeError(f"ingest.path {path!r}: expected a path inside the DVC repository {repo!r}")
+        raise CnnpipeError(f"ingest.{field} {path!r}: expected a path inside the DVC repository {repo!r}")
     final = cache_dir / "dvc" / commit / rel
     if final.exists():
         return final
-    from dvc.exceptions import DvcException
-
     fs = DVCFileSystem(repo, rev=commit)
     try:
         if not fs.exists(rel.as_posix()):
-            raise CnnpipeError(f"ingest.path {path!r}: not in {repo!r} at {commit[:12]}")
+            raise CnnpipeError(f"ingest.{field} {path!r}: not in {repo!r} at {commit[:12]}")
         if fs.isdir(rel.as_posix()):
             with atomic_dir(final) as tmp:
                 fs.get(f"{rel.as_posix()}/", f"{tmp}/", recursive=True)  # trailing slashes: the folder's contents
         else:
             with atomic_file(final) as tmp:
                 fs.get_file(rel.as_posix(), str(tmp))
-    except (OSError, DvcException) as e:  # a remote without the files, an unreachable remote
-        raise CnnpipeError(f"ingest.path {path!r}: cannot fetch from {repo!r} at {commit[:12]}: {e}") from None
+    except (OSError, DvcException, DataIndexError) as e:  # a remote without the files, an unreachable remote
+        raise CnnpipeError(f"ingest.{field} {path!r}: cannot fetch from {repo!r} at {commit[:12]}: {e}") from None
     finally:
         fs.close()
     return final

@@ -29,7 +29,7 @@ def resolve(spec: str | None, cfg: IngestConfig, field: str, required: bool = Tr
             raise CnnpipeError(f"ingest.{field}: required for source {cfg.source!r} (a file, folder or URL)")
         return None
     if cfg.dvc_repo:  # ingest.run has pinned dvc_rev to a commit
-        return versioned.fetch(cfg.dvc_repo, cfg.dvc_rev, spec, Path(cfg.cache_dir))
+        return versioned.fetch(cfg.dvc_repo, cfg.dvc_rev, spec, Path(cfg.cache_dir), field)
     if is_url(spec):
         return fetch(spec, Path(cfg.cache_dir), cfg.sha256 if field == "path" else None)
     path = Path(spec)
