@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +17,23 @@ REPO = Path(__file__).resolve().parent.parent
 # The tests run the real `cnnpipe`, `dvc` and `mlflow` executables: those of this interpreter's
 # environment, also when pytest is started as `.venv/bin/python -m pytest` without activating it.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def user_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment commands run in: this one without the settings that would redirect them (the
+    tracking store, the components' image), plus `extra`."""
+    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNPIPE_IMAGE")} | (extra or {})
+
+
+def cnnpipe(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["cnnpipe", *args], cwd=cwd, capture_output=True, text=True, env=user_env(env), timeout=timeout)
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    """A command as users run it; its output, or fail."""
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=user_env(), timeout=600)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
 
 
 def make_images(n_per_class: int, classes: int, size: int, channels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

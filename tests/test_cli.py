@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, write_tiny_dataset
+from tests.conftest import REPO, cnnpipe, free_port, user_env, write_tiny_dataset
 
 STAGES = ["ingest", "augment", "train", "evaluate", "register"]
-
-
-def cnnpipe(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | (env or {})
-    return subprocess.run(["cnnpipe", *args], cwd=cwd, capture_output=True, text=True, env=full_env, timeout=300)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, code: int, text: str) -> None:
@@ -104,7 +98,7 @@ def test_killed_training_resumes_into_the_same_run(workdir):
     assert cnnpipe("augment", cwd=workdir).returncode == 0
     args = ["train", "--epochs", "30", "--width", "16", "--batch-size", "32"]
     proc = subprocess.Popen(["cnnpipe", *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+                            env=user_env())
     ckpt = workdir / "data" / "checkpoints" / "train.pt"
     deadline = time.time() + 120
     epoch = 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cnnpipe
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not (shutil.which("podman") and shutil.which("runc")),
@@ -22,13 +22,14 @@ pytestmark = [pytest.mark.e2e,
 
 IMAGE = "localhost/cnnpipe:test"
 CONF = str(REPO / "container" / "containers.conf")
+PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": CONF}
 
 
 @pytest.fixture(scope="module")
 def image() -> str:
     """Built from the working tree (podman's layer cache makes a rebuild of unchanged code a second)."""
     proc = subprocess.run(["bash", str(REPO / "container" / "build.sh")], capture_output=True, text=True,
-                          env={**os.environ, "CNNPIPE_IMAGE": IMAGE, "CONTAINERS_CONF": CONF}, timeout=1800)
+                          env={**PODMAN_ENV, "CNNPIPE_IMAGE": IMAGE}, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return IMAGE
 
@@ -38,7 +39,7 @@ def docker_host(tmp_path_factory) -> str:
     """podman's Docker-compatible API on a socket of our own, stopped (server and its child) afterwards."""
     sock = tmp_path_factory.mktemp("podman") / "podman.sock"
     service = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], start_new_session=True,
-                               env={**os.environ, "CONTAINERS_CONF": CONF}, stdout=subprocess.DEVNULL,
+                               env=PODMAN_ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while not sock.exists() and time.time() < deadline:
@@ -51,16 +52,14 @@ def docker_host(tmp_path_factory) -> str:
 
 def run_local(tmp_path: Path, docker_host: str, image: str, *params: str) -> subprocess.CompletedProcess:
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env |= {"DOCKER_HOST": docker_host, "CNNPIPE_IMAGE": image}
     args = [arg for p in params for arg in ("-p", p)]
-    return subprocess.run(["cnnpipe", "pipeline", "run-local", "--runner", "docker", *args], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=1200)
+    return cnnpipe("pipeline", "run-local", "--runner", "docker", *args, cwd=tmp_path,
+                   env={"DOCKER_HOST": docker_host, "CNNPIPE_IMAGE": image}, timeout=1200)
 
 
 def leftover_containers() -> list[str]:
     out = subprocess.run(["podman", "ps", "-a", "--filter", f"ancestor={IMAGE}", "--format", "{{.ID}}"],
-                         capture_output=True, text=True, env={**os.environ, "CONTAINERS_CONF": CONF}, check=True)
+                         capture_output=True, text=True, env=PODMAN_ENV, check=True)
     return out.stdout.split()
 
 
@@ -68,7 +67,7 @@ def test_image_has_cnnpipe_kfp_and_cuda_torch_and_needs_no_network(image):
     proc = subprocess.run(["podman", "run", "--rm", "--network", "none", image, "python3", "-c",
                            "import cnnpipe, components, kfp, torch, mlflow, dvc; "
                            "print(cnnpipe.__version__, kfp.__version__, torch.version.cuda is not None)"],
-                          capture_output=True, text=True, env={**os.environ, "CONTAINERS_CONF": CONF}, timeout=300)
+                          capture_output=True, text=True, env=PODMAN_ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     version, kfp_version, cuda = proc.stdout.split()
     assert (version, cuda) == ("0.1.0", "True") and kfp_version.startswith("2.")

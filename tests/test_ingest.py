@@ -6,6 +6,7 @@ import http.server
 import io
 import json
 import pickle
+import shutil
 import tarfile
 import threading
 import zipfile
@@ -24,6 +25,7 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import file_digest
 from cnnpipe.stages import ingest
 from tests import formats
+from tests.conftest import run
 
 GTSRB_ZIP = Path(__file__).resolve().parents[2] / "shared/data/GTSRB_Final_Training_Images.zip"
 
@@ -284,39 +286,21 @@ def test_label_outside_the_class_list_is_reported(tmp_path):
 
 # --- a DVC-versioned dataset, by repo + revision + path ------------------------------------------------
 
-def _git(repo: Path, *args: str) -> str:
-    import subprocess
-
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def _dvc(repo: Path, *args: str) -> None:
-    import subprocess
-
-    subprocess.run(["dvc", *args], cwd=repo, check=True, capture_output=True, text=True)
-
-
 @pytest.fixture
 def dvc_repo(tmp_path):
     """A git + DVC repository whose data/images has 6 images per class at tag v1 and 9 at v2, pushed to a
     local DVC remote and gone from the repo's cache: fetching it must go through the remote."""
     repo = tmp_path / "datasets"
     repo.mkdir()
-    _git(repo, "init", "-q", "-b", "main")
-    _git(repo, "config", "user.email", "ci@example.com")
-    _git(repo, "config", "user.name", "ci")
-    _dvc(repo, "init", "-q")
-    _dvc(repo, "config", "core.analytics", "false")
-    _dvc(repo, "remote", "add", "-d", "storage", str(tmp_path / "dvc-storage"))
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "ci@example.com"],
+                ["git", "config", "user.name", "ci"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                ["dvc", "remote", "add", "-d", "storage", str(tmp_path / "dvc-storage")]):
+        run(cmd, repo)
     for tag, n in (("v1", 6), ("v2", 9)):
         formats.imagefolder(repo / "data" / "images", n=n)
-        _dvc(repo, "add", "data/images")
-        _git(repo, "add", "-A")
-        _git(repo, "commit", "-q", "-m", f"images {tag}")
-        _git(repo, "tag", tag)
-        _dvc(repo, "push", "-q")
-    import shutil
-
+        for cmd in (["dvc", "add", "data/images"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", f"images {tag}"],
+                    ["git", "tag", tag], ["dvc", "push", "-q"]):
+            run(cmd, repo)
     shutil.rmtree(repo / ".dvc" / "cache")
     return repo
 
@@ -325,15 +309,13 @@ def test_ingest_reads_an_exact_version_from_a_dvc_repository(tmp_path, dvc_repo)
     cache = str(tmp_path / "dl")
     summary, out = run_ingest(tmp_path, source="imagefolder", dvc_repo=str(dvc_repo), dvc_rev="v1",
                               path="data/images", cache_dir=cache)
-    v1 = _git(dvc_repo, "rev-parse", "v1")
+    v1 = run(["git", "rev-parse", "v1"], dvc_repo).strip()
     assert summary["files"] == 12 and summary["dvc"] == {"repo": str(dvc_repo), "rev": "v1", "commit": v1}
     assert read_dataset(out).manifest["source"]["dvc"]["commit"] == v1
-    import shutil
-
     shutil.rmtree(out)
     summary, _ = run_ingest(tmp_path, source="imagefolder", dvc_repo=f"file://{dvc_repo}", path="data/images",
                             cache_dir=cache)  # a git URL (cloned), default branch: v2
-    assert summary["files"] == 18 and summary["dvc"]["commit"] == _git(dvc_repo, "rev-parse", "v2")
+    assert summary["files"] == 18 and summary["dvc"]["commit"] == run(["git", "rev-parse", "v2"], dvc_repo).strip()
 
 
 def test_dvc_repository_errors_name_the_field(tmp_path, dvc_repo):
@@ -346,8 +328,6 @@ def test_dvc_repository_errors_name_the_field(tmp_path, dvc_repo):
         run_ingest(tmp_path, source="imagefolder", dvc_repo=str(dvc_repo), path="../images")
     with pytest.raises(CnnpipeError, match=r"^ingest.dvc_repo: cannot clone"):
         run_ingest(tmp_path, source="imagefolder", dvc_repo=str(tmp_path / "no-repo"), path="data/images")
-    import shutil
-
     shutil.rmtree(tmp_path / "dvc-storage")  # the data is nowhere: neither in the repo's cache nor its remote
     with pytest.raises(CnnpipeError, match=r"^ingest.path .data/images.: cannot fetch from .* at [0-9a-f]{12}: "):
         run_ingest(tmp_path, source="imagefolder", dvc_repo=str(dvc_repo), path="data/images",

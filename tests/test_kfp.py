@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cnnpipe
 
 pytestmark = pytest.mark.e2e
 
 
-def cnnpipe(*args: str, cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNPIPE_IMAGE")} | env_vars
-    return subprocess.run(["cnnpipe", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-
-
 def test_compiled_pipeline_has_the_five_stages_typed_and_the_gpu_request(tmp_path):
     proc = cnnpipe("pipeline", "compile", "--params", str(REPO / "params.yaml"), "--output", str(tmp_path / "p.yaml"),
-                   cwd=tmp_path, CNNPIPE_IMAGE="registry.example.com/ml/cnnpipe:1.2")
+                   cwd=tmp_path, env={"CNNPIPE_IMAGE": "registry.example.com/ml/cnnpipe:1.2"})
     assert proc.returncode == 0, proc.stderr
     spec, platform = yaml.safe_load_all((tmp_path / "p.yaml").read_text())  # KFP's spec, then the Kubernetes one
     # one image for every component, named by one setting
@@ -85,9 +78,8 @@ def test_a_failing_component_fails_the_run(tmp_path):
 
 def test_docker_runner_without_an_engine_says_how_to_start_one(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
-    proc = subprocess.run(["cnnpipe", "pipeline", "run-local", "--runner", "docker"], cwd=tmp_path, capture_output=True,
-                          text=True, env=env, timeout=120)
+    proc = cnnpipe("pipeline", "run-local", "--runner", "docker", cwd=tmp_path,
+                   env={"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}, timeout=120)
     assert proc.returncode == 3
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("cnnpipe pipeline: error: pipeline run-local --runner docker: no container engine (")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, wait_for_http, write_tiny_dataset
+from tests.conftest import REPO, free_port, user_env, wait_for_http, write_tiny_dataset
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")]
@@ -39,7 +39,7 @@ def test_mlflow_ui_shows_a_sweep(tmp_path):
     params["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     write_tiny_dataset(tmp_path / "data/processed", classes=3, size=16)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = user_env()
     for cmd in (["cnnpipe", "augment"], ["cnnpipe", "sweep", "--grid", "epochs=1,2", "--grid", "width=4,8", "--name", "ui"]):
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]

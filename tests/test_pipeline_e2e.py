@@ -20,17 +20,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO, free_port, wait_for_http
+from tests.conftest import REPO, free_port, run, wait_for_http
 
 pytestmark = pytest.mark.e2e
 MODEL_NAME = "cnnpipe-digits"
-
-
-def run(cmd: list[str], cwd: Path) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")

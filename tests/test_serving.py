@@ -117,6 +117,9 @@ def test_top_k_from_params_and_query(server):
     body = json.dumps({"image": b64(encoded("PNG")), "params": {"top_k": 2}}).encode()
     assert len(post(f"{server}/invocations", body, "application/json")[1]["predictions"][0]["top_k"]) == 2
     assert len(post(f"{server}/invocations?top_k=4", encoded("PNG"), "image/png")[1]["predictions"][0]["top_k"]) == 4
+    # a 400 that says why, not a dropped connection
+    assert post(f"{server}/invocations?top_k=-1", encoded("PNG"), "image/png") == (
+        400, {"error": "top_k: expected an integer >= 1, got -1"})
 
 
 @pytest.mark.parametrize("body, content_type, status, message", [

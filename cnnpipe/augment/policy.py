@@ -77,6 +77,19 @@ class AugmentPolicy:
     rot180: list[int] = field(default_factory=list)  # ... after a half turn
     version: int = POLICY_VERSION
 
+    def __post_init__(self) -> None:
+        self._device_tables: dict[torch.device, list[tuple[torch.Tensor, tuple[int, ...]]]] = {}  # not a field
+
+    def flip_tables(self, device: torch.device) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        """The flips that apply to some class, as (class -> class table on `device`, dims to flip): made once per
+        device, not per batch (a host-to-device copy each step would stall a GPU)."""
+        if device not in self._device_tables:
+            self._device_tables[device] = [
+                (torch.tensor(table, device=device), dims)
+                for table, dims in ((self.hflip, (-1,)), (self.vflip, (-2,)), (self.rot180, (-2, -1)))
+                if table and any(t >= 0 for t in table)]
+        return self._device_tables[device]
+
     @classmethod
     def from_config(cls, cfg: AugmentConfig, tables: dict[str, list[int]]) -> AugmentPolicy:
         return cls(cfg.translate, cfg.rotate, cfg.scale, cfg.shear, cfg.brightness, cfg.contrast,
@@ -110,12 +123,11 @@ def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy,
     """Augment a float batch N x C x H x W in [0, 1]; flips may remap labels, so both come back."""
     n, c, h, w = x.shape
     dev = x.device
-    for table, dims in ((policy.hflip, (-1,)), (policy.vflip, (-2,)), (policy.rot180, (-2, -1))):
-        if table and any(t >= 0 for t in table):
-            target = torch.tensor(table, device=dev)[labels]
-            flip = (torch.rand(n, generator=g, device=dev) < 0.5) & (target >= 0)
-            x = torch.where(flip.view(n, 1, 1, 1), x.flip(dims), x)
-            labels = torch.where(flip, target, labels)
+    for table, dims in policy.flip_tables(dev):
+        target = table[labels]
+        flip = (torch.rand(n, generator=g, device=dev) < 0.5) & (target >= 0)
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(dims), x)
+        labels = torch.where(flip, target, labels)
 
     if policy.translate or policy.rotate or policy.scale or policy.shear:
         angle = _uniform(n, math.radians(policy.rotate), g, dev)

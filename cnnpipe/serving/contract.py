@@ -124,6 +124,8 @@ def to_array(image, size: int, channels: int, i: int = 0) -> np.ndarray:  # noqa
 
 def answer(probs, classes: list[str], top_k: int) -> list[dict]:  # noqa: ANN001 - probs: N x C torch tensor
     """One dict per image: class, index, confidence and the k most probable classes."""
+    if top_k < 1:  # one check for every way in: query, params, pyfunc, SageMaker
+        raise RequestError(f"top_k: expected an integer >= 1, got {top_k}")
     k = min(top_k, probs.shape[1])
     top_p, top_i = probs.topk(k, dim=1)
     return [{"predicted_class": classes[i_row[0]], "predicted_class_index": int(i_row[0]), "confidence": float(p_row[0]),
