@@ -33,8 +33,8 @@ class FileTree:
             self._kind = "zip"
             self._zip = zipfile.ZipFile(path)
             infos = self._zip.infolist()
-            self._names = sorted(_check_member(path, i.filename) for i in infos if not i.is_dir())
             self._zip_names = {_check_member(path, i.filename): i.filename for i in infos if not i.is_dir()}
+            self._names = sorted(self._zip_names)
         elif path.is_file() and tarfile.is_tarfile(path):
             self._kind = "tar"
             self._members: dict[str, bytes] = {}

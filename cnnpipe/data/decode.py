@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.serving.contract import to_mode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".webp")
 
@@ -37,14 +38,7 @@ def decode(data: bytes, name: str, size: int, channels: int,
         raise CnnpipeError(f"image '{name}' refused: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"{type(e).__name__}: {e}") from None
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        flat = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        flat.alpha_composite(img)
-        img = flat
-    if img.mode.startswith("I;16") or img.mode == "I":
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
-    img = img.convert("L" if channels == 1 else "RGB")
+    img = to_mode(img, channels)  # the same conversion serving applies to requests
     if roi is not None:
         x1, y1, x2, y2, ref_w, ref_h = roi
         sx, sy = img.width / ref_w, img.height / ref_h

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import IO
 
 import matplotlib
 
@@ -16,7 +16,7 @@ from cnnpipe.data.store import Split  # noqa: E402
 SAMPLES_PER_CLASS = 8
 
 
-def class_distribution_png(splits: dict[str, Split], classes: list[str], path: Path) -> None:
+def class_distribution_png(splits: dict[str, Split], classes: list[str], path: IO[bytes]) -> None:
     n = len(classes)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * n + 2), 4.5), constrained_layout=True)
     width = 0.8 / len(splits)
@@ -31,7 +31,7 @@ def class_distribution_png(splits: dict[str, Split], classes: list[str], path: P
     plt.close(fig)
 
 
-def samples_png(split: Split, classes: list[str], path: Path, seed: int = 0) -> None:
+def samples_png(split: Split, classes: list[str], path: IO[bytes], seed: int = 0) -> None:
     """One row per class, up to SAMPLES_PER_CLASS random images each, the class name beside it."""
     rng = np.random.default_rng(seed)
     h, w, c = split.images.shape[1:]
@@ -53,7 +53,7 @@ def samples_png(split: Split, classes: list[str], path: Path, seed: int = 0) -> 
     plt.close(fig)
 
 
-def pixel_histogram_png(split: Split, path: Path, max_images: int = 4000) -> None:
+def pixel_histogram_png(split: Split, path: IO[bytes], max_images: int = 4000) -> None:
     c = split.images.shape[-1]
     take = split.images[:max_images].reshape(-1, c)
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)

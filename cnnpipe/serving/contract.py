@@ -101,6 +101,19 @@ def parse_body(body: bytes, content_type: str) -> tuple[list, int | None]:
     return [decode_value(v, i) for i, v in enumerate(raw)], top_k
 
 
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Any image mode -> L (channels 1) or RGB (3), as ingest converts training images: transparency
+    composited on black, 16-bit scaled to 8 bits. Ingest's decode calls this too."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        flat = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        flat.alpha_composite(img)
+        img = flat
+    if img.mode.startswith("I;16") or img.mode == "I":
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+    return img.convert("L" if channels == 1 else "RGB")
+
+
 def to_array(image, size: int, channels: int, i: int = 0) -> np.ndarray:  # noqa: ANN001
     """Encoded bytes or a uint8 H x W [x C] array -> uint8 size x size x channels, as training saw it."""
     if isinstance(image, (bytes, bytearray)):
@@ -116,7 +129,7 @@ def to_array(image, size: int, channels: int, i: int = 0) -> np.ndarray:  # noqa
             raise RequestError(f"image {i}: expected uint8 H x W [x 1|3|4], got {arr.dtype} {arr.shape}")
         pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
     try:
-        pil = pil.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
+        pil = to_mode(pil, channels).resize((size, size), Image.Resampling.BILINEAR)
     except (OSError, ValueError) as e:  # truncated data only fails when decoded
         raise RequestError(f"image {i}: not a readable image ({e})") from None
     return np.asarray(pil).reshape(size, size, channels)

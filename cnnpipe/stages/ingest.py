@@ -8,6 +8,7 @@ keeps groups (GTSRB tracks) whole.
 from __future__ import annotations
 
 import dataclasses
+import io
 import sys
 from pathlib import Path
 
@@ -40,13 +41,11 @@ def split_dataset(raw: RawDataset, cfg: IngestConfig) -> dict[str, Split]:
 
 
 def _figures(splits: dict[str, Split], classes: list[str]) -> dict[str, bytes]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        figures.class_distribution_png(splits, classes, Path(d) / FIGURES[0])
-        figures.samples_png(splits["train"], classes, Path(d) / FIGURES[1])
-        figures.pixel_histogram_png(splits["train"], Path(d) / FIGURES[2])
-        return {f"figures/{name}": (Path(d) / name).read_bytes() for name in FIGURES}
+    pngs = [io.BytesIO() for _ in FIGURES]
+    figures.class_distribution_png(splits, classes, pngs[0])
+    figures.samples_png(splits["train"], classes, pngs[1])
+    figures.pixel_histogram_png(splits["train"], pngs[2])
+    return {f"figures/{name}": png.getvalue() for name, png in zip(FIGURES, pngs)}
 
 
 def run(cfg: IngestConfig, out: Path, report: Path) -> dict:

@@ -59,7 +59,7 @@ def _entries(tree: FileTree, rows: list[dict], folder: str, cfg: IngestConfig, b
              names: set[str]) -> list[tuple[Entry, str]]:
     out = []
     for row in rows:
-        name = f"{folder}/{row['Filename']}" if folder else row["Filename"]
+        name = _member(folder, row["Filename"])
         try:
             label = int(row["ClassId"])
         except (TypeError, ValueError):
@@ -72,6 +72,11 @@ def _entries(tree: FileTree, rows: list[dict], folder: str, cfg: IngestConfig, b
             continue
         out.append((Entry(name, label, _roi(row) if cfg.roi_crop else None), row["Filename"]))
     return out
+
+
+def _member(folder: str, filename: str) -> str:
+    """The archive member a CSV row names (rows name files relative to the CSV's folder)."""
+    return f"{folder}/{filename}" if folder else filename
 
 
 def _test_rows(labels_path, test_names: set[str]) -> list[dict]:  # noqa: ANN001 - a Path
@@ -99,15 +104,16 @@ def load(cfg: IngestConfig) -> RawDataset:
         raise CnnpipeError(f"ingest.path '{path}': no GTSRB annotations (GTSRB/Final_Training/Images/000NN/GT-000NN.csv)")
     entries: list[Entry] = []
     groups: list[str] = []
+    annotated: set[str] = set()  # every file a CSV lists, usable or not
     rows_seen = 0
     for csv_name in csvs:
         folder = str(PurePosixPath(csv_name).parent)
         rows = _rows(tree.read(csv_name), f"{path}:{csv_name}")
         rows_seen += len(rows)
+        annotated.update(_member(folder, r["Filename"]) for r in rows)
         for entry, filename in _entries(tree, rows, folder, cfg, bad, names):
             entries.append(entry)
             groups.append(f"{entry.label}/{filename.split('_')[0]}")  # class + track: one physical sign
-    annotated = {e.name for e in entries} | {b["path"].split(":", 1)[1] for b in bad}
     annotated_folders = {str(PurePosixPath(c).parent) for c in csvs}
     stray = sorted(n for n in names if n.lower().endswith(IMAGE_SUFFIXES) and n not in annotated)
     for n in stray:
