@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cnnpipe import __version__
 from cnnpipe.config import (AugmentConfig, EvaluateConfig, IngestConfig, RegisterConfig, TrackingConfig, TrainConfig,
-                            add_flags, load_block, read_params, tracking_config)
+                            add_flags, load_block, read_params, sqlite_path, tracking_config)
 from cnnpipe.errors import EXIT_INTERRUPTED, EXIT_OK, CnnpipeError
 
 Handler = Callable[[argparse.Namespace, dict, Path], dict]
@@ -117,8 +117,8 @@ def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from pipeline import training
 
     if args.action == "compile":
-        return {"compiled": str(training.compile_pipeline(args.output, training.params_text(pp)))}
-    arguments = {"params": training.params_text(pp)}
+        return {"compiled": str(training.compile_pipeline(args.output, training.as_parameter(params)))}
+    arguments = {"params": training.as_parameter(params)}
     for item in args.param:
         key, sep, value = item.partition("=")
         if not sep:
@@ -130,8 +130,9 @@ def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
             raise CnnpipeError("pipeline submit: --host (the Kubeflow Pipelines API URL) is required")
         return training.submit(args.host, arguments, args.experiment, args.run_name, not args.no_cache)
     uri = tracking_config(params, args, pp).uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # components run elsewhere: absolute
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    db = sqlite_path(uri)
+    if db is not None and not db.is_absolute():  # components run elsewhere: an absolute path
+        uri = f"sqlite:///{db.resolve()}"
     return training.run_local({**arguments, "tracking_uri": arguments.get("tracking_uri", uri)}, args.root.resolve(),
                               not args.no_cache, args.runner)
 

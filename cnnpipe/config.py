@@ -142,7 +142,8 @@ def _base_type(cls: type, name: str) -> tuple[type, bool]:
     return annotation, False
 
 
-def _coerce(value: Any, kind: type, optional: bool, where: str) -> Any:
+def coerce(value: Any, kind: type, optional: bool, where: str) -> Any:
+    """`value` (from YAML, a flag or a `-p key=value`) as `kind`, or a one-line error naming `where`."""
     if value is None:
         if optional:
             return None
@@ -172,7 +173,7 @@ def _coerce(value: Any, kind: type, optional: bool, where: str) -> Any:
     return value
 
 
-def validate(cfg: Any, block: str) -> None:
+def _validate(cfg: Any, block: str) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         where = f"{block}.{f.name}"
@@ -213,12 +214,12 @@ def load_block(cls: type[T], block: str, params: dict[str, Any], overrides: dict
     if unknown:
         raise CnnpipeError(f"params file '{params_path}': {block}.{unknown[0]} is not a known field "
                            f"(expected one of: {', '.join(fields)})")
-    values = {name: _coerce(v, *_base_type(cls, name), f"{block}.{name}") for name, v in raw.items()}
+    values = {name: coerce(v, *_base_type(cls, name), f"{block}.{name}") for name, v in raw.items()}
     for name, v in overrides.items():
         if v is not None and name in fields:
-            values[name] = _coerce(v, *_base_type(cls, name), f"--{name.replace('_', '-')}")
+            values[name] = coerce(v, *_base_type(cls, name), f"--{name.replace('_', '-')}")
     cfg = cls(**values)
-    validate(cfg, block)
+    _validate(cfg, block)
     return cfg
 
 
@@ -238,9 +239,19 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> N
 
 
 def tracking_config(params: dict[str, Any], args: argparse.Namespace, params_path: Path) -> TrackingConfig:
-    """The tracking block; precedence: --tracking-uri flag, then MLFLOW_TRACKING_URI, then params.yaml."""
-    overrides = {"uri": os.environ.get("MLFLOW_TRACKING_URI") or None, "experiment": None}
-    overrides.update({k: getattr(args, f"tracking_{k}") for k in ("uri", "experiment")
-                      if getattr(args, f"tracking_{k}", None) is not None})
+    """The tracking block of a command: its --tracking-uri / --tracking-experiment flags win."""
+    return tracking_settings(params, getattr(args, "tracking_uri", None), getattr(args, "tracking_experiment", None),
+                             params_path)
+
+
+def tracking_settings(params: dict[str, Any], uri: str | None = None, experiment: str | None = None,
+                      params_path: Path = DEFAULT_PARAMS) -> TrackingConfig:
+    """The tracking block; precedence: `uri` / `experiment` given, then MLFLOW_TRACKING_URI, then params."""
+    overrides = {"uri": uri or os.environ.get("MLFLOW_TRACKING_URI") or None, "experiment": experiment}
     block = params if "tracking" in params else {**params, "tracking": {}}
     return load_block(TrackingConfig, "tracking", block, overrides, params_path)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (None for any other store)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None

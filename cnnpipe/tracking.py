@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnpipe.config import TrackingConfig
+from cnnpipe.config import TrackingConfig, sqlite_path
 from cnnpipe.errors import CnnpipeError, ServiceUnavailable
 from cnnpipe.fsio import read_json, write_json
 
@@ -35,8 +35,7 @@ def _check_reachable(uri: str) -> None:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise ServiceUnavailable(f"tracking URI {uri} cannot be reached: {reason}") from None
-    elif uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+    elif (db := sqlite_path(uri)) is not None:
         if not db.parent.is_dir():
             raise ServiceUnavailable(f"tracking URI {uri}: directory '{db.parent}' does not exist")
         if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
@@ -45,9 +44,8 @@ def _check_reachable(uri: str) -> None:
 
 def _artifact_root(uri: str) -> str | None:
     """With a SQLite store, artifacts live in `mlartifacts/` beside the database (as `mlflow server` does)."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-    return None  # a tracking server decides
+    db = sqlite_path(uri)
+    return (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None  # else the server decides
 
 
 @dataclass(eq=False)

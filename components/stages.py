@@ -50,17 +50,16 @@ def augment(params: str, data: Input[Dataset], augmented: Output[Dataset]):
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train(params: str, arch: str, epochs: int, batch_size: int, lr: float, tracking_uri: str,
           data: Input[Dataset], augmented: Input[Dataset], model: Output[Model]):
-    import argparse
     from pathlib import Path
 
     import yaml
 
-    from cnnpipe.config import TrainConfig, load_block, tracking_config
+    from cnnpipe.config import TrainConfig, load_block, tracking_settings
     from cnnpipe.stages import train as stage
 
     p = yaml.safe_load(params)
     cfg = load_block(TrainConfig, "train", p, {"arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr})
-    tracking = tracking_config(p, argparse.Namespace(tracking_uri=tracking_uri or None), Path("params.yaml"))
+    tracking = tracking_settings(p, tracking_uri or None)
     result = stage.run(cfg, Path(data.path), Path(augmented.path), Path(model.path), tracking)
     model.metadata.update({k: v for k, v in result.items() if v is not None})
 
@@ -68,18 +67,17 @@ def train(params: str, arch: str, epochs: int, batch_size: int, lr: float, track
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(params: str, tracking_uri: str, model: Input[Model], data: Input[Dataset], evaluation: Output[Artifact],
              metrics: Output[Metrics], classification: Output[ClassificationMetrics], report: Output[HTML]):
-    import argparse
     import json
     import shutil
     from pathlib import Path
 
     import yaml
 
-    from cnnpipe.config import EvaluateConfig, load_block, tracking_config
+    from cnnpipe.config import EvaluateConfig, load_block, tracking_settings
     from cnnpipe.stages import evaluate as stage
 
     p = yaml.safe_load(params)
-    tracking = tracking_config(p, argparse.Namespace(tracking_uri=tracking_uri or None), Path("params.yaml"))
+    tracking = tracking_settings(p, tracking_uri or None)
     scores = stage.run(load_block(EvaluateConfig, "evaluate", p, {}), Path(model.path), Path(data.path),
                        Path(evaluation.path), tracking)
     for split, values in scores.items():
@@ -93,17 +91,16 @@ def evaluate(params: str, tracking_uri: str, model: Input[Model], data: Input[Da
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def register(params: str, model_name: str, promotion_metric: str, min_delta: float, tracking_uri: str,
              model: Input[Model], data: Input[Dataset], evaluation: Input[Artifact], registered: Output[Artifact]) -> str:
-    import argparse
     from pathlib import Path
 
     import yaml
 
-    from cnnpipe.config import RegisterConfig, load_block, tracking_config
+    from cnnpipe.config import RegisterConfig, load_block, tracking_settings
     from cnnpipe.stages import register as stage
 
     p = yaml.safe_load(params)
     cfg = load_block(RegisterConfig, "register", p, {"model_name": model_name, "promotion_metric": promotion_metric,
                                                      "min_delta": min_delta})
     record = stage.run(cfg, Path(model.path), Path(data.path), Path(evaluation.path), Path(registered.path),
-                       tracking_config(p, argparse.Namespace(tracking_uri=tracking_uri or None), Path("params.yaml")))
+                       tracking_settings(p, tracking_uri or None))
     return record["model_uri"]

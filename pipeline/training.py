@@ -12,16 +12,15 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
 from kfp import compiler, dsl, kubernetes
 
 from components import stages
 
 
-def params_text(path: Path) -> str:
-    """A params.yaml as one line of JSON: KFP copies parameter defaults into a comment header of the
-    compiled YAML, where a multi-line default would break out of the comment."""
-    return json.dumps(yaml.safe_load(path.read_text()))
+def as_parameter(params: dict) -> str:
+    """params.yaml's content as one line of JSON: KFP copies parameter defaults into a comment header of
+    the compiled YAML, where a multi-line default would break out of the comment."""
+    return json.dumps(params)
 
 
 def _default_params() -> str:
@@ -30,7 +29,7 @@ def _default_params() -> str:
 
     from cnnpipe.config import BLOCKS
 
-    return json.dumps({name: dataclasses.asdict(cls()) for name, cls in BLOCKS.items()})
+    return as_parameter({name: dataclasses.asdict(cls()) for name, cls in BLOCKS.items()})
 
 
 DEFAULT_PARAMS = _default_params()
@@ -73,6 +72,7 @@ def typed_arguments(raw: dict) -> dict:
     """`-p key=value` strings as the pipeline signature's types; an unknown key is a clear error."""
     import inspect
 
+    from cnnpipe.config import coerce
     from cnnpipe.errors import CnnpipeError
 
     signature = inspect.signature(cnnpipe_pipeline.pipeline_func)
@@ -81,11 +81,7 @@ def typed_arguments(raw: dict) -> dict:
         if key not in signature.parameters:
             raise CnnpipeError(f"pipeline parameter {key!r} does not exist (expected one of: "
                                f"{', '.join(signature.parameters)})")
-        kind = signature.parameters[key].annotation
-        try:
-            out[key] = kind(value) if isinstance(value, str) and kind in (int, float) else value
-        except ValueError:
-            raise CnnpipeError(f"pipeline parameter {key}: expected {kind.__name__}, got {value!r}") from None
+        out[key] = coerce(value, signature.parameters[key].annotation, False, f"pipeline parameter {key}")
     return out
 
 
@@ -143,6 +139,7 @@ def _container_arguments(arguments: dict) -> "tuple[dict, dict]":
     import docker
     from docker.types import Mount
 
+    from cnnpipe.config import sqlite_path
     from cnnpipe.errors import CnnpipeError, ServiceUnavailable
 
     try:
@@ -164,11 +161,10 @@ def _container_arguments(arguments: dict) -> "tuple[dict, dict]":
         if arguments.get(key) and Path(arguments[key]).exists():
             arguments[key] = str(Path(arguments[key]).resolve())
             mounts.append(Mount(arguments[key], arguments[key], type="bind", read_only=read_only))
-    uri = arguments["tracking_uri"]
-    if uri.startswith("sqlite:///"):
-        store = str(Path(uri[len("sqlite:///"):]).parent)
-        mounts.append(Mount(store, store, type="bind"))
-    offline = uri.startswith("sqlite:///") and not arguments.get("dvc_repo")
+    db = sqlite_path(arguments["tracking_uri"])
+    if db is not None:
+        mounts.append(Mount(str(db.parent), str(db.parent), type="bind"))
+    offline = db is not None and not arguments.get("dvc_repo")
     return arguments, {"mounts": mounts, "network_mode": "none" if offline else "host"}
 
 

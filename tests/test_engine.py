@@ -26,6 +26,10 @@ def tiny_data(size=8) -> TrainData:
                      torch.from_numpy(yva), mean, std)
 
 
+def strip_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if "seconds" not in k and "per_s" not in k} for e in history]
+
+
 def test_fit_learns_and_repeats_for_a_seed():
     cfg = TrainConfig(arch="cnn3", width=8, epochs=6, batch_size=16, lr=0.05)
     runs = []
@@ -35,8 +39,7 @@ def test_fit_learns_and_repeats_for_a_seed():
         runs.append(fit(model, tiny_data(), cfg, policy=None).history)
     assert runs[0][-1]["val/accuracy"] > 0.9
     assert runs[0][-1]["train/loss"] < runs[0][0]["train/loss"]
-    strip = lambda h: [{k: v for k, v in e.items() if "seconds" not in k and "per_s" not in k} for e in h]  # noqa: E731
-    assert strip(runs[0]) == strip(runs[1])
+    assert strip_timing(runs[0]) == strip_timing(runs[1])
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "constant"])
@@ -69,10 +72,6 @@ def test_corrupt_or_missing_model_file(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a zip")
     with pytest.raises(CnnpipeError, match="bad.pt.*not a readable cnnpipe model"):
         load_model(tmp_path / "bad.pt")
-
-
-def strip_timing(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in e.items() if "seconds" not in k and "per_s" not in k} for e in history]
 
 
 def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run():

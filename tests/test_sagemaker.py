@@ -4,12 +4,10 @@ against a local AWS-compatible endpoint (moto in server mode on 127.0.0.1)."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import tarfile
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from cnnpipe.models import build_model
 from cnnpipe.serving.predictor import Predictor
 from cnnpipe.serving.sagemaker import contract_invoke, deploy, export, extract, image_uri, load_inference
 from cnnpipe.serving.server import make_server
+from tests.conftest import free_port, wait_for_http
 from tests.formats import encoded, sign_image
 
 CLASSES = ["stop", "yield", "keep left", "keep right"]
@@ -99,20 +98,11 @@ def test_image_uri_follows_the_instance_type():
 
 @pytest.fixture
 def moto(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=2)
-            break
-        except OSError:
-            assert time.time() < deadline and proc.poll() is None, "moto_server did not start"
-            time.sleep(0.3)
+    wait_for_http(f"{url}/moto-api/", proc, seconds=30)
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                  "AWS_ENDPOINT_URL": url}.items():
         monkeypatch.setenv(k, v)
@@ -143,9 +133,7 @@ def test_deploy_creates_model_endpoint_config_and_endpoint(archive, moto):
 def test_unreachable_aws_is_one_clear_error(archive, moto, monkeypatch):
     from cnnpipe.errors import CnnpipeError
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
+    closed = free_port()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(CnnpipeError, match="SageMaker deployment failed: Could not connect to the endpoint URL"):

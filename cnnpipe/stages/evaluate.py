@@ -26,7 +26,7 @@ from cnnpipe.evaluation.metrics import classification_metrics
 from cnnpipe.evaluation.report import Report
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent
 from cnnpipe.models import count_parameters
-from cnnpipe.stages.train import CONFIG_FILE, HISTORY_FILE, MODEL_FILE
+from cnnpipe.stages.train import CONFIG_FILE, MODEL_FILE, read_history
 
 SPLITS = ("val", "test")
 
@@ -143,7 +143,7 @@ def run(cfg: EvaluateConfig, model_dir: Path, data: Path, out: Path, tracking: T
         logits = predict_logits(model, tensors[name], mean, std, cfg.batch_size)
         results[name] = classification_metrics(logits, torch.from_numpy(split.labels).to(device), ds.classes)
     metrics = {name: {k: round(v, 6) for k, v in r["scalars"].items()} for name, r in results.items()}
-    history = list(csv.DictReader(open(model_dir / HISTORY_FILE))) if (model_dir / HISTORY_FILE).exists() else []
+    history = read_history(model_dir)
     train_cfg = json.loads((model_dir / CONFIG_FILE).read_text()) if (model_dir / CONFIG_FILE).exists() else {}
     test = results["test"]
     names = np.asarray(ds.classes)

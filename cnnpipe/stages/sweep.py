@@ -20,11 +20,12 @@ import torch
 
 from cnnpipe.config import EvaluateConfig, TrackingConfig, TrainConfig
 from cnnpipe.data.store import read_dataset
-from cnnpipe.engine.checkpoint import load_model
-from cnnpipe.engine.inference import predict_logits, stats_tensors, to_nchw_uint8
+from cnnpipe.engine.device import resolve_device
+from cnnpipe.engine.inference import predict_logits, to_nchw_uint8
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation import figures
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent
+from cnnpipe.serving.predictor import Predictor
 from cnnpipe.stages import evaluate, train
 
 STUDY = [{"arch": "mlp", "width": 128}] + [{"arch": "cnn3", "width": w} for w in (16, 32, 64, 128)]
@@ -54,13 +55,12 @@ def _configure(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     return load_block(TrainConfig, "train", {"train": {**dataclasses.asdict(base), **overrides}}, {})
 
 
-def _train_accuracy(model_dir: Path, data: Path) -> float:
+def _train_accuracy(model_dir: Path, data: Path, device: str) -> float:
     """Accuracy on the (unaugmented) training split: the train side of the train-test gap."""
-    model, spec = load_model(model_dir / train.MODEL_FILE)
+    p = Predictor.from_file(model_dir / train.MODEL_FILE, str(resolve_device(device)))  # where evaluate runs
     split = read_dataset(data, splits=("train",)).splits["train"]
-    mean, std = stats_tensors(spec.mean, spec.std, torch.device("cpu"))
-    logits = predict_logits(model, to_nchw_uint8(split.images, torch.device("cpu")), mean, std)
-    return (logits.argmax(1) == torch.from_numpy(split.labels)).float().mean().item()
+    logits = predict_logits(p.model, to_nchw_uint8(split.images, p.device), p.mean, p.std)
+    return (logits.argmax(1).cpu() == torch.from_numpy(split.labels)).float().mean().item()
 
 
 def run(base: TrainConfig, eval_cfg: EvaluateConfig, tracking: TrackingConfig, data: Path, augmented: Path,
@@ -82,8 +82,8 @@ def run(base: TrainConfig, eval_cfg: EvaluateConfig, tracking: TrackingConfig, d
                 result = train.run(cfg, data, augmented, run_dir / "model", tracking,
                                    run_tags={"mlflow.parentRunId": parent.run_id, "mlflow.runName": f"{name}-{label}"})
                 metrics = evaluate.run(eval_cfg, run_dir / "model", data, run_dir / "evaluation", tracking)
-                history = list(csv.DictReader(open(run_dir / "model" / train.HISTORY_FILE)))
-                train_acc = _train_accuracy(run_dir / "model", data)
+                history = train.read_history(run_dir / "model")
+                train_acc = _train_accuracy(run_dir / "model", data, eval_cfg.device)
                 rows.append({"run": i, "overrides": label, "parameters": result["parameters"],
                              "test_accuracy": metrics["test"]["accuracy"], "test_loss": metrics["test"]["loss"],
                              "train_accuracy": round(train_acc, 6),

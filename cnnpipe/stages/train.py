@@ -47,6 +47,15 @@ def _write_history(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
+def read_history(model_dir: Path) -> list[dict[str, str]]:
+    """The per-epoch rows a trained model's folder holds (none for a model trained elsewhere)."""
+    path = model_dir / HISTORY_FILE
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: TrackingConfig | None,
         checkpoint: Path | None = None, resume: bool = False, run_tags: dict[str, str] | None = None) -> dict:
     """Train; with `checkpoint`, the full state is saved there after every epoch and removed on success,
