@@ -73,13 +73,12 @@ def make_server(invoke: Invoke, host: str, port: int) -> ThreadingHTTPServer:
                 # drain a moderately oversized body so the client reads the 413 instead of a broken pipe;
                 # past DRAIN_LIMIT, hang up
                 if length <= DRAIN_LIMIT:
-                    for _ in range(0, length, 1 << 20):
-                        self.rfile.read(min(1 << 20, length))
-                        length -= 1 << 20
+                    remaining = length
+                    while remaining > 0 and (chunk := self.rfile.read(min(1 << 20, remaining))):
+                        remaining -= len(chunk)
                 else:
                     self.close_connection = True
-                self._send(413, {"error": f"payload of {int(self.headers['Content-Length']):,} bytes exceeds "
-                                          f"the {MAX_PAYLOAD:,}-byte limit"})
+                self._send(413, {"error": f"payload of {length:,} bytes exceeds the {MAX_PAYLOAD:,}-byte limit"})
                 return
             status, payload = invoke(self.rfile.read(length), self.headers.get("Content-Type", ""), parse_qs(url.query))
             self._send(status, payload)
