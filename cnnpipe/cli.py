@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cnnpipe import __version__
-from cnnpipe.config import (AugmentConfig, EvaluateConfig, IngestConfig, RegisterConfig, TrackingConfig, TrainConfig,
-                            add_flags, load_block, read_params, sqlite_path, tracking_config)
+from cnnpipe.config import (AugmentConfig, EvaluateConfig, IngestConfig, RegisterConfig, ServeConfig, TrackingConfig,
+                            TrainConfig, add_flags, load_block, read_params, sqlite_path, tracking_config)
 from cnnpipe.errors import EXIT_INTERRUPTED, EXIT_OK, CnnpipeError
 
 Handler = Callable[[argparse.Namespace, dict, Path], dict]
@@ -81,17 +81,24 @@ def _model_uri(args: argparse.Namespace, params: dict, pp: Path) -> str:
 
 
 def _serve(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    from cnnpipe.serving.local import load_registered, predictor_backend
-    from cnnpipe.serving.server import cnnpipe_invoke, make_server, serve_forever
+    import tempfile
 
+    from cnnpipe.serving.local import load_registered, served_model_file
+    from cnnpipe.serving.onnx_model import default_threads
+    from cnnpipe.serving.server import ModelInvoke, ServingApp, listen, serve
+
+    cfg = load_block(ServeConfig, "serve", params if "serve" in params else {**params, "serve": {}}, vars(args), pp)
     uri = _model_uri(args, params, pp)
     predictor, top_k = load_registered(tracking_config(params, args, pp), uri)
-    try:
-        server = make_server(cnnpipe_invoke(predictor_backend(predictor, top_k)), args.host, args.port)
-    except OSError as e:
-        raise CnnpipeError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    serve_forever(server, uri)
-    return {"served": uri, "stopped": True}
+    sock = listen(args.host, args.port)
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-serve-") as folder:
+        model_file = served_model_file(predictor, top_k, cfg.backend, Path(folder))
+        app = ServingApp(ModelInvoke(str(model_file), cfg.backend, top_k, cfg.max_body_bytes, cfg.max_pixels,
+                                     default_threads(cfg.workers)), cfg)
+        if cfg.workers == 1:
+            app.preload()  # a bad model fails here with one line, before the server starts
+        serve(app, sock, cfg, uri)
+    return {"served": uri, "backend": cfg.backend, "workers": cfg.workers, "stopped": True}
 
 
 def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
@@ -139,10 +146,15 @@ def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
 def _export(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.serving.local import load_registered
-    from cnnpipe.serving.sagemaker import export
 
     predictor, top_k = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp))
-    return export(predictor, top_k, args.output)
+    if args.target == "onnx":
+        from cnnpipe.serving.onnx_model import export_onnx
+
+        return export_onnx(predictor, top_k, args.output or Path("model.onnx"))
+    from cnnpipe.serving.sagemaker import export
+
+    return export(predictor, top_k, args.output or Path("model.tar.gz"))
 
 
 def _deploy(args: argparse.Namespace, params: dict, pp: Path) -> dict:
@@ -226,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     with_tracking(p, optional=False)
 
-    p = command("serve", "serve a registered model over HTTP (SageMaker's /ping and /invocations)", _serve, None)
+    p = command("serve", "serve a registered model over HTTP (SageMaker's /ping and /invocations)", _serve,
+                ServeConfig)
     p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -237,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
     p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
-    p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
+    p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write (default: predictions.csv)")
     p.add_argument("--batch-size", type=int, default=256, help="images per inference batch")
     with_tracking(p, optional=False)
 
@@ -268,11 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CNNPIPE_IMAGE) through Docker or podman's Docker API (DOCKER_HOST)")
     with_tracking(p, optional=False)
 
-    p = command("export", "package a registered model for a serving platform (sagemaker: model.tar.gz)", _export, None)
-    p.add_argument("target", choices=["sagemaker"], help="the platform")
+    p = command("export", "package a registered model for a serving platform (sagemaker: model.tar.gz; onnx: a "
+                          "model.onnx for ONNX Runtime)", _export, None)
+    p.add_argument("target", choices=["sagemaker", "onnx"], help="the platform")
     p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
-    p.add_argument("--output", type=Path, default=Path("model.tar.gz"), help="archive to write")
+    p.add_argument("--output", type=Path, help="file to write (default: model.tar.gz for sagemaker, model.onnx for onnx)")
     with_tracking(p, optional=False)
 
     p = command("deploy", "deploy a registered model to a SageMaker real-time endpoint (boto3)", _deploy, None)

@@ -115,6 +115,25 @@ class RegisterConfig:
 
 
 @dataclass
+class ServeConfig:
+    backend: str = knob("torch", "inference engine: torch, or onnxruntime (the model exported to ONNX at startup)",
+                        choices=("torch", "onnxruntime"))
+    workers: int = knob(1, "server processes, each with its own copy of the model", minimum=1, maximum=64)
+    max_body_bytes: int = knob(6 * 1024 * 1024, "request body limit, enforced while reading (413 past it)",
+                               minimum=1024)
+    max_pixels: int = knob(4096 * 4096, "pixels per image, checked from its header before decoding (413 past it)",
+                           minimum=64)
+    max_pending: int = knob(32, "requests a worker holds at once (reading, queued, predicting); more get a 503 "
+                                "with Retry-After", minimum=1)
+    header_timeout: float = knob(10.0, "seconds a client has to send a request's headers (408, then the "
+                                       "connection is closed)", minimum=0.1)
+    body_timeout: float = knob(30.0, "seconds a client has to send a request's body (408)", minimum=0.1)
+    keep_alive: float = knob(5.0, "seconds an idle kept-alive connection stays open", minimum=0.1)
+    shutdown_timeout: float = knob(30.0, "seconds SIGTERM waits for in-flight requests before closing them",
+                                   minimum=0.0)
+
+
+@dataclass
 class TrackingConfig:
     uri: str = knob("sqlite:///mlflow.db", "MLflow tracking URI (the MLFLOW_TRACKING_URI environment variable overrides it)")
     experiment: str = knob("cnnpipe", "MLflow experiment name")
@@ -126,6 +145,7 @@ BLOCKS: dict[str, type] = {
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "register": RegisterConfig,
+    "serve": ServeConfig,
     "tracking": TrackingConfig,
 }
 

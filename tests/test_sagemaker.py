@@ -7,17 +7,18 @@ import json
 import subprocess
 import sys
 import tarfile
-import threading
+import functools
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from cnnpipe.config import ServeConfig
 from cnnpipe.engine.checkpoint import ModelSpec, save_model
 from cnnpipe.models import build_model
 from cnnpipe.serving.predictor import Predictor
 from cnnpipe.serving.sagemaker import contract_invoke, deploy, export, extract, image_uri, load_inference
-from cnnpipe.serving.server import make_server
+from cnnpipe.serving.server import ServingApp, run_in_thread
 from tests.conftest import free_port, wait_for_http
 from tests.formats import encoded, sign_image
 
@@ -70,9 +71,7 @@ def test_the_four_handler_functions_on_real_images(archive, tmp_path):
 
 def test_local_contract_server(archive, tmp_path):
     model_dir = extract(archive[0], tmp_path / "model")
-    server = make_server(contract_invoke(model_dir), "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
+    base, stop = run_in_thread(ServingApp(functools.partial(contract_invoke, model_dir), ServeConfig()), ServeConfig())
     try:
         assert urllib.request.urlopen(f"{base}/ping", timeout=10).status == 200
         from PIL import Image
@@ -86,8 +85,7 @@ def test_local_contract_server(archive, tmp_path):
             urllib.request.urlopen(bad, timeout=30)
         assert err.value.code == 415
     finally:
-        server.shutdown()
-        server.server_close()
+        stop()
 
 
 def test_image_uri_follows_the_instance_type():

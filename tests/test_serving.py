@@ -61,21 +61,20 @@ def test_bad_images_are_named(predictor, bad, message):
 # --- the HTTP server -------------------------------------------------------------------------------
 
 import json  # noqa: E402
-import threading  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 
-from cnnpipe.serving.local import predictor_backend  # noqa: E402
-from cnnpipe.serving.server import MAX_PAYLOAD, cnnpipe_invoke, make_server  # noqa: E402
+from cnnpipe.config import ServeConfig  # noqa: E402
+from cnnpipe.serving.contract import MAX_PAYLOAD  # noqa: E402
+from cnnpipe.serving.server import ServingApp, cnnpipe_invoke, run_in_thread  # noqa: E402
 
 
 @pytest.fixture
 def server(predictor):
-    srv = make_server(cnnpipe_invoke(predictor_backend(predictor, 3)), "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    url, stop = run_in_thread(ServingApp(lambda: cnnpipe_invoke(predictor, 3, MAX_PAYLOAD, 4096 * 4096), ServeConfig()),
+                              ServeConfig())
+    yield url
+    stop()
 
 
 def post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
@@ -119,7 +118,7 @@ def test_top_k_from_params_and_query(server):
     assert len(post(f"{server}/invocations?top_k=4", encoded("PNG"), "image/png")[1]["predictions"][0]["top_k"]) == 4
     # a 400 that says why, not a dropped connection
     assert post(f"{server}/invocations?top_k=-1", encoded("PNG"), "image/png") == (
-        400, {"error": "top_k: expected an integer >= 1, got -1"})
+        400, {"error": "top_k: expected an integer from 1 to 4 (the number of classes), got -1"})
 
 
 @pytest.mark.parametrize("body, content_type, status, message", [

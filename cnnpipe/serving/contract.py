@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 MAX_PAYLOAD = 6 * 1024 * 1024  # SageMaker's real-time invocation limit
+MAX_PIXELS = 4096 * 4096  # per image, checked from its header before decoding: a decode costs ~3-4 bytes a pixel
+IMAGE_FORMATS = ("PNG", "JPEG", "PPM", "BMP", "WEBP", "GIF")  # what Pillow may open: not its every parser
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/x-portable-pixmap", "image/bmp", "image/webp",
                "application/x-image")
 JSON_KEYS = ("image", "images", "instances", "dataframe_split", "dataframe_records", "inputs")
@@ -32,9 +34,10 @@ JSON_KEYS = ("image", "images", "instances", "dataframe_split", "dataframe_recor
 class RequestError(ValueError):
     """A bad request: `status` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, close: bool = False):
         super().__init__(message)
         self.status = status
+        self.close = close  # the server should close the connection after answering (body left unread)
 
 
 def decode_value(value, i: int):  # noqa: ANN001, ANN201 - bytes | np.ndarray
@@ -49,9 +52,12 @@ def decode_value(value, i: int):  # noqa: ANN001, ANN201 - bytes | np.ndarray
         except (binascii.Error, ValueError):
             raise RequestError(f"image {i}: not valid base64") from None
     if isinstance(value, list):
-        arr = np.asarray(value)
-        if arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 0 or arr.max() > 255:
-            raise RequestError(f"image {i}: expected an array of integers 0..255")
+        try:
+            arr = np.asarray(value)
+        except ValueError:  # ragged or too deeply nested lists
+            arr = np.asarray([])
+        if arr.dtype.kind not in "iu" or arr.ndim not in (2, 3) or arr.size == 0 or arr.min() < 0 or arr.max() > 255:
+            raise RequestError(f"image {i}: expected base64 text or a pixel array (H x W [x C] integers 0..255)")
         return arr.astype(np.uint8)
     raise RequestError(f"image {i}: expected base64 text or a pixel array, got {type(value).__name__}")
 
@@ -70,13 +76,28 @@ def _column(frame, where: str) -> list:  # noqa: ANN001
     raise RequestError(f"{where}: expected an 'image' column")
 
 
-def parse_body(body: bytes, content_type: str) -> tuple[list, int | None]:
+def parse_top_k(value, where: str) -> int:  # noqa: ANN001 - whatever the request held
+    """A requested top_k: an integer (JSON number or decimal text), not a bool, float, NaN or string of words."""
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) < 20:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise RequestError(f"{where}: expected an integer >= 1, got {str(value)[:40]!r}")
+
+
+def check_top_k(top_k: int, num_classes: int, where: str = "top_k") -> int:
+    if not 1 <= top_k <= num_classes:
+        raise RequestError(f"{where}: expected an integer from 1 to {num_classes} (the number of classes), got {top_k}")
+    return top_k
+
+
+def parse_body(body: bytes, content_type: str, max_bytes: int = MAX_PAYLOAD) -> tuple[list, int | None]:
     """The images of a request body (bytes or uint8 arrays) and its top_k (None: the default)."""
     kind = (content_type or "").split(";")[0].strip().lower()
     if not body:
         raise RequestError("empty request body")
-    if len(body) > MAX_PAYLOAD:
-        raise RequestError(f"payload of {len(body):,} bytes exceeds the {MAX_PAYLOAD:,}-byte limit", 413)
+    if len(body) > max_bytes:
+        raise RequestError(f"payload of {len(body):,} bytes exceeds the {max_bytes:,}-byte limit", 413)
     if kind in IMAGE_TYPES:
         return [body], None
     if kind != "application/json":
@@ -86,6 +107,8 @@ def parse_body(body: bytes, content_type: str) -> tuple[list, int | None]:
         obj = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("body is not valid JSON: nested too deeply") from None
     key = next((k for k in JSON_KEYS if isinstance(obj, dict) and k in obj), None)
     if key is None:
         raise RequestError(f"expected a JSON object with one of the keys {', '.join(JSON_KEYS)}")
@@ -93,11 +116,10 @@ def parse_body(body: bytes, content_type: str) -> tuple[list, int | None]:
     raw = [value] if key == "image" else value if key == "images" else _column(value, key)
     if not isinstance(raw, list) or not raw:
         raise RequestError("no images in the request")
-    top_k = (obj.get("params") or {}).get("top_k")
-    try:
-        top_k = int(top_k) if top_k is not None else None
-    except (TypeError, ValueError):
-        raise RequestError(f"params.top_k: expected an integer, got {top_k!r}") from None
+    params = obj.get("params") or {}
+    if not isinstance(params, dict):
+        raise RequestError(f"params: expected a JSON object like {{\"top_k\": 3}}, got {type(params).__name__}")
+    top_k = parse_top_k(params["top_k"], "params.top_k") if params.get("top_k") is not None else None
     return [decode_value(v, i) for i, v in enumerate(raw)], top_k
 
 
@@ -114,23 +136,42 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def to_array(image, size: int, channels: int, i: int = 0) -> np.ndarray:  # noqa: ANN001
+def open_image(data: bytes, size: int, channels: int, i: int = 0, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read an encoded image's header, refuse it past `max_pixels` before any decoding, and let a large
+    JPEG decode at a reduced scale (DCT scaling: 1/2 .. 1/8) that still covers size x size."""
+    try:
+        pil = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise RequestError(f"image {i}: not a readable image (expected {', '.join(IMAGE_FORMATS)})") from None
+    except Image.DecompressionBombError as e:
+        raise RequestError(f"image {i}: {e}", 413) from None
+    except (OSError, ValueError, SyntaxError) as e:  # Pillow's parsers raise all three on a broken header
+        raise RequestError(f"image {i}: not a readable image ({e})") from None
+    width, height = pil.size
+    if width * height > max_pixels:
+        raise RequestError(f"image {i}: {width}x{height} = {width * height:,} pixels exceeds the budget of "
+                           f"{max_pixels:,} pixels per image", 413)
+    if width * height == 0:
+        raise RequestError(f"image {i}: not a readable image (size {width}x{height})")
+    if pil.format == "JPEG":
+        pil.draft("L" if channels == 1 else "RGB", (size, size))
+    return pil
+
+
+def to_array(image, size: int, channels: int, i: int = 0, max_pixels: int = MAX_PIXELS) -> np.ndarray:  # noqa: ANN001
     """Encoded bytes or a uint8 H x W [x C] array -> uint8 size x size x channels, as training saw it."""
     if isinstance(image, (bytes, bytearray)):
-        try:
-            pil = Image.open(io.BytesIO(image))
-        except UnidentifiedImageError:
-            raise RequestError(f"image {i}: not a readable image (not PNG, JPEG, PPM, BMP, WebP, ...)") from None
-        except OSError as e:
-            raise RequestError(f"image {i}: not a readable image ({e})") from None
+        pil = open_image(bytes(image), size, channels, i, max_pixels)
     else:
         arr = np.asarray(image)
         if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
             raise RequestError(f"image {i}: expected uint8 H x W [x 1|3|4], got {arr.dtype} {arr.shape}")
+        if arr.shape[0] * arr.shape[1] > max_pixels:
+            raise RequestError(f"image {i}: {arr.shape[1]}x{arr.shape[0]} pixels exceeds the budget of {max_pixels:,}", 413)
         pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
     try:
         pil = to_mode(pil, channels).resize((size, size), Image.Resampling.BILINEAR)
-    except (OSError, ValueError) as e:  # truncated data only fails when decoded
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated data only fails when decoded
         raise RequestError(f"image {i}: not a readable image ({e})") from None
     return np.asarray(pil).reshape(size, size, channels)
 
@@ -174,7 +215,9 @@ def predict_fn(input_data: dict, model: dict) -> list[dict]:
     x = (x - torch.tensor(meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(meta["std"]).view(1, -1, 1, 1)
     with torch.no_grad():
         probs = model["model"](x).float().softmax(1)
-    return answer(probs, meta["classes"], input_data["top_k"] or meta["top_k"])
+    top_k = input_data["top_k"]
+    top_k = check_top_k(top_k, len(meta["classes"])) if top_k is not None else min(meta["top_k"], len(meta["classes"]))
+    return answer(probs, meta["classes"], top_k)
 
 
 def output_fn(prediction: list[dict], accept: str) -> str:

@@ -9,26 +9,39 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cnnpipe.config import TrackingConfig
+from cnnpipe.config import TrackingConfig, sqlite_path
 from cnnpipe.data.decode import IMAGE_SUFFIXES
+from cnnpipe.engine.checkpoint import save_model
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
 from cnnpipe.serving.predictor import Predictor
-from cnnpipe.serving.server import Backend
 
 
 def load_registered(tracking: TrackingConfig, model_uri: str) -> tuple[Predictor, int]:
     """The predictor inside a registered pyfunc, and the top_k its signature declares as default."""
     from cnnpipe.tracking import Registry
 
-    pyfunc = Registry(tracking.uri).load_pyfunc(model_uri)
+    hint = "run `dvc repro` to train and register one, or pass --model"
+    db = sqlite_path(tracking.uri)
+    if model_uri.startswith("models:/") and db is not None and not db.exists():  # MLflow would create an empty one
+        raise CnnpipeError(f"no model registered yet (no MLflow store at '{db}'): {hint}")
+    try:
+        pyfunc = Registry(tracking.uri).load_pyfunc(model_uri)
+    except CnnpipeError as e:
+        raise CnnpipeError(f"{e} ({hint})" if model_uri.startswith("models:/") else str(e)) from None
     schema = pyfunc.metadata.get_params_schema()
     top_k = next((p.default for p in (schema.params if schema else []) if p.name == "top_k"), 5)
     return pyfunc.unwrap_python_model().predictor, int(top_k)
 
 
-def predictor_backend(predictor: Predictor, default_top_k: int) -> Backend:
-    return lambda images, top_k: predictor.predict(predictor.preprocess(images), top_k or default_top_k)
+def served_model_file(predictor: Predictor, top_k: int, backend: str, folder: Path) -> Path:
+    """The file each server worker loads: a cnnpipe model file (torch) or an ONNX export (onnxruntime)."""
+    if backend == "onnxruntime":
+        from cnnpipe.serving.onnx_model import export_onnx
+
+        return Path(export_onnx(predictor, top_k, folder / "model.onnx")["onnx"])
+    save_model(folder / "model.pt", predictor.model, predictor.spec)
+    return folder / "model.pt"
 
 
 def image_files(paths: list[Path]) -> list[Path]:
@@ -69,6 +82,9 @@ def predict_files(predictor: Predictor, paths: list[Path], output: Path, batch_s
         writer = csv.writer(fh)
         writer.writerow(["path", "predicted_class", "predicted_class_index", "confidence", "error"])
         writer.writerows(rows)
+    if bad == len(files):
+        raise CnnpipeError(f"none of the {len(files)} file(s) could be predicted (the error column of '{output}' "
+                           "says why)")
     if bad:
         print(f"predict: {bad} of {len(files)} file(s) could not be read (their rows carry the error)", file=sys.stderr)
     return {"files": len(files), "predicted": len(files) - bad, "unreadable": bad, "output": str(output)}

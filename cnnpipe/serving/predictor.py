@@ -10,7 +10,12 @@ import torch
 from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.inference import predict_logits, stats_tensors, to_nchw_uint8
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.serving.contract import RequestError, answer, to_array
+from cnnpipe.serving.contract import MAX_PIXELS, RequestError, answer, to_array
+
+
+def decode_images(spec: ModelSpec, images: list[bytes | np.ndarray], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode, convert to the model's channels and resize: uint8 N x S x S x C (RequestError if bad)."""
+    return np.stack([to_array(img, spec.image_size, spec.in_channels, i, max_pixels) for i, img in enumerate(images)])
 
 
 class Predictor:
@@ -23,11 +28,12 @@ class Predictor:
         model, spec = load_model(path, device)
         return cls(model, spec, torch.device(device))
 
+    def decode(self, images: list[bytes | np.ndarray], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+        return decode_images(self.spec, images, max_pixels)
+
     def preprocess(self, images: list[bytes | np.ndarray]) -> np.ndarray:
-        """Decode, convert to the model's channels and resize: uint8 N x S x S x C."""
-        size, channels = self.spec.image_size, self.spec.in_channels
         try:
-            return np.stack([to_array(img, size, channels, i) for i, img in enumerate(images)])
+            return self.decode(images)
         except RequestError as e:
             raise CnnpipeError(str(e)) from None
 

@@ -1,0 +1,86 @@
+"""The model as an ONNX file for CPU serving with ONNX Runtime: uint8 N x C x H x W in, probabilities out
+(normalization and softmax inside the graph); the ModelSpec and the default top_k travel in its metadata,
+so the file alone is servable and no code comes with it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnpipe.engine.checkpoint import ModelSpec
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.fsio import atomic_file
+from cnnpipe.serving.contract import MAX_PIXELS, answer
+from cnnpipe.serving.predictor import Predictor, decode_images
+
+SPEC_KEY, TOP_K_KEY = "cnnpipe.spec", "cnnpipe.top_k"
+
+
+class Probabilities(nn.Module):
+    """uint8 images -> class probabilities, as Predictor.predict computes them."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images.float() / 255.0 - self.mean) / self.std).float().softmax(1)
+
+
+def export_onnx(predictor: Predictor, top_k: int, output: Path) -> dict:
+    """Write `predictor`'s model as ONNX (dynamic batch) with its spec and top_k as metadata."""
+    import onnx
+
+    spec = predictor.spec
+    wrapped = Probabilities(predictor.model, spec).cpu().eval()
+    example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size, dtype=torch.uint8)
+    with atomic_file(output) as tmp, contextlib.redirect_stdout(sys.stderr):  # the exporter prints its steps
+        program = torch.onnx.export(wrapped, (example,), input_names=["images"], output_names=["probabilities"],
+                                    dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True)
+        proto = program.model_proto
+        for key, value in ((SPEC_KEY, json.dumps(asdict(spec))), (TOP_K_KEY, str(top_k))):
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, str(tmp))
+    return {"onnx": str(output), "bytes": output.stat().st_size, "classes": len(spec.classes)}
+
+
+class OnnxPredictor:
+    """Predictor's decode and predict, on an ONNX Runtime CPU session."""
+
+    def __init__(self, path: Path | str, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            meta = self.session.get_modelmeta().custom_metadata_map
+            self.spec = ModelSpec(**json.loads(meta[SPEC_KEY]))
+            self.top_k = int(meta[TOP_K_KEY])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CnnpipeError(f"'{path}': not an ONNX model written by `cnnpipe export onnx` ({e})") from None
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types for unreadable files
+            raise CnnpipeError(f"'{path}': not a readable ONNX model: {str(e).splitlines()[0]}") from None
+
+    def decode(self, images: list, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+        return decode_images(self.spec, images, max_pixels)
+
+    def predict(self, images: np.ndarray, top_k: int = 5) -> list[dict]:
+        x = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2))
+        probs = self.session.run(None, {"images": x})[0]
+        return answer(torch.from_numpy(probs), self.spec.classes, top_k)
+
+
+def default_threads(workers: int) -> int:
+    """Inference threads per worker process: the cores shared out, at least one."""
+    return max(1, (os.cpu_count() or 1) // workers)
