@@ -19,6 +19,7 @@ import binascii
 import io
 import json
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -140,11 +141,13 @@ def open_image(data: bytes, size: int, channels: int, i: int = 0, max_pixels: in
     """Read an encoded image's header, refuse it past `max_pixels` before any decoding, and let a large
     JPEG decode at a reduced scale (DCT scaling: 1/2 .. 1/8) that still covers size x size."""
     try:
-        pil = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        with warnings.catch_warnings():  # Pillow's bomb warning: the pixel budget below is the check
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            pil = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError:
         raise RequestError(f"image {i}: not a readable image (expected {', '.join(IMAGE_FORMATS)})") from None
     except Image.DecompressionBombError as e:
-        raise RequestError(f"image {i}: {e}", 413) from None
+        raise RequestError(f"image {i}: its size exceeds the budget of {max_pixels:,} pixels per image ({e})", 413) from None
     except (OSError, ValueError, SyntaxError) as e:  # Pillow's parsers raise all three on a broken header
         raise RequestError(f"image {i}: not a readable image ({e})") from None
     width, height = pil.size

@@ -160,9 +160,10 @@ class ServingApp:
             what = "method" if exc.status_code == 405 else "route"
             return error(exc.status_code, f"no {what} {request.method} {request.url.path}; {ROUTES_HINT}")
 
-        return Starlette(routes=[Route("/ping", ping, methods=["GET"]),
-                                 Route("/invocations", invocations, methods=["POST"])],
-                         exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+        app = Starlette(routes=[Route("/ping", ping, methods=["GET"]), Route("/invocations", invocations, methods=["POST"])],
+                        exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+        app.router.redirect_slashes = False  # a 404 naming the routes, not a redirect
+        return app
 
 
 async def read_body(request: Any, limit: int, timeout: float) -> bytes:
@@ -239,6 +240,19 @@ class GuardedH11Protocol(H11Protocol):
             timeout = getattr(self.config, "header_timeout", 10.0)
             self.write_json(408, f"request headers not received within {timeout:g} s")
         self.transport.close()
+
+    def eof_received(self) -> bool:
+        """The client closed its sending side. A complete request still gets its answer (stock uvicorn
+        would close at once); a request cut short gets a 400 saying so."""
+        state = self.conn.their_state
+        if state is h11.DONE and self.cycle is not None and not self.cycle.response_complete:
+            return True  # keep the transport open for the answer on its way
+        if state is h11.SEND_BODY and self.cycle is not None and not self.cycle.response_started:
+            self.write_json(400, "request body cut short: the client stopped sending before its end")
+        elif state is h11.IDLE and self.conn.trailing_data[0]:
+            self.write_json(400, "request head cut short: the client stopped sending before the blank line")
+        self.transport.close()
+        return False
 
     def send_400_response(self, msg: str) -> None:
         e = self.conn.last_error
