@@ -13,6 +13,9 @@ from cnnpipe.serving.contract import RequestError, decode_value
 from cnnpipe.serving.predictor import Predictor
 
 CHECKPOINT = "checkpoint"  # the artifact key of the model file
+EXPECTED_SHAPES = ('Expected a column "image" of base64 PNG/JPEG/PPM/BMP/WebP images or uint8 H x W [x C] pixel '
+                   'arrays, e.g. {"dataframe_split": {"columns": ["image"], "data": [[b64], ...]}}, '
+                   '{"instances": [b64, ...]} or {"inputs": {"image": [b64, ...]}}')
 
 
 def _decode(value: Any, i: int) -> bytes | np.ndarray:
@@ -27,7 +30,12 @@ def to_images(model_input: Any) -> list[bytes | np.ndarray]:
     if isinstance(model_input, pd.DataFrame):
         if "image" not in model_input.columns:
             raise CnnpipeError(f"input: expected a column 'image', got {list(model_input.columns)}")
-        return [_decode(v, i) for i, v in enumerate(model_input["image"])]
+        # `mlflow models serve` turns {"instances": [b64, ...]} and {"inputs": {"image": [b64, ...]}} into
+        # one row holding the whole list: a cell of texts is that many images
+        cells = [v for cell in model_input["image"] for v in
+                 (cell if isinstance(cell, (list, np.ndarray)) and len(cell) and all(isinstance(x, str) for x in cell)
+                  else [cell])]
+        return [_decode(v, i) for i, v in enumerate(cells)]
     if isinstance(model_input, np.ndarray):
         if model_input.dtype != np.uint8 or model_input.ndim not in (3, 4):
             raise CnnpipeError(f"input: expected a uint8 N x H x W [x C] array, got {model_input.dtype} {model_input.shape}")
@@ -50,4 +58,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     # warns once that hints are missing; the logged signature does that job)
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input,  # noqa: ANN001
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return predict_frame(self.predictor, model_input, int((params or {}).get("top_k", 5)))
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return predict_frame(self.predictor, model_input, int((params or {}).get("top_k", 5)))
+        except CnnpipeError as e:  # MLflow's scoring server shows an MlflowException's text, not others'
+            raise MlflowException.invalid_parameter_value(f"{e}. {EXPECTED_SHAPES}") from None
