@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -190,12 +191,18 @@ def test_mlflow_models_serve_the_champion(workspace, first_repro):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/ping", proc, seconds=120)
-        body = json.dumps({"dataframe_split": {"columns": ["image"],
-                                               "data": [[base64.b64encode(gtsrb_sized_png()).decode()]]}}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+        b64 = base64.b64encode(gtsrb_sized_png()).decode()
+        for payload, n in (({"dataframe_split": {"columns": ["image"], "data": [[b64]]}}, 1),
+                           ({"instances": [b64, b64]}, 2), ({"inputs": {"image": [b64]}}, 1)):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+            preds = json.load(urllib.request.urlopen(req, timeout=60))["predictions"]
+            assert len(preds) == n and {"predicted_class", "predicted_class_index", "confidence", "top_k"} <= set(preds[0])
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=b'{"instances": [[1, "x"]]}',
                                      headers={"Content-Type": "application/json"}, method="POST")
-        pred = json.load(urllib.request.urlopen(req, timeout=60))["predictions"][0]
-        assert {"predicted_class", "predicted_class_index", "confidence", "top_k"} <= set(pred)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        assert err.value.code == 400 and 'Expected a column "image"' in json.loads(err.value.read())["message"]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # mlflow leaves a uvicorn child: stop the whole group
         proc.wait(timeout=30)

@@ -88,7 +88,7 @@ class Server:
             return False
 
     def rss_mb(self) -> float:
-        for line in open(f"/proc/{self.proc.pid}/status"):
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         raise AssertionError("no VmRSS")
