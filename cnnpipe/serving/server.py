@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import h11
+from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cnnpipe.config import ServeConfig
@@ -210,7 +211,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.conn = _Connection(h11.SERVER, self.conn._max_incomplete_event_size)
+        self.conn = _Connection(h11.SERVER, self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE)
         self.header_timer: asyncio.TimerHandle | None = None
 
     def arm_header_timer(self) -> None:
@@ -234,8 +235,12 @@ class GuardedH11Protocol(H11Protocol):
             self.arm_header_timer()
 
     def header_timeout_handler(self) -> None:
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
-            return  # closed, or the headers came: the body has its own deadline
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is not h11.IDLE:
+            if self.cycle is not None and self.cycle.response_complete:
+                self.transport.close()  # answered (a 413, say), and the rest of the body still trickles in
+            return  # else the headers came: the body has its own deadline
         if self.conn.trailing_data[0]:  # part of a request came, then nothing: say so
             timeout = getattr(self.config, "header_timeout", 10.0)
             self.write_json(408, f"request headers not received within {timeout:g} s")
