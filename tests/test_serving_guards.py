@@ -2,7 +2,7 @@
 fuzzed over bodies, headers, query strings and JSON (http.client) and over raw bytes (bad length
 headers, truncated bodies, stalls). Every request must get an HTTP answer with a JSON body, and the
 server's memory must stay bounded. Plus property tests of the image guards (pixel budget, declared-huge
-headers, truncated images) on the contract itself."""
+headers, truncated images) on the contract itself. The server tests run a server process: e2e."""
 
 from __future__ import annotations
 
@@ -199,6 +199,7 @@ def test_large_jpegs_decode_at_reduced_scale_and_agree():
 
 # --- the server ----------------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_valid_requests_and_named_errors(server):
     port = server.port
     assert request(port, "POST", "/invocations", png(), {"Content-Type": "image/png"})[0] == 200
@@ -218,6 +219,7 @@ def test_valid_requests_and_named_errors(server):
     assert request(port, "GET", "/invocations", None, {})[0] == 405
 
 
+@pytest.mark.e2e
 def test_bad_framing_and_stalls_get_json_answers(server):
     port = server.port
     head = "POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
@@ -263,6 +265,7 @@ queries = st.sampled_from(["", "?top_k=2", "?top_k=abc", "?top_k=-1", "?top_k=1e
     st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="#"), max_size=20).map(lambda q: "?" + q)
 
 
+@pytest.mark.e2e
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "DELETE"]),
@@ -282,6 +285,7 @@ def test_fuzzed_requests_always_get_a_json_answer(server, method, path, query, b
         assert isinstance(out.get("error"), str)
 
 
+@pytest.mark.e2e
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(length=st.sampled_from(["", "0", "-1", "abc", "1e3", " 10", "10 ", "0x10", "99999999999999999999",
                                "10, 10", "4294967296"]),
@@ -294,6 +298,7 @@ def test_fuzzed_framing_always_gets_a_json_answer(server, length, chunked, sent,
     assert 400 <= status < 500 and isinstance(out["error"], str), (status, out)
 
 
+@pytest.mark.e2e
 def test_memory_stays_bounded_under_bombs_and_big_bodies(server):
     """Bombs within the body limit and bodies past it, many times: RSS grows by less than 60 MB."""
     bomb = png_declaring(900, 1000, zlib.compress(b"\x00" * (901 * 1000), 9))  # within the budget: decoded
@@ -309,6 +314,7 @@ def test_memory_stays_bounded_under_bombs_and_big_bodies(server):
     assert server.rss_mb() - before < 60, (before, server.rss_mb())
 
 
+@pytest.mark.e2e
 def test_busy_server_answers_503_with_retry_after(server):
     """More stalled requests than max_pending (8): the next one is turned away at once, with Retry-After."""
     head = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\n"
@@ -327,6 +333,7 @@ def test_busy_server_answers_503_with_retry_after(server):
             s.close()
 
 
+@pytest.mark.e2e
 def test_sigterm_finishes_the_request_in_flight(model_file):
     srv = Server(model_file, workers=2)
     body = png()
