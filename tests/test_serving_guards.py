@@ -348,3 +348,26 @@ def test_sigterm_finishes_the_request_in_flight(model_file):
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert srv.proc.wait(timeout=60) == 0
     assert "Traceback" not in srv.log.read_text()
+
+
+any_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | st.just(b64(png(4, 4))),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(["image", "images", "instances", "inputs", "dataframe_split", "dataframe_records", "columns",
+                         "data", "b64", "params", "top_k"]) | st.text(max_size=4), children, max_size=4),
+    max_leaves=10)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=any_json | st.builds(lambda c, d: {"dataframe_split": {"columns": c, "data": d}},
+                                 st.just(["image"]) | any_json, any_json))
+def test_parse_body_and_decode_raise_only_request_errors(body):
+    """Whatever JSON arrives, the contract answers with images or a RequestError (never TypeError & co)."""
+    from cnnpipe.serving.contract import parse_body
+
+    try:
+        images, _ = parse_body(json.dumps(body).encode(), "application/json")
+        for i, image in enumerate(images):
+            to_array(image, 16, 3, i)
+    except RequestError as e:
+        assert 400 <= e.status < 500 and str(e)

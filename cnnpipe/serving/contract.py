@@ -65,10 +65,13 @@ def decode_value(value, i: int):  # noqa: ANN001, ANN201 - bytes | np.ndarray
 
 def _column(frame, where: str) -> list:  # noqa: ANN001
     if isinstance(frame, dict) and "columns" in frame:  # dataframe_split
-        if "image" not in frame["columns"]:
-            raise RequestError(f"{where}: expected a column 'image', got {frame['columns']}")
-        k = frame["columns"].index("image")
-        return [row[k] for row in frame.get("data", [])]
+        columns, data = frame["columns"], frame.get("data", [])
+        if not isinstance(columns, list) or "image" not in columns:
+            raise RequestError(f"{where}: expected a column 'image', got {str(columns)[:80]}")
+        k = columns.index("image")
+        if not isinstance(data, list) or not all(isinstance(row, list) and len(row) > k for row in data):
+            raise RequestError(f"{where}: expected 'data' as rows (lists), each with an 'image' value")
+        return [row[k] for row in data]
     if isinstance(frame, list):  # dataframe_records, instances
         return [r.get("image", r.get("b64")) if isinstance(r, dict) else r for r in frame]
     if isinstance(frame, dict) and "image" in frame:  # inputs: {"image": [...]}
