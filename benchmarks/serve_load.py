@@ -68,6 +68,7 @@ def build_model(ws: Path, zip_path: Path, epochs: int) -> str:
     for stage in ("ingest", "augment", "train", "evaluate", "register"):
         print(f"model: {stage} ({dataset}) ...", file=sys.stderr, flush=True)
         cnnpipe(ws, stage)
+    (ws / "dataset.txt").write_text(dataset)
     return dataset
 
 
@@ -106,7 +107,9 @@ def group_rss_mb(pgid: int) -> float:
 
 
 def start(cmd: list[str], ws: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}"}
+    # mlflow models serve starts `uvicorn` by name: this environment's bin first on PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -199,12 +202,16 @@ def main() -> None:
     parser.add_argument("--zip", type=Path, default=GTSRB_ZIP)
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-serve-load"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve_load.json")
+    parser.add_argument("--reuse", action="store_true", help="serve the model a previous run left in --work")
     args = parser.parse_args()
     ws = args.work
-    shutil.rmtree(ws, ignore_errors=True)
-    ws.mkdir(parents=True)
     load_before = [round(x, 2) for x in os.getloadavg()]
-    dataset = build_model(ws, args.zip, args.epochs)
+    if args.reuse and (ws / "dataset.txt").exists():
+        dataset = (ws / "dataset.txt").read_text()
+    else:
+        shutil.rmtree(ws, ignore_errors=True)
+        ws.mkdir(parents=True)
+        dataset = build_model(ws, args.zip, args.epochs)
     png = sample_png(args.zip)
     as_json = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png).decode()]]}})
     png_body, json_body = (png, "image/png"), (as_json.encode(), "application/json")
