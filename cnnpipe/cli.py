@@ -84,8 +84,7 @@ def _serve(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     import tempfile
 
     from cnnpipe.serving.local import load_registered, served_model_file
-    from cnnpipe.serving.onnx_model import default_threads
-    from cnnpipe.serving.server import ModelInvoke, ServingApp, listen, serve
+    from cnnpipe.serving.server import INFERENCE_THREADS, ModelInvoke, ServingApp, listen, serve
 
     cfg = load_block(ServeConfig, "serve", params if "serve" in params else {**params, "serve": {}}, vars(args), pp)
     uri = _model_uri(args, params, pp)
@@ -94,7 +93,7 @@ def _serve(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="cnnpipe-serve-") as folder:
         model_file = served_model_file(predictor, top_k, cfg.backend, Path(folder))
         app = ServingApp(ModelInvoke(str(model_file), cfg.backend, top_k, cfg.max_body_bytes, cfg.max_pixels,
-                                     default_threads(cfg.workers)), cfg)
+                                     INFERENCE_THREADS), cfg)
         if cfg.workers == 1:
             app.preload()  # a bad model fails here with one line, before the server starts
         serve(app, sock, cfg, uri)

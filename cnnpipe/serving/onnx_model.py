@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -79,8 +78,3 @@ class OnnxPredictor:
         x = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2))
         probs = self.session.run(None, {"images": x})[0]
         return answer(torch.from_numpy(probs), self.spec.classes, top_k)
-
-
-def default_threads(workers: int) -> int:
-    """Inference threads per worker process: the cores shared out, at least one."""
-    return max(1, (os.cpu_count() or 1) // workers)
