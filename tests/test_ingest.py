@@ -33,7 +33,7 @@ GTSRB_ZIP = Path(__file__).resolve().parents[2] / "shared/data/GTSRB_Final_Train
 def run_ingest(tmp_path: Path, **kw) -> tuple[dict, Path]:
     cfg = IngestConfig(**{"image_size": 16, "channels": 3, **kw})
     out, report = tmp_path / "processed", tmp_path / "reports" / "ingest_report.json"
-    return ingest.run(cfg, out, report), out
+    return ingest.run(cfg=cfg, data=out, report=report), out
 
 
 def nothing_written(tmp_path: Path) -> bool:
