@@ -16,23 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cnnpipe import __version__
-from cnnpipe.config import (
-    EvaluateConfig,
-    RegisterConfig,
-    TrackingConfig,
-    TrainConfig,
-    add_flags,
-    apply_overrides,
-    load_block,
-    parse_assignments,
-    read_params,
-    sqlite_path,
-    tracking_config,
-)
-from cnnpipe.errors import EXIT_INTERRUPTED, EXIT_OK, CnnpipeError
+from cnnpipe.config import (EvaluateConfig, RegisterConfig, TrackingConfig, TrainConfig, add_flags, apply_overrides,
+                            load_block, parse_assignments, read_params, sqlite_path, tracking_config)
+from cnnpipe.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, CnnpipeError
 from cnnpipe.stages.spec import STAGES
 
 Handler = Callable[[argparse.Namespace, dict, Path], dict]
+
+# The optional dependency (pyproject's extras) that brings each module a command may import
+EXTRA_OF_MODULE = {"sklearn": "train", "matplotlib": "train", "uvicorn": "serve", "starlette": "serve",
+                   "mlflow": "mlflow", "pandas": "mlflow", "dvc": "dvc", "kfp": "kfp", "docker": "kfp",
+                   "boto3": "sagemaker", "botocore": "sagemaker"}
 
 
 def _cfg(cls: type, block: str, args: argparse.Namespace, params: dict, params_path: Path):  # noqa: ANN202
@@ -279,9 +273,18 @@ class _Uncoloured:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not sys.stderr.isatty():  # progress bars and colours are for terminals
-        sys.stderr = _Uncoloured(sys.stderr)
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if sys.stderr.isatty():
+        return _main(args)
+    # progress bars and colours are for terminals
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    stderr, sys.stderr = sys.stderr, _Uncoloured(sys.stderr)
+    try:
+        return _main(args)
+    finally:
+        sys.stderr = stderr
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         params = apply_overrides(read_params(args.params), parse_assignments(args.set))
         result = args.handler(args, params, args.params)
@@ -291,5 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cnnpipe {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as e:  # an extra this command needs is not installed; anything else is a bug
+        extra = EXTRA_OF_MODULE.get((e.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"cnnpipe {args.command}: error: this command needs {e.name}, which is not installed: "
+              f"pip install 'cnnpipe[{extra}]'", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(json.dumps(result, default=str))
     return EXIT_OK

@@ -22,10 +22,9 @@ IMAGE = os.environ.get("CNNPIPE_IMAGE", "localhost/cnnpipe:0.1.0")
 def ingest(params: str, overrides: list, data: Output[Dataset], report: Output[Artifact]):
     import yaml
 
-    from cnnpipe.config import parse_assignments
     from cnnpipe.stages.spec import run_stage
 
-    summary = run_stage("ingest", yaml.safe_load(params), overrides=parse_assignments(overrides, "override", one_per_item=True), data=data.path,
+    summary = run_stage("ingest", yaml.safe_load(params), overrides=overrides, data=data.path,
                         report=report.path)
     data.metadata.update({"images": summary["images"], "classes": summary["classes"], "source": summary["source"],
                           **({"dvc_commit": summary["dvc"]["commit"]} if "dvc" in summary else {})})
@@ -35,10 +34,9 @@ def ingest(params: str, overrides: list, data: Output[Dataset], report: Output[A
 def augment(params: str, overrides: list, data: Input[Dataset], augmented: Output[Dataset]):
     import yaml
 
-    from cnnpipe.config import parse_assignments
     from cnnpipe.stages.spec import run_stage
 
-    augmented.metadata.update(run_stage("augment", yaml.safe_load(params), overrides=parse_assignments(overrides, "override", one_per_item=True),
+    augmented.metadata.update(run_stage("augment", yaml.safe_load(params), overrides=overrides,
                                         data=data.path, augmented=augmented.path))
 
 
@@ -47,10 +45,9 @@ def train(params: str, overrides: list, tracking_uri: str, data: Input[Dataset],
           model: Output[Model]):
     import yaml
 
-    from cnnpipe.config import parse_assignments
     from cnnpipe.stages.spec import run_stage
 
-    result = run_stage("train", yaml.safe_load(params), overrides=parse_assignments(overrides, "override", one_per_item=True),
+    result = run_stage("train", yaml.safe_load(params), overrides=overrides,
                        tracking_uri=tracking_uri, data=data.path, augmented=augmented.path, model=model.path)
     model.metadata.update({k: v for k, v in result.items() if v is not None})
 
@@ -65,11 +62,10 @@ def evaluate(params: str, overrides: list, tracking_uri: str, model: Input[Model
 
     import yaml
 
-    from cnnpipe.config import parse_assignments
     from cnnpipe.evaluation.folder import CONFUSION_JSON, REPORT_HTML
     from cnnpipe.stages.spec import run_stage
 
-    scores = run_stage("evaluate", yaml.safe_load(params), overrides=parse_assignments(overrides, "override", one_per_item=True),
+    scores = run_stage("evaluate", yaml.safe_load(params), overrides=overrides,
                        tracking_uri=tracking_uri, model=model.path, data=data.path, evaluation=evaluation.path)
     for split, values in scores.items():
         for name, value in values.items():
@@ -84,10 +80,9 @@ def register(params: str, overrides: list, tracking_uri: str, model: Input[Model
              evaluation: Input[Artifact], record: Output[Artifact]) -> str:
     import yaml
 
-    from cnnpipe.config import parse_assignments
     from cnnpipe.stages.spec import run_stage
 
-    registration = run_stage("register", yaml.safe_load(params), overrides=parse_assignments(overrides, "override", one_per_item=True),
+    registration = run_stage("register", yaml.safe_load(params), overrides=overrides,
                              tracking_uri=tracking_uri, model=model.path, data=data.path,
                              evaluation=evaluation.path, record=record.path)
     return registration["model_uri"]

@@ -116,3 +116,17 @@ def test_kfp_component_artifacts_are_the_stage_ports(name):
     kfp_views = {"metrics", "classification", "report"} if name == "evaluate" else set()
     assert artifacts - kfp_views == {p.name for p in STAGES[name].ports}
     assert {"params", "overrides"} <= set(signature.parameters)
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """A core-only install (a serving image) running a command that needs an extra: which one to install."""
+    from cnnpipe.cli import main
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if not installed
+    assert main(["ingest"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cnnpipe ingest: error: this command needs matplotlib, which is not installed: "
+                   "pip install 'cnnpipe[train]'"]
+    assert not (tmp_path / "data/processed").exists()

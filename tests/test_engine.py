@@ -119,6 +119,7 @@ def test_checkpoint_errors(tmp_path):
     assert load_checkpoint(tmp_path / "ok.pt", {**cfg, "epochs": 5, "device": "cuda"})["epoch"] == 1
 
 
+@pytest.mark.e2e
 def test_engine_imports_and_trains_without_mlflow(tmp_path):
     """The training loop must run on a bare GPU box: no mlflow, dvc or kfp importable."""
     code = """
@@ -147,6 +148,7 @@ print("ok")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
+@pytest.mark.e2e
 def test_ddp_trains_with_two_cpu_processes(tmp_path):
     """The DistributedDataParallel path under torchrun, on CPU with the gloo backend."""
     write_tiny_dataset(tmp_path / "processed", n=24)

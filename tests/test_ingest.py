@@ -80,6 +80,7 @@ def test_gtsrb_split_keeps_tracks_whole(tmp_path):
 
 
 @pytest.mark.skipif(not GTSRB_ZIP.exists(), reason="the real GTSRB training zip is not in ../shared/data")
+@pytest.mark.e2e
 def test_real_gtsrb_zip(tmp_path):
     summary, out = run_ingest(tmp_path, source="gtsrb", path=str(GTSRB_ZIP), image_size=32)
     assert summary["images"] == 39209 and summary["bad_files"] == 0

@@ -15,16 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnpipe.config import (
-    AugmentConfig,
-    EvaluateConfig,
-    IngestConfig,
-    RegisterConfig,
-    TrainConfig,
-    apply_overrides,
-    load_block,
-    tracking_settings,
-)
+from cnnpipe.config import (AugmentConfig, EvaluateConfig, IngestConfig, RegisterConfig, TrainConfig, apply_overrides,
+                            load_block, parse_assignments, tracking_settings)
 
 
 @dataclass(frozen=True)
@@ -85,12 +77,12 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
 )}
 
 
-def run_stage(name: str, params: dict[str, Any], *, overrides: dict[str, Any] | None = None,
+def run_stage(name: str, params: dict[str, Any], *, overrides: list[str] = (),
               tracking_uri: str | None = None, params_path: Path = Path("params.yaml"), **paths: Any) -> dict:
-    """Run stage `name` with its block of `params` (after `overrides`, {"train.epochs": 5}) on `paths`, one
-    per port: what every orchestrator that is not the CLI calls."""
+    """Run stage `name` with its block of `params`, after `overrides` (["train.epochs=5"], one per item), on
+    `paths`, one per port: what every orchestrator that is not the CLI (a KFP component) calls."""
     stage = STAGES[name]
-    params = apply_overrides(params, overrides or {})
+    params = apply_overrides(params, parse_assignments(overrides, "override", one_per_item=True), "override")
     missing = {p.name for p in stage.ports} - set(paths)
     if missing:
         raise TypeError(f"stage {name}: missing paths {sorted(missing)}")
