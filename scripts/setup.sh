@@ -8,5 +8,5 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 # pip's warnings about this machine's unused local indexes are noise; errors still show
-.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,onnx]" 2> >(grep -v "^WARNING: Location" >&2)
+.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2)
 .venv/bin/cnnpipe --version

@@ -33,7 +33,7 @@ GTSRB_ZIP = Path(__file__).resolve().parents[2] / "shared/data/GTSRB_Final_Train
 def run_ingest(tmp_path: Path, **kw) -> tuple[dict, Path]:
     cfg = IngestConfig(**{"image_size": 16, "channels": 3, **kw})
     out, report = tmp_path / "processed", tmp_path / "reports" / "ingest_report.json"
-    return ingest.run(cfg, out, report), out
+    return ingest.run(cfg=cfg, data=out, report=report), out
 
 
 def nothing_written(tmp_path: Path) -> bool:
@@ -80,6 +80,7 @@ def test_gtsrb_split_keeps_tracks_whole(tmp_path):
 
 
 @pytest.mark.skipif(not GTSRB_ZIP.exists(), reason="the real GTSRB training zip is not in ../shared/data")
+@pytest.mark.e2e
 def test_real_gtsrb_zip(tmp_path):
     summary, out = run_ingest(tmp_path, source="gtsrb", path=str(GTSRB_ZIP), image_size=32)
     assert summary["images"] == 39209 and summary["bad_files"] == 0
@@ -164,7 +165,8 @@ def test_tutorial_pickles_use_their_official_splits(tmp_path):
     ds = read_dataset(out)
     assert summary["splits"] == {"train": 30, "val": 30, "test": 30}
     assert ds.classes[5] == "sign 5" and ds.manifest["split"]["official"] == ["val", "test"]
-    assert np.array_equal(ds.splits["train"].images[0], pickle.load(open(folder / "train.p", "rb"))["features"][0])
+    with open(folder / "train.p", "rb") as f:
+        assert np.array_equal(ds.splits["train"].images[0], pickle.load(f)["features"][0])
 
 
 def test_pickle_without_signnames_gets_gtsrb_names(tmp_path):

@@ -69,6 +69,7 @@ def test_the_four_handler_functions_on_real_images(archive, tmp_path):
         inference.predict_fn(inference.input_fn(b"garbage", "image/png"), model)
 
 
+@pytest.mark.e2e
 def test_local_contract_server(archive, tmp_path):
     model_dir = extract(archive[0], tmp_path / "model")
     base, stop = run_in_thread(ServingApp(functools.partial(contract_invoke, model_dir), ServeConfig()), ServeConfig())
@@ -110,6 +111,7 @@ def moto(monkeypatch):
     proc.wait(timeout=10)
 
 
+@pytest.mark.e2e
 def test_deploy_creates_model_endpoint_config_and_endpoint(archive, moto):
     import boto3
 
@@ -128,6 +130,7 @@ def test_deploy_creates_model_endpoint_config_and_endpoint(archive, moto):
     assert body == archive[0].read_bytes()
 
 
+@pytest.mark.e2e
 def test_unreachable_aws_is_one_clear_error(archive, moto, monkeypatch):
     from cnnpipe.errors import CnnpipeError
 

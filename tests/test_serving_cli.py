@@ -46,8 +46,8 @@ def workspace(tmp_path_factory) -> Path:
     save_model(ws / "data/model/model.pt", build_model("cnn3", 3, 3, 16, 8), spec)
     Tracker.start(tracking, "serving-test", {}).write_run_file(ws / "data/model")
     write_json(ws / "data/evaluation/metrics.json", {"test": {"accuracy": 0.5}})
-    register.run(RegisterConfig(model_name=NAME), ws / "data/model", data, ws / "data/evaluation",
-                 ws / "data/registered.json", tracking)
+    register.run(cfg=RegisterConfig(model_name=NAME), model=ws / "data/model", data=data,
+                 evaluation=ws / "data/evaluation", record=ws / "data/registered.json", tracking=tracking)
     return ws
 
 
