@@ -7,6 +7,7 @@ headers, truncated images) on the contract itself. The server tests run a server
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -130,10 +131,8 @@ def request(port: int, method: str, path: str, body: bytes | None, headers: dict
 def raw(port: int, data: bytes, half_close: bool = False, timeout: float = 10) -> tuple[int, dict]:
     """Send bytes as they are; the status and JSON body of what comes back (fail on a dropped connection)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        try:
+        with contextlib.suppress(OSError):  # the server may answer (and close) before all of it was sent
             s.sendall(data)
-        except OSError:
-            pass  # the server may answer (and close) before all of it was sent
         if half_close:
             s.shutdown(socket.SHUT_WR)
         got = b""

@@ -68,7 +68,7 @@ class OnnxPredictor:
             self.top_k = int(meta[TOP_K_KEY])
         except (KeyError, TypeError, ValueError) as e:
             raise CnnpipeError(f"'{path}': not an ONNX model written by `cnnpipe export onnx` ({e})") from None
-        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types for unreadable files
+        except Exception as e:  # onnxruntime's own exception types for unreadable files
             raise CnnpipeError(f"'{path}': not a readable ONNX model: {str(e).splitlines()[0]}") from None
 
     def decode(self, images: list, max_pixels: int = MAX_PIXELS) -> np.ndarray:

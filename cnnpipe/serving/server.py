@@ -20,7 +20,7 @@ import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
@@ -29,6 +29,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from cnnpipe.config import ServeConfig
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.serving.contract import RequestError, check_top_k, parse_body, parse_top_k
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, Response
 
 ROUTES_HINT = "use GET /ping or POST /invocations"
 # Inference threads per worker process. One: a request holds a few images, too little work to share out,
@@ -85,7 +92,7 @@ class ModelInvoke:
         return cnnpipe_invoke(predictor, self.top_k, self.max_body_bytes, self.max_pixels)
 
 
-def error(status: int, message: str, headers: dict[str, str] | None = None):
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     from starlette.responses import JSONResponse
 
     return JSONResponse({"error": message}, status, headers)
@@ -115,7 +122,7 @@ class ServingApp:
             self.app = self.build()
         await self.app(scope, receive, send)
 
-    def build(self):
+    def build(self) -> Starlette:
         import contextlib
 
         import anyio
@@ -126,17 +133,17 @@ class ServingApp:
         limiter = anyio.CapacityLimiter(1)  # one request decodes and predicts at a time per worker
 
         @contextlib.asynccontextmanager
-        async def lifespan(_app: Any):
+        async def lifespan(_app: Any) -> AsyncIterator[None]:
             if self.invoke is None:
                 self.invoke = await anyio.to_thread.run_sync(self.load)
             yield
 
-        async def ping(_request: Any):
+        async def ping(_request: Any) -> Response:
             from starlette.responses import JSONResponse
 
             return JSONResponse({"status": "ok"})
 
-        async def invocations(request: Any):
+        async def invocations(request: Any) -> Response:
             from starlette.requests import ClientDisconnect
 
             if self.pending >= self.cfg.max_pending:
@@ -152,7 +159,7 @@ class ServingApp:
                 return error(e.status, str(e), {"Connection": "close"} if e.close else None)
             except ClientDisconnect:
                 return error(400, "client disconnected")  # nobody reads it; uvicorn drops it
-            except Exception as e:  # noqa: BLE001 - a bug: answer 500, log one line, keep serving
+            except Exception as e:  # a bug: answer 500, log one line, keep serving
                 print(f"cnnpipe serve: internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 return error(500, f"internal error: {type(e).__name__}")
             finally:
@@ -161,7 +168,7 @@ class ServingApp:
 
             return JSONResponse(payload, status)
 
-        async def http_error(request: Any, exc: HTTPException):
+        async def http_error(request: Any, exc: HTTPException) -> Response:
             what = "method" if exc.status_code == 405 else "route"
             return error(exc.status_code, f"no {what} {request.method} {request.url.path}; {ROUTES_HINT}")
 
@@ -201,7 +208,7 @@ class _Connection(h11.Connection):
 
     last_error: h11.RemoteProtocolError | None = None
 
-    def next_event(self):
+    def next_event(self) -> Any:  # an h11 event, or NEED_DATA / PAUSED
         try:
             return super().next_event()
         except h11.RemoteProtocolError as e:
@@ -297,7 +304,7 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def uvicorn_config(app: ServingApp, sock: socket.socket, cfg: ServeConfig):
+def uvicorn_config(app: ServingApp, sock: socket.socket, cfg: ServeConfig) -> uvicorn.Config:
     import uvicorn
 
     host, port = sock.getsockname()[:2]
@@ -327,7 +334,7 @@ def serve(app: ServingApp, sock: socket.socket, cfg: ServeConfig, what: str) -> 
         uvicorn.Server(config).run(sockets=[sock])
 
 
-def run_in_thread(app: ServingApp, cfg: ServeConfig, host: str = "127.0.0.1"):
+def run_in_thread(app: ServingApp, cfg: ServeConfig, host: str = "127.0.0.1") -> tuple[str, Callable[[], None]]:
     """A single-process server on a free port in a thread (tests, the SageMaker archive's local check):
     returns (base URL, stop function)."""
     import threading
