@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,9 +58,11 @@ def read_history(model_dir: Path) -> list[dict[str, str]]:
 
 
 def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: TrackingConfig | None,
-        checkpoint: Path | None = None, resume: bool = False, run_tags: dict[str, str] | None = None) -> dict:
+        checkpoint: Path | None = None, resume: bool = False, run_tags: dict[str, str] | None = None,
+        on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict:
     """Train; with `checkpoint`, the full state is saved there after every epoch and removed on success,
-    and `resume` continues from it (into the same MLflow run)."""
+    and `resume` continues from it (into the same MLflow run). `on_epoch(stats)` sees every epoch's
+    metrics after they are logged (a tuner's pruner raises from it to stop the run)."""
     dist = init_distributed()
     ensure_writable_parent(out)
     processed = read_dataset(data, splits=("val",))
@@ -108,8 +111,13 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
             val_labels=torch.from_numpy(val_split.labels).to(device),
             mean=mean, std=std,
         )
-        on_epoch = (lambda s: tracker.log_metrics(s, step=int(s["epoch"]))) if tracker else None
-        result = fit(model, tensors, cfg, policy, on_epoch=on_epoch, checkpoint=save, resume=state, dist=dist)
+        def each_epoch(stats: dict[str, float]) -> None:
+            if tracker is not None:
+                tracker.log_metrics(stats, step=int(stats["epoch"]))
+            if on_epoch is not None:
+                on_epoch(stats)
+
+        result = fit(model, tensors, cfg, policy, on_epoch=each_epoch, checkpoint=save, resume=state, dist=dist)
         if dist.is_main:
             with atomic_dir(out) as tmp:
                 spec = ModelSpec(cfg.arch, cfg.width, aug.channels, len(aug.classes), aug.image_size,

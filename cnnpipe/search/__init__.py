@@ -1,0 +1,1 @@
+"""Searching over params: grids and tuned studies."""
