@@ -99,7 +99,7 @@ def test_resume_fails_an_abandoned_trial_and_counts_finished_trials(tmp_path, mo
 
     monkeypatch.chdir(tmp_path)
     data = write_tiny_dataset(tmp_path / "processed", classes=3, size=8)
-    augment.run(AugmentConfig(), data, tmp_path / "augmented")
+    augment.run(cfg=AugmentConfig(), data=data, augmented=tmp_path / "augmented")
     params = {"augment": {}, "train": {"arch": "mlp", "width": 8, "epochs": 2, "batch_size": 8, "device": "cpu"},
               "tune": {"study": "r", "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "n_trials": 3, "pruner": "none",
                        "space": {"train.lr": {"log_uniform": [0.01, 0.5]}}}}

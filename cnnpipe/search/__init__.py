@@ -1,1 +1,1 @@
-"""Searching over params: grids and tuned studies."""
+"""Hyperparameter search around the pipeline: grids (sweep) and sampled studies (tune)."""

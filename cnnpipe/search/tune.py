@@ -25,6 +25,8 @@ import optuna
 
 from cnnpipe.config import (AugmentConfig, Dimension, TrackingConfig, TrainConfig, TuneConfig, load_block,
                             sqlite_path)
+from cnnpipe.data.store import MANIFEST_FILE
+from cnnpipe.engine.model_folder import read_history
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file, write_json
 from cnnpipe.stages import augment, train
@@ -132,7 +134,7 @@ def _objective(job: Job, trial: optuna.Trial) -> float:
     augmented = job.augmented
     if any(key.startswith("augment.") for key in values):  # the policy (and balancing) depends on the trial
         augmented = folder / "augmented"
-        augment.run(aug_cfg, job.data, augmented)
+        augment.run(cfg=aug_cfg, data=job.data, augmented=augmented)
 
     def report(stats: dict[str, float]) -> None:
         epoch = int(stats["epoch"])
@@ -140,11 +142,11 @@ def _objective(job: Job, trial: optuna.Trial) -> float:
         if trial.should_prune():
             raise Pruned(f"pruned after epoch {epoch}")
 
-    result = train.run(train_cfg, job.data, augmented, folder / "model", job.tracking,
+    result = train.run(cfg=train_cfg, data=job.data, augmented=augmented, model=folder / "model", tracking=job.tracking,
                        run_tags={"mlflow.parentRunId": job.parent_run_id, TRIAL_TAG: str(trial.number),
                                  "mlflow.runName": f"{job.cfg.study}-{trial.number}"},
                        on_epoch=report)
-    history = train.read_history(folder / "model")
+    history = read_history(folder / "model")
     kept = history[result["best_epoch"] - 1] if train_cfg.early_stopping_patience else history[-1]
     return float(kept[job.cfg.metric])
 
@@ -204,7 +206,7 @@ def run(cfg: TuneConfig, space: dict[str, Dimension], params: dict[str, Any], tr
         raise CnnpipeError("tune.space: expected at least one dimension, e.g. train.lr: {log_uniform: [0.01, 1.0]}")
     if not cfg.n_trials and not cfg.timeout and cfg.sampler != "grid":
         raise CnnpipeError("tune: give a budget, tune.n_trials or tune.timeout (both are 0)")
-    for path, what in ((data / "manifest.json", "dataset"), (augmented / "manifest.json", "augmented dataset")):
+    for path, what in ((data / MANIFEST_FILE, "dataset"), (augmented / MANIFEST_FILE, "augmented dataset")):
         if not path.exists():
             raise CnnpipeError(f"{what} '{path.parent}' not found (run `dvc repro augment` first)")
     url = storage_url(cfg, tracking)
