@@ -49,22 +49,22 @@ def _parameter(dim: Dimension, cfg: TuneConfig) -> models.V1beta1ParameterSpec:
                                        feasible_space=space)
 
 
-def _command(space: dict[str, Dimension]) -> str:
+def _command(space: dict[str, Dimension], workdir: str) -> str:
     """ingest -> augment -> train in one container, each tuned knob a flag of its stage."""
     def flags(block: str) -> str:
         return "".join(f" --{key.split('.', 1)[1].replace('_', '-')}=${{trialParameters.{_name(key)}}}"
                        for key in space if key.startswith(f"{block}."))
 
-    p = "--params /tmp/params.yaml"
-    return (f'printf "%s" "${PARAMS_ENV}" > /tmp/params.yaml'
-            f" && cnnpipe ingest {p} --out /tmp/data/processed --report /tmp/data/ingest_report.json"
-            f" && cnnpipe augment {p} --data /tmp/data/processed --out /tmp/data/augmented{flags('augment')}"
-            f" && cnnpipe train {p} --data /tmp/data/processed --augmented /tmp/data/augmented --out /tmp/data/model"
-            f" --checkpoint /tmp/data/train.pt{flags('train')}")
+    w, p = workdir, f"--params {workdir}/params.yaml"
+    return (f'mkdir -p {w} && printf "%s" "${PARAMS_ENV}" > {w}/params.yaml'
+            f" && cnnpipe ingest {p} --out {w}/processed --report {w}/ingest_report.json"
+            f" && cnnpipe augment {p} --data {w}/processed --out {w}/augmented{flags('augment')}"
+            f" && cnnpipe train {p} --data {w}/processed --augmented {w}/augmented --out {w}/model"
+            f" --checkpoint {w}/train.pt{flags('train')}")
 
 
 def experiment(cfg: TuneConfig, space: dict[str, Dimension], params: dict[str, Any], tracking_uri: str,
-               image: str = IMAGE) -> models.V1beta1Experiment:
+               image: str = IMAGE, workdir: str = "/tmp/cnnpipe") -> models.V1beta1Experiment:
     """The Katib Experiment of this search: same space, metric, budget, parallelism and early stopping."""
     if not space:
         raise CnnpipeError("tune.space: expected at least one dimension to compile a Katib Experiment")
@@ -78,7 +78,7 @@ def experiment(cfg: TuneConfig, space: dict[str, Dimension], params: dict[str, A
             models.V1beta1EarlyStoppingSetting(name="start_step", value=str(cfg.warmup_epochs))])
     settings = [models.V1beta1AlgorithmSetting(name="random_state", value=str(cfg.seed))] \
         if cfg.sampler != "grid" else None
-    container = {"name": "training-container", "image": image, "command": ["sh", "-c", _command(space)],
+    container = {"name": "training-container", "image": image, "command": ["sh", "-c", _command(space, workdir)],
                  "env": [{"name": PARAMS_ENV, "value": json.dumps(params)},
                          {"name": "MLFLOW_TRACKING_URI", "value": tracking_uri}]}
     trial_spec = {"apiVersion": "batch/v1", "kind": "Job",
