@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
-import os
 import sys
 import time
 import warnings
@@ -26,6 +25,7 @@ import optuna
 from cnnpipe.config import (AugmentConfig, Dimension, TrackingConfig, TrainConfig, TuneConfig, load_block,
                             sqlite_path)
 from cnnpipe.data.store import MANIFEST_FILE
+from cnnpipe.engine.device import available_cores
 from cnnpipe.engine.model_folder import read_history
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file, write_json
@@ -56,6 +56,7 @@ class Job:
     augmented: Path
     out: Path
     parent_run_id: str
+    threads: int = 0  # torch threads of a trial whose train.threads is 0 (auto); 0 = train decides
 
 
 def storage_url(cfg: TuneConfig, tracking: TrackingConfig) -> str:
@@ -128,6 +129,8 @@ def trial_configs(params: dict[str, Any], values: dict[str, Any]) -> tuple[Augme
 def _objective(job: Job, trial: optuna.Trial) -> float:
     values = suggest(trial, job.space)
     aug_cfg, train_cfg = trial_configs(job.params, values)
+    if job.threads and not train_cfg.threads:  # parallel trials share the cores
+        train_cfg = dataclasses.replace(train_cfg, threads=job.threads)
     label = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     print(f"trial {trial.number}: {label}", file=sys.stderr, flush=True)
     folder = job.out / "trials" / f"{trial.number:04d}"
@@ -163,12 +166,8 @@ def _seconds(trial: optuna.trial.FrozenTrial) -> float:
     return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
-def _work(job: Job, worker: int, threads: int | None) -> None:
+def _work(job: Job, worker: int) -> None:
     """One trial process: start trials until the budget (shared by every process) is spent."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     cfg = job.cfg
     storage = _storage(job.storage)
     started = len(optuna.load_study(study_name=cfg.study, storage=storage).trials)
@@ -234,7 +233,7 @@ def run(cfg: TuneConfig, space: dict[str, Dimension], params: dict[str, Any], tr
     job = Job(cfg, space, params, tracking, url, data, augmented, out, parent.run_id)
     try:
         if cfg.jobs == 1:
-            _work(job, 0, None)
+            _work(job, 0)
         else:
             _run_workers(job)
         summary = _summarize(job, parent)
@@ -248,8 +247,8 @@ def run(cfg: TuneConfig, space: dict[str, Dimension], params: dict[str, Any], tr
 def _run_workers(job: Job) -> None:
     # spawned, not forked: torch and the MLflow client must start fresh in every process
     context = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // job.cfg.jobs)
-    workers = [context.Process(target=_work, args=(job, i, threads)) for i in range(job.cfg.jobs)]
+    job = dataclasses.replace(job, threads=max(1, available_cores() // job.cfg.jobs))
+    workers = [context.Process(target=_work, args=(job, i)) for i in range(job.cfg.jobs)]
     for w in workers:
         w.start()
     for w in workers:
