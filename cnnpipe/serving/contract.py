@@ -8,7 +8,10 @@ file into model.tar.gz as code/inference.py, so the endpoint and `cnnpipe serve`
 Bodies: image/png, image/jpeg, application/x-image (one raw image), or application/json with one of
 {"image": b64}, {"images": [b64, ...]}, {"instances": [b64 | {"image"|"b64": b64} | pixel array, ...]},
 MLflow's {"dataframe_split": ...}, {"dataframe_records": ...}, {"inputs": ...} (an `image` column),
-and optionally "params": {"top_k": k}. Answer: {"predictions": [{"predicted_class",
+and optionally "params": {"top_k": k}. An image may come with its object's box, cropped to before
+resizing as ingest crops GTSRB's ROI: {"image": b64, "box": [x1, y1, x2, y2]} at the top level or as an
+item of images/instances/dataframe_records, or a `box` column; pixel edges of the sent image, x2 and y2
+exclusive (PIL's crop box). Answer: {"predictions": [{"predicted_class",
 "predicted_class_index", "confidence", "top_k": [{"class", "index", "probability"}, ...]}, ...]}.
 """
 
@@ -18,7 +21,9 @@ import base64
 import binascii
 import io
 import json
+import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -37,10 +42,41 @@ class RequestError(ValueError):
         self.status = status
 
 
-def decode_value(value, i: int):  # noqa: ANN001, ANN201 - bytes | np.ndarray
+@dataclass(frozen=True)
+class BoxedImage:
+    """An image of a request with the box (x1, y1, x2, y2; pixel edges) its object occupies."""
+
+    image: bytes | np.ndarray
+    box: tuple[float, float, float, float]
+
+
+def parse_box(value, i: int) -> tuple[float, float, float, float] | None:  # noqa: ANN001
+    """A request's box: None, or four finite numbers with x1 < x2 and y1 < y2 (the image's bounds are checked
+    when it is decoded)."""
+    if value is None:
+        return None
+    try:
+        box = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        box = ()
+    if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[0] >= box[2] or box[1] >= box[3]:
+        raise RequestError(f"image {i}: box {value!r}: expected [x1, y1, x2, y2] with x1 < x2 and y1 < y2")
+    return box
+
+
+def with_box(image, box, i: int):  # noqa: ANN001, ANN201 - bytes | np.ndarray | BoxedImage
+    box = parse_box(box, i)
+    return image if box is None else BoxedImage(image, box)
+
+
+def decode_value(value, i: int):  # noqa: ANN001, ANN201 - bytes | np.ndarray | BoxedImage
     """One image of a request: base64 text -> bytes, a pixel array (nested lists) -> uint8 array."""
     if isinstance(value, np.ndarray):
         return value
+    if isinstance(value, dict):  # {"image" | "b64": ..., "box": [...]}
+        if "box" in value:
+            return with_box(decode_value(value.get("image", value.get("b64")), i), value["box"], i)
+        value = value.get("image", value.get("b64"))
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
@@ -61,9 +97,10 @@ def _column(frame, where: str) -> list:  # noqa: ANN001
         if "image" not in frame["columns"]:
             raise RequestError(f"{where}: expected a column 'image', got {frame['columns']}")
         k = frame["columns"].index("image")
-        return [row[k] for row in frame.get("data", [])]
-    if isinstance(frame, list):  # dataframe_records, instances
-        return [r.get("image", r.get("b64")) if isinstance(r, dict) else r for r in frame]
+        b = frame["columns"].index("box") if "box" in frame["columns"] else None
+        return [row[k] if b is None else {"image": row[k], "box": row[b]} for row in frame.get("data", [])]
+    if isinstance(frame, list):  # dataframe_records, instances: items keep their box (decode_value reads it)
+        return frame
     if isinstance(frame, dict) and "image" in frame:  # inputs: {"image": [...]}
         v = frame["image"]
         return v if isinstance(v, list) and (not v or not isinstance(v[0], int)) else [v]
@@ -90,7 +127,8 @@ def parse_body(body: bytes, content_type: str) -> tuple[list, int | None]:
     if key is None:
         raise RequestError(f"expected a JSON object with one of the keys {', '.join(JSON_KEYS)}")
     value = obj[key]
-    raw = [value] if key == "image" else value if key == "images" else _column(value, key)
+    raw = [{"image": value, "box": obj.get("box")}] if key == "image" else value if key == "images" \
+        else _column(value, key)
     if not isinstance(raw, list) or not raw:
         raise RequestError("no images in the request")
     top_k = (obj.get("params") or {}).get("top_k")
@@ -114,8 +152,21 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
+def crop_to_box(img: Image.Image, box: tuple[float, float, float, float], i: int = 0) -> Image.Image:
+    """The part of `img` inside `box` (pixel edges); a box reaching outside the image is refused."""
+    x1, y1, x2, y2 = box
+    if not (0 <= x1 < x2 <= img.width and 0 <= y1 < y2 <= img.height):
+        raise RequestError(f"image {i}: box {list(box)} is outside the {img.width}x{img.height} image "
+                           f"(expected 0 <= x1 < x2 <= {img.width}, 0 <= y1 < y2 <= {img.height})")
+    return img.crop(box)
+
+
 def to_array(image, size: int, channels: int, i: int = 0) -> np.ndarray:  # noqa: ANN001
-    """Encoded bytes or a uint8 H x W [x C] array -> uint8 size x size x channels, as training saw it."""
+    """Encoded bytes, a uint8 H x W [x C] array or a BoxedImage -> uint8 size x size x channels, as training
+    saw it: converted, cropped to the box (if any), resized."""
+    box = None
+    if isinstance(image, BoxedImage):
+        image, box = image.image, image.box
     if isinstance(image, (bytes, bytearray)):
         try:
             pil = Image.open(io.BytesIO(image))
@@ -129,9 +180,12 @@ def to_array(image, size: int, channels: int, i: int = 0) -> np.ndarray:  # noqa
             raise RequestError(f"image {i}: expected uint8 H x W [x 1|3|4], got {arr.dtype} {arr.shape}")
         pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
     try:
-        pil = to_mode(pil, channels).resize((size, size), Image.Resampling.BILINEAR)
+        pil = to_mode(pil, channels)
     except (OSError, ValueError) as e:  # truncated data only fails when decoded
         raise RequestError(f"image {i}: not a readable image ({e})") from None
+    if box is not None:
+        pil = crop_to_box(pil, box, i)
+    pil = pil.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(pil).reshape(size, size, channels)
 
 

@@ -10,7 +10,7 @@ import torch
 from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.inference import predict_logits, stats_tensors, to_nchw_uint8
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.serving.contract import RequestError, answer, to_array
+from cnnpipe.serving.contract import BoxedImage, RequestError, answer, to_array
 
 
 class Predictor:
@@ -23,8 +23,8 @@ class Predictor:
         model, spec = load_model(path, device)
         return cls(model, spec, torch.device(device))
 
-    def preprocess(self, images: list[bytes | np.ndarray]) -> np.ndarray:
-        """Decode, convert to the model's channels and resize: uint8 N x S x S x C."""
+    def preprocess(self, images: list[bytes | np.ndarray | BoxedImage]) -> np.ndarray:
+        """Decode, convert to the model's channels, crop to the box (if any) and resize: uint8 N x S x S x C."""
         size, channels = self.spec.image_size, self.spec.in_channels
         try:
             return np.stack([to_array(img, size, channels, i) for i, img in enumerate(images)])

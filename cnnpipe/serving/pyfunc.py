@@ -1,4 +1,5 @@
-"""The MLflow pyfunc model: a DataFrame column `image` (base64 PNG/JPEG/PPM) or uint8 arrays in."""
+"""The MLflow pyfunc model: a DataFrame column `image` (base64 PNG/JPEG/PPM; optionally a `box` column,
+[x1, y1, x2, y2] or null per row) or uint8 arrays in."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ import numpy as np
 import pandas as pd
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.serving.contract import RequestError, decode_value
+from cnnpipe.serving.contract import RequestError, decode_value, with_box
 from cnnpipe.serving.predictor import Predictor
 
 CHECKPOINT = "checkpoint"  # the artifact key of the model file
 
 
-def _decode(value: Any, i: int) -> bytes | np.ndarray:
+def _decode(value: Any, box: Any, i: int) -> Any:
     try:
-        return decode_value(value, i)
+        return with_box(decode_value(value, i), None if box is None or _is_na(box) else box, i)
     except RequestError as e:
         raise CnnpipeError(str(e)) from None
+
+
+def _is_na(value: Any) -> bool:
+    return np.ndim(value) == 0 and bool(pd.isna(value))
 
 
 def to_images(model_input: Any) -> list[bytes | np.ndarray]:
@@ -27,7 +32,8 @@ def to_images(model_input: Any) -> list[bytes | np.ndarray]:
     if isinstance(model_input, pd.DataFrame):
         if "image" not in model_input.columns:
             raise CnnpipeError(f"input: expected a column 'image', got {list(model_input.columns)}")
-        return [_decode(v, i) for i, v in enumerate(model_input["image"])]
+        boxes = model_input["box"] if "box" in model_input.columns else [None] * len(model_input)
+        return [_decode(v, b, i) for i, (v, b) in enumerate(zip(model_input["image"], boxes))]
     if isinstance(model_input, np.ndarray):
         if model_input.dtype != np.uint8 or model_input.ndim not in (3, 4):
             raise CnnpipeError(f"input: expected a uint8 N x H x W [x C] array, got {model_input.dtype} {model_input.shape}")

@@ -107,6 +107,7 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
             val_images=to_nchw_uint8(val_split.images, device),
             val_labels=torch.from_numpy(val_split.labels).to(device),
             mean=mean, std=std,
+            train_boxes=None if train_split.boxes is None else torch.from_numpy(train_split.boxes).to(device),
         )
         on_epoch = (lambda s: tracker.log_metrics(s, step=int(s["epoch"]))) if tracker else None
         result = fit(model, tensors, cfg, policy, on_epoch=on_epoch, checkpoint=save, resume=state, dist=dist)
@@ -117,10 +118,11 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
                 save_model(tmp / MODEL_FILE, result.model, spec)
                 _write_history(tmp / HISTORY_FILE, result.history)
                 (tmp / CONFIG_FILE).write_text(json.dumps({"train": dataclasses.asdict(cfg), "parameters": n_params,
-                                                           "best_epoch": result.best_epoch}, indent=2) + "\n")
+                                                           "best_epoch": result.best_epoch,
+                                                           "kept_epoch": result.kept_epoch}, indent=2) + "\n")
                 if tracker is not None:
                     tracker.write_run_file(tmp)
-                    tracker.log_metrics({"train/best_epoch": result.best_epoch})
+                    tracker.log_metrics({"train/best_epoch": result.best_epoch, "train/kept_epoch": result.kept_epoch})
                     tracker.log_artifact(tmp / HISTORY_FILE, "train")
                     tracker.log_artifact(data / "manifest.json", "data")
                     if (data / "figures").is_dir():  # written by ingest; a hand-made dataset may lack them
@@ -136,7 +138,7 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
         tracker.finish(ok=True)
     if save is not None:
         checkpoint.unlink(missing_ok=True)  # the model file is the result; a stale state must not be resumed
-    last = result.history[-1]
-    return {"epochs": len(result.history), "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-            "val_accuracy": last["val/accuracy"], "val_loss": last["val/loss"],
+    kept = result.history[result.kept_epoch - 1]
+    return {"epochs": len(result.history), "best_epoch": result.best_epoch, "kept_epoch": result.kept_epoch,
+            "stopped_early": result.stopped_early, "val_accuracy": kept["val/accuracy"], "val_loss": kept["val/loss"],
             "parameters": n_params, "run_id": run_id}
