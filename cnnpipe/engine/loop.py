@@ -186,11 +186,14 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         bar.close()
         seconds = time.perf_counter() - start
         loss_sum, correct = all_sum(sums, dist).tolist()
-        if not math.isfinite(loss_sum):  # checked once per epoch: a check per step would sync the device
-            raise CnnpipeError(f"train: the loss became {loss_sum} in epoch {epoch} (diverged: lower train.lr, or check "
-                               f"the data); no model was written")
         evaluated = ema.model if ema is not None else model
         val_loss, val_acc = evaluate_split(evaluated, data.val_images, data.val_labels, data.mean, data.std)
+        # checked once per epoch (a check per step would sync the device); the last step's update only shows
+        # in the validation loss
+        diverged = next((v for v in (loss_sum, val_loss if len(data.val_labels) else 0.0) if not math.isfinite(v)), None)
+        if diverged is not None:
+            raise CnnpipeError(f"train: the loss became {diverged} in epoch {epoch} (diverged: lower train.lr, or "
+                               f"check the data); no model was written")
         stats = {
             "epoch": epoch,
             "train/loss": loss_sum / n,

@@ -72,24 +72,23 @@ def predict_files(predictor: Predictor, paths: list[Path], output: Path, batch_s
     """One CSV row per file: path, predicted class, index, confidence (or the error for an unreadable file or a
     bad box)."""
     files = image_files(paths)
-    rows, bad = [], 0
+    rows: list[list] = [[]] * len(files)  # in the order of `files` (a CSV may list one file twice)
+    bad = 0
     for start in tqdm(range(0, len(files), batch_size), desc="predict", unit="batch", file=sys.stderr,
                       disable=not sys.stderr.isatty()):
-        chunk = files[start:start + batch_size]
         good, images = [], []
-        for f, box in chunk:
+        for i in range(start, min(start + batch_size, len(files))):
+            f, box = files[i]
             try:
                 image = with_box(f.read_bytes(), _box(box, str(f)), 0)
                 images.append(predictor.preprocess([image])[0])
-                good.append(f)
+                good.append(i)
             except (CnnpipeError, RequestError, OSError) as e:
-                rows.append([str(f), "", "", "", str(e).replace("image 0: ", "")])
+                rows[i] = [str(f), "", "", "", str(e).replace("image 0: ", "")]
                 bad += 1
         if good:
-            for f, p in zip(good, predictor.predict(np.stack(images), top_k=1)):
-                rows.append([str(f), p["predicted_class"], p["predicted_class_index"], f"{p['confidence']:.6f}", ""])
-    order = {str(f): i for i, (f, _) in enumerate(files)}
-    rows.sort(key=lambda r: order[r[0]])
+            for i, p in zip(good, predictor.predict(np.stack(images), top_k=1)):
+                rows[i] = [str(files[i][0]), p["predicted_class"], p["predicted_class_index"], f"{p['confidence']:.6f}", ""]
     with atomic_file(output) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "predicted_class", "predicted_class_index", "confidence", "error"])

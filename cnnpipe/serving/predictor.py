@@ -13,6 +13,13 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.serving.contract import BoxedImage, RequestError, answer, to_array
 
 
+def as_requests(images: np.ndarray, boxes: np.ndarray | None = None) -> list[np.ndarray | BoxedImage]:
+    """Stored uint8 N x H x W x C images as a server receives them: whole, or each with its box."""
+    if boxes is None:
+        return list(images)
+    return [BoxedImage(np.asarray(img), tuple(box.tolist())) for img, box in zip(images, boxes)]
+
+
 class Predictor:
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: torch.device):
         self.model, self.spec, self.device = model, spec, device

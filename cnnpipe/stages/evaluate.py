@@ -3,7 +3,7 @@ analyses of a careful practitioner (curves, grids, calibration, filters, feature
 
 Metrics cover the val and the test split (labelled); the figures describe the test split. Each split
 is scored on the served protocol: the stored images through the very preprocessing a server applies
-to a request (cnnpipe.serving.contract.to_array), as `val` and `test`; when the dataset has boxes
+to a request (the serving Predictor's preprocess), as `val` and `test`; when the dataset has boxes
 (whole frames + GTSRB's ROI), also on the ROI protocol: each image cropped to its box as a request
 with a box is, as `val_roi` and `test_roi`.
 """
@@ -20,7 +20,7 @@ import torch
 
 from cnnpipe.config import EvaluateConfig, TrackingConfig
 from cnnpipe.data.split import stratified_split
-from cnnpipe.data.store import Dataset, Split, read_dataset
+from cnnpipe.data.store import Dataset, read_dataset
 from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.device import resolve_device
 from cnnpipe.engine.inference import normalize, predict_logits, stats_tensors, to_nchw_uint8
@@ -30,19 +30,11 @@ from cnnpipe.evaluation.metrics import classification_metrics
 from cnnpipe.evaluation.report import Report
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent
 from cnnpipe.models import count_parameters
-from cnnpipe.serving.contract import BoxedImage, to_array
+from cnnpipe.serving.predictor import Predictor, as_requests
 from cnnpipe.stages.train import CONFIG_FILE, MODEL_FILE, read_history
 
 SPLITS = ("val", "test")
 ROI_SUFFIX = "_roi"  # metrics.json key and MLflow prefix of a split's ROI-protocol scores
-
-
-def served_images(split: Split, size: int, channels: int, use_boxes: bool = False) -> np.ndarray:
-    """A split's images as a server turns them into model input: whole, or cropped to their boxes."""
-    boxes = split.boxes if use_boxes else [None] * len(split.labels)
-    return np.stack([to_array(img if box is None else BoxedImage(np.asarray(img), tuple(box.tolist())), size,
-                              channels, i)
-                     for i, (img, box) in enumerate(zip(split.images, boxes))])
 
 
 def protocol_note(ds: Dataset) -> str:
@@ -159,13 +151,14 @@ def run(cfg: EvaluateConfig, model_dir: Path, data: Path, out: Path, tracking: T
 
         tracker = Tracker.resume(tracking, model_dir)
     mean, std = stats_tensors(spec.mean, spec.std, device)
+    server = Predictor(model, spec, device)
     results, tensors, test_images = {}, {}, None
     for name in SPLITS:
         split = ds.splits[name]
         for key, use_boxes in ((name, False), (name + ROI_SUFFIX, True)):
             if use_boxes and not ds.has_boxes:
                 continue
-            images = served_images(split, spec.image_size, spec.in_channels, use_boxes)
+            images = server.preprocess(as_requests(split.images, split.boxes if use_boxes else None))
             test_images = images if key == "test" else test_images
             tensors[key] = to_nchw_uint8(images, device)
             logits = predict_logits(model, tensors[key], mean, std, cfg.batch_size)

@@ -1,4 +1,9 @@
-"""register: log the model as an MLflow pyfunc (raw images in) into the pipeline's run and register it."""
+"""register: log the model as an MLflow pyfunc (raw images in) into the pipeline's run and register it.
+
+A model whose validation accuracy (served protocol, from evaluate) is below `register.min_accuracy`,
+or no better than chance (1 / classes), is refused before anything is logged: a collapsed run never
+reaches the registry.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from PIL import Image
 import cnnpipe
 from cnnpipe.config import RegisterConfig, TrackingConfig
 from cnnpipe.data.store import read_dataset
+from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.serving.predictor import Predictor
 from cnnpipe.stages.train import MODEL_FILE
@@ -28,6 +34,20 @@ def _png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def check_quality(cfg: RegisterConfig, metrics: dict, num_classes: int, where: Path) -> float:
+    """The validation accuracy, or a CnnpipeError when it is below the floor or not above chance."""
+    accuracy = (metrics.get("val") or {}).get("accuracy")
+    if not isinstance(accuracy, (int, float)):
+        raise CnnpipeError(f"evaluation metrics '{where}': expected val.accuracy (re-run `cnnpipe evaluate`)")
+    chance = 1 / num_classes
+    if accuracy <= chance or accuracy < cfg.min_accuracy:
+        why = f"no better than chance (1/{num_classes} = {chance:.4f})" if accuracy <= chance else \
+            f"below register.min_accuracy {cfg.min_accuracy}"
+        raise CnnpipeError(f"register: validation accuracy {accuracy:.4f} ('{where}') is {why}: the model is not "
+                           f"registered")
+    return accuracy
+
+
 def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out: Path,
         tracking: TrackingConfig) -> dict:
     from cnnpipe.serving import pyfunc_model
@@ -36,6 +56,7 @@ def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out:
     ensure_writable_parent(out)
     predictor = Predictor.from_file(model_dir / MODEL_FILE)  # fail here, not inside MLflow, on a bad model file
     metrics = read_json(evaluation / "metrics.json", "evaluation metrics")
+    check_quality(cfg, metrics, predictor.spec.num_classes, evaluation / "metrics.json")
     ds = read_dataset(data, splits=("test",))
     tracker = Tracker.resume(tracking, model_dir)
 
@@ -50,7 +71,8 @@ def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out:
     )
     test = metrics.get("test", {})
     tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **Tracker.source_tags(ds.manifest, data),
-            **{f"test.{k}": v for k, v in test.items()}}
+            **{f"test.{k}": v for k, v in test.items()},
+            **{f"test_roi.{k}": v for k, v in metrics.get("test_roi", {}).items()}}
     version = tracker.register_model(model_uri, cfg.model_name, tags)
     Registry(tracking.uri).set_alias(cfg.model_name, CHALLENGER, version)
     print(f"registered {cfg.model_name} version {version} as {CHALLENGER} "
