@@ -30,16 +30,19 @@ from train_gtsrb import stage  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_and_evaluate(params: Path, w: Path, data: Path, eval_data: Path) -> dict:
-    """augment + train on `data`, evaluate on `eval_data`; the scores and the training time."""
+def train_and_evaluate(params: Path, w: Path, data: Path, eval_data: Path, reuse: bool = False) -> dict:
+    """augment + train on `data`, evaluate on `eval_data`; the scores and the training time. With `reuse`,
+    a finished run's outputs in `w` are read instead (its stage wall times were not kept: null)."""
     p = ["--params", str(params)]
-    walls = {}
-    walls["augment"], _ = stage(["augment", *p, "--data", str(data), "--out", f"{w}/augmented"])
-    walls["train"], peak = stage(["train", *p, "--no-tracking", "--data", str(data), "--augmented", f"{w}/augmented",
-                                  "--out", f"{w}/model"])
-    walls["evaluate"], _ = stage(["evaluate", *p, "--no-tracking", "--model", f"{w}/model", "--data", str(eval_data),
-                                  "--out", f"{w}/evaluation"])
-    history = list(csv.DictReader(open(w / "model/history.csv")))
+    walls, peak = {"augment": None, "train": None, "evaluate": None}, None
+    if not (reuse and (w / "evaluation/metrics.json").exists()):
+        walls["augment"], _ = stage(["augment", *p, "--data", str(data), "--out", f"{w}/augmented"])
+        walls["train"], peak = stage(["train", *p, "--no-tracking", "--data", str(data), "--augmented",
+                                      f"{w}/augmented", "--out", f"{w}/model"])
+        walls["evaluate"], _ = stage(["evaluate", *p, "--no-tracking", "--model", f"{w}/model", "--data",
+                                      str(eval_data), "--out", f"{w}/evaluation"])
+    with open(w / "model/history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
     metrics = json.loads((w / "evaluation/metrics.json").read_text())
     kept = json.loads((w / "model/train_config.json").read_text())["kept_epoch"]
     return {
@@ -50,7 +53,7 @@ def train_and_evaluate(params: Path, w: Path, data: Path, eval_data: Path) -> di
         "kept_epoch": kept,
         "val_accuracy_per_epoch": [round(float(e["val/accuracy"]), 4) for e in history],
         "training_seconds": round(sum(float(e["train/epoch_seconds"]) for e in history), 1),
-        "stage_wall_s": {k: round(v, 1) for k, v in walls.items()},
+        "stage_wall_s": {k: None if v is None else round(v, 1) for k, v in walls.items()},
         "train_peak_rss_mib": peak,
     }
 
@@ -62,18 +65,20 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-served-benchmark"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/served_gtsrb.json")
     parser.add_argument("--baseline", action="store_true", help="also train the fixed-ROI-crop recipe (a second run)")
+    parser.add_argument("--reuse", action="store_true", help="read the results of runs already finished in --work")
     args = parser.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
     load = {"before": [round(v, 2) for v in os.getloadavg()]}
-    stage(["ingest", "--params", str(args.params), "--path", str(args.zip), "--out", f"{w}/processed",
-           "--report", f"{w}/ingest_report.json"])
+    if not (args.reuse and (w / "processed").is_dir()):
+        stage(["ingest", "--params", str(args.params), "--path", str(args.zip), "--out", f"{w}/processed",
+               "--report", f"{w}/ingest_report.json"])
     recipe = yaml.safe_load(args.params.read_text())
     result = {
         "benchmark": "GTSRB training set (39,209 images, 32x32 whole frames + CSV ROI scaled to them): recipe "
                      "configs/gtsrb.yaml; val and test held out by track; served = whole frames through the "
                      "server's preprocessing, roi = frames cropped to the ROI",
-        "recipe": train_and_evaluate(args.params, w / "recipe", w / "processed", w / "processed"),
+        "recipe": train_and_evaluate(args.params, w / "recipe", w / "processed", w / "processed", args.reuse),
         "recipe_params": {k: recipe[k] for k in ("ingest", "augment", "train")},
     }
     load["after_recipe"] = [round(v, 2) for v in os.getloadavg()]
@@ -81,9 +86,10 @@ def main() -> None:
         old = {**recipe, "ingest": {**recipe["ingest"], "roi_crop": True}, "augment": {**recipe["augment"], "box_crop": 0.0}}
         old_params = w / "baseline_params.yaml"
         old_params.write_text(yaml.safe_dump(old))
-        stage(["ingest", "--params", str(old_params), "--path", str(args.zip), "--out", f"{w}/processed_crops",
-               "--report", f"{w}/ingest_report_crops.json"])
-        base = train_and_evaluate(old_params, w / "baseline", w / "processed_crops", w / "processed")
+        if not (args.reuse and (w / "processed_crops").is_dir()):
+            stage(["ingest", "--params", str(old_params), "--path", str(args.zip), "--out", f"{w}/processed_crops",
+                   "--report", f"{w}/ingest_report_crops.json"])
+        base = train_and_evaluate(old_params, w / "baseline", w / "processed_crops", w / "processed", args.reuse)
         result["baseline_fixed_roi_crops"] = base
         load["after_baseline"] = [round(v, 2) for v in os.getloadavg()]
     served, roi = (result["recipe"]["test_accuracy"][k] for k in ("served_whole_frames", "roi_crops"))

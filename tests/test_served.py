@@ -3,8 +3,10 @@ crops in training, both protocols in evaluation, a box in requests, and the qual
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -20,13 +22,20 @@ from PIL import Image
 
 from cnnpipe.augment import AugmentPolicy, apply_policy, no_flips
 from cnnpipe.config import TrainConfig
+from cnnpipe.data.decode import decode
 from cnnpipe.data.store import Split, read_dataset, write_dataset
 from cnnpipe.engine.checkpoint import ModelSpec, save_model
 from cnnpipe.engine.inference import stats_tensors
-from cnnpipe.engine.loop import TrainData, fit
+from cnnpipe.engine.loop import TrainData, evaluate_split, fit
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import build_model
-from cnnpipe.serving.contract import BoxedImage, RequestError, parse_body, to_array
+from cnnpipe.serving.contract import (
+    BoxedImage,
+    RequestError,
+    input_fn,
+    parse_body,
+    to_array,
+)
 from cnnpipe.serving.local import predict_files, predictor_backend
 from cnnpipe.serving.predictor import Predictor
 from cnnpipe.serving.server import cnnpipe_invoke, make_server
@@ -78,8 +87,9 @@ def test_store_refuses_boxes_outside_the_images(tmp_path):
 
 
 def _policy(**kw) -> AugmentPolicy:
-    base = dict(translate=0.0, rotate=0.0, scale=0.0, shear=0.0, brightness=0.0, contrast=0.0, saturation=0.0,
-                cutout=0.0, box_crop=1.0, hflip=no_flips(2), vflip=no_flips(2), rot180=no_flips(2))
+    base = {"translate": 0.0, "rotate": 0.0, "scale": 0.0, "shear": 0.0, "brightness": 0.0, "contrast": 0.0,
+            "saturation": 0.0, "cutout": 0.0, "box_crop": 1.0, "hflip": no_flips(2), "vflip": no_flips(2),
+            "rot180": no_flips(2)}
     return AugmentPolicy(**{**base, **kw})
 
 
@@ -148,8 +158,6 @@ def test_keep_best_keeps_the_best_validation_epoch(keep):
     data = _tensors()
     result = fit(build_model("mlp", 1, 3, 8, 8), data, cfg, None)
     losses = [h["val/loss"] for h in result.history]
-    from cnnpipe.engine.loop import evaluate_split
-
     kept_loss, _ = evaluate_split(result.model, data.val_images, data.val_labels, data.mean, data.std)
     if keep == "best":
         assert result.kept_epoch == result.best_epoch == 1 + int(np.argmin(losses))
@@ -186,12 +194,10 @@ def _png(rgb: np.ndarray) -> bytes:
 
 def test_a_request_box_crops_as_ingest_does():
     frame = sign_image(1)  # 40 x 38, ROI 5,4..34,33 inclusive
-    body = json.dumps({"image": __import__("base64").b64encode(_png(frame)).decode(), "box": [5, 4, 35, 34]}).encode()
+    body = json.dumps({"image": base64.b64encode(_png(frame)).decode(), "box": [5, 4, 35, 34]}).encode()
     images, _ = parse_body(body, "application/json")
     assert isinstance(images[0], BoxedImage) and images[0].box == (5, 4, 35, 34)
     crop = to_array(images[0], 16, 3)
-    from cnnpipe.data.decode import decode
-
     np.testing.assert_array_equal(crop, decode(_png(frame), "f", 16, 3, (5, 4, 34, 33, 40, 38)))
     assert (crop == sign_image(1)[10, 10]).all()  # the sign only: no grey border
 
@@ -204,8 +210,6 @@ def test_a_request_box_crops_as_ingest_does():
     (["a", 1, 2, 3], "expected \\[x1, y1, x2, y2\\]"),
 ])
 def test_a_bad_box_is_a_400_naming_it(predictor, box, message):
-    import base64
-
     srv = make_server(cnnpipe_invoke(predictor_backend(predictor, 3)), "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
@@ -218,27 +222,21 @@ def test_a_bad_box_is_a_400_naming_it(predictor, box, message):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(urllib.request.Request(url, bad, {"Content-Type": "application/json"}))
         assert e.value.code == 400
-        import re
-
         assert re.search(message, json.loads(e.value.read())["error"])
     finally:
         srv.shutdown()
         srv.server_close()
 
 
-def test_sagemaker_handler_takes_a_box(predictor, tmp_path):
-    from cnnpipe.serving import contract
-
-    import base64
-
+def test_sagemaker_handler_takes_a_box():
     frame = sign_image(2)
     body = json.dumps({"dataframe_split": {"columns": ["image", "box"],
                                            "data": [[base64.b64encode(_png(frame)).decode(), [5, 4, 35, 34]],
                                                     [base64.b64encode(_png(frame)).decode(), None]]}})
-    data = contract.input_fn(body, "application/json")
+    data = input_fn(body, "application/json")
     assert isinstance(data["images"][0], BoxedImage) and isinstance(data["images"][1], bytes)
     with pytest.raises(RequestError, match="box .* is outside the 40x38 image"):
-        contract.to_array(BoxedImage(_png(frame), (0, 0, 50, 10)), 16, 3)
+        to_array(BoxedImage(_png(frame), (0, 0, 50, 10)), 16, 3)
 
 
 def test_predict_reads_a_box_column(predictor, tmp_path):
