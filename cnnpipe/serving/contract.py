@@ -23,7 +23,7 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -42,8 +42,7 @@ class RequestError(ValueError):
         self.status = status
 
 
-@dataclass(frozen=True)
-class BoxedImage:
+class BoxedImage(NamedTuple):  # not a dataclass: SageMaker's loader may import this file outside sys.modules
     """An image of a request with the box (x1, y1, x2, y2; pixel edges) its object occupies."""
 
     image: bytes | np.ndarray
