@@ -2,8 +2,8 @@
 
 Both models are scored on the same test split, each through its registered pyfunc (the very model a
 server would load), on the registry's metric and protocol (served: the whole images, as a server
-receives them; roi: each cropped to its box, as a request with a box); the decision and both figures are recorded as tags of
-the challenger's version. The versions that held `champion` are kept in a registered-model tag, so
+receives them; roi: each cropped to its box, as a request with a box); the decision and both figures
+are recorded as tags of the challenger's version. The versions that held `champion` are kept in a registered-model tag, so
 `rollback` can bring the previous one back.
 """
 
@@ -20,10 +20,10 @@ from cnnpipe.engine.inference import predict_logits, to_nchw_uint8
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.metrics import classification_metrics
 from cnnpipe.serving.predictor import as_requests
-from cnnpipe.tracking import CHAMPION, CHALLENGER, Registry
+from cnnpipe.tracking import CHALLENGER, CHAMPION, Registry
 
 
-def test_requests(ds: Dataset, protocol: str) -> list:
+def protocol_requests(ds: Dataset, protocol: str) -> list:
     """The test split as requests of `protocol`; one stderr line when the dataset cannot show it."""
     test = ds.splits["test"]
     whole = ds.manifest.get("whole_frames", True)
@@ -44,7 +44,7 @@ def score(registry: Registry, model_uri: str, ds: Dataset, metric: str, protocol
     if predictor.spec.classes != ds.classes:
         raise CnnpipeError(f"{model_uri} predicts {predictor.spec.num_classes} classes, the test split has "
                            f"{len(ds.classes)} other ones: the two cannot be compared on it (use --force)")
-    batch = predictor.preprocess(test_requests(ds, protocol))
+    batch = predictor.preprocess(protocol_requests(ds, protocol))
     logits = predict_logits(predictor.model, to_nchw_uint8(batch, predictor.device), predictor.mean, predictor.std)
     labels = torch.from_numpy(ds.splits["test"].labels).to(predictor.device)
     return classification_metrics(logits, labels, ds.classes)["scalars"][metric]
@@ -94,7 +94,8 @@ def promote(cfg: RegisterConfig, tracking: TrackingConfig, name: str, ref: str, 
                   (CHAMPION, champion or "-", fmt(champion_value))]) + f"\n{decision}", file=sys.stderr)
     return {"name": name, "challenger": challenger, "champion_before": champion,
             "champion": challenger if promoted else champion, "promoted": promoted, "decision": decision,
-            "metric": f"test/{metric}", "protocol": protocol, "challenger_value": challenger_value, "champion_value": champion_value}
+            "metric": f"test/{metric}", "protocol": protocol, "challenger_value": challenger_value,
+            "champion_value": champion_value}
 
 
 def rollback(tracking: TrackingConfig, name: str) -> dict:
