@@ -124,7 +124,7 @@ class RegisterConfig:
     min_delta: float = knob(0.001, "the challenger must beat the champion by at least this much", minimum=0.0)
     promotion_protocol: str = knob("served", "test images promotion scores on: served = whole frames, as a server gets "
                                              "them; roi = crops to the dataset's boxes", choices=("served", "roi"))
-    min_accuracy: float = knob(0.0, "refuse to register a model whose validation accuracy is below this (and always "
+    min_accuracy: float = knob(0.5, "refuse to register a model whose validation accuracy is below this (and always "
                                     "below chance, 1 / classes)", minimum=0.0, maximum=1.0)
 
 
