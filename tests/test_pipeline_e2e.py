@@ -165,7 +165,8 @@ def test_cnnpipe_predict_writes_one_row_per_file(workspace, first_repro, tmp_pat
     (tmp_path / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "preds.csv"
     run(["cnnpipe", "predict", str(tmp_path), "--output", str(out)], workspace)
-    rows = list(csv.DictReader(open(out)))
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 13 and rows[-1]["error"] and not rows[0]["error"]
     good = [r for r in rows if not r["error"]]
     assert sum(Path(r["path"]).stem.split("_")[1] == r["predicted_class"] for r in good) >= 11
