@@ -171,7 +171,7 @@ def _read_boxes(path: Path, n: int, shape: tuple[int, int, int]) -> np.ndarray:
     ok = boxes.shape == (n, 4) and boxes.dtype.kind == "f" and bool(np.isfinite(boxes).all())
     if ok and n:
         x1, y1, x2, y2 = boxes.T
-        ok = bool(((0 <= x1) & (x1 < x2) & (x2 <= w) & (0 <= y1) & (y1 < y2) & (y2 <= h)).all())
+        ok = bool(((x1 >= 0) & (x1 < x2) & (x2 <= w) & (y1 >= 0) & (y1 < y2) & (y2 <= h)).all())
     if not ok:
         raise CnnpipeError(f"dataset file '{path}': expected {n} x 4 float boxes (x1, y1, x2, y2) inside the "
                            f"{w}x{h} images, got {boxes.dtype} {boxes.shape}")
