@@ -37,7 +37,7 @@ from cnnpipe.serving.contract import (
     to_array,
 )
 from cnnpipe.serving.local import predict_files, predictor_backend
-from cnnpipe.serving.predictor import Predictor
+from cnnpipe.serving.predictor import Predictor, as_requests
 from cnnpipe.serving.server import cnnpipe_invoke, make_server
 from tests.conftest import REPO, cnnpipe, make_images
 from tests.formats import gtsrb_zip, sign_image
@@ -325,3 +325,21 @@ def test_a_collapsed_run_cannot_be_registered(trained, tmp_path):
     assert f"validation accuracy {val:.4f}" in proc.stderr and "not registered" in proc.stderr
     assert not (tmp_path / "registered.json").exists()
     assert len(client.search_model_versions("name='cnnpipe-gtsrb'")) == before
+
+
+GTSRB_ZIP = Path(__file__).resolve().parents[2] / "shared/data/GTSRB_Final_Training_Images.zip"
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not GTSRB_ZIP.exists(), reason="the real GTSRB training zip is not in ../shared/data")
+def test_real_gtsrb_roi_protocol_is_exactly_ingests_fixed_crops(tmp_path):
+    """Whole frames + boxes, cropped by the serving contract, give ingest's fixed ROI crops byte for byte."""
+    params = ["--params", str(REPO / "configs/gtsrb.yaml"), "--path", str(GTSRB_ZIP)]
+    for flag, out in (("--no-roi-crop", "whole"), ("--roi-crop", "crops")):
+        proc = cnnpipe("ingest", *params, flag, "--out", str(tmp_path / out), "--report", str(tmp_path / f"{out}.json"),
+                       cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    whole, crops = (read_dataset(tmp_path / name, splits=("test",)).splits["test"] for name in ("whole", "crops"))
+    np.testing.assert_array_equal(whole.labels, crops.labels)
+    roi = np.stack([to_array(r, 32, 3, i) for i, r in enumerate(as_requests(whole.images, whole.boxes))])
+    np.testing.assert_array_equal(roi, crops.images)
