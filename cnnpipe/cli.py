@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_tracking(p, optional=False)
 
     p = command("predict", "predict image files and folders with a registered model into a CSV", _predict, None)
-    p.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
+    p.add_argument("paths", nargs="+", type=Path, help="image files, folders (searched recursively) or CSVs with a "
+                                                       "'path' column and an optional 'box' column (x1 y1 x2 y2)")
     p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write (default: predictions.csv)")

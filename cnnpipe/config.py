@@ -45,7 +45,8 @@ class IngestConfig:
     cache_dir: str = knob("data/downloads", "where downloads are kept (and resumed)", affects_result=False)
     image_size: int = knob(16, "images are resized to image_size x image_size", minimum=4, maximum=1024)
     channels: int = knob(1, "1 = grayscale, 3 = RGB", choices=(1, 3))
-    roi_crop: bool = knob(True, "gtsrb: crop each image to the sign's region of interest from the CSV")
+    roi_crop: bool = knob(True, "gtsrb: true = crop each image to the sign's box from the CSV (fixed crops); false = keep "
+                                "the whole frame and store the box (for augment.box_crop and evaluate's ROI protocol)")
     val_fraction: float = knob(0.1, "fraction of each class held out for validation (when the source has no official one)",
                                minimum=0.0, maximum=0.5)
     test_fraction: float = knob(0.2, "fraction of each class held out for test (when the source has no official one)",
@@ -67,6 +68,9 @@ class AugmentConfig:
     saturation: float = knob(0.0, "max saturation change, as a fraction (RGB only)", minimum=0.0, maximum=1.0)
     cutout: float = knob(0.0, "side of the square cut out of each image, as a fraction of the side (0 = off)",
                          minimum=0.0, maximum=1.0)
+    box_crop: float = knob(0.0, "chance that a training image with a box (ingest.roi_crop: false) is cropped to a random "
+                                "box between its box and the whole frame, scale and offset jittered (0 = off)",
+                           minimum=0.0, maximum=1.0)
     flip: str = knob("auto", "auto: the dataset's class-aware flip tables (GTSRB, CIFAR-10; others never flip); none",
                      choices=("auto", "none"))
     seed: int = knob(0, "seed of class balancing and of the preview")
@@ -87,10 +91,11 @@ class TrainConfig:
     augment: bool = knob(True, "apply the augment stage's online policy every epoch")
     ema: float = knob(0.0, "decay of the exponential moving average of weights evaluated and saved (0 = off)",
                       minimum=0.0, maximum=0.99999)
-    early_stopping_patience: int = knob(0, "stop after this many epochs without improvement and keep the best "
-                                           "epoch's weights (0 = off)", minimum=0)
+    early_stopping_patience: int = knob(0, "stop after this many epochs without improvement (0 = off)", minimum=0)
     early_stopping_metric: str = knob("val/accuracy", "what early stopping watches",
                                       choices=("val/accuracy", "val/loss"))
+    keep: str = knob("best", "the weights saved: best = the epoch with the best early_stopping_metric, last = the "
+                              "final epoch", choices=("best", "last"))
     channels_last: bool = knob(True, "NHWC memory layout (measured 1.4-1.8x faster on CPU, faster on tensor cores)")
     compile: bool = knob(False, "torch.compile the model (pays a compile time up front; worth it on long GPU runs)")
     device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N", affects_result=False)
@@ -117,6 +122,10 @@ class RegisterConfig:
     promotion_metric: str = knob("accuracy", "test-split metric that decides promotion",
                                  choices=("accuracy", "f1_macro", "top5_accuracy", "loss"))
     min_delta: float = knob(0.001, "the challenger must beat the champion by at least this much", minimum=0.0)
+    promotion_protocol: str = knob("served", "test images promotion scores on: served = whole frames, as a server gets "
+                                             "them; roi = crops to the dataset's boxes", choices=("served", "roi"))
+    min_accuracy: float = knob(0.5, "refuse to register a model whose validation accuracy is below this (and always "
+                                    "below chance, 1 / classes)", minimum=0.0, maximum=1.0)
 
 
 @dataclass

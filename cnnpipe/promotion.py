@@ -1,8 +1,9 @@
 """promote / rollback: move the `champion` alias only when the challenger is measurably better.
 
 Both models are scored on the same test split, each through its registered pyfunc (the very model a
-server would load), on the registry's metric; the decision and both figures are recorded as tags of
-the challenger's version. The versions that held `champion` are kept in a registered-model tag, so
+server would load), on the registry's metric and protocol (served: the whole images, as a server
+receives them; roi: each cropped to its box, as a request with a box); the decision and both figures
+are recorded as tags of the challenger's version. The versions that held `champion` are kept in a registered-model tag, so
 `rollback` can bring the previous one back.
 """
 
@@ -18,18 +19,32 @@ from cnnpipe.data.store import Dataset, read_dataset
 from cnnpipe.engine.inference import predict_logits, to_nchw_uint8
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.metrics import classification_metrics
+from cnnpipe.serving.predictor import as_requests
 from cnnpipe.tracking import CHALLENGER, CHAMPION, Registry
 
 
-def score(registry: Registry, model_uri: str, ds: Dataset, metric: str) -> float:
+def protocol_requests(ds: Dataset, protocol: str) -> list:
+    """The test split as requests of `protocol`; one stderr line when the dataset cannot show it."""
+    test = ds.splits["test"]
+    whole = ds.manifest.get("whole_frames", True)
+    if protocol == "roi" and not ds.has_boxes:
+        if whole:
+            raise CnnpipeError("register.promotion_protocol: roi needs a dataset with boxes (gtsrb with "
+                               "ingest.roi_crop: false); this one has none")
+        return as_requests(test.images)  # fixed ROI crops already
+    if protocol == "served" and not whole:
+        print("promote: the dataset holds ROI crops (ingest.roi_crop: true), not the whole frames a server gets: "
+              "scored on the crops", file=sys.stderr)
+    return as_requests(test.images, test.boxes if protocol == "roi" else None)
+
+
+def score(registry: Registry, model_uri: str, ds: Dataset, metric: str, protocol: str = "served") -> float:
     """`metric` of a registered model on the dataset's test split, through its own preprocessing."""
     predictor = registry.load_pyfunc(model_uri).unwrap_python_model().predictor
     if predictor.spec.classes != ds.classes:
         raise CnnpipeError(f"{model_uri} predicts {predictor.spec.num_classes} classes, the test split has "
                            f"{len(ds.classes)} other ones: the two cannot be compared on it (use --force)")
-    images = ds.splits["test"].images
-    size, channels = predictor.spec.image_size, predictor.spec.in_channels
-    batch = images if images.shape[1:] == (size, size, channels) else predictor.preprocess(list(images))
+    batch = predictor.preprocess(protocol_requests(ds, protocol))
     logits = predict_logits(predictor.model, to_nchw_uint8(batch, predictor.device), predictor.mean, predictor.std)
     labels = torch.from_numpy(ds.splits["test"].labels).to(predictor.device)
     return classification_metrics(logits, labels, ds.classes)["scalars"][metric]
@@ -47,14 +62,15 @@ def promote(cfg: RegisterConfig, tracking: TrackingConfig, name: str, ref: str, 
     champion = registry.alias_version(name, CHAMPION)
     history = registry.champion_history(name) or ([champion] if champion else [])
     metric, lower_better = cfg.promotion_metric, cfg.promotion_metric == "loss"
-    challenger_value = score(registry, f"models:/{name}/{challenger}", ds, metric)
+    protocol = cfg.promotion_protocol
+    challenger_value = score(registry, f"models:/{name}/{challenger}", ds, metric, protocol)
     champion_value = None
     if champion == challenger:
         decision = "already champion"
     elif champion is None:
         decision = "promoted: first model"
     else:
-        champion_value = score(registry, f"models:/{name}/{champion}", ds, metric) if not force else None
+        champion_value = score(registry, f"models:/{name}/{champion}", ds, metric, protocol) if not force else None
         gain = None if champion_value is None else (
             champion_value - challenger_value if lower_better else challenger_value - champion_value)
         if force:
@@ -68,17 +84,18 @@ def promote(cfg: RegisterConfig, tracking: TrackingConfig, name: str, ref: str, 
     if promoted:
         registry.set_champion(name, challenger, [*history, challenger])
     registry.tag_version(name, challenger, {
-        "promotion.decision": decision, "promotion.metric": f"test/{metric}",
+        "promotion.decision": decision, "promotion.metric": f"test/{metric}", "promotion.protocol": protocol,
         "promotion.challenger_value": round(challenger_value, 6),
         "promotion.champion_version": champion or "none",
         "promotion.champion_value": "n/a" if champion_value is None else round(champion_value, 6),
     })
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    print(_table([("", "version", f"test/{metric}"), (CHALLENGER, challenger, fmt(challenger_value)),
+    print(_table([("", "version", f"test/{metric} ({protocol})"), (CHALLENGER, challenger, fmt(challenger_value)),
                   (CHAMPION, champion or "-", fmt(champion_value))]) + f"\n{decision}", file=sys.stderr)
     return {"name": name, "challenger": challenger, "champion_before": champion,
             "champion": challenger if promoted else champion, "promoted": promoted, "decision": decision,
-            "metric": f"test/{metric}", "challenger_value": challenger_value, "champion_value": champion_value}
+            "metric": f"test/{metric}", "protocol": protocol, "challenger_value": challenger_value,
+            "champion_value": champion_value}
 
 
 def rollback(tracking: TrackingConfig, name: str) -> dict:

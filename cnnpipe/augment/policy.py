@@ -74,6 +74,7 @@ class AugmentPolicy:
     contrast: float
     saturation: float
     cutout: float
+    box_crop: float = 0.0  # chance of a random crop between an image's box and its whole frame
     hflip: list[int] = field(default_factory=list)  # class -> class after a horizontal flip, -1 = never
     vflip: list[int] = field(default_factory=list)  # ... after a vertical flip
     rot180: list[int] = field(default_factory=list)  # ... after a half turn
@@ -95,7 +96,7 @@ class AugmentPolicy:
     @classmethod
     def from_config(cls, cfg: AugmentConfig, tables: dict[str, list[int]]) -> AugmentPolicy:
         return cls(cfg.translate, cfg.rotate, cfg.scale, cfg.shear, cfg.brightness, cfg.contrast,
-                   cfg.saturation, cfg.cutout, **tables)
+                   cfg.saturation, cfg.cutout, cfg.box_crop, **tables)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> AugmentPolicy:
@@ -113,16 +114,51 @@ class AugmentPolicy:
     def is_identity(self) -> bool:
         geometric = self.translate or self.rotate or self.scale or self.shear
         photometric = self.brightness or self.contrast or self.saturation or self.cutout
-        return not (geometric or photometric or any(t >= 0 for t in (*self.hflip, *self.vflip, *self.rot180)))
+        return not (self.box_crop or geometric or photometric or any(t >= 0 for t in (*self.hflip, *self.vflip, *self.rot180)))
 
 
 def _uniform(n: int, bound: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
     return (torch.rand(n, generator=g, device=device) * 2 - 1) * bound
 
 
-def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy,
-                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment a float batch N x C x H x W in [0, 1]; flips may remap labels, so both come back."""
+BOX_EDGE_JITTER = 0.25  # each edge of a box crop moves up to this share of its gap on its own: offset jitter
+
+
+def box_crop_theta(boxes: torch.Tensor, h: int, w: int, p: float, g: torch.Generator) -> torch.Tensor:
+    """N x 2 x 3 affine maps (output -> input, normalized) of random crops between each box and the whole frame.
+
+    One share s ~ U(0, 1) per image moves every edge from the box (s = 0) towards the frame's edge (s = 1):
+    scale jitter; each edge adds its own +-BOX_EDGE_JITTER, clamped to [0, 1]: offset jitter. An image
+    drawn with chance 1 - p keeps the whole frame.
+    """
+    n, dev = len(boxes), boxes.device
+    share = torch.rand(n, 1, generator=g, device=dev) + _uniform(4 * n, BOX_EDGE_JITTER, g, dev).view(n, 4)
+    share = share.clamp(0, 1)
+    share = torch.where((torch.rand(n, 1, generator=g, device=dev) < p), share, torch.ones_like(share))
+    frame = torch.tensor([0.0, 0.0, w, h], device=dev)
+    x1, y1, x2, y2 = (boxes + (frame - boxes) * share).unbind(1)
+    # pixel edges -> grid_sample's normalized coordinates (align_corners=False: -1 and 1 are the outer edges)
+    zero = torch.zeros_like(x1)
+    return torch.stack([torch.stack([(x2 - x1) / w, zero, (x1 + x2) / w - 1], 1),
+                        torch.stack([zero, (y2 - y1) / h, (y1 + y2) / h - 1], 1)], 1)
+
+
+def _flip_boxes(boxes: torch.Tensor, flip: torch.Tensor, dims: tuple[int, ...], h: int, w: int) -> torch.Tensor:
+    flipped = boxes.clone()
+    if -1 in dims:
+        flipped[:, 0], flipped[:, 2] = w - boxes[:, 2], w - boxes[:, 0]
+    if -2 in dims:
+        flipped[:, 1], flipped[:, 3] = h - boxes[:, 3], h - boxes[:, 1]
+    return torch.where(flip.view(-1, 1), flipped, boxes)
+
+
+def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy, g: torch.Generator,
+                 boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a float batch N x C x H x W in [0, 1]; flips may remap labels, so both come back.
+
+    `boxes` (float N x 4, x1 y1 x2 y2 in pixels) enable the policy's box crops; the crop and the affine
+    transform are one resampling.
+    """
     n, c, h, w = x.shape
     dev = x.device
     for table, dims in policy.flip_tables(dev):
@@ -130,8 +166,11 @@ def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy,
         flip = (torch.rand(n, generator=g, device=dev) < 0.5) & (target >= 0)
         x = torch.where(flip.view(n, 1, 1, 1), x.flip(dims), x)
         labels = torch.where(flip, target, labels)
+        if boxes is not None:
+            boxes = _flip_boxes(boxes, flip, dims, h, w)
 
-    if policy.translate or policy.rotate or policy.scale or policy.shear:
+    crop = policy.box_crop and boxes is not None
+    if policy.translate or policy.rotate or policy.scale or policy.shear or crop:
         angle = _uniform(n, math.radians(policy.rotate), g, dev)
         shear = _uniform(n, math.radians(policy.shear), g, dev)
         zoom = 1 + _uniform(n, policy.scale, g, dev)
@@ -142,6 +181,10 @@ def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy,
             torch.stack([cos / zoom, (-sin + torch.tan(shear) * cos) / zoom, tx], 1),
             torch.stack([sin / zoom, (cos + torch.tan(shear) * sin) / zoom, ty], 1),
         ], 1)
+        if crop:  # the crop's frame is the affine transform's input: crop after (compose) the affine map
+            box = box_crop_theta(boxes, h, w, policy.box_crop, g)
+            scale = torch.stack([box[:, 0, 0], box[:, 1, 1]], 1).unsqueeze(-1)
+            theta = theta * scale + F.pad(box[:, :, 2:], (2, 0))
         grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
         # border padding repeats the edge: no black wedges that a model could learn as a cue
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -4,6 +4,9 @@
     <dir>/classes.json           class names, index = label
     <dir>/<split>_images.npy     uint8 N x H x W x C (memory-mappable)
     <dir>/<split>_labels.npy     int64 N
+    <dir>/<split>_boxes.npy      float32 N x 4, only when the source has boxes (GTSRB's ROI) and the images
+                                 are whole frames: x1, y1, x2, y2 in pixels of the stored image, edges
+                                 (x2, y2 exclusive, as PIL's crop takes them)
 
 The augmented dataset (augment -> train) is the same format holding only the train split, plus
 `policy.json`.
@@ -33,6 +36,7 @@ SPLITS = ("train", "val", "test")
 class Split:
     images: np.ndarray  # uint8 N x H x W x C
     labels: np.ndarray  # int64 N
+    boxes: np.ndarray | None = None  # float32 N x 4, the object's box in the stored image (see above)
 
 
 @dataclass
@@ -48,6 +52,10 @@ class Dataset:
     @property
     def channels(self) -> int:
         return int(self.manifest["channels"])
+
+    @property
+    def has_boxes(self) -> bool:
+        return bool(self.manifest.get("boxes"))
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
@@ -86,7 +94,12 @@ def write_dataset(path: Path | str, classes: list[str], splits: dict[str, Split]
         if s.images.dtype != np.uint8 or s.images.ndim != 4 or s.images.shape[1:] != (h, w, c):
             raise ValueError(f"split {name}: expected uint8 N x {h} x {w} x {c}, got {s.images.dtype} {s.images.shape}")
         per_class = np.bincount(s.labels, minlength=len(classes))
+        if s.boxes is not None and s.boxes.shape != (len(s.labels), 4):
+            raise ValueError(f"split {name}: expected boxes {len(s.labels)} x 4, got {s.boxes.shape}")
         counts[name] = {"total": int(len(s.labels)), "per_class": dict(zip(classes, per_class.tolist()))}
+    boxes = [s.boxes is not None for s in splits.values()]
+    if any(boxes) and not all(boxes):
+        raise ValueError("boxes must be given for every split or for none")
     manifest = {
         "format": FORMAT,
         **manifest,
@@ -96,11 +109,14 @@ def write_dataset(path: Path | str, classes: list[str], splits: dict[str, Split]
         "counts": counts,
         "mean": mean,
         "std": std,
+        "boxes": all(boxes),
     }
     with atomic_dir(path) as tmp:
         for name, s in splits.items():
             np.save(tmp / f"{name}_images.npy", np.ascontiguousarray(s.images))
             np.save(tmp / f"{name}_labels.npy", s.labels.astype(np.int64))
+            if s.boxes is not None:
+                np.save(tmp / f"{name}_boxes.npy", s.boxes.astype(np.float32))
         (tmp / CLASSES_FILE).write_text(json.dumps(classes, indent=2) + "\n")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         for name, content in (extra_files or {}).items():
@@ -140,5 +156,23 @@ def read_dataset(path: Path | str, splits: tuple[str, ...] = SPLITS, mmap: bool 
                                f"with {len(labels)} images, got {images.dtype} {images.shape}")
         if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
             raise CnnpipeError(f"dataset file '{lab_path}': labels outside 0..{len(classes) - 1}")
-        out[name] = Split(images, labels)
+        boxes = _read_boxes(path / f"{name}_boxes.npy", len(labels), shape) if manifest.get("boxes") else None
+        out[name] = Split(images, labels, boxes)
     return Dataset(classes, out, manifest)
+
+
+def _read_boxes(path: Path, n: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """A split's boxes, checked: n x 4 finite floats with 0 <= x1 < x2 <= width (and the same for y)."""
+    try:
+        boxes = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CnnpipeError(f"dataset file '{path}': not a readable .npy of boxes: {e}") from None
+    h, w = shape[:2]
+    ok = boxes.shape == (n, 4) and boxes.dtype.kind == "f" and bool(np.isfinite(boxes).all())
+    if ok and n:
+        x1, y1, x2, y2 = boxes.T
+        ok = bool(((x1 >= 0) & (x1 < x2) & (x2 <= w) & (y1 >= 0) & (y1 < y2) & (y2 <= h)).all())
+    if not ok:
+        raise CnnpipeError(f"dataset file '{path}': expected {n} x 4 float boxes (x1, y1, x2, y2) inside the "
+                           f"{w}x{h} images, got {boxes.dtype} {boxes.shape}")
+    return boxes.astype(np.float32)

@@ -27,6 +27,7 @@ from cnnpipe.augment import AugmentPolicy, apply_policy
 from cnnpipe.config import TrainConfig
 from cnnpipe.engine.distributed import Dist, all_sum
 from cnnpipe.engine.inference import normalize, predict_logits
+from cnnpipe.errors import CnnpipeError
 
 
 @dataclass
@@ -39,13 +40,15 @@ class TrainData:
     val_labels: torch.Tensor
     mean: torch.Tensor  # 1 x C x 1 x 1
     std: torch.Tensor
+    train_boxes: torch.Tensor | None = None  # float N x 4, for the policy's box crops
 
 
 @dataclass
 class FitResult:
     history: list[dict[str, float]]
-    model: nn.Module  # the weights to keep: the EMA's, or the best epoch's under early stopping
+    model: nn.Module  # the weights to keep: the EMA's or the model's, of the best or the last epoch (cfg.keep)
     best_epoch: int
+    kept_epoch: int
     stopped_early: bool
 
 
@@ -166,7 +169,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             x = data.train_images[idx].float().div_(255.0)
             y = data.train_labels[idx]
             if policy is not None and not policy.is_identity:
-                x, y = apply_policy(x, y, policy, g_aug)
+                x, y = apply_policy(x, y, policy, g_aug, None if data.train_boxes is None else data.train_boxes[idx])
             x = normalize(x, data.mean, data.std).contiguous(memory_format=memory)
             with autocast():
                 logits = net(x)
@@ -186,6 +189,12 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         loss_sum, correct = all_sum(sums, dist).tolist()
         evaluated = ema.model if ema is not None else model
         val_loss, val_acc = evaluate_split(evaluated, data.val_images, data.val_labels, data.mean, data.std)
+        # checked once per epoch (a check per step would sync the device); the last step's update only shows
+        # in the validation loss
+        diverged = next((v for v in (loss_sum, val_loss if len(data.val_labels) else 0.0) if not math.isfinite(v)), None)
+        if diverged is not None:
+            raise CnnpipeError(f"train: the loss became {diverged} in epoch {epoch} (diverged: lower train.lr, or "
+                               f"check the data); no model was written")
         stats = {
             "epoch": epoch,
             "train/loss": loss_sum / n,
@@ -200,7 +209,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         watched = stats[cfg.early_stopping_metric]
         if _better(cfg.early_stopping_metric, watched, best_value):
             best_value, best_epoch = watched, epoch
-            if cfg.early_stopping_patience:
+            if cfg.keep == "best":
                 best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
         if dist.is_main:
             print(f"epoch {epoch}/{cfg.epochs}  train loss {stats['train/loss']:.4f} acc {stats['train/accuracy']:.4f}  "
@@ -217,9 +226,11 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             stopped_early = epoch < cfg.epochs
             if dist.is_main:
                 print(f"early stopping: {cfg.early_stopping_metric} has not improved for "
-                      f"{cfg.early_stopping_patience} epochs; keeping epoch {best_epoch}", file=sys.stderr)
+                      f"{cfg.early_stopping_patience} epochs (best: epoch {best_epoch})", file=sys.stderr)
             break
     kept = ema.model if ema is not None else model
-    if cfg.early_stopping_patience and best_state is not None:
+    kept_epoch = len(history)
+    if cfg.keep == "best" and best_state is not None:
         kept.load_state_dict(best_state)
-    return FitResult(history, kept.to(memory_format=torch.contiguous_format), best_epoch, stopped_early)
+        kept_epoch = best_epoch
+    return FitResult(history, kept.to(memory_format=torch.contiguous_format), best_epoch, kept_epoch, stopped_early)

@@ -8,7 +8,10 @@ file into model.tar.gz as code/inference.py, so the endpoint and `cnnpipe serve`
 Bodies: image/png, image/jpeg, application/x-image (one raw image), or application/json with one of
 {"image": b64}, {"images": [b64, ...]}, {"instances": [b64 | {"image"|"b64": b64} | pixel array, ...]},
 MLflow's {"dataframe_split": ...}, {"dataframe_records": ...}, {"inputs": ...} (an `image` column),
-and optionally "params": {"top_k": k}. Answer: {"predictions": [{"predicted_class",
+and optionally "params": {"top_k": k}. An image may come with its object's box, cropped to before
+resizing as ingest crops GTSRB's ROI: {"image": b64, "box": [x1, y1, x2, y2]} at the top level or as an
+item of images/instances/dataframe_records, or a `box` column; pixel edges of the sent image, x2 and y2
+exclusive (PIL's crop box). Answer: {"predictions": [{"predicted_class",
 "predicted_class_index", "confidence", "top_k": [{"class", "index", "probability"}, ...]}, ...]}.
 """
 
@@ -18,8 +21,10 @@ import base64
 import binascii
 import io
 import json
+import math
 import os
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -41,10 +46,40 @@ class RequestError(ValueError):
         self.close = close  # the server should close the connection after answering (body left unread)
 
 
-def decode_value(value, i: int):  # noqa: ANN001, ANN201 - bytes | np.ndarray
+class BoxedImage(NamedTuple):  # not a dataclass: SageMaker's loader may import this file outside sys.modules
+    """An image of a request with the box (x1, y1, x2, y2; pixel edges) its object occupies."""
+
+    image: bytes | np.ndarray
+    box: tuple[float, float, float, float]
+
+
+def parse_box(value, i: int) -> tuple[float, float, float, float] | None:  # noqa: ANN001
+    """A request's box: None, or four finite numbers with x1 < x2 and y1 < y2 (the image's bounds are checked
+    when it is decoded)."""
+    if value is None:
+        return None
+    try:
+        box = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        box = ()
+    if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[0] >= box[2] or box[1] >= box[3]:
+        raise RequestError(f"image {i}: box {value!r}: expected [x1, y1, x2, y2] with x1 < x2 and y1 < y2")
+    return box
+
+
+def with_box(image, box, i: int):  # noqa: ANN001, ANN201 - bytes | np.ndarray | BoxedImage
+    box = parse_box(box, i)
+    return image if box is None else BoxedImage(image, box)
+
+
+def decode_value(value, i: int):  # noqa: ANN001, ANN201 - bytes | np.ndarray | BoxedImage
     """One image of a request: base64 text -> bytes, a pixel array (nested lists) -> uint8 array."""
     if isinstance(value, np.ndarray):
         return value
+    if isinstance(value, dict):  # {"image" | "b64": ..., "box": [...]}
+        if "box" in value:
+            return with_box(decode_value(value.get("image", value.get("b64")), i), value["box"], i)
+        value = value.get("image", value.get("b64"))
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
@@ -69,11 +104,13 @@ def _column(frame, where: str) -> list:  # noqa: ANN001
         if not isinstance(columns, list) or "image" not in columns:
             raise RequestError(f"{where}: expected a column 'image', got {str(columns)[:80]}")
         k = columns.index("image")
-        if not isinstance(data, list) or not all(isinstance(row, list) and len(row) > k for row in data):
+        b = columns.index("box") if "box" in columns else None
+        width = max(k, b if b is not None else -1)
+        if not isinstance(data, list) or not all(isinstance(row, list) and len(row) > width for row in data):
             raise RequestError(f"{where}: expected 'data' as rows (lists), each with an 'image' value")
-        return [row[k] for row in data]
-    if isinstance(frame, list):  # dataframe_records, instances
-        return [r.get("image", r.get("b64")) if isinstance(r, dict) else r for r in frame]
+        return [row[k] if b is None else {"image": row[k], "box": row[b]} for row in data]
+    if isinstance(frame, list):  # dataframe_records, instances: items keep their box (decode_value reads it)
+        return frame
     if isinstance(frame, dict) and "image" in frame:  # inputs: {"image": [...]}
         v = frame["image"]
         return v if isinstance(v, list) and (not v or not isinstance(v[0], int)) else [v]
@@ -117,7 +154,8 @@ def parse_body(body: bytes, content_type: str, max_bytes: int = MAX_PAYLOAD) -> 
     if key is None:
         raise RequestError(f"expected a JSON object with one of the keys {', '.join(JSON_KEYS)}")
     value = obj[key]
-    raw = [value] if key == "image" else value if key == "images" else _column(value, key)
+    raw = [{"image": value, "box": obj.get("box")}] if key == "image" else value if key == "images" \
+        else _column(value, key)
     if not isinstance(raw, list) or not raw:
         raise RequestError("no images in the request")
     params = obj.get("params") or {}
@@ -140,9 +178,10 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def open_image(data: bytes, size: int, channels: int, i: int = 0, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Read an encoded image's header, refuse it past `max_pixels` before any decoding, and let a large
-    JPEG decode at a reduced scale (DCT scaling: 1/2 .. 1/8) that still covers size x size."""
+def open_image(data: bytes, size: int, channels: int, i: int = 0, max_pixels: int = MAX_PIXELS,
+               draft: bool = True) -> Image.Image:
+    """Read an encoded image's header, refuse it past `max_pixels` before any decoding, and (`draft`) let a
+    large JPEG decode at a reduced scale (DCT scaling: 1/2 .. 1/8) that still covers size x size."""
     try:
         with warnings.catch_warnings():  # Pillow's bomb warning: the pixel budget below is the check
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -159,15 +198,29 @@ def open_image(data: bytes, size: int, channels: int, i: int = 0, max_pixels: in
                            f"{max_pixels:,} pixels per image", 413)
     if width * height == 0:
         raise RequestError(f"image {i}: not a readable image (size {width}x{height})")
-    if pil.format == "JPEG":
+    if draft and pil.format == "JPEG":
         pil.draft("L" if channels == 1 else "RGB", (size, size))
     return pil
 
 
+def crop_to_box(img: Image.Image, box: tuple[float, float, float, float], i: int = 0) -> Image.Image:
+    """The part of `img` inside `box` (pixel edges); a box reaching outside the image is refused."""
+    x1, y1, x2, y2 = box
+    if not (0 <= x1 < x2 <= img.width and 0 <= y1 < y2 <= img.height):
+        raise RequestError(f"image {i}: box {list(box)} is outside the {img.width}x{img.height} image "
+                           f"(expected 0 <= x1 < x2 <= {img.width}, 0 <= y1 < y2 <= {img.height})")
+    return img.crop(box)
+
+
 def to_array(image, size: int, channels: int, i: int = 0, max_pixels: int = MAX_PIXELS) -> np.ndarray:  # noqa: ANN001
-    """Encoded bytes or a uint8 H x W [x C] array -> uint8 size x size x channels, as training saw it."""
+    """Encoded bytes, a uint8 H x W [x C] array or a BoxedImage -> uint8 size x size x channels, as training
+    saw it: converted, cropped to the box (if any), resized."""
+    box = None
+    if isinstance(image, BoxedImage):
+        image, box = image.image, image.box
     if isinstance(image, (bytes, bytearray)):
-        pil = open_image(bytes(image), size, channels, i, max_pixels)
+        # a box is in the full image's pixels: no reduced-scale decoding then
+        pil = open_image(bytes(image), size, channels, i, max_pixels, draft=box is None)
     else:
         arr = np.asarray(image)
         if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
@@ -176,9 +229,12 @@ def to_array(image, size: int, channels: int, i: int = 0, max_pixels: int = MAX_
             raise RequestError(f"image {i}: {arr.shape[1]}x{arr.shape[0]} pixels exceeds the budget of {max_pixels:,}", 413)
         pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
     try:
-        pil = to_mode(pil, channels).resize((size, size), Image.Resampling.BILINEAR)
+        pil = to_mode(pil, channels)
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated data only fails when decoded
         raise RequestError(f"image {i}: not a readable image ({e})") from None
+    if box is not None:
+        pil = crop_to_box(pil, box, i)
+    pil = pil.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(pil).reshape(size, size, channels)
 
 

@@ -14,6 +14,7 @@ from cnnpipe.data.decode import IMAGE_SUFFIXES
 from cnnpipe.engine.checkpoint import save_model
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
+from cnnpipe.serving.contract import RequestError, with_box
 from cnnpipe.serving.predictor import Predictor
 
 
@@ -44,13 +45,35 @@ def served_model_file(predictor: Predictor, top_k: int, backend: str, folder: Pa
     return folder / "model.pt"
 
 
-def image_files(paths: list[Path]) -> list[Path]:
-    files = []
+def _listed(csv_path: Path) -> list[tuple[Path, str | None]]:
+    """The rows of a CSV of images: a `path` column (relative to the CSV's folder) and an optional `box`
+    column ("x1 y1 x2 y2", pixel edges; empty = the whole image)."""
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if "path" not in (reader.fieldnames or []):
+            raise CnnpipeError(f"'{csv_path}': expected a column 'path' (and optionally 'box'), got {reader.fieldnames}")
+        return [(csv_path.parent / row["path"], (row.get("box") or "").strip() or None) for row in reader]
+
+
+def _box(text: str | None, where: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.strip("[]").replace(",", " ").split()]
+    except ValueError:
+        raise CnnpipeError(f"{where}: box {text!r}: expected four numbers x1 y1 x2 y2") from None
+
+
+def image_files(paths: list[Path]) -> list[tuple[Path, str | None]]:
+    """(image file, its box text or None) for every file, folder (searched recursively) and CSV of images."""
+    files: list[tuple[Path, str | None]] = []
     for p in paths:
         if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            files += [(q, None) for q in sorted(p.rglob("*")) if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES]
+        elif p.is_file() and p.suffix.lower() == ".csv":
+            files += _listed(p)
         elif p.is_file():
-            files.append(p)
+            files.append((p, None))
         else:
             raise CnnpipeError(f"'{p}' not found")
     if not files:
@@ -59,25 +82,26 @@ def image_files(paths: list[Path]) -> list[Path]:
 
 
 def predict_files(predictor: Predictor, paths: list[Path], output: Path, batch_size: int = 256) -> dict:
-    """One CSV row per file: path, predicted class, index, confidence (or the error for an unreadable file)."""
+    """One CSV row per file: path, predicted class, index, confidence (or the error for an unreadable file or a
+    bad box)."""
     files = image_files(paths)
-    rows, bad = [], 0
+    rows: list[list] = [[]] * len(files)  # in the order of `files` (a CSV may list one file twice)
+    bad = 0
     for start in tqdm(range(0, len(files), batch_size), desc="predict", unit="batch", file=sys.stderr,
                       disable=not sys.stderr.isatty()):
-        chunk = files[start:start + batch_size]
         good, images = [], []
-        for f in chunk:
+        for i in range(start, min(start + batch_size, len(files))):
+            f, box = files[i]
             try:
-                images.append(predictor.preprocess([f.read_bytes()])[0])
-                good.append(f)
-            except (CnnpipeError, OSError) as e:
-                rows.append([str(f), "", "", "", str(e).replace("image 0: ", "")])
+                image = with_box(f.read_bytes(), _box(box, str(f)), 0)
+                images.append(predictor.preprocess([image])[0])
+                good.append(i)
+            except (CnnpipeError, RequestError, OSError) as e:
+                rows[i] = [str(f), "", "", "", str(e).replace("image 0: ", "")]
                 bad += 1
         if good:
-            for f, p in zip(good, predictor.predict(np.stack(images), top_k=1)):
-                rows.append([str(f), p["predicted_class"], p["predicted_class_index"], f"{p['confidence']:.6f}", ""])
-    order = {str(f): i for i, f in enumerate(files)}
-    rows.sort(key=lambda r: order[r[0]])
+            for i, p in zip(good, predictor.predict(np.stack(images), top_k=1)):
+                rows[i] = [str(files[i][0]), p["predicted_class"], p["predicted_class_index"], f"{p['confidence']:.6f}", ""]
     with atomic_file(output) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "predicted_class", "predicted_class_index", "confidence", "error"])

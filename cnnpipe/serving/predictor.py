@@ -10,12 +10,21 @@ import torch
 from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.inference import predict_logits, stats_tensors, to_nchw_uint8
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.serving.contract import MAX_PIXELS, RequestError, answer, to_array
+from cnnpipe.serving.contract import MAX_PIXELS, BoxedImage, RequestError, answer, to_array
 
 
-def decode_images(spec: ModelSpec, images: list[bytes | np.ndarray], max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode, convert to the model's channels and resize: uint8 N x S x S x C (RequestError if bad)."""
+def decode_images(spec: ModelSpec, images: list[bytes | np.ndarray | BoxedImage],
+                  max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode, convert to the model's channels, crop to the box (if any) and resize: uint8 N x S x S x C
+    (RequestError if bad)."""
     return np.stack([to_array(img, spec.image_size, spec.in_channels, i, max_pixels) for i, img in enumerate(images)])
+
+
+def as_requests(images: np.ndarray, boxes: np.ndarray | None = None) -> list[np.ndarray | BoxedImage]:
+    """Stored uint8 N x H x W x C images as a server receives them: whole, or each with its box."""
+    if boxes is None:
+        return list(images)
+    return [BoxedImage(np.asarray(img), tuple(box.tolist())) for img, box in zip(images, boxes)]
 
 
 class Predictor:
@@ -28,10 +37,11 @@ class Predictor:
         model, spec = load_model(path, device)
         return cls(model, spec, torch.device(device))
 
-    def decode(self, images: list[bytes | np.ndarray], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    def decode(self, images: list[bytes | np.ndarray | BoxedImage], max_pixels: int = MAX_PIXELS) -> np.ndarray:
         return decode_images(self.spec, images, max_pixels)
 
-    def preprocess(self, images: list[bytes | np.ndarray]) -> np.ndarray:
+    def preprocess(self, images: list[bytes | np.ndarray | BoxedImage]) -> np.ndarray:
+        """What the server does to a request's images, with a CnnpipeError for a bad one."""
         try:
             return self.decode(images)
         except RequestError as e:

@@ -1,4 +1,5 @@
-"""The MLflow pyfunc model: a DataFrame column `image` (base64 PNG/JPEG/PPM) or uint8 arrays in."""
+"""The MLflow pyfunc model: a DataFrame column `image` (base64 PNG/JPEG/PPM; optionally a `box` column,
+[x1, y1, x2, y2] or null per row) or uint8 arrays in."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.serving.contract import RequestError, decode_value
+from cnnpipe.serving.contract import RequestError, decode_value, with_box
 from cnnpipe.serving.predictor import Predictor
 
 CHECKPOINT = "checkpoint"  # the artifact key of the model file
@@ -18,11 +19,15 @@ EXPECTED_SHAPES = ('Expected a column "image" of base64 PNG/JPEG/PPM/BMP/WebP im
                    '{"instances": [b64, ...]} or {"inputs": {"image": [b64, ...]}}')
 
 
-def _decode(value: Any, i: int) -> bytes | np.ndarray:
+def _decode(value: Any, box: Any, i: int) -> Any:
     try:
-        return decode_value(value, i)
+        return with_box(decode_value(value, i), None if box is None or _is_na(box) else box, i)
     except RequestError as e:
         raise CnnpipeError(str(e)) from None
+
+
+def _is_na(value: Any) -> bool:
+    return np.ndim(value) == 0 and bool(pd.isna(value))
 
 
 def to_images(model_input: Any) -> list[bytes | np.ndarray]:
@@ -31,11 +36,15 @@ def to_images(model_input: Any) -> list[bytes | np.ndarray]:
         if "image" not in model_input.columns:
             raise CnnpipeError(f"input: expected a column 'image', got {list(model_input.columns)}")
         # `mlflow models serve` turns {"instances": [b64, ...]} and {"inputs": {"image": [b64, ...]}} into
-        # one row holding the whole list: a cell of texts is that many images
-        cells = [v for cell in model_input["image"] for v in
-                 (cell if isinstance(cell, (list, np.ndarray)) and len(cell) and all(isinstance(x, str) for x in cell)
-                  else [cell])]
-        return [_decode(v, i) for i, v in enumerate(cells)]
+        # one row holding the whole list: a cell of texts is that many images (boxes need the column form)
+        boxes = model_input["box"] if "box" in model_input.columns else [None] * len(model_input)
+        items = []
+        for cell, box in zip(model_input["image"], boxes):
+            if isinstance(cell, (list, np.ndarray)) and len(cell) and all(isinstance(x, str) for x in cell):
+                items += [(v, None) for v in cell]
+            else:
+                items.append((cell, box))
+        return [_decode(v, b, i) for i, (v, b) in enumerate(items)]
     if isinstance(model_input, np.ndarray):
         if model_input.dtype != np.uint8 or model_input.ndim not in (3, 4):
             raise CnnpipeError(f"input: expected a uint8 N x H x W [x C] array, got {model_input.dtype} {model_input.shape}")

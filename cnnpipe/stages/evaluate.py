@@ -1,7 +1,11 @@
 """evaluate: a model + the processed dataset -> metrics.json, the confusion matrix in every form, the
 analyses of a careful practitioner (curves, grids, calibration, filters, feature maps, t-SNE), a report.
 
-Metrics cover the val and the test split (labelled); the figures describe the test split.
+Metrics cover the val and the test split (labelled); the figures describe the test split. Each split
+is scored on the served protocol: the stored images through the very preprocessing a server applies
+to a request (the serving Predictor's preprocess), as `val` and `test`; when the dataset has boxes
+(whole frames + GTSRB's ROI), also on the ROI protocol: each image cropped to its box as a request
+with a box is, as `val_roi` and `test_roi`.
 """
 
 from __future__ import annotations
@@ -36,8 +40,18 @@ from cnnpipe.evaluation.metrics import classification_metrics
 from cnnpipe.evaluation.report import Report
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent
 from cnnpipe.models import count_parameters
+from cnnpipe.serving.predictor import Predictor, as_requests
 
 SPLITS = ("val", "test")
+ROI_SUFFIX = "_roi"  # metrics.json key and MLflow prefix of a split's ROI-protocol scores
+
+
+def protocol_note(ds: Dataset) -> str:
+    """What `val`/`test` measure on this dataset, for the report and the run's tags."""
+    if ds.manifest.get("whole_frames", True):
+        return "served: whole images, as a server receives them" + \
+            ("; *_roi: cropped to the object's box" if ds.has_boxes else "")
+    return "ROI crops (ingest.roi_crop): the served protocol (whole frames) is not measured on this dataset"
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -117,6 +131,7 @@ def _report(folder: Path, ds: Dataset, spec: ModelSpec, n_params: int, train_cfg
     if train_cfg:
         r.table(["train param", "value"], [[k, str(v)] for k, v in train_cfg.get("train", {}).items()])
     r.heading("Metrics")
+    r.text(f"Protocol: {protocol_note(ds)}.")
     names = list(next(iter(metrics.values())))
     r.table(["split", *names], [[split, *m.values()] for split, m in metrics.items()])
     r.heading("Most confused pairs (test)")
@@ -147,12 +162,18 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
 
         tracker = Tracker.resume(tracking, model_dir)
     mean, std = stats_tensors(spec.mean, spec.std, device)
-    results, tensors = {}, {}
+    server = Predictor(model, spec, device)
+    results, tensors, test_images = {}, {}, None
     for name in SPLITS:
         split = ds.splits[name]
-        tensors[name] = to_nchw_uint8(split.images, device)
-        logits = predict_logits(model, tensors[name], mean, std, cfg.batch_size)
-        results[name] = classification_metrics(logits, torch.from_numpy(split.labels).to(device), ds.classes)
+        for key, use_boxes in ((name, False), (name + ROI_SUFFIX, True)):
+            if use_boxes and not ds.has_boxes:
+                continue
+            images = server.preprocess(as_requests(split.images, split.boxes if use_boxes else None))
+            test_images = images if key == "test" else test_images
+            tensors[key] = to_nchw_uint8(images, device)
+            logits = predict_logits(model, tensors[key], mean, std, cfg.batch_size)
+            results[key] = classification_metrics(logits, torch.from_numpy(split.labels).to(device), ds.classes)
     metrics = {name: {k: round(v, 6) for k, v in r["scalars"].items()} for name, r in results.items()}
     history = read_history(model_dir)
     train_cfg = read_train_config(model_dir)
@@ -173,13 +194,13 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
                        [[c["class"], c["precision"], c["recall"], c["f1"], c["support"]] for c in r["per_class"]])
         _write_csv(tmp / MOST_CONFUSED_FILE, ["true", "predicted", "count"],
                    [[p["true"], p["predicted"], p["count"]] for p in test["most_confused"]])
-        made = _figures(tmp, model, spec, np.asarray(ds.splits["test"].images), tensors["test"], test, history, cfg,
-                        mean, std)
+        made = _figures(tmp, model, spec, test_images, tensors["test"], test, history, cfg, mean, std)
         _report(tmp, ds, spec, count_parameters(model), train_cfg, metrics, results, made)
         if tracker is not None:
             # at the last epoch's step, so val/* continues train's curves instead of restarting at 0
             tracker.log_metrics({f"{split}/{k}": v for split, m in metrics.items() for k, v in m.items()},
                                 step=len(history))
+            tracker.set_tags({"evaluate.protocol": protocol_note(ds)})
             tracker.log_artifact(tmp, "evaluate")
     for name, m in metrics.items():
         print(f"{name}: accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  f1_macro {m['f1_macro']:.4f}  "

@@ -31,8 +31,9 @@ def split_dataset(raw: RawDataset, cfg: IngestConfig) -> dict[str, Split]:
     if raw.test is None:
         fractions["test"] = cfg.test_fraction
     idx = stratified_split(raw.pool.labels, fractions, cfg.seed, raw.groups)
-    take = lambda i: Split(raw.pool.images[i], raw.pool.labels[i])  # noqa: E731
-    official = lambda im: Split(im.images, im.labels)  # noqa: E731
+    boxes = lambda im, i: None if im.boxes is None else im.boxes[i]  # noqa: E731
+    take = lambda i: Split(raw.pool.images[i], raw.pool.labels[i], boxes(raw.pool, i))  # noqa: E731
+    official = lambda im: Split(im.images, im.labels, im.boxes)  # noqa: E731
     return {
         "train": take(idx["train"]),
         "val": official(raw.val) if raw.val is not None else take(idx["val"]),
@@ -82,6 +83,8 @@ def run(*, cfg: IngestConfig, data: Path, report: Path) -> dict:
                   "grouped_by": "track" if raw.groups is not None else None},
         "bad_files": raw.bad_files,
         "duplicates_across_splits": duplicates,
+        # whole frames are what a server receives: evaluate's served protocol needs them
+        "whole_frames": not raw.cropped,
     }, extra_files=_figures(splits, raw.classes))
     summary |= {"images": int(sum(c["total"] for c in manifest["counts"].values())),
                 "splits": {name: c["total"] for name, c in manifest["counts"].items()},

@@ -1,4 +1,9 @@
-"""register: log the model as an MLflow pyfunc (raw images in) into the pipeline's run and register it."""
+"""register: log the model as an MLflow pyfunc (raw images in) into the pipeline's run and register it.
+
+A model whose validation accuracy (served protocol, from evaluate) is below `register.min_accuracy`,
+or no better than chance (1 / classes), is refused before anything is logged: a collapsed run never
+reaches the registry.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import cnnpipe
 from cnnpipe.config import RegisterConfig, TrackingConfig
 from cnnpipe.data.store import read_dataset
 from cnnpipe.engine.model_folder import MODEL_FILE
+from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.folder import METRICS_FILE
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.promotion import promote
@@ -29,6 +35,20 @@ def _png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def check_quality(cfg: RegisterConfig, metrics: dict, num_classes: int, where: Path) -> float:
+    """The validation accuracy, or a CnnpipeError when it is below the floor or not above chance."""
+    accuracy = (metrics.get("val") or {}).get("accuracy")
+    if not isinstance(accuracy, (int, float)):
+        raise CnnpipeError(f"evaluation metrics '{where}': expected val.accuracy (re-run `cnnpipe evaluate`)")
+    chance = 1 / num_classes
+    if accuracy <= chance or accuracy < cfg.min_accuracy:
+        why = f"no better than chance (1/{num_classes} = {chance:.4f})" if accuracy <= chance else \
+            f"below register.min_accuracy {cfg.min_accuracy}"
+        raise CnnpipeError(f"register: validation accuracy {accuracy:.4f} ('{where}') is {why}: the model is not "
+                           f"registered")
+    return accuracy
+
+
 def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, record: Path,
         tracking: TrackingConfig) -> dict:
     """Log the model folder `model` as a pyfunc into its pipeline run, register it (alias challenger),
@@ -40,6 +60,7 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     ensure_writable_parent(out)
     predictor = Predictor.from_file(model_dir / MODEL_FILE)  # fail here, not inside MLflow, on a bad model file
     metrics = read_json(evaluation / METRICS_FILE, "evaluation metrics")
+    check_quality(cfg, metrics, predictor.spec.num_classes, evaluation / METRICS_FILE)
     ds = read_dataset(data, splits=("test",))
     tracker = Tracker.resume(tracking, model_dir)
 
@@ -54,7 +75,8 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     )
     test = metrics.get("test", {})
     tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **Tracker.source_tags(ds.manifest, data),
-            **{f"test.{k}": v for k, v in test.items()}}
+            **{f"test.{k}": v for k, v in test.items()},
+            **{f"test_roi.{k}": v for k, v in metrics.get("test_roi", {}).items()}}
     version = tracker.register_model(model_uri, cfg.model_name, tags)
     Registry(tracking.uri).set_alias(cfg.model_name, CHALLENGER, version)
     print(f"registered {cfg.model_name} version {version} as {CHALLENGER} "

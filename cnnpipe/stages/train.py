@@ -92,6 +92,7 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
             val_images=to_nchw_uint8(val_split.images, device),
             val_labels=torch.from_numpy(val_split.labels).to(device),
             mean=mean, std=std,
+            train_boxes=None if train_split.boxes is None else torch.from_numpy(train_split.boxes).to(device),
         )
         def each_epoch(stats: dict[str, float]) -> None:
             if tracker is not None:
@@ -107,10 +108,11 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
                 save_model(tmp / MODEL_FILE, result.model, spec)
                 write_history(tmp / HISTORY_FILE, result.history)
                 (tmp / CONFIG_FILE).write_text(json.dumps({"train": dataclasses.asdict(cfg), "parameters": n_params,
-                                                           "best_epoch": result.best_epoch}, indent=2) + "\n")
+                                                           "best_epoch": result.best_epoch,
+                                                           "kept_epoch": result.kept_epoch}, indent=2) + "\n")
                 if tracker is not None:
                     tracker.write_run_file(tmp)
-                    tracker.log_metrics({"train/best_epoch": result.best_epoch})
+                    tracker.log_metrics({"train/best_epoch": result.best_epoch, "train/kept_epoch": result.kept_epoch})
                     tracker.log_artifact(tmp / HISTORY_FILE, "train")
                     tracker.log_artifact(data / MANIFEST_FILE, "data")
                     if (data / FIGURES_DIR).is_dir():  # written by ingest; a hand-made dataset may lack them
@@ -126,7 +128,7 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
         tracker.finish(ok=True)
     if save is not None:
         checkpoint.unlink(missing_ok=True)  # the model file is the result; a stale state must not be resumed
-    last = result.history[-1]
-    return {"epochs": len(result.history), "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-            "val_accuracy": last["val/accuracy"], "val_loss": last["val/loss"],
+    kept = result.history[result.kept_epoch - 1]
+    return {"epochs": len(result.history), "best_epoch": result.best_epoch, "kept_epoch": result.kept_epoch,
+            "stopped_early": result.stopped_early, "val_accuracy": kept["val/accuracy"], "val_loss": kept["val/loss"],
             "parameters": n_params, "run_id": run_id}

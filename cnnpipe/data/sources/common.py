@@ -55,16 +55,30 @@ class Entry:
     roi: tuple[float, float, float, float, float, float] | None = None  # see cnnpipe.data.decode.decode
 
 
+def stored_box(roi: tuple[float, float, float, float, float, float], size: int) -> list[float]:
+    """An inclusive (x1, y1, x2, y2, width, height) ROI -> its edges in a size x size copy of the image."""
+    x1, y1, x2, y2, ref_w, ref_h = roi
+    sx, sy = size / ref_w, size / ref_h
+    return [max(0.0, x1 * sx), max(0.0, y1 * sy), min(size, (x2 + 1) * sx), min(size, (y2 + 1) * sy)]
+
+
 def decode_entries(tree: FileTree, entries: Iterable[Entry], cfg: IngestConfig, bad: list[dict],
                    desc: str) -> tuple[Images, list[int]]:
-    """Decode every entry; unusable files go to `bad`. Returns the images and the indices kept."""
+    """Decode every entry; unusable files go to `bad`. Returns the images and the indices kept.
+
+    Entries with a ROI are cropped to it when `cfg.roi_crop`; otherwise the whole frame is kept and
+    the ROI becomes the image's box (when every entry has one).
+    """
     entries = list(entries)
     out = np.empty((len(entries), cfg.image_size, cfg.image_size, cfg.channels), np.uint8)
     labels = np.empty(len(entries), np.int64)
+    keep_boxes = not cfg.roi_crop and bool(entries) and all(e.roi is not None for e in entries)
+    boxes = np.empty((len(entries), 4), np.float32)
     kept = []
     for i, e in enumerate(tqdm(entries, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty())):
         try:
-            out[len(kept)] = decode(tree.read(e.name), f"{tree.path}:{e.name}", cfg.image_size, cfg.channels, e.roi)
+            out[len(kept)] = decode(tree.read(e.name), f"{tree.path}:{e.name}", cfg.image_size, cfg.channels,
+                                    e.roi if cfg.roi_crop else None)
         except BadImage as err:
             bad.append({"path": f"{tree.path}:{e.name}", "error": str(err)})
             continue
@@ -72,5 +86,7 @@ def decode_entries(tree: FileTree, entries: Iterable[Entry], cfg: IngestConfig, 
             bad.append({"path": f"{tree.path}:{e.name}", "error": f"unreadable: {err}"})
             continue
         labels[len(kept)] = e.label
+        if keep_boxes:
+            boxes[len(kept)] = stored_box(e.roi, cfg.image_size)
         kept.append(i)
-    return Images(out[:len(kept)], labels[:len(kept)]), kept
+    return Images(out[:len(kept)], labels[:len(kept)], boxes[:len(kept)] if keep_boxes else None), kept

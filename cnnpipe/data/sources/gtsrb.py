@@ -70,7 +70,7 @@ def _entries(tree: FileTree, rows: list[dict], folder: str, cfg: IngestConfig, b
         if name not in names:
             bad.append({"path": f"{tree.path}:{name}", "error": "listed in the annotations but missing"})
             continue
-        out.append((Entry(name, label, _roi(row) if cfg.roi_crop else None), row["Filename"]))
+        out.append((Entry(name, label, _roi(row)), row["Filename"]))
     return out
 
 
@@ -138,5 +138,7 @@ def load(cfg: IngestConfig) -> RawDataset:
         files += len(rows)
         inputs += [input_record(test_path), input_record(labels_path)]
 
+    if test is not None and (pool.boxes is None) != (test.boxes is None):  # a split without boxes: none keeps them
+        pool.boxes = test.boxes = None
     return RawDataset(classes=list(CLASSES), pool=pool, groups=np.asarray(groups)[kept], test=test,
-                      inputs=inputs, files=files, bad_files=bad)
+                      inputs=inputs, files=files, bad_files=bad, cropped=cfg.roi_crop)
