@@ -21,11 +21,12 @@ import json
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PAYLOAD = 6 * 1024 * 1024  # SageMaker's real-time invocation limit
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/x-portable-pixmap", "image/bmp", "image/webp",
                "application/x-image")
+RESIZE_MODES = ("squash", "center_crop", "letterbox")  # ingest.resize
 JSON_KEYS = ("image", "images", "instances", "dataframe_split", "dataframe_records", "inputs")
 
 
@@ -114,7 +115,40 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def to_array(image, size: int, channels: int, i: int = 0) -> np.ndarray:  # noqa: ANN001
+def reduce_on_decode(img: Image.Image, size: int) -> None:
+    """Ask a not yet decoded JPEG for a 1/2, 1/4 or 1/8 scale that still covers size x size: a 12-megapixel
+    photo bound for 224 px then decodes ~8x faster. Other formats ignore it."""
+    if img.format == "JPEG":
+        img.draft(None, (size, size))
+
+
+def resize_to(img: Image.Image, size: int, resize: str) -> Image.Image:
+    """size x size by ingest.resize: squash (stretch), center_crop (the central square) or letterbox
+    (the whole image scaled to fit, centred on black)."""
+    w, h = img.size
+    if resize == "center_crop" and w != h:
+        side = min(w, h)
+        img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    elif resize == "letterbox" and w != h:
+        scale = size / max(w, h)
+        inner = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+        canvas = Image.new(img.mode, (size, size))
+        canvas.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
+        return canvas
+    elif resize not in RESIZE_MODES:
+        raise ValueError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    return img if img.size == (size, size) else img.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def to_pixels(img: Image.Image, size: int, channels: int, resize: str = "squash") -> np.ndarray:
+    """A PIL image as training saw it: upright by its EXIF orientation, converted to `channels`, resized
+    by `resize`: uint8 size x size x channels. Ingest's decode and every serving path call this."""
+    reduce_on_decode(img, size)
+    img = to_mode(ImageOps.exif_transpose(img), channels)
+    return np.asarray(resize_to(img, size, resize)).reshape(size, size, channels)
+
+
+def to_array(image, size: int, channels: int, i: int = 0, resize: str = "squash") -> np.ndarray:  # noqa: ANN001
     """Encoded bytes or a uint8 H x W [x C] array -> uint8 size x size x channels, as training saw it."""
     if isinstance(image, (bytes, bytearray)):
         try:
@@ -129,10 +163,9 @@ def to_array(image, size: int, channels: int, i: int = 0) -> np.ndarray:  # noqa
             raise RequestError(f"image {i}: expected uint8 H x W [x 1|3|4], got {arr.dtype} {arr.shape}")
         pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
     try:
-        pil = to_mode(pil, channels).resize((size, size), Image.Resampling.BILINEAR)
+        return to_pixels(pil, size, channels, resize)
     except (OSError, ValueError) as e:  # truncated data only fails when decoded
         raise RequestError(f"image {i}: not a readable image ({e})") from None
-    return np.asarray(pil).reshape(size, size, channels)
 
 
 def answer(probs, classes: list[str], top_k: int) -> list[dict]:  # noqa: ANN001 - probs: N x C torch tensor
@@ -169,7 +202,8 @@ def predict_fn(input_data: dict, model: dict) -> list[dict]:
 
     meta = model["meta"]
     size, channels = meta["image_size"], meta["channels"]
-    batch = np.stack([to_array(img, size, channels, i) for i, img in enumerate(input_data["images"])])
+    resize = meta.get("resize", "squash")
+    batch = np.stack([to_array(img, size, channels, i, resize) for i, img in enumerate(input_data["images"])])
     x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255.0)
     x = (x - torch.tensor(meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(meta["std"]).view(1, -1, 1, 1)
     with torch.no_grad():

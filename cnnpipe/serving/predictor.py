@@ -27,7 +27,7 @@ class Predictor:
         """Decode, convert to the model's channels and resize: uint8 N x S x S x C."""
         size, channels = self.spec.image_size, self.spec.in_channels
         try:
-            return np.stack([to_array(img, size, channels, i) for i, img in enumerate(images)])
+            return np.stack([to_array(img, size, channels, i, self.spec.resize) for i, img in enumerate(images)])
         except RequestError as e:
             raise CnnpipeError(str(e)) from None
 

@@ -25,7 +25,8 @@ from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
 from cnnpipe.engine.loop import TrainData, fit
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent, read_json
-from cnnpipe.models import build_model, count_parameters
+from cnnpipe.models import build_model, check_input_size, count_parameters, is_library_arch
+from cnnpipe.models.pretrained import adapt_stats, fit_weights, load_pretrained
 
 MODEL_FILE = "model.pt"
 HISTORY_FILE = "history.csv"
@@ -70,7 +71,23 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
     device = dist.device(resolve_device(cfg.device))
     state = load_checkpoint(checkpoint, dataclasses.asdict(cfg)) if resume and checkpoint else None
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, cfg.width).to(device)
+    model = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, cfg.width)
+    if is_library_arch(cfg.arch):
+        check_input_size(model, cfg.arch, aug.channels, aug.image_size)
+    mean, std = aug.manifest["mean"], aug.manifest["std"]
+    lineage: dict[str, str] = {}
+    if cfg.pretrained and state is None:  # a resumed run takes its weights from the checkpoint
+        pre = load_pretrained(cfg.pretrained, cfg.arch, tracking)
+        loaded = fit_weights(model, pre, aug.classes)
+        if pre.mean is not None:  # normalize as the weights were trained
+            mean, std = adapt_stats(pre.mean, aug.channels), adapt_stats(pre.std, aug.channels)
+        lineage = pre.lineage
+        if dist.is_main:
+            print(f"pretrained: {loaded['tensors_loaded']} tensors from {cfg.pretrained}, "
+                  f"{'head kept' if loaded['head_loaded'] else 'new head'}", file=sys.stderr)
+    elif state is not None:
+        mean, std, lineage = state.get("mean", mean), state.get("std", std), state.get("lineage", {})
+    model = model.to(device)
     n_params = count_parameters(model)
     train_split, val_split = aug.splits["train"], processed.splits["val"]
 
@@ -83,7 +100,8 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
         else:
             tracker = Tracker.start(tracking, run_name=(run_tags or {}).get("mlflow.runName",
                                                                             f"{aug.manifest['source']['name']}-{cfg.arch}"),
-                                    tags={"cnnpipe.source": aug.manifest["source"]["name"], **(run_tags or {})})
+                                    tags={"cnnpipe.source": aug.manifest["source"]["name"], **lineage,
+                                          **(run_tags or {})})
             tracker.log_params(dataclasses.asdict(cfg), prefix="train.")
             tracker.log_params({k: v for k, v in policy.to_dict().items() if not k.endswith("flip")} if policy else {},
                                prefix="augment.")
@@ -93,31 +111,32 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
                                 "parameters": n_params, "world_size": dist.world}, prefix="data.")
             tracker.set_tags(tracker.source_tags(processed.manifest))
     run_id = tracker.run_id if tracker else None
-    save = (lambda st: save_checkpoint(checkpoint, {**st, "run_id": run_id})) if checkpoint and dist.is_main else None
+    save = (lambda st: save_checkpoint(checkpoint, {**st, "run_id": run_id, "mean": mean, "std": std,
+                                                    "lineage": lineage})) if checkpoint and dist.is_main else None
     try:
         if dist.is_main:
             print(f"{cfg.arch}: {n_params:,} parameters, {len(train_split.labels):,} training images, "
                   f"{len(val_split.labels):,} validation images, device {device}"
                   + (f", {dist.world} processes" if dist.world > 1 else "")
                   + (f", resuming after epoch {state['epoch']}" if state else ""), file=sys.stderr)
-        mean, std = stats_tensors(aug.manifest["mean"], aug.manifest["std"], device)
+        mean_t, std_t = stats_tensors(mean, std, device)
         tensors = TrainData(
             train_images=to_nchw_uint8(train_split.images, device),
             train_labels=torch.from_numpy(train_split.labels).to(device),
             val_images=to_nchw_uint8(val_split.images, device),
             val_labels=torch.from_numpy(val_split.labels).to(device),
-            mean=mean, std=std,
+            mean=mean_t, std=std_t,
         )
         on_epoch = (lambda s: tracker.log_metrics(s, step=int(s["epoch"]))) if tracker else None
         result = fit(model, tensors, cfg, policy, on_epoch=on_epoch, checkpoint=save, resume=state, dist=dist)
         if dist.is_main:
             with atomic_dir(out) as tmp:
                 spec = ModelSpec(cfg.arch, cfg.width, aug.channels, len(aug.classes), aug.image_size,
-                                 aug.classes, aug.manifest["mean"], aug.manifest["std"])
+                                 aug.classes, mean, std, processed.manifest.get("resize", "squash"))
                 save_model(tmp / MODEL_FILE, result.model, spec)
                 _write_history(tmp / HISTORY_FILE, result.history)
                 (tmp / CONFIG_FILE).write_text(json.dumps({"train": dataclasses.asdict(cfg), "parameters": n_params,
-                                                           "best_epoch": result.best_epoch}, indent=2) + "\n")
+                                                           "best_epoch": result.best_epoch, "lineage": lineage}, indent=2) + "\n")
                 if tracker is not None:
                     tracker.write_run_file(tmp)
                     tracker.log_metrics({"train/best_epoch": result.best_epoch})

@@ -64,7 +64,8 @@ def decode_entries(tree: FileTree, entries: Iterable[Entry], cfg: IngestConfig, 
     kept = []
     for i, e in enumerate(tqdm(entries, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty())):
         try:
-            out[len(kept)] = decode(tree.read(e.name), f"{tree.path}:{e.name}", cfg.image_size, cfg.channels, e.roi)
+            out[len(kept)] = decode(tree.read(e.name), f"{tree.path}:{e.name}", cfg.image_size, cfg.channels, e.roi,
+                                     cfg.resize)
         except BadImage as err:
             bad.append({"path": f"{tree.path}:{e.name}", "error": str(err)})
             continue
