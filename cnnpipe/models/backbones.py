@@ -7,6 +7,10 @@ that takes the dataset's channels. Their ImageNet weights come through the libra
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+
 from torch import nn
 
 from cnnpipe.errors import CnnpipeError
@@ -70,18 +74,23 @@ def imagenet_weights(arch: str) -> tuple[dict, list[float], list[float]]:
     """The library's default ImageNet weights (downloaded into its cache, hash-checked as the library
     does) and the mean/std they were trained with."""
     library, name = resolve(arch)
+    said = io.StringIO()  # torch.hub prints "Downloading: ..." to stdout, where only the JSON result may go
     try:
-        if library == "timm":
-            import timm
+        with contextlib.redirect_stdout(said):
+            if library == "timm":
+                import timm
 
-            model = timm.create_model(name, pretrained=True)
-            return model.state_dict(), list(model.pretrained_cfg["mean"]), list(model.pretrained_cfg["std"])
-        from torchvision.models import get_model_weights
+                model = timm.create_model(name, pretrained=True)
+                mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+                state = model.state_dict()
+            else:
+                from torchvision.models import get_model_weights
 
-        weights = get_model_weights(name).DEFAULT
-        state = weights.get_state_dict(progress=False, check_hash=True)
-        transform = weights.transforms()
-        return state, list(transform.mean), list(transform.std)
+                weights = get_model_weights(name).DEFAULT
+                state = weights.get_state_dict(progress=False, check_hash=True)
+                mean, std = weights.transforms().mean, weights.transforms().std
     except (OSError, RuntimeError, ValueError) as e:  # no network, a bad download, no weights for this name
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CnnpipeError(f"train.pretrained imagenet: the weights of {arch} cannot be fetched: {reason}") from None
+    print(said.getvalue(), end="", file=sys.stderr)
+    return state, list(mean), list(std)
