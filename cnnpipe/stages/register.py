@@ -17,7 +17,7 @@ from cnnpipe.config import RegisterConfig, TrackingConfig
 from cnnpipe.data.store import read_dataset
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.serving.predictor import Predictor
-from cnnpipe.stages.train import MODEL_FILE
+from cnnpipe.stages.train import CONFIG_FILE, MODEL_FILE
 from cnnpipe.stages.promote import promote
 from cnnpipe.tracking import CHALLENGER, Registry, Tracker
 
@@ -49,7 +49,9 @@ def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out:
                           f"pandas=={pd.__version__}", f"pillow=={Image.__version__}"],
     )
     test = metrics.get("test", {})
-    tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **Tracker.source_tags(ds.manifest, data),
+    train_config = model_dir / CONFIG_FILE
+    lineage = read_json(train_config, "train config").get("lineage", {}) if train_config.exists() else {}
+    tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **lineage, **Tracker.source_tags(ds.manifest, data),
             **{f"test.{k}": v for k, v in test.items()}}
     version = tracker.register_model(model_uri, cfg.model_name, tags)
     Registry(tracking.uri).set_alias(cfg.model_name, CHALLENGER, version)
