@@ -165,3 +165,28 @@ def test_cli_fine_tunes_a_file_and_records_it(tmp_path):
     blob = torch.load(ws / "data/model/model.pt", weights_only=True)
     assert blob["spec"]["mean"] == pytest.approx([sum([0.485, 0.456, 0.406]) / 3])  # the weights' statistics, gray
     assert json.loads((ws / "data/model/train_config.json").read_text())["lineage"] == {"cnnpipe.pretrained": "rgb.pt"}
+
+
+@pytest.mark.parametrize("arch", ["torchvision/resnet18", "mobilenet_v3_small", "googlenet"])
+def test_sagemaker_export_of_a_library_net_answers_as_the_predictor(arch, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from cnnpipe.engine.checkpoint import ModelSpec, save_model
+    from cnnpipe.serving.predictor import Predictor
+    from cnnpipe.serving.sagemaker import export, extract, load_inference
+
+    spec = ModelSpec(arch, 16, 3, 3, 32, ["a", "b", "c"], [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], "letterbox")
+    torch.manual_seed(0)
+    save_model(tmp_path / "model.pt", build_model(arch, 3, 3, 32, 16), spec)
+    predictor = Predictor.from_file(tmp_path / "model.pt")
+    export(predictor, 2, tmp_path / "model.tar.gz")
+    inference = load_inference(extract(tmp_path / "model.tar.gz", tmp_path / "sm"))
+    model = inference.model_fn(str(tmp_path / "sm"))
+    buf = io.BytesIO()
+    Image.fromarray(make_images(1, 1, 48, 3)[0][0]).resize((70, 40)).save(buf, format="JPEG")
+    answer = inference.predict_fn(inference.input_fn(buf.getvalue(), "image/jpeg"), model)[0]
+    ours = predictor.predict(predictor.preprocess([buf.getvalue()]), top_k=2)[0]
+    assert answer["predicted_class"] == ours["predicted_class"]
+    assert answer["confidence"] == pytest.approx(ours["confidence"], abs=1e-4)
