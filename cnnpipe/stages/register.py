@@ -15,10 +15,11 @@ from PIL import Image
 import cnnpipe
 from cnnpipe.config import RegisterConfig, TrackingConfig
 from cnnpipe.data.store import read_dataset
+from cnnpipe.engine.model_folder import MODEL_FILE, read_train_config
+from cnnpipe.evaluation.folder import METRICS_FILE
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
+from cnnpipe.promotion import promote
 from cnnpipe.serving.predictor import Predictor
-from cnnpipe.stages.train import CONFIG_FILE, MODEL_FILE
-from cnnpipe.stages.promote import promote
 from cnnpipe.tracking import CHALLENGER, Registry, Tracker
 
 
@@ -28,14 +29,17 @@ def _png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out: Path,
+def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, record: Path,
         tracking: TrackingConfig) -> dict:
+    """Log the model folder `model` as a pyfunc into its pipeline run, register it (alias challenger),
+    promote when asked; the registration is written to `record`."""
+    model_dir, out = model, record
     from cnnpipe.serving import pyfunc_model
     from cnnpipe.serving.pyfunc import CHECKPOINT, predict_frame
 
     ensure_writable_parent(out)
     predictor = Predictor.from_file(model_dir / MODEL_FILE)  # fail here, not inside MLflow, on a bad model file
-    metrics = read_json(evaluation / "metrics.json", "evaluation metrics")
+    metrics = read_json(evaluation / METRICS_FILE, "evaluation metrics")
     ds = read_dataset(data, splits=("test",))
     tracker = Tracker.resume(tracking, model_dir)
 
@@ -49,8 +53,7 @@ def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out:
                           f"pandas=={pd.__version__}", f"pillow=={Image.__version__}"],
     )
     test = metrics.get("test", {})
-    train_config = model_dir / CONFIG_FILE
-    lineage = read_json(train_config, "train config").get("lineage", {}) if train_config.exists() else {}
+    lineage = read_train_config(model_dir).get("lineage", {})  # the pretrained source, when fine-tuned
     tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **lineage, **Tracker.source_tags(ds.manifest, data),
             **{f"test.{k}": v for k, v in test.items()}}
     version = tracker.register_model(model_uri, cfg.model_name, tags)
@@ -58,8 +61,8 @@ def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out:
     print(f"registered {cfg.model_name} version {version} as {CHALLENGER} "
           f"(test accuracy {test.get('accuracy', float('nan')):.4f})", file=sys.stderr)
     promotion = promote(cfg, tracking, cfg.model_name, version, data) if cfg.auto_promote else None
-    record = {"name": cfg.model_name, "version": version, "model_uri": f"models:/{cfg.model_name}/{version}",
+    registration = {"name": cfg.model_name, "version": version, "model_uri": f"models:/{cfg.model_name}/{version}",
               "logged_model_uri": model_uri, "run_id": tracker.run_id, "tracking_uri": tracking.uri,
               "test": test, "promotion": promotion}
-    write_json(out, record)
-    return record
+    write_json(out, registration)
+    return registration

@@ -18,7 +18,7 @@ from cnnpipe.data.store import Dataset, read_dataset
 from cnnpipe.engine.inference import predict_logits, to_nchw_uint8
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.metrics import classification_metrics
-from cnnpipe.tracking import CHAMPION, CHALLENGER, Registry
+from cnnpipe.tracking import CHALLENGER, CHAMPION, Registry
 
 
 def score(registry: Registry, model_uri: str, ds: Dataset, metric: str) -> float:
