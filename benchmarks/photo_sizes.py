@@ -11,7 +11,6 @@ train images/s (train: the last epoch's, the first one warms up) and each child'
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import sys
@@ -23,6 +22,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import record  # noqa: E402
 from train_gtsrb import stage  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cnnpipe.engine.model_folder import read_history  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (64, 128, 224)
@@ -65,7 +67,7 @@ def main() -> None:
                                "--optimizer", "adamw", "--lr", "0.001", "--no-tracking", "--data", f"{d}/processed",
                                "--augmented", f"{d}/augmented", "--out", f"{d}/{arch.replace('/', '_')}",
                                "--checkpoint", f"{d}/ckpt.pt"])
-            last = list(csv.DictReader(open(d / arch.replace("/", "_") / "history.csv")))[-1]
+            last = read_history(d / arch.replace("/", "_"))[-1]
             rows.append({"stage": "train", "arch": arch, "image_size": size,
                          "images_per_s": round(float(last["train/images_per_s"]), 1),
                          "epoch_seconds": round(float(last["train/epoch_seconds"]), 1),

@@ -13,7 +13,6 @@ the same params and seed: from scratch, and with `--pretrained models:/cnnpipe-g
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from train_gtsrb import stage  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cnnpipe.data.store import Split, read_dataset, write_dataset  # noqa: E402
+from cnnpipe.engine.model_folder import read_history  # noqa: E402
 
 
 def subset(src: Path, dst: Path, keep: range, train_fraction: float, seed: int = 0) -> dict[str, int]:
@@ -53,7 +53,7 @@ def train_and_test(w: Path, p: list[str], data: str, name: str, extra: list[str]
                         "--checkpoint", f"{w}/{name}.ckpt", *extra])
     stage(["evaluate", *p, "--data", f"{w}/{data}", "--model", f"{w}/{name}", "--out", f"{w}/{name}-eval",
            "--tsne-samples", "0"])
-    history = list(csv.DictReader(open(w / name / "history.csv")))
+    history = read_history(w / name)
     metrics = json.loads((w / f"{name}-eval/metrics.json").read_text())
     return {"test_accuracy": metrics["test"]["accuracy"], "val_accuracy": metrics["val"]["accuracy"],
             "val_accuracy_per_epoch": [round(float(e["val/accuracy"]), 4) for e in history],

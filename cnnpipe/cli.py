@@ -26,7 +26,8 @@ Handler = Callable[[argparse.Namespace, dict, Path], dict]
 # The optional dependency (pyproject's extras) that brings each module a command may import
 EXTRA_OF_MODULE = {"sklearn": "train", "matplotlib": "train", "uvicorn": "serve", "starlette": "serve",
                    "mlflow": "mlflow", "pandas": "mlflow", "dvc": "dvc", "kfp": "kfp", "docker": "kfp",
-                   "boto3": "sagemaker", "botocore": "sagemaker"}
+                   "boto3": "sagemaker", "botocore": "sagemaker", "timm": "timm",
+                   "safetensors": "timm", "pytorch_grad_cam": "explain"}
 
 
 def _cfg(cls: type, block: str, args: argparse.Namespace, params: dict, params_path: Path):  # noqa: ANN202
@@ -90,9 +91,9 @@ def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
 
 def _explain(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.engine.model_folder import MODEL_FILE
     from cnnpipe.evaluation.explain import explain_image
     from cnnpipe.serving.predictor import Predictor
-    from cnnpipe.stages.train import MODEL_FILE
 
     if args.model.startswith("models:/"):
         from cnnpipe.serving.local import load_registered

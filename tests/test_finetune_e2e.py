@@ -107,7 +107,7 @@ def test_weights_file_through_the_whole_pipeline(workspace, task_a):
 def test_the_champion_predicts_and_explains_raw_photos(workspace, task_a, tmp_path):
     out = tmp_path / "predictions.csv"
     run(["cnnpipe", "predict", "data/raw/task_a/class1", "--model-name", "photos-a", "--output", str(out)], workspace)
-    rows = list(csv.DictReader(open(out)))
+    rows = list(csv.DictReader(out.read_text().splitlines()))
     assert len(rows) == 16 and all(r["error"] == "" and r["predicted_class"].startswith("class") for r in rows)
     proc = cnnpipe("explain", "data/raw/task_a/class2/1.jpg", "--model", "models:/photos-a@champion",
                    "--output", str(tmp_path / "cam.png"), cwd=workspace)

@@ -46,7 +46,7 @@ def test_exif_orientation_is_applied():
 def test_every_mode_decodes_as_serving_does(mode, channels):
     base = landscape()
     if mode == "I;16":
-        img = Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)).convert("I;16")
+        img = Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257).convert("I;16")
         fmt = "PNG"
     elif mode in ("RGBA", "LA"):
         img = base.convert(mode)
@@ -84,7 +84,7 @@ def test_resize_mode_reaches_the_model_through_ingest_and_the_spec(tmp_path):
         for i in range(10):
             Image.new("RGB", (40 + i, 20), color).save(root / f"c{k}/{i}.png")
     cfg = IngestConfig(source="imagefolder", path=str(root), image_size=12, channels=3, resize="letterbox")
-    ingest.run(cfg, tmp_path / "processed", tmp_path / "report.json")
+    ingest.run(cfg=cfg, data=tmp_path / "processed", report=tmp_path / "report.json")
     from cnnpipe.data.store import read_dataset
 
     ds = read_dataset(tmp_path / "processed")

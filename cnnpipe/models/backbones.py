@@ -55,10 +55,8 @@ def _set_first_conv(model: nn.Module, in_channels: int) -> None:
 def build(arch: str, in_channels: int, num_classes: int) -> nn.Module:
     library, name = resolve(arch)
     if library == "timm":
-        try:
-            import timm
-        except ImportError:
-            raise CnnpipeError(f"train.arch {arch!r}: timm is not installed (pip install 'cnnpipe[timm]')") from None
+        import timm
+
         try:
             return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
         except RuntimeError as e:  # timm: "Unknown model (...)"
