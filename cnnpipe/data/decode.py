@@ -27,8 +27,9 @@ def decode(data: bytes, name: str, size: int, channels: int,
 
     Grayscale, palette, RGBA, CMYK and 16-bit images are converted to `channels` (1: luma, 3: RGB;
     transparency is composited on black), photos turned upright by their EXIF orientation, and large
-    JPEGs decoded reduced: exactly what serving does to a request (contract.to_pixels). An image over PIL's decompression-bomb limit is refused
-    as an error, not skipped: it is an attack or a mistake, never a training image.
+    JPEGs decoded reduced: exactly what serving does to a request (contract.to_pixels). An image over
+    PIL's decompression-bomb limit is refused as an error, not skipped: it is an attack or a mistake,
+    never a training image.
     """
     try:
         with warnings.catch_warnings():
