@@ -5,7 +5,7 @@ Generates `--photos` camera-sized JPEGs (1600x1200, 3 classes) as an imagefolder
 mobilenet_v3_small, both from scratch), `cnnpipe train` for `--epochs` epochs. Records ingest and
 train images/s (train: the last epoch's, the first one warms up) and each child's peak RSS.
 
-    .venv/bin/python benchmarks/photo_sizes.py [--photos 300] [--work DIR]
+    .venv/bin/python benchmarks/photo_sizes.py [--photos 120] [--work DIR]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def write_photos(root: Path, n: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--photos", type=int, default=300)
+    parser.add_argument("--photos", type=int, default=120)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-photo-benchmark"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/photo_sizes.json")
@@ -79,6 +79,7 @@ def main() -> None:
         "rows": rows,
         "note": "ingest images/s include the process start (~2-3 s of imports); train images/s are the last epoch's; "
                 "shared 2-core machine: other jobs ran meanwhile (see the load averages)",
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     })

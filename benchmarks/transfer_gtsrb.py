@@ -66,9 +66,11 @@ def main() -> None:
     parser.add_argument("--zip", type=Path, default=ROOT.parent / "shared/data/GTSRB_Final_Training_Images.zip")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-transfer-benchmark"))
     parser.add_argument("--arch", default="fastnet")
-    parser.add_argument("--source-epochs", type=int, default=8)
-    parser.add_argument("--target-epochs", type=int, default=12)
-    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--source-epochs", type=int, default=5)
+    parser.add_argument("--target-epochs", type=int, default=10)
+    parser.add_argument("--source-fraction", type=float, default=0.3, help="of the source classes' training images")
+    parser.add_argument("--fraction", type=float, default=0.1, help="of the target classes' training images")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/transfer_gtsrb.json")
     args = parser.parse_args()
     w = args.work
@@ -79,12 +81,12 @@ def main() -> None:
 
     params = yaml.safe_load((ROOT / "configs/gtsrb.yaml").read_text())
     params["tracking"]["uri"] = f"sqlite:///{w / 'mlflow.db'}"
-    params["train"]["arch"] = args.arch
+    params["train"] |= {"arch": args.arch, "width": args.width}
     params["register"]["model_name"] = "cnnpipe-gtsrb"
     (w / "params.yaml").write_text(yaml.safe_dump(params))
     p = ["--params", str(w / "params.yaml")]
     stage(["ingest", *p, "--path", str(args.zip), "--out", f"{w}/all", "--report", f"{w}/ingest_report.json"])
-    sizes = {"source": subset(w / "all", w / "source", range(0, 22), 1.0),
+    sizes = {"source": subset(w / "all", w / "source", range(0, 22), args.source_fraction),
              "target": subset(w / "all", w / "target", range(22, 43), args.fraction)}
     for data in ("source", "target"):
         stage(["augment", *p, "--data", f"{w}/{data}", "--out", f"{w}/{data}-aug"])
@@ -96,10 +98,12 @@ def main() -> None:
     tuned = train_and_test(w, p, "target", "finetuned", [*target, "--pretrained", "models:/cnnpipe-gtsrb@champion",
                                                          "--freeze-epochs", "2", "--backbone-lr", "0.3"])
     result = {
-        "benchmark": f"GTSRB transfer: {args.arch} trained and registered on classes 0-21, then on classes 22-42 "
+        "benchmark": f"GTSRB transfer: {args.arch} trained and registered on classes 0-21 "
+                     f"({args.source_fraction:.0%} of their training images), then on classes 22-42 "
                      f"with {args.fraction:.0%} of their training images, fine-tuned from models:/cnnpipe-gtsrb@champion "
                      "vs from scratch (same params, seed, epochs; test split held out by track)",
-        "images": sizes, "arch": args.arch,
+        "images": sizes, "arch": args.arch, "width": args.width, "source_fraction": args.source_fraction,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "source_model": source, "target_from_scratch": scratch, "target_finetuned": tuned,
         "finetune_knobs": {"freeze_epochs": 2, "backbone_lr": 0.3},
         "epochs": {"source": args.source_epochs, "target": args.target_epochs},

@@ -122,7 +122,7 @@ def test_fine_tuned_from_the_champion_with_other_classes(workspace, task_b):
     c = client(workspace)
     parent = c.get_model_version_by_alias("photos-a", "champion")
     version = c.get_model_version_by_alias("photos-b", "champion")
-    lineage = {"cnnpipe.parent.model": "photos-a", "cnnpipe.parent.version": parent.version,
+    lineage = {"cnnpipe.parent.model": "photos-a", "cnnpipe.parent.version": str(parent.version),
                "cnnpipe.parent.run_id": parent.run_id, "cnnpipe.pretrained": "models:/photos-a@champion"}
     assert lineage.items() <= version.tags.items()
     assert lineage.items() <= c.get_run(version.run_id).data.tags.items()
