@@ -105,6 +105,8 @@ class TrainConfig:
     channels_last: bool = knob(True, "NHWC memory layout (measured 1.4-1.8x faster on CPU, faster on tensor cores)")
     compile: bool = knob(False, "torch.compile the model (pays a compile time up front; worth it on long GPU runs)")
     device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N", affects_result=False)
+    threads: int = knob(0, "CPU threads for torch (0 = the cores this process may use, from its affinity and cgroup "
+                           "quota, shared among DDP processes)", minimum=0, affects_result=False)
     seed: int = knob(0, "seed of initialization, shuffling and augmentation")
 
 

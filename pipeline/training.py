@@ -10,6 +10,7 @@ compiled); `overrides`, what the user sets for one run in the syntax of `dvc exp
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,8 +99,6 @@ def compile_pipeline(output: Path, params: str) -> Path:
 
 
 def submit(host: str, arguments: dict, experiment: "str | None", run_name: "str | None", caching: bool) -> dict:
-    import warnings
-
     import kfp
 
     with warnings.catch_warnings():  # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 and later"
@@ -126,7 +125,10 @@ def run_local(arguments: dict, root: Path, caching: bool, runner: str = "subproc
     local.init(runner=chosen, pipeline_root=str(root / "outputs"), enable_caching=caching,
                cache_root=str(root / "cache"))
     try:
-        with patched, _stdout_to_stderr():
+        with patched, _stdout_to_stderr(), warnings.catch_warnings():
+            # SubprocessRunner warns about any image without "python" in its name; ours is the one this
+            # environment was installed from
+            warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
             task = cnnpipe_pipeline(**arguments)
     except RuntimeError as e:  # kfp.local: a task ended in FAILURE (its log is above)
         import re

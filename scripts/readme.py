@@ -4,6 +4,7 @@ the benchmark results (benchmarks/results/<name>.json), so a figure cannot drift
     {{ train_gtsrb.val_accuracy | pct }}       -> 99.34 %
     {{ ingest_gtsrb.images_per_s | int }}      -> 5,430
     {{ train_gtsrb.machine.cpu }}              -> the value as it is
+    {{ table study_gtsrb.md }}                 -> the Markdown table in that results file
 
 A path is dotted keys (and list indexes) into the JSON file named by its first part.
 
@@ -25,6 +26,7 @@ TEMPLATE = ROOT / "docs" / "README.in.md"
 README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
 PLACEHOLDER = re.compile(r"\{\{\s*([\w.-]+)\s*(?:\|\s*(\w+)\s*)?\}\}")
+TABLE = re.compile(r"\{\{\s*table\s+([\w.-]+\.md)\s*\}\}")
 HEADER = "<!-- Generated from docs/README.in.md by scripts/readme.py: edit the template, then run the script. -->\n"
 
 FORMATS = {
@@ -69,7 +71,13 @@ def render(template: str) -> str:
             raise KeyError(f"{m.group(0)}: unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
         return FORMATS[fmt](value)
 
-    return HEADER + PLACEHOLDER.sub(fill, template)
+    def table(m: re.Match) -> str:
+        file = RESULTS / m.group(1)
+        if not file.exists():
+            raise KeyError(f"{m.group(0)}: no results file {file.relative_to(ROOT)}")
+        return "\n".join(line for line in file.read_text().splitlines() if line.startswith("|"))
+
+    return HEADER + PLACEHOLDER.sub(fill, TABLE.sub(table, template))
 
 
 def main() -> int:

@@ -166,3 +166,15 @@ def test_ddp_trains_with_two_cpu_processes(tmp_path):
     assert "2 processes" in proc.stderr and proc.stderr.count("epoch 2/2") == 1  # only rank 0 reports
     model, spec = load_model(tmp_path / "model" / "model.pt")
     assert spec.num_classes == 3 and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_threads_follow_the_request_or_the_available_cores():
+    from cnnpipe.engine.device import available_cores, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(3) == 3 and torch.get_num_threads() == 3
+        assert set_threads(0, processes=1) == available_cores() >= 1
+        assert set_threads(0, processes=1000) == 1  # never zero threads
+    finally:
+        torch.set_num_threads(before)

@@ -18,7 +18,7 @@ from cnnpipe.augment import POLICY_FILE, PREVIEW_FILE, AugmentPolicy
 from cnnpipe.config import TrackingConfig, TrainConfig
 from cnnpipe.data.store import FIGURES_DIR, MANIFEST_FILE, Dataset, read_dataset
 from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_model
-from cnnpipe.engine.device import resolve_device
+from cnnpipe.engine.device import resolve_device, set_threads
 from cnnpipe.engine.distributed import barrier, init_distributed
 from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
 from cnnpipe.engine.loop import TrainData, fit
@@ -50,6 +50,7 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
     policy = AugmentPolicy.from_dict(read_json(augmented / POLICY_FILE, "augmentation policy"),
                                      str(augmented / POLICY_FILE)) if cfg.augment else None
     device = dist.device(resolve_device(cfg.device))
+    threads = set_threads(cfg.threads, dist.world)
     state = load_checkpoint(checkpoint, dataclasses.asdict(cfg)) if resume and checkpoint else None
     torch.manual_seed(cfg.seed)
     net = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, cfg.width)
@@ -97,7 +98,7 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
     try:
         if dist.is_main:
             print(f"{cfg.arch}: {n_params:,} parameters, {len(train_split.labels):,} training images, "
-                  f"{len(val_split.labels):,} validation images, device {device}"
+                  f"{len(val_split.labels):,} validation images, device {device}, {threads} CPU threads"
                   + (f", {dist.world} processes" if dist.world > 1 else "")
                   + (f", resuming after epoch {state['epoch']}" if state else ""), file=sys.stderr)
         mean_t, std_t = stats_tensors(mean, std, device)
