@@ -42,6 +42,17 @@ def write_photos(root: Path, n: int) -> None:
         Image.fromarray(a).resize((1600, 1200), Image.Resampling.BILINEAR).save(root / f"class{k}/{i}.jpg", quality=88)
 
 
+def write_table(result: dict, path: Path) -> None:
+    """The README's table: one row per size, ingest and each arch's train throughput and peak RSS."""
+    head = "| image size | ingest img/s (peak RSS) | " + " | ".join(f"`{a}` train img/s (peak RSS)" for a in ARCHS) + " |"
+    lines = [head, "|" + " --- |" * (len(ARCHS) + 2)]
+    for size in SIZES:
+        rows = {r.get("arch", "ingest"): r for r in result["rows"] if r["image_size"] == size}
+        cells = [f"{rows[k]['images_per_s']:,.1f} ({rows[k]['peak_rss_mib']:,} MiB)" for k in ("ingest", *ARCHS)]
+        lines.append(f"| {size} px | " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--photos", type=int, default=120)
@@ -72,7 +83,7 @@ def main() -> None:
                          "images_per_s": round(float(last["train/images_per_s"]), 1),
                          "epoch_seconds": round(float(last["train/epoch_seconds"]), 1),
                          "wall_s": round(wall, 1), "peak_rss_mib": rss})
-    record(args.out, {
+    result = {
         "benchmark": f"{args.photos} generated 1600x1200 JPEG photos (imagefolder, 3 classes): ingest with center_crop "
                      f"and train {args.epochs} epochs (batch 32, AdamW, from scratch, augmentation on) per size and arch, "
                      "CPU only",
@@ -82,7 +93,9 @@ def main() -> None:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-    })
+    }
+    record(args.out, result)
+    write_table(result, args.out.with_suffix(".md"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Benchmark: fine-tuning a registered model vs training from scratch, on real GTSRB, through the real CLI.
 
 GTSRB is ingested once (configs/gtsrb.yaml: 32x32 RGB, ROI crop, track-held-out val and test) and cut
-by class: the source task is classes 0-21, the target task classes 22-42 with only `--fraction` (10 %)
-of its training images (val and test whole). The source model is trained, evaluated and registered
+by class: the source task is classes 0-21 (`--source-fraction` of their training images, 30 %, to keep
+the run short on a shared CPU), the target task classes 22-42 with only `--fraction` (10 %) of their
+training images (val and test whole). The source model is trained, evaluated and registered
 as `cnnpipe-gtsrb` (champion) in a fresh SQLite store; the target model is then trained twice with
 the same params and seed: from scratch, and with `--pretrained models:/cnnpipe-gtsrb@champion`
 (new head, the backbone at a lower learning rate). Records both test accuracies and training times.
