@@ -43,6 +43,8 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
     With `checkpoint`, the full state is saved there after every epoch and removed on success, and `resume`
     continues from it (into the same MLflow run)."""
     dist = init_distributed()
+    if dist.world > 1 and cfg.freeze_epochs:  # DDP reduces every parameter's gradient; frozen ones never come
+        raise CnnpipeError("train.freeze_epochs: not supported with several processes (torchrun); use 0")
     ensure_writable_parent(model)
     processed = read_dataset(data, splits=("val",))
     aug = read_dataset(augmented, splits=("train",))
