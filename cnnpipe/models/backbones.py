@@ -87,7 +87,7 @@ def imagenet_weights(arch: str) -> tuple[dict, list[float], list[float]]:
                 weights = get_model_weights(name).DEFAULT
                 state = weights.get_state_dict(progress=False, check_hash=True)
                 mean, std = weights.transforms().mean, weights.transforms().std
-    except (OSError, RuntimeError, ValueError) as e:  # no network, a bad download, no weights for this name
+    except Exception as e:  # no network, a corrupt cached file, no weights for this name: each its own type
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CnnpipeError(f"train.pretrained imagenet: the weights of {arch} cannot be fetched: {reason}") from None
     print(said.getvalue(), end="", file=sys.stderr)
