@@ -28,7 +28,8 @@ Handler = Callable[[argparse.Namespace, dict, Path], dict]
 EXTRA_OF_MODULE = {"sklearn": "train", "matplotlib": "train", "uvicorn": "serve", "starlette": "serve",
                    "mlflow": "mlflow", "pandas": "mlflow", "dvc": "dvc", "kfp": "kfp", "docker": "kfp",
                    "boto3": "sagemaker", "botocore": "sagemaker", "optuna": "tune", "ruamel": "tune",
-                   "kubeflow": "katib", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx"}
+                   "kubeflow": "katib", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
+                   "timm": "timm", "safetensors": "timm", "pytorch_grad_cam": "explain"}
 
 
 def _cfg(cls: type, block: str, args: argparse.Namespace, params: dict, params_path: Path):  # noqa: ANN202
@@ -95,6 +96,22 @@ def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
     predictor, _ = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp))
     return predict_files(predictor, args.paths, args.output, args.batch_size)
+
+
+def _explain(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.engine.model_folder import MODEL_FILE
+    from cnnpipe.evaluation.explain import explain_image
+    from cnnpipe.serving.predictor import Predictor
+
+    if args.model.startswith("models:/"):
+        from cnnpipe.serving.local import load_registered
+
+        predictor, _ = load_registered(tracking_config(params, args, pp), args.model)
+    else:
+        path = Path(args.model)
+        predictor = Predictor.from_file(path / MODEL_FILE if path.is_dir() else path)
+    out = args.output or args.image.with_name(f"{args.image.stem}.gradcam.png")
+    return explain_image(predictor, args.image, out, args.class_name)
 
 
 def _sweep(args: argparse.Namespace, params: dict, pp: Path) -> dict:
@@ -236,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write (default: predictions.csv)")
     p.add_argument("--batch-size", type=int, default=256, help="images per inference batch")
     with_tracking(p, optional=False)
+
+    p = command("explain", "Grad-CAM of one image: where the model looked for the class it predicted (a PNG)",
+                _explain, None)
+    p.add_argument("image", type=Path, help="an image file (decoded and resized exactly as serving does)")
+    p.add_argument("--model", default="data/model", help="a model directory or file (from train), or a model URI "
+                                                         "models:/<name>@<alias> (default: data/model)")
+    p.add_argument("--class", dest="class_name", help="explain this class instead of the predicted one")
+    p.add_argument("--output", type=Path, help="the PNG to write (default: IMAGE's name + .gradcam.png beside it)")
+    add_flags(p, TrackingConfig, prefix="tracking-")
 
     p = command("sweep", "train and evaluate a grid of train params as child runs of one MLflow run, "
                          "with a comparison table", _sweep, TrainConfig)

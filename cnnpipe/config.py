@@ -45,6 +45,9 @@ class IngestConfig:
     cache_dir: str = knob("data/downloads", "where downloads are kept (and resumed)", affects_result=False)
     image_size: int = knob(16, "images are resized to image_size x image_size", minimum=4, maximum=1024)
     channels: int = knob(1, "1 = grayscale, 3 = RGB", choices=(1, 3))
+    resize: str = knob("squash", "how a photo becomes image_size x image_size: squash (stretch the whole image), "
+                                 "center_crop (the central square) or letterbox (the whole image, padded black); "
+                                 "serving applies the same", choices=("squash", "center_crop", "letterbox"))
     roi_crop: bool = knob(True, "gtsrb: true = crop each image to the sign's box from the CSV (fixed crops); false = keep "
                                 "the whole frame and store the box (for augment.box_crop and evaluate's ROI protocol)")
     val_fraction: float = knob(0.1, "fraction of each class held out for validation (when the source has no official one)",
@@ -78,7 +81,15 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    arch: str = knob("cnn3", "architecture from the model registry")
+    arch: str = knob("cnn3", "architecture: cnnpipe's own (cnn3, resnet18, ...), a torchvision classifier "
+                             "(torchvision/resnet18, mobilenet_v3_small, ...) or timm/<name>")
+    pretrained: str | None = knob(None, "starting weights: imagenet (the library's own), a state dict .pt / "
+                                        ".safetensors file, or a registered model models:/<name>@<alias>")
+    freeze_epochs: int = knob(0, "train only the classifier head for this many first epochs (backbone frozen)",
+                              minimum=0)
+    backbone_lr: float = knob(1.0, "learning-rate multiplier of every layer but the head (0.1 is usual when "
+                                   "fine-tuning)", minimum=0.0)
+    frozen_bn_eval: bool = knob(True, "keep BatchNorm statistics fixed (eval mode) while the backbone is frozen")
     width: int = knob(16, "base width (channels of the first conv layer; hidden units for mlp)", minimum=1)
     epochs: int = knob(12, "training epochs", minimum=1)
     batch_size: int = knob(64, "images per step", minimum=1)

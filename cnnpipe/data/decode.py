@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.serving.contract import to_mode
+from cnnpipe.serving.contract import reduce_on_decode, to_mode, to_pixels
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".webp")
 
@@ -19,31 +19,33 @@ class BadImage(Exception):
 
 
 def decode(data: bytes, name: str, size: int, channels: int,
-           roi: tuple[float, float, float, float, float, float] | None = None) -> np.ndarray:
-    """Decode, optionally crop to `roi`, convert and resize to size x size.
+           roi: tuple[float, float, float, float, float, float] | None = None, resize: str = "squash") -> np.ndarray:
+    """Decode, optionally crop to `roi`, convert and resize to size x size by `resize` (ingest.resize).
 
     `roi` is (x1, y1, x2, y2, width, height): an inclusive box in an image of width x height, scaled
     to the decoded image's actual size (GTSRB's CSVs describe the originals; copies may be resized).
 
     Grayscale, palette, RGBA, CMYK and 16-bit images are converted to `channels` (1: luma, 3: RGB;
-    transparency is composited on black). An image over PIL's decompression-bomb limit is refused
-    as an error, not skipped: it is an attack or a mistake, never a training image.
+    transparency is composited on black), photos turned upright by their EXIF orientation, and large
+    JPEGs decoded reduced: exactly what serving does to a request (contract.to_pixels). An image over
+    PIL's decompression-bomb limit is refused as an error, not skipped: it is an attack or a mistake,
+    never a training image.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            if roi is None:  # the ROI's coordinates need the full resolution
+                reduce_on_decode(img, size)
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise CnnpipeError(f"image '{name}' refused: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"{type(e).__name__}: {e}") from None
-    img = to_mode(img, channels)  # the same conversion serving applies to requests
     if roi is not None:
+        img = to_mode(img, channels)
         x1, y1, x2, y2, ref_w, ref_h = roi
         sx, sy = img.width / ref_w, img.height / ref_h
         img = img.crop((max(0.0, x1 * sx), max(0.0, y1 * sy), min(img.width, (x2 + 1) * sx),
                         min(img.height, (y2 + 1) * sy)))
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.asarray(img).reshape(size, size, channels)
+    return to_pixels(img, size, channels, resize)  # the same conversion serving applies to requests

@@ -27,8 +27,9 @@ class ModelSpec:
     num_classes: int
     image_size: int
     classes: list[str]
-    mean: list[float]  # per channel, 0..1 scale: the training split's statistics
+    mean: list[float]  # per channel, 0..1 scale: the training split's statistics, or the pretrained weights' own
     std: list[float]
+    resize: str = "squash"  # ingest.resize: how a photo becomes image_size x image_size, here and in serving
 
     def build(self) -> nn.Module:
         return build_model(self.arch, self.in_channels, self.num_classes, self.image_size, self.width)

@@ -28,6 +28,7 @@ from cnnpipe.config import TrainConfig
 from cnnpipe.engine.distributed import Dist, all_sum
 from cnnpipe.engine.inference import normalize, predict_logits
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.models import head
 
 
 @dataclass
@@ -53,10 +54,14 @@ class FitResult:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # no weight decay on BatchNorm weights and biases: decaying them only fights the normalization
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Head groups first (their lr is the one logged), then the backbone's at lr x backbone_lr."""
+    head_ids = {id(p) for p in head(model).parameters()}
+    groups = []
+    for in_head, scale in ((True, 1.0), (False, cfg.backbone_lr)):
+        params = [p for p in model.parameters() if (id(p) in head_ids) == in_head]
+        # no weight decay on BatchNorm weights and biases: decaying them only fights the normalization
+        groups += [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr": cfg.lr * scale},
+                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": cfg.lr * scale}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     if cfg.optimizer == "adamw":
@@ -105,6 +110,19 @@ def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def _epoch_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + epoch * 101 + stream) % (2**63 - 1)
+
+
+def freeze_backbone(model: nn.Module, frozen: bool, bn_eval: bool) -> None:
+    """Stop (or restart) gradients to everything but the head; with `bn_eval`, frozen BatchNorm layers
+    also stop updating their running statistics. Call after model.train()."""
+    head_ids = {id(p) for p in head(model).parameters()}
+    for p in model.parameters():
+        if id(p) not in head_ids:
+            p.requires_grad_(not frozen)
+    if frozen and bn_eval:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def _better(metric: str, value: float, best: float | None) -> bool:
@@ -159,6 +177,8 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         g_order.manual_seed(_epoch_seed(cfg.seed, 0, epoch, 1))  # one order for all ranks: they split each batch
         g_aug.manual_seed(_epoch_seed(cfg.seed, dist.rank, epoch, 2))
         model.train()
+        if cfg.freeze_epochs:
+            freeze_backbone(model, epoch <= cfg.freeze_epochs, cfg.frozen_bn_eval)
         start = time.perf_counter()
         order = torch.randperm(n, generator=g_order, device=device)
         sums = torch.zeros(2, device=device)  # loss * count, correct (the ranks' counts add up to n)

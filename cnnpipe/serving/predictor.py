@@ -17,7 +17,8 @@ def decode_images(spec: ModelSpec, images: list[bytes | np.ndarray | BoxedImage]
                   max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode, convert to the model's channels, crop to the box (if any) and resize: uint8 N x S x S x C
     (RequestError if bad)."""
-    return np.stack([to_array(img, spec.image_size, spec.in_channels, i, max_pixels) for i, img in enumerate(images)])
+    return np.stack([to_array(img, spec.image_size, spec.in_channels, i, max_pixels, spec.resize)
+                     for i, img in enumerate(images)])
 
 
 def as_requests(images: np.ndarray, boxes: np.ndarray | None = None) -> list[np.ndarray | BoxedImage]:

@@ -50,7 +50,8 @@ def export(predictor: Predictor, top_k: int, output: Path) -> dict:
             traced = torch.jit.trace(model, example)
         torch.jit.save(traced, root / "model.pt")
         meta = {"classes": spec.classes, "image_size": spec.image_size, "channels": spec.in_channels,
-                "mean": spec.mean, "std": spec.std, "top_k": top_k, "arch": spec.arch}
+                "mean": spec.mean, "std": spec.std, "top_k": top_k, "arch": spec.arch,
+                "resize": spec.resize}
         (root / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         (root / "code").mkdir()
         shutil.copy(contract.__file__, root / "code" / "inference.py")

@@ -26,7 +26,7 @@ from cnnpipe.engine.device import resolve_device
 from cnnpipe.engine.inference import normalize, predict_logits, stats_tensors, to_nchw_uint8
 from cnnpipe.engine.model_folder import MODEL_FILE, read_history, read_train_config
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.evaluation import figures, introspect
+from cnnpipe.evaluation import explain, figures, introspect
 from cnnpipe.evaluation.folder import (
     CONFUSION_CSV,
     CONFUSION_JSON,
@@ -43,6 +43,7 @@ from cnnpipe.models import count_parameters
 from cnnpipe.serving.predictor import Predictor, as_requests
 
 SPLITS = ("val", "test")
+MAX_MAP_LAYERS = 16  # rows of the feature-map figure
 ROI_SUFFIX = "_roi"  # metrics.json key and MLflow prefix of a split's ROI-protocol scores
 
 
@@ -88,9 +89,19 @@ def _figures(folder: Path, model: torch.nn.Module, spec: ModelSpec, images: np.n
                                     ("correct.png", y_true == y_pred, "blue", "Correctly classified")):
         idx = np.flatnonzero(mask)
         idx = np.sort(rng.choice(idx, min(cfg.grid_images, len(idx)), replace=False)) if len(idx) else idx
-        figures.labelled_grid_png(images[idx], [f"{short(y_pred[i])} ({short(y_true[i])})" for i in idx], color,
-                                  folder / name, f"{what} test images: predicted (true)")
+        titles = [f"{short(y_pred[i])} ({short(y_true[i])})" for i in idx]
+        figures.labelled_grid_png(images[idx], titles, color, folder / name, f"{what} test images: predicted (true)")
         made.append((name, f"{what} test images, titled predicted (true)"))
+        if name == "misclassified.png" and len(idx):
+            skipped = explain.unavailable_reason(model)
+            if skipped:
+                print(f"evaluate: no Grad-CAM figure: {skipped}", file=sys.stderr)
+                continue
+            cams = explain.overlays(model, normalize(x[idx], mean, std), images[idx], y_pred[idx])
+            figures.labelled_grid_png(cams, titles, color, folder / "gradcam_misclassified.png",
+                                      "Grad-CAM of the predicted class, misclassified test images: predicted (true)")
+            made.append(("gradcam_misclassified.png", "Grad-CAM: where the network looked for the class it "
+                                                      "wrongly predicted (same images as above)"))
     correct = y_true == y_pred
     figures.confidence_histogram_png(conf, correct, folder / "confidence_histogram.png")
     made.append(("confidence_histogram.png", "Confidence of correct and incorrect predictions"))
@@ -102,8 +113,11 @@ def _figures(folder: Path, model: torch.nn.Module, spec: ModelSpec, images: np.n
         made.append(("first_layer_filters.png", "First-layer convolution filters"))
         sample = int(np.flatnonzero(correct)[0]) if correct.any() else 0
         maps = introspect.feature_maps(model, normalize(x[sample:sample + 1], mean, std))
-        figures.feature_maps_png(images[sample], [(n, m.numpy()) for n, m in maps], folder / "feature_maps.png")
-        made.append(("feature_maps.png", f"Feature maps of every conv layer for one test image ({classes[y_true[sample]]})"))
+        shown = maps[::-(-len(maps) // MAX_MAP_LAYERS)]  # a deep backbone: evenly spaced layers, one row each
+        figures.feature_maps_png(images[sample], [(n, m.numpy()) for n, m in shown], folder / "feature_maps.png")
+        which = "every" if len(shown) == len(maps) else f"{len(shown)} of the {len(maps)}"
+        made.append(("feature_maps.png", f"Feature maps of {which} conv layers for one test image "
+                                         f"({classes[y_true[sample]]})"))
     if cfg.tsne_samples and len(y_true) >= 5:
         from sklearn.manifold import TSNE
 

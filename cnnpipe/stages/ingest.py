@@ -81,6 +81,7 @@ def run(*, cfg: IngestConfig, data: Path, report: Path) -> dict:
                   "test_fraction": None if raw.test is not None else cfg.test_fraction,
                   "official": [s for s, im in (("val", raw.val), ("test", raw.test)) if im is not None],
                   "grouped_by": "track" if raw.groups is not None else None},
+        "resize": cfg.resize,  # serving resizes requests the same way (ModelSpec.resize)
         "bad_files": raw.bad_files,
         "duplicates_across_splits": duplicates,
         # whole frames are what a server receives: evaluate's served protocol needs them

@@ -20,7 +20,7 @@ from PIL import Image
 import cnnpipe
 from cnnpipe.config import RegisterConfig, TrackingConfig
 from cnnpipe.data.store import read_dataset
-from cnnpipe.engine.model_folder import MODEL_FILE
+from cnnpipe.engine.model_folder import MODEL_FILE, read_train_config
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.folder import METRICS_FILE
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
@@ -74,7 +74,8 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
                           f"pandas=={pd.__version__}", f"pillow=={Image.__version__}"],
     )
     test = metrics.get("test", {})
-    tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **Tracker.source_tags(ds.manifest, data),
+    lineage = read_train_config(model_dir).get("lineage", {})  # the pretrained source, when fine-tuned
+    tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **lineage, **Tracker.source_tags(ds.manifest, data),
             **{f"test.{k}": v for k, v in test.items()},
             **{f"test_roi.{k}": v for k, v in metrics.get("test_roi", {}).items()}}
     version = tracker.register_model(model_uri, cfg.model_name, tags)

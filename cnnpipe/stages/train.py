@@ -26,7 +26,8 @@ from cnnpipe.engine.loop import TrainData, fit
 from cnnpipe.engine.model_folder import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, write_history
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent, read_json
-from cnnpipe.models import build_model, count_parameters
+from cnnpipe.models import build_model, check_input_size, count_parameters, is_library_arch
+from cnnpipe.models.pretrained import adapt_stats, fit_weights, load_pretrained
 
 
 def _check_same_data(processed: Dataset, augmented: Dataset, data: Path, aug: Path) -> None:
@@ -45,6 +46,8 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
     continues from it (into the same MLflow run). `on_epoch(stats)` sees every epoch's metrics after they are
     logged (a tuner's pruner raises from it to stop the run)."""
     dist = init_distributed()
+    if dist.world > 1 and cfg.freeze_epochs:  # DDP reduces every parameter's gradient; frozen ones never come
+        raise CnnpipeError("train.freeze_epochs: not supported with several processes (torchrun); use 0")
     ensure_writable_parent(model)
     processed = read_dataset(data, splits=("val",))
     aug = read_dataset(augmented, splits=("train",))
@@ -55,7 +58,23 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
     threads = set_threads(cfg.threads, dist.world)
     state = load_checkpoint(checkpoint, dataclasses.asdict(cfg)) if resume and checkpoint else None
     torch.manual_seed(cfg.seed)
-    net = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, cfg.width).to(device)
+    net = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, cfg.width)
+    if is_library_arch(cfg.arch):
+        check_input_size(net, cfg.arch, aug.channels, aug.image_size)
+    mean, std = aug.manifest["mean"], aug.manifest["std"]
+    lineage: dict[str, str] = {}
+    if cfg.pretrained and state is None:  # a resumed run takes its weights from the checkpoint
+        pre = load_pretrained(cfg.pretrained, cfg.arch, tracking)
+        loaded = fit_weights(net, pre, aug.classes)
+        if pre.mean is not None:  # normalize as the weights were trained
+            mean, std = adapt_stats(pre.mean, aug.channels), adapt_stats(pre.std, aug.channels)
+        lineage = pre.lineage
+        if dist.is_main:
+            print(f"pretrained: {loaded['tensors_loaded']} tensors from {cfg.pretrained}, "
+                  f"{'head kept' if loaded['head_loaded'] else 'new head'}", file=sys.stderr)
+    elif state is not None:
+        mean, std, lineage = state.get("mean", mean), state.get("std", std), state.get("lineage", {})
+    net = net.to(device)
     n_params = count_parameters(net)
     train_split, val_split = aug.splits["train"], processed.splits["val"]
 
@@ -68,7 +87,8 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
         else:
             tracker = Tracker.start(tracking, run_name=(run_tags or {}).get("mlflow.runName",
                                                                             f"{aug.manifest['source']['name']}-{cfg.arch}"),
-                                    tags={"cnnpipe.source": aug.manifest["source"]["name"], **(run_tags or {})})
+                                    tags={"cnnpipe.source": aug.manifest["source"]["name"], **lineage,
+                                          **(run_tags or {})})
             tracker.log_params(dataclasses.asdict(cfg), prefix="train.")
             tracker.log_params({k: v for k, v in policy.to_dict().items() if not k.endswith("flip")} if policy else {},
                                prefix="augment.")
@@ -78,22 +98,24 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
                                 "parameters": n_params, "world_size": dist.world}, prefix="data.")
             tracker.set_tags(tracker.source_tags(processed.manifest))
     run_id = tracker.run_id if tracker else None
-    save = (lambda st: save_checkpoint(checkpoint, {**st, "run_id": run_id})) if checkpoint and dist.is_main else None
+    save = (lambda st: save_checkpoint(checkpoint, {**st, "run_id": run_id, "mean": mean, "std": std,
+                                                    "lineage": lineage})) if checkpoint and dist.is_main else None
     try:
         if dist.is_main:
             print(f"{cfg.arch}: {n_params:,} parameters, {len(train_split.labels):,} training images, "
                   f"{len(val_split.labels):,} validation images, device {device}, {threads} CPU threads"
                   + (f", {dist.world} processes" if dist.world > 1 else "")
                   + (f", resuming after epoch {state['epoch']}" if state else ""), file=sys.stderr)
-        mean, std = stats_tensors(aug.manifest["mean"], aug.manifest["std"], device)
+        mean_t, std_t = stats_tensors(mean, std, device)
         tensors = TrainData(
             train_images=to_nchw_uint8(train_split.images, device),
             train_labels=torch.from_numpy(train_split.labels).to(device),
             val_images=to_nchw_uint8(val_split.images, device),
             val_labels=torch.from_numpy(val_split.labels).to(device),
-            mean=mean, std=std,
+            mean=mean_t, std=std_t,
             train_boxes=None if train_split.boxes is None else torch.from_numpy(train_split.boxes).to(device),
         )
+
         def each_epoch(stats: dict[str, float]) -> None:
             if tracker is not None:
                 tracker.log_metrics(stats, step=int(stats["epoch"]))
@@ -104,12 +126,13 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
         if dist.is_main:
             with atomic_dir(model) as tmp:
                 spec = ModelSpec(cfg.arch, cfg.width, aug.channels, len(aug.classes), aug.image_size,
-                                 aug.classes, aug.manifest["mean"], aug.manifest["std"])
+                                 aug.classes, mean, std, processed.manifest.get("resize", "squash"))
                 save_model(tmp / MODEL_FILE, result.model, spec)
                 write_history(tmp / HISTORY_FILE, result.history)
                 (tmp / CONFIG_FILE).write_text(json.dumps({"train": dataclasses.asdict(cfg), "parameters": n_params,
                                                            "best_epoch": result.best_epoch,
-                                                           "kept_epoch": result.kept_epoch}, indent=2) + "\n")
+                                                           "kept_epoch": result.kept_epoch, "lineage": lineage},
+                                                          indent=2) + "\n")
                 if tracker is not None:
                     tracker.write_run_file(tmp)
                     tracker.log_metrics({"train/best_epoch": result.best_epoch, "train/kept_epoch": result.kept_epoch})

@@ -73,12 +73,15 @@ def decode_entries(tree: FileTree, entries: Iterable[Entry], cfg: IngestConfig, 
     out = np.empty((len(entries), cfg.image_size, cfg.image_size, cfg.channels), np.uint8)
     labels = np.empty(len(entries), np.int64)
     keep_boxes = not cfg.roi_crop and bool(entries) and all(e.roi is not None for e in entries)
+    if keep_boxes and cfg.resize != "squash":  # a stored box is the ROI scaled with the whole frame
+        raise CnnpipeError(f"ingest.resize {cfg.resize!r}: whole frames with their boxes (ingest.roi_crop: false) "
+                           "are stored squashed; expected ingest.resize: squash")
     boxes = np.empty((len(entries), 4), np.float32)
     kept = []
     for i, e in enumerate(tqdm(entries, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty())):
         try:
             out[len(kept)] = decode(tree.read(e.name), f"{tree.path}:{e.name}", cfg.image_size, cfg.channels,
-                                    e.roi if cfg.roi_crop else None)
+                                    e.roi if cfg.roi_crop else None, cfg.resize)
         except BadImage as err:
             bad.append({"path": f"{tree.path}:{e.name}", "error": str(err)})
             continue
