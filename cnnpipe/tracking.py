@@ -7,14 +7,18 @@ Artifacts of each stage go under a folder named after the stage.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import re
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +234,11 @@ class Registry:
             raise CnnpipeError(f"model {name!r} has no version {'or alias ' if not ref.isdigit() else ''}{ref!r} "
                                f"in the registry at {self.uri}") from None
 
+    def run_version(self, name: str, run_id: str) -> str | None:
+        """The version of `name` registered from run `run_id`, if any."""
+        found = [v for v in self.client.search_model_versions(f"run_id = '{run_id}'") if v.name == name]
+        return str(min(int(v.version) for v in found)) if found else None
+
     def alias_version(self, name: str, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException
 
@@ -252,15 +261,46 @@ class Registry:
         self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
         self.set_alias(name, CHAMPION, version)
 
-    def load_pyfunc(self, model_uri: str) -> Any:
-        """Load `models:/<name>@<alias>` (or /<version>, or any model URI) as an MLflow pyfunc."""
-        import mlflow
-
+    def model_files(self, model_uri: str, dst: Path) -> tuple[Path, dict[str, str] | None, str]:
+        """A model's folder (a local one as it is, else downloaded into `dst`), the tags of the registry version
+        it is (None for any other URI), and its name for messages."""
+        import mlflow.artifacts
         from mlflow.exceptions import MlflowException
 
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
+        if Path(model_uri).is_dir():
+            return Path(model_uri), None, f"model folder '{model_uri}'"
+        tags, uri, where = None, model_uri, model_uri
+        ref = _registry_ref(model_uri)
+        if ref is not None:
+            version = self.version(*ref)
+            tags, where = dict(version.tags), f"models:/{version.name}/{version.version}"
+            uri = self.client.get_model_version_download_uri(version.name, version.version)
+        quiet = {} if sys.stderr.isatty() else {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # a bar only on a TTY
         try:
-            return mlflow.pyfunc.load_model(model_uri)
-        except MlflowException as e:
-            raise CnnpipeError(f"model {model_uri!r} cannot be loaded from {self.uri}: {str(e).splitlines()[0]}") from None
+            with _environ(quiet):
+                path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=self.uri,
+                                                           registry_uri=self.uri)
+            return Path(path), tags, where
+        except (MlflowException, OSError) as e:
+            raise CnnpipeError(f"model {model_uri!r} cannot be read from {self.uri}: {str(e).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Environment variables set for the block only (MLflow reads some settings nowhere else)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _registry_ref(model_uri: str) -> tuple[str, str] | None:
+    """(name, version or alias) of models:/<name>/<version> or models:/<name>@<alias>; None otherwise."""
+    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", model_uri)
+    return (m[1], m[2] or m[3]) if m else None

@@ -18,13 +18,12 @@ from cnnpipe.serving.server import Backend
 
 
 def load_registered(tracking: TrackingConfig, model_uri: str) -> tuple[Predictor, int]:
-    """The predictor inside a registered pyfunc, and the top_k its signature declares as default."""
+    """The predictor of a model folder or registered model, loaded with cnnpipe's own code (see
+    cnnpipe.serving.trusted), and the top_k its signature declares as default."""
+    from cnnpipe.serving import trusted
     from cnnpipe.tracking import Registry
 
-    pyfunc = Registry(tracking.uri).load_pyfunc(model_uri)
-    schema = pyfunc.metadata.get_params_schema()
-    top_k = next((p.default for p in (schema.params if schema else []) if p.name == "top_k"), 5)
-    return pyfunc.unwrap_python_model().predictor, int(top_k)
+    return trusted.load(Registry(tracking.uri), model_uri)
 
 
 def predictor_backend(predictor: Predictor, default_top_k: int) -> Backend:

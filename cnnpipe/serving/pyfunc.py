@@ -11,8 +11,8 @@ import pandas as pd
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.serving.contract import RequestError, decode_value
 from cnnpipe.serving.predictor import Predictor
+from cnnpipe.serving.trusted import CHECKPOINT
 
-CHECKPOINT = "checkpoint"  # the artifact key of the model file
 
 
 def _decode(value: Any, i: int) -> bytes | np.ndarray:

@@ -23,7 +23,9 @@ from cnnpipe.tracking import CHAMPION, CHALLENGER, Registry
 
 def score(registry: Registry, model_uri: str, ds: Dataset, metric: str) -> float:
     """`metric` of a registered model on the dataset's test split, through its own preprocessing."""
-    predictor = registry.load_pyfunc(model_uri).unwrap_python_model().predictor
+    from cnnpipe.serving import trusted
+
+    predictor, _ = trusted.load(registry, model_uri)
     if predictor.spec.classes != ds.classes:
         raise CnnpipeError(f"{model_uri} predicts {predictor.spec.num_classes} classes, the test split has "
                            f"{len(ds.classes)} other ones: the two cannot be compared on it (use --force)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import cnnpipe
 from cnnpipe.config import RegisterConfig, TrackingConfig
 from cnnpipe.data.store import read_dataset
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
+from cnnpipe.serving import trusted
 from cnnpipe.serving.predictor import Predictor
 from cnnpipe.stages.train import MODEL_FILE
 from cnnpipe.stages.promote import promote
@@ -31,7 +33,7 @@ def _png_base64(image: np.ndarray) -> str:
 def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out: Path,
         tracking: TrackingConfig) -> dict:
     from cnnpipe.serving import pyfunc_model
-    from cnnpipe.serving.pyfunc import CHECKPOINT, predict_frame
+    from cnnpipe.serving.pyfunc import predict_frame
 
     ensure_writable_parent(out)
     predictor = Predictor.from_file(model_dir / MODEL_FILE)  # fail here, not inside MLflow, on a bad model file
@@ -39,20 +41,30 @@ def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out:
     ds = read_dataset(data, splits=("test",))
     tracker = Tracker.resume(tracking, model_dir)
 
-    example = pd.DataFrame({"image": [_png_base64(np.asarray(img)) for img in ds.splits["test"].images[:2]]})
-    model_uri = tracker.log_pyfunc_model(
-        "model", example, predict_frame(predictor, example, cfg.top_k), {"top_k": cfg.top_k},
-        python_model=str(Path(pyfunc_model.__file__)),  # models from code: nothing pickled
-        artifacts={CHECKPOINT: str(model_dir / MODEL_FILE)},
-        code_paths=[str(Path(cnnpipe.__file__).parent)],  # the model loads where cnnpipe is not installed
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-                          f"pandas=={pd.__version__}", f"pillow=={Image.__version__}"],
-    )
+    registry = Registry(tracking.uri)
     test = metrics.get("test", {})
-    tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **Tracker.source_tags(ds.manifest, data),
-            **{f"test.{k}": v for k, v in test.items()}}
-    version = tracker.register_model(model_uri, cfg.model_name, tags)
-    Registry(tracking.uri).set_alias(cfg.model_name, CHALLENGER, version)
+    version = registry.run_version(cfg.model_name, tracker.run_id)
+    if version is not None:  # a re-run (or one killed after registering): the run's version, not an orphan beside it
+        print(f"{cfg.model_name} version {version} is already registered from run {tracker.run_id}: reusing it",
+              file=sys.stderr)
+        model_uri = registry.version(cfg.model_name, version).source
+    else:
+        example = pd.DataFrame({"image": [_png_base64(np.asarray(img)) for img in ds.splits["test"].images[:2]]})
+        model_uri = tracker.log_pyfunc_model(
+            "model", example, predict_frame(predictor, example, cfg.top_k), {"top_k": cfg.top_k},
+            python_model=str(Path(pyfunc_model.__file__)),  # models from code: nothing pickled
+            artifacts={trusted.CHECKPOINT: str(model_dir / MODEL_FILE)},
+            code_paths=[str(Path(cnnpipe.__file__).parent)],  # the model loads where cnnpipe is not installed
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+                              f"pandas=={pd.__version__}", f"pillow=={Image.__version__}"],
+        )
+        with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as tmp:  # hash what the store holds
+            folder, _, _ = registry.model_files(model_uri, Path(tmp))
+            hashes = trusted.digests(folder)
+        tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **Tracker.source_tags(ds.manifest, data),
+                **{f"test.{k}": v for k, v in test.items()}, **hashes}
+        version = tracker.register_model(model_uri, cfg.model_name, tags)
+    registry.set_alias(cfg.model_name, CHALLENGER, version)
     print(f"registered {cfg.model_name} version {version} as {CHALLENGER} "
           f"(test accuracy {test.get('accuracy', float('nan')):.4f})", file=sys.stderr)
     promotion = promote(cfg, tracking, cfg.model_name, version, data) if cfg.auto_promote else None
