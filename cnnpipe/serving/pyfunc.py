@@ -14,7 +14,6 @@ from cnnpipe.serving.predictor import Predictor
 from cnnpipe.serving.trusted import CHECKPOINT
 
 
-
 def _decode(value: Any, i: int) -> bytes | np.ndarray:
     try:
         return decode_value(value, i)

@@ -19,8 +19,8 @@ from cnnpipe.data.store import read_dataset
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.serving import trusted
 from cnnpipe.serving.predictor import Predictor
-from cnnpipe.stages.train import MODEL_FILE
 from cnnpipe.stages.promote import promote
+from cnnpipe.stages.train import MODEL_FILE
 from cnnpipe.tracking import CHALLENGER, Registry, Tracker
 
 

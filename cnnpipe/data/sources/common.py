@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from cnnpipe.config import IngestConfig
 from cnnpipe.data import versioned
-from cnnpipe.data.archive import FileTree
+from cnnpipe.data.archive import ArchiveLimits, FileTree, MemberRefused
 from cnnpipe.data.decode import BadImage, decode
 from cnnpipe.data.download import fetch, is_url
 from cnnpipe.data.raw import Images
@@ -48,6 +48,11 @@ def input_record(path: Path) -> dict:
     return {"path": str(path), "sha256": h.hexdigest(), "kind": "folder"}
 
 
+def open_tree(path: Path, cfg: IngestConfig) -> FileTree:
+    """A folder or archive, read within ingest's memory limits."""
+    return FileTree(path, ArchiveLimits(cfg.max_member_mb, cfg.max_compression_ratio, cfg.max_total_mb))
+
+
 @dataclass
 class Entry:
     name: str  # path inside the tree
@@ -65,7 +70,7 @@ def decode_entries(tree: FileTree, entries: Iterable[Entry], cfg: IngestConfig, 
     for i, e in enumerate(tqdm(entries, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty())):
         try:
             out[len(kept)] = decode(tree.read(e.name), f"{tree.path}:{e.name}", cfg.image_size, cfg.channels, e.roi)
-        except BadImage as err:
+        except (BadImage, MemberRefused) as err:
             bad.append({"path": f"{tree.path}:{e.name}", "error": str(err)})
             continue
         except OSError as err:
