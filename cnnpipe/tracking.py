@@ -211,6 +211,7 @@ def _connect(uri: str):  # noqa: ANN202 - MlflowClient, imported lazily
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "cnnpipe.champion_history"  # JSON list of the versions that held `champion`, oldest first
+LOCK_TIMEOUT = 600  # seconds a promote waits for another one (each scores two models on the test split)
 
 
 @dataclass(eq=False)
@@ -257,7 +258,33 @@ class Registry:
     def champion_history(self, name: str) -> list[str]:
         return json.loads(self.client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
 
-    def set_champion(self, name: str, version: str, history: list[str]) -> None:
+    @contextlib.contextmanager
+    def update_lock(self) -> Iterator[None]:
+        """Serialize read-decide-write updates of the registry (promote, rollback) across processes. A SQLite
+        store gets a lock file beside it; a tracking server offers no lock: `set_champion` then checks that
+        nothing changed since the history was read, and the loser of a race fails with one line."""
+        from filelock import FileLock, Timeout
+
+        db = sqlite_path(self.uri)
+        if db is None:
+            yield
+            return
+        lock = FileLock(f"{db}.cnnpipe-registry.lock")
+        try:
+            lock.acquire(timeout=LOCK_TIMEOUT)
+        except Timeout:
+            raise ServiceUnavailable(f"tracking URI {self.uri}: another promote/rollback has held "
+                                     f"'{lock.lock_file}' for {LOCK_TIMEOUT} s") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def set_champion(self, name: str, version: str, history: list[str], read: list[str]) -> None:
+        """Give `champion` to `version` and record `history`, unless the history is no longer `read`."""
+        if self.champion_history(name) != read:
+            raise CnnpipeError(f"model {name!r}: its champion history changed while this command ran (a concurrent "
+                               f"promote or rollback won): nothing changed here; run it again")
         self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
         self.set_alias(name, CHAMPION, version)
 
