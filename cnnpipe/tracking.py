@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -89,16 +90,19 @@ class Tracker:
 
     @classmethod
     def start(cls, cfg: TrackingConfig, run_name: str, tags: dict[str, str]) -> Tracker:
-        """Start the pipeline's run, or adopt the one `mlflow run` started for us."""
+        """Start the pipeline's run, or adopt the one `mlflow run` started for us; runs left RUNNING by a
+        dead process of this machine are marked KILLED first."""
         client = _connect(cfg.uri)
+        reap(cfg.uri)
         adopted = os.environ.get("MLFLOW_RUN_ID")
         if adopted:
             tracker = cls(cfg.uri, adopted)
-            tracker.set_tags(tags)
+            tracker.set_tags({**tags, **owner_tags()})
             return tracker
-        exp = client.get_experiment_by_name(cfg.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment, _artifact_root(cfg.uri))
-        run = client.create_run(exp_id, run_name=run_name, tags=tags)
+        with _store_lock(cfg.uri):  # two first runs on one store: one creates the experiment
+            exp = client.get_experiment_by_name(cfg.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment, _artifact_root(cfg.uri))
+        run = client.create_run(exp_id, run_name=run_name, tags={**tags, **owner_tags()})
         return cls(cfg.uri, run.info.run_id)
 
     @classmethod
@@ -110,7 +114,10 @@ class Tracker:
         except Exception:
             raise CnnpipeError(f"MLflow run {run_id} from '{where}' is not in the tracking store {cfg.uri} "
                                f"(was it written against another store?)") from None
-        return cls(cfg.uri, run_id)
+        reap(cfg.uri)
+        tracker = cls(cfg.uri, run_id)
+        tracker.set_tags(owner_tags())  # this process now writes into it (register sets it RUNNING meanwhile)
+        return tracker
 
     @classmethod
     def resume(cls, cfg: TrackingConfig, run_dir: Path) -> Tracker:
@@ -197,16 +204,85 @@ def _dvc_version(data_dir: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """A lock beside a SQLite store, for what two processes must not do at once (create its tables, an
+    experiment); nothing for a tracking server, which serializes these itself."""
+    from filelock import FileLock, Timeout
+
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    lock = FileLock(f"{db}.cnnpipe-init.lock")
+    try:
+        lock.acquire(timeout=LOCK_TIMEOUT)
+    except Timeout:
+        raise ServiceUnavailable(f"tracking URI {uri}: '{lock.lock_file}' has been held for {LOCK_TIMEOUT} s") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _connect(uri: str):  # noqa: ANN202 - MlflowClient, imported lazily
     _check_reachable(uri)
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
-        client.search_experiments(max_results=1)
+        with _store_lock(uri):  # the first use of a new SQLite store creates its tables
+            client.search_experiments(max_results=1)
+    except ServiceUnavailable:
+        raise
     except Exception as e:
         raise ServiceUnavailable(f"tracking URI {uri} cannot be used: {str(e).splitlines()[0]}") from None
     return client
+
+
+# Who writes into a run or registers a version: enough to judge later whether that process still lives.
+PID_TAG, HOST_TAG, STARTED_TAG = "cnnpipe.pid", "cnnpipe.host", "cnnpipe.pid_started"
+STATE_TAG = "cnnpipe.state"  # of a version: "registering" until `register` has finished with it
+
+
+def owner_tags() -> dict[str, str]:
+    import psutil
+
+    me = psutil.Process()
+    return {PID_TAG: str(me.pid), HOST_TAG: socket.gethostname(), STARTED_TAG: f"{me.create_time():.2f}"}
+
+
+def owner_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process the tags name still runs (None: another machine's, or no tags to judge by)."""
+    import psutil
+
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return None
+    try:
+        return f"{psutil.Process(int(tags[PID_TAG])).create_time():.2f}" == tags.get(STARTED_TAG)  # not a reused pid
+    except psutil.Error:
+        return False
+
+
+def reap(uri: str) -> dict[str, list[str]]:
+    """Mark KILLED every RUNNING run whose process died on this machine, and delete every model version whose
+    `register` died before finishing with it. Returns the run ids / versions by what was done or seen."""
+    from mlflow.entities import ViewType
+
+    client = _connect(uri)
+    found: dict[str, list[str]] = {"killed_runs": [], "live_runs": [], "unjudged_runs": [], "deleted_versions": []}
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    for run in client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=10000) if experiments else []:
+        alive = owner_alive(run.data.tags)
+        if alive is False:
+            client.set_tag(run.info.run_id, "cnnpipe.reaped", f"process {run.data.tags[PID_TAG]} died")
+            client.set_terminated(run.info.run_id, "KILLED")
+        found[{False: "killed_runs", True: "live_runs", None: "unjudged_runs"}[alive]].append(run.info.run_id)
+    for version in client.search_model_versions(f"tags.`{STATE_TAG}` = 'registering'"):
+        if owner_alive(version.tags) is False:
+            client.delete_model_version(version.name, version.version)
+            found["deleted_versions"].append(f"{version.name}/{version.version}")
+    return found
 
 
 CHAMPION, CHALLENGER = "champion", "challenger"

@@ -21,7 +21,7 @@ from cnnpipe.serving import trusted
 from cnnpipe.serving.predictor import Predictor
 from cnnpipe.stages.promote import promote
 from cnnpipe.stages.train import MODEL_FILE
-from cnnpipe.tracking import CHALLENGER, Registry, Tracker
+from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags
 
 
 def _png_base64(image: np.ndarray) -> str:
@@ -62,9 +62,10 @@ def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out:
             folder, _, _ = registry.model_files(model_uri, Path(tmp))
             hashes = trusted.digests(folder)
         tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **Tracker.source_tags(ds.manifest, data),
-                **{f"test.{k}": v for k, v in test.items()}, **hashes}
+                **{f"test.{k}": v for k, v in test.items()}, **hashes, **owner_tags(), STATE_TAG: "registering"}
         version = tracker.register_model(model_uri, cfg.model_name, tags)
     registry.set_alias(cfg.model_name, CHALLENGER, version)
+    registry.tag_version(cfg.model_name, version, {STATE_TAG: "registered"})  # killed before this: `gc` deletes it
     print(f"registered {cfg.model_name} version {version} as {CHALLENGER} "
           f"(test accuracy {test.get('accuracy', float('nan')):.4f})", file=sys.stderr)
     promotion = promote(cfg, tracking, cfg.model_name, version, data) if cfg.auto_promote else None

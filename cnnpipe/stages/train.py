@@ -69,6 +69,9 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
                                      str(augmented / "policy.json")) if cfg.augment else None
     device = dist.device(resolve_device(cfg.device))
     state = load_checkpoint(checkpoint, dataclasses.asdict(cfg)) if resume and checkpoint else None
+    if checkpoint and not resume and checkpoint.exists() and dist.is_main:
+        print(f"train: a checkpoint of an interrupted run is at '{checkpoint}': starting afresh replaces it "
+              f"(`--resume` would continue it)", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, cfg.width).to(device)
     n_params = count_parameters(model)
