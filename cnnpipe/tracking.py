@@ -229,10 +229,11 @@ def _connect(uri: str):  # noqa: ANN202 - MlflowClient, imported lazily
     _check_reachable(uri)
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
-        with _store_lock(uri):  # the first use of a new SQLite store creates its tables
+        with _store_lock(uri):  # the first use of a new SQLite store creates its tables: one process at a time
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
     except ServiceUnavailable:
         raise
     except Exception as e:

@@ -48,3 +48,18 @@ def test_six_concurrent_forced_promotions_all_land_in_the_history(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["version"] == first["version"] and "reusing it" in proc.stderr
     assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 7
+
+
+def test_two_first_runs_on_a_new_store_both_work(tmp_path):
+    ws = make_workspace(tmp_path)
+    proc = cnnpipe("augment", cwd=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert not (ws / "mlflow.db").exists()
+    procs = [subprocess.Popen(["cnnpipe", "train", "--out", f"data/model{i}", "--checkpoint", f"data/ckpt{i}.pt"],
+                              cwd=ws, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        code = p.wait(timeout=600)
+        err = p.stderr.read()
+        assert code == 0 or (code == 3 and len(err.strip().splitlines()) == 1), err
+    assert all(p.returncode == 0 for p in procs)  # with the lock both get through
