@@ -106,8 +106,9 @@ class Tracker:
         return cls(cfg.uri, run.info.run_id)
 
     @classmethod
-    def reopen(cls, cfg: TrackingConfig, run_id: str, where: str) -> Tracker:
-        """An existing run, whose id was read from `where`: a resumed training, evaluate and register log into it."""
+    def reopen(cls, cfg: TrackingConfig, run_id: str, where: str, running: bool = False) -> Tracker:
+        """An existing run, whose id was read from `where`: a resumed training (`running`: it is RUNNING
+        again), evaluate and register log into it."""
         client = _connect(cfg.uri)
         try:
             client.get_run(run_id)
@@ -117,6 +118,8 @@ class Tracker:
         reap(cfg.uri)
         tracker = cls(cfg.uri, run_id)
         tracker.set_tags(owner_tags())  # this process now writes into it (register sets it RUNNING meanwhile)
+        if running:
+            client.update_run(run_id, "RUNNING")
         return tracker
 
     @classmethod

@@ -82,7 +82,7 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
         from cnnpipe.tracking import Tracker
 
         if state is not None and state.get("run_id"):
-            tracker = Tracker.reopen(tracking, state["run_id"], str(checkpoint))
+            tracker = Tracker.reopen(tracking, state["run_id"], str(checkpoint), running=True)
         else:
             tracker = Tracker.start(tracking, run_name=(run_tags or {}).get("mlflow.runName",
                                                                             f"{aug.manifest['source']['name']}-{cfg.arch}"),
