@@ -15,13 +15,17 @@ ENV PATH=/opt/cnnpipe/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MPLBACKEND=Agg
 
+# EXTRAS: which of pyproject's extras the image carries. `all` (the default) is the components' image;
+# `serve,mlflow` is a serving image: the model, the HTTP server and the registry client, no DVC, kfp,
+# scikit-learn or matplotlib.
+ARG EXTRAS=all
+
 # Dependencies first, pinned by constraints.txt (torch with its CUDA libraries, for the train step's GPU),
 # so changing cnnpipe's code rebuilds only the small layer below. pip's cache is a cache mount: never in
 # the image (BuildKit also keeps it between builds).
-COPY pyproject.toml constraints.txt /tmp/cnnpipe/
+COPY pyproject.toml constraints.txt container/requirements.py /tmp/cnnpipe/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/cnnpipe/pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/cnnpipe/requirements.txt \
+    python3 /tmp/cnnpipe/requirements.py "$EXTRAS" /tmp/cnnpipe/pyproject.toml > /tmp/cnnpipe/requirements.txt \
  && pip install -c /tmp/cnnpipe/constraints.txt -r /tmp/cnnpipe/requirements.txt
 
 COPY README.md /tmp/cnnpipe/
@@ -29,7 +33,7 @@ COPY cnnpipe /tmp/cnnpipe/cnnpipe
 COPY components /tmp/cnnpipe/components
 COPY pipeline /tmp/cnnpipe/pipeline
 RUN pip install --no-cache-dir --no-deps /tmp/cnnpipe && rm -rf /tmp/cnnpipe \
- && python3 -c "import cnnpipe, components, pipeline, kfp, torch, torchvision, mlflow, dvc" \
+ && python3 -c "import cnnpipe.cli, torch, torchvision" \
  && cnnpipe --version
 
 WORKDIR /workspace

@@ -7,17 +7,26 @@ Each command prints its small result as JSON on stdout and progress on stderr. E
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from cnnpipe import __version__
-from cnnpipe.config import (AugmentConfig, EvaluateConfig, IngestConfig, RegisterConfig, TrackingConfig, TrainConfig,
-                            add_flags, load_block, read_params, sqlite_path, tracking_config)
-from cnnpipe.errors import EXIT_INTERRUPTED, EXIT_OK, CnnpipeError
+from cnnpipe.config import (EvaluateConfig, RegisterConfig, TrackingConfig, TrainConfig, add_flags, apply_overrides,
+                            load_block, parse_assignments, read_params, sqlite_path, tracking_config)
+from cnnpipe.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, CnnpipeError
+from cnnpipe.stages.spec import STAGES
 
 Handler = Callable[[argparse.Namespace, dict, Path], dict]
+
+# The optional dependency (pyproject's extras) that brings each module a command may import
+EXTRA_OF_MODULE = {"sklearn": "train", "matplotlib": "train", "uvicorn": "serve", "starlette": "serve",
+                   "mlflow": "mlflow", "pandas": "mlflow", "dvc": "dvc", "kfp": "kfp", "docker": "kfp",
+                   "boto3": "sagemaker", "botocore": "sagemaker"}
 
 
 def _cfg(cls: type, block: str, args: argparse.Namespace, params: dict, params_path: Path):  # noqa: ANN202
@@ -30,48 +39,27 @@ def _tracking(args: argparse.Namespace, params: dict, params_path: Path) -> Trac
     return tracking_config(params, args, params_path)
 
 
-def _ingest(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    from cnnpipe.stages import ingest
-
-    return ingest.run(_cfg(IngestConfig, "ingest", args, params, pp), args.out, args.report)
-
-
-def _augment(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    from cnnpipe.stages import augment
-
-    return augment.run(_cfg(AugmentConfig, "augment", args, params, pp), args.data, args.out)
-
-
-def _train(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    from cnnpipe.stages import train
-
-    return train.run(_cfg(TrainConfig, "train", args, params, pp), args.data, args.augmented, args.out,
-                     _tracking(args, params, pp), checkpoint=args.checkpoint, resume=args.resume)
-
-
-def _evaluate(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    from cnnpipe.stages import evaluate
-
-    return evaluate.run(_cfg(EvaluateConfig, "evaluate", args, params, pp), args.model, args.data, args.out,
-                        _tracking(args, params, pp))
-
-
-def _register(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    from cnnpipe.stages import register
-
-    return register.run(_cfg(RegisterConfig, "register", args, params, pp), args.model, args.data, args.evaluation,
-                        args.out, tracking_config(params, args, pp))
+def _stage(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    """Any pipeline stage: its block (flags win), its paths, its tracking, as cnnpipe.stages.spec declares."""
+    stage = STAGES[args.command]
+    kwargs = {port.name: getattr(args, port.name) for port in stage.ports}
+    if stage.tracking != "none":
+        kwargs["tracking"] = _tracking(args, params, pp)
+    if stage.name == "train":
+        kwargs |= {"checkpoint": args.checkpoint, "resume": args.resume}
+    cfg = _cfg(stage.config, stage.name, args, params, pp)
+    return importlib.import_module(stage.module).run(cfg=cfg, **kwargs)
 
 
 def _promote(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    from cnnpipe.stages import promote
+    from cnnpipe import promotion as promote
 
     cfg = _cfg(RegisterConfig, "register", args, params, pp)
     return promote.promote(cfg, tracking_config(params, args, pp), cfg.model_name, args.version, args.data, args.force)
 
 
 def _rollback(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    from cnnpipe.stages import promote
+    from cnnpipe import promotion as promote
 
     return promote.rollback(tracking_config(params, args, pp), _cfg(RegisterConfig, "register", args, params, pp).model_name)
 
@@ -108,7 +96,7 @@ def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
 
 def _sweep(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    from cnnpipe.stages import sweep
+    from cnnpipe.search import sweep
 
     if bool(args.grid) == bool(args.preset):
         raise CnnpipeError("sweep: give --grid axes or --preset study (one of the two)")
@@ -124,13 +112,7 @@ def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
     if args.action == "compile":
         return {"compiled": str(training.compile_pipeline(args.output, training.as_parameter(params)))}
-    arguments = {"params": training.as_parameter(params)}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CnnpipeError(f"-p {item!r}: expected key=value")
-        arguments[key.replace("-", "_")] = value
-    arguments = training.typed_arguments(arguments)
+    arguments = training.arguments(params, args.param)
     if args.action == "submit":
         if not args.host:
             raise CnnpipeError("pipeline submit: --host (the Kubeflow Pipelines API URL) is required")
@@ -178,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str, handler: Handler, cls: type | None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+        p.add_argument("-S", "--set", action="append", default=[], metavar="BLOCK.KEY=VALUE",
+                       help="override any param for this run, as `dvc exp run -S` does (repeatable; one value may "
+                            "hold several, space-separated): -S train.epochs=5 -S 'train.lr=0.1 train.arch=fastnet'")
         p.set_defaults(handler=handler)
         if cls is not None:
             add_flags(p, cls)
@@ -188,38 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
         if optional:
             p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (runs without mlflow)")
 
-    p = command("ingest", "read a dataset source into the processed format (train/val/test)", _ingest, IngestConfig)
-    p.add_argument("--out", type=Path, default=Path("data/processed"), help="processed dataset directory")
-    p.add_argument("--report", type=Path, default=Path("data/reports/ingest_report.json"), help="ingest report (JSON)")
-
-    p = command("augment", "balance the training split and write the online augmentation policy", _augment,
-                AugmentConfig)
-    p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset directory")
-    p.add_argument("--out", type=Path, default=Path("data/augmented"), help="augmented dataset directory")
-
-    p = command("train", "train a model on the augmented training split", _train, TrainConfig)
-    p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset (validation split)")
-    p.add_argument("--augmented", type=Path, default=Path("data/augmented"), help="augmented dataset (training split)")
-    p.add_argument("--out", type=Path, default=Path("data/model"), help="model directory")
-    p.add_argument("--checkpoint", type=Path, default=Path("data/checkpoints/train.pt"),
-                   help="training state saved after every epoch (removed when training succeeds)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint")
-    with_tracking(p, optional=True)
-
-    p = command("evaluate", "metrics and confusion matrix of a model on the val and test splits", _evaluate,
-                EvaluateConfig)
-    p.add_argument("--model", type=Path, default=Path("data/model"), help="model directory (from train)")
-    p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset directory")
-    p.add_argument("--out", type=Path, default=Path("data/evaluation"), help="evaluation directory")
-    with_tracking(p, optional=True)
-
-    p = command("register", "log the model as an MLflow pyfunc and register it in the Model Registry", _register,
-                RegisterConfig)
-    p.add_argument("--model", type=Path, default=Path("data/model"), help="model directory (from train)")
-    p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset (input example)")
-    p.add_argument("--evaluation", type=Path, default=Path("data/evaluation"), help="evaluation directory")
-    p.add_argument("--out", type=Path, default=Path("data/registered.json"), help="registration record (JSON)")
-    with_tracking(p, optional=False)
+    for stage in STAGES.values():
+        p = command(stage.name, stage.help, _stage, stage.config)
+        for port in stage.ports:
+            p.add_argument(port.flag, dest=port.name, type=Path, default=Path(port.path),
+                           help=f"{port.help} (default: {port.path})")
+        if stage.name == "train":
+            p.add_argument("--checkpoint", type=Path, default=Path("data/checkpoints/train.pt"),
+                           help="training state saved after every epoch (removed when training succeeds)")
+            p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint")
+        if stage.tracking != "none":
+            with_tracking(p, optional=stage.tracking == "optional")
 
     p = command("promote", "compare the challenger with the champion on the test split; move `champion` if better",
                 _promote, RegisterConfig)
@@ -271,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="submit: experiment name")
     p.add_argument("--run-name", help="submit: run name")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a pipeline parameter (source, path, dvc_repo, dvc_rev, arch, epochs, batch_size, lr, "
-                        "model_name, promotion_metric, min_delta, tracking_uri, credentials_secret); repeatable")
+                   help="a param of this run as block.key=value (the pipeline's `overrides`, e.g. -p train.epochs=5), "
+                        "or the pipeline parameter tracking_uri or credentials_secret; repeatable")
     p.add_argument("--no-cache", action="store_true", help="run every step, ignoring cached results")
     p.add_argument("--root", type=Path, default=Path("data/kfp"), help="run-local: where artifacts go")
     p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
@@ -303,10 +267,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Uncoloured:
+    """stderr without the terminal colour codes libraries (MLflow's warnings, kfp's log) put in: a log file or
+    CI log shows the words, not `\x1b[33m`."""
+
+    ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+    def __init__(self, stream) -> None:  # noqa: ANN001 - a text stream
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(self.ANSI.sub("", text))
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - everything else as the stream has it
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if sys.stderr.isatty():
+        return _main(args)
+    # progress bars and colours are for terminals
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    stderr, sys.stderr = sys.stderr, _Uncoloured(sys.stderr)
     try:
-        params = read_params(args.params)
+        return _main(args)
+    finally:
+        sys.stderr = stderr
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        params = apply_overrides(read_params(args.params), parse_assignments(args.set))
         result = args.handler(args, params, args.params)
     except CnnpipeError as e:
         print(f"cnnpipe {args.command}: error: {e}", file=sys.stderr)
@@ -314,5 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cnnpipe {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as e:  # an extra this command needs is not installed; anything else is a bug
+        extra = EXTRA_OF_MODULE.get((e.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"cnnpipe {args.command}: error: this command needs {e.name}, which is not installed: "
+              f"pip install 'cnnpipe[{extra}]'", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(json.dumps(result, default=str))
     return EXIT_OK

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,9 +25,10 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 
 def knob(default: Any, help: str, choices: tuple | None = None, minimum: float | None = None,
-         maximum: float | None = None) -> Any:
-    """A config field with its help text and its valid range."""
-    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum}
+         maximum: float | None = None, affects_result: bool = True) -> Any:
+    """A config field with its help text and its valid range. `affects_result=False` marks a knob of how a
+    stage runs (device, cache folder), not of what it makes: dvc.yaml leaves it out of the stage's params."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "affects_result": affects_result}
     return field(default=default, metadata=meta)
 
 
@@ -39,7 +42,7 @@ class IngestConfig:
                                       "read from it, at dvc_rev, through its DVC remote")
     dvc_rev: str | None = knob(None, "dvc_repo's git revision (tag, branch or commit; default: its default branch)")
     sha256: str | None = knob(None, "expected sha256 of a downloaded `path` (official archives' checksums are built in)")
-    cache_dir: str = knob("data/downloads", "where downloads are kept (and resumed)")
+    cache_dir: str = knob("data/downloads", "where downloads are kept (and resumed)", affects_result=False)
     image_size: int = knob(16, "images are resized to image_size x image_size", minimum=4, maximum=1024)
     channels: int = knob(1, "1 = grayscale, 3 = RGB", choices=(1, 3))
     roi_crop: bool = knob(True, "gtsrb: crop each image to the sign's region of interest from the CSV")
@@ -96,18 +99,20 @@ class TrainConfig:
                                       choices=("val/accuracy", "val/loss"))
     channels_last: bool = knob(True, "NHWC memory layout (measured 1.4-1.8x faster on CPU, faster on tensor cores)")
     compile: bool = knob(False, "torch.compile the model (pays a compile time up front; worth it on long GPU runs)")
-    device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N", affects_result=False)
+    threads: int = knob(0, "CPU threads for torch (0 = the cores this process may use, from its affinity and cgroup "
+                           "quota, shared among DDP processes)", minimum=0, affects_result=False)
     seed: int = knob(0, "seed of initialization, shuffling and augmentation")
 
 
 @dataclass
 class EvaluateConfig:
-    batch_size: int = knob(512, "images per inference step", minimum=1)
+    batch_size: int = knob(512, "images per inference step", minimum=1, affects_result=False)
     grid_images: int = knob(32, "images in each of the misclassified / correct grids", minimum=1, maximum=256)
     tsne_samples: int = knob(2000, "test images in the t-SNE plot (a stratified sample; 0 = no t-SNE)",
                              minimum=0, maximum=20000)
     seed: int = knob(0, "seed of the samples the figures show")
-    device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N", affects_result=False)
 
 
 @dataclass
@@ -200,11 +205,60 @@ def read_params(path: Path) -> dict[str, Any]:
         params = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise CnnpipeError(f"params file '{path}' not found") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise CnnpipeError(f"params file '{path}' is not readable YAML: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise CnnpipeError(f"params file '{path}' cannot be read: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise CnnpipeError(f"params file '{path}' is not valid YAML{where}: {problem}") from None
     if not isinstance(params, dict):
         raise CnnpipeError(f"params file '{path}': expected a mapping of blocks at the top level")
     return params
+
+
+def parse_assignments(items: Iterable[str], where: str = "--set", one_per_item: bool = False) -> dict[str, Any]:
+    """`block.key=value` assignments, the syntax of `dvc exp run -S`, as {"block.key": value}. Unless
+    `one_per_item` (a KFP list), an item may hold several separated by spaces (shell quoting applies), so one
+    MLproject parameter can carry many. A value is read as YAML (`5`, `0.1`, `true`, `null`, text)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        try:
+            words = [item] if one_per_item else shlex.split(item)
+        except ValueError as e:
+            raise CnnpipeError(f"{where} {item!r}: {e}") from None
+        for word in words:
+            key, sep, text = word.partition("=")
+            block, dot, name = key.partition(".")
+            if not (sep and dot and block and name):
+                raise CnnpipeError(f"{where} {word!r}: expected block.key=value (e.g. train.epochs=5)")
+            try:
+                out[key] = yaml.safe_load(text) if text else ""
+            except yaml.YAMLError:
+                out[key] = text
+    return out
+
+
+def apply_overrides(params: dict[str, Any], assignments: dict[str, Any], where: str = "--set") -> dict[str, Any]:
+    """A copy of `params` with `assignments` ({"train.epochs": 5}) applied; an unknown block or key is an
+    error naming it, so a typo never silently trains the default."""
+    out = {name: dict(block or {}) if isinstance(block, dict) else block for name, block in params.items()}
+    for key, value in assignments.items():
+        block, _, name = key.partition(".")
+        if block not in BLOCKS:
+            raise CnnpipeError(f"{where} {key}: unknown block {block!r} (expected one of: {', '.join(BLOCKS)})")
+        fields = [f.name for f in dataclasses.fields(BLOCKS[block])]
+        if name not in fields:
+            raise CnnpipeError(f"{where} {key}: {block} has no field {name!r} (expected one of: {', '.join(fields)})")
+        if not isinstance(out.get(block), dict):
+            out[block] = {}
+        out[block][name] = value
+    return out
+
+
+def result_keys(block: str) -> list[str]:
+    """The `block.field` names whose change changes what the stage makes (what dvc.yaml lists as params)."""
+    return [f"{block}.{f.name}" for f in dataclasses.fields(BLOCKS[block]) if f.metadata["affects_result"]]
 
 
 def load_block(cls: type[T], block: str, params: dict[str, Any], overrides: dict[str, Any],

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from cnnpipe.config import TrackingConfig, sqlite_path
+from cnnpipe.engine.model_folder import RUN_FILE
 from cnnpipe.errors import CnnpipeError, ServiceUnavailable
 from cnnpipe.fsio import read_json, write_json
-
-RUN_FILE = "mlflow_run.json"  # written next to the model: which run the later stages log into
 
 
 def _check_reachable(uri: str) -> None:
@@ -94,15 +93,26 @@ class Tracker:
         dead process of this machine are marked KILLED first."""
         client = _connect(cfg.uri)
         reap(cfg.uri)
-        adopted = os.environ.get("MLFLOW_RUN_ID")
-        if adopted:
-            tracker = cls(cfg.uri, adopted)
-            tracker.set_tags({**tags, **owner_tags()})
-            return tracker
         with _store_lock(cfg.uri):  # two first runs on one store: one creates the experiment
             exp = client.get_experiment_by_name(cfg.experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment, _artifact_root(cfg.uri))
-        run = client.create_run(exp_id, run_name=run_name, tags={**tags, **owner_tags()})
+        tags = {**tags, **owner_tags()}
+        adopted = os.environ.get("MLFLOW_RUN_ID")
+        if adopted:
+            project_run = client.get_run(adopted)
+            # `mlflow run` without --experiment-name puts its run in the Default experiment (id 0): the
+            # pipeline's run then goes where tracking.experiment says, linked both ways; a run in any other
+            # experiment was placed there on purpose, and is adopted
+            if project_run.info.experiment_id != "0" or exp_id == "0":
+                tracker = cls(cfg.uri, adopted)
+                tracker.set_tags(tags)
+                return tracker
+            tags = {**tags, "cnnpipe.mlflow_project_run": adopted}
+        run = client.create_run(exp_id, run_name=run_name, tags=tags)
+        if adopted:
+            cls(cfg.uri, adopted).set_tags({"cnnpipe.pipeline_run": run.info.run_id,
+                                            "mlflow.note.content": f"The pipeline logged into run {run.info.run_id} of "
+                                                                   f"experiment {cfg.experiment!r} (tracking.experiment)."})
         return cls(cfg.uri, run.info.run_id)
 
     @classmethod

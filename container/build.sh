@@ -4,7 +4,8 @@
 #      unless BASE_IMAGE names another base (e.g. docker.io/library/python:3.11-slim-bookworm);
 #   2. the project's Dockerfile on it, pip inside the build seeing what this host's pip sees
 #      (its index settings, CA bundle and local package folders, mounted read-only).
-# Env: CNNPIPE_IMAGE (default localhost/cnnpipe:<version>), BASE_IMAGE, DEBIAN_MIRROR, CONTAINERS_CONF.
+# Env: CNNPIPE_IMAGE (default localhost/cnnpipe:<version>), EXTRAS (default all; serve,mlflow for a serving
+# image), BASE_IMAGE, DEBIAN_MIRROR, CONTAINERS_CONF.
 # Needs podman, runc and debootstrap (Debian: apt-get install podman runc debootstrap) and root.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -52,7 +53,7 @@ for dir in $(grep -oE '(file://)?/[^ ]+' "$ctx/pip.conf" | sed 's|^file://||' | 
 done
 
 # (pip's "Location ... is ignored" lines: index folders without the package, as on the host)
-podman build --build-arg "BASE_IMAGE=$BASE_IMAGE" "${mounts[@]}" -t "$IMAGE" -f "$ROOT/Dockerfile" "$ROOT" 2>&1 \
+podman build --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "EXTRAS=${EXTRAS:-all}" "${mounts[@]}" -t "$IMAGE" -f "$ROOT/Dockerfile" "$ROOT" 2>&1 \
   | grep -v "^WARNING: Location '.*' is ignored"
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 echo "build.sh: built $IMAGE on $BASE_IMAGE in $(( $(date +%s) - start )) s, $(( size / 1000000 )) MB"

@@ -1,14 +1,16 @@
 """The cnnpipe pipeline for Kubeflow Pipelines v2: compile it, submit it, or run it on this machine.
 
-Pipeline parameters: the params.yaml text every component reads its block from, and the overrides
-users reach for (dataset source and path, architecture, epochs, batch size, learning rate, model
-name, promotion rule) plus the MLflow tracking URI every component logs to.
+Pipeline parameters: `params`, the params.yaml every component reads its block from (embedded when
+compiled); `overrides`, what the user sets for one run in the syntax of `dvc exp run -S`
+(["train.epochs=5", "ingest.path=s3://..."]), empty by default, so an unset parameter always means
+"params.yaml decides"; the MLflow tracking URI; the Kubernetes secret holding credentials.
 """
 
 # no `from __future__ import annotations`: KFP reads the pipeline signature's types at runtime
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,21 +43,20 @@ CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFL
 
 
 @dsl.pipeline(name="cnnpipe", description="ingest -> augment -> train -> evaluate -> register (+ promote)")
-def cnnpipe_pipeline(params: str = DEFAULT_PARAMS, source: str = "", path: str = "", dvc_repo: str = "",
-                     dvc_rev: str = "", arch: str = "cnn3", epochs: int = 12, batch_size: int = 64, lr: float = 0.05,
-                     model_name: str = "cnnpipe-digits", promotion_metric: str = "accuracy", min_delta: float = 0.001,
+def cnnpipe_pipeline(params: str = DEFAULT_PARAMS,
+                     overrides: list = [],  # noqa: B006 - KFP reads the default from the signature
                      tracking_uri: str = "http://mlflow.mlflow.svc.cluster.local:5000",
                      credentials_secret: str = "cnnpipe-credentials") -> str:
-    data = stages.ingest(params=params, source=source, path=path, dvc_repo=dvc_repo, dvc_rev=dvc_rev)
-    aug = stages.augment(params=params, data=data.outputs["dataset"])
-    fit = stages.train(params=params, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, tracking_uri=tracking_uri,
-                       data=data.outputs["dataset"], augmented=aug.outputs["augmented"])
+    common = {"params": params, "overrides": overrides}
+    data = stages.ingest(**common)
+    aug = stages.augment(**common, data=data.outputs["data"])
+    fit = stages.train(**common, tracking_uri=tracking_uri, data=data.outputs["data"],
+                       augmented=aug.outputs["augmented"])
     # the one step that wants a GPU; the others are CPU-bound data work
     fit.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1).set_cpu_limit("8").set_memory_limit("32G")
-    scores = stages.evaluate(params=params, tracking_uri=tracking_uri, model=fit.outputs["model"],
-                             data=data.outputs["dataset"])
-    reg = stages.register(params=params, model_name=model_name, promotion_metric=promotion_metric, min_delta=min_delta,
-                          tracking_uri=tracking_uri, model=fit.outputs["model"], data=data.outputs["dataset"],
+    scores = stages.evaluate(**common, tracking_uri=tracking_uri, model=fit.outputs["model"],
+                             data=data.outputs["data"])
+    reg = stages.register(**common, tracking_uri=tracking_uri, model=fit.outputs["model"], data=data.outputs["data"],
                           evaluation=scores.outputs["evaluation"])
     # data steps are pure functions of their inputs: cache them; training, evaluation and registration
     # log to MLflow, so they run every time
@@ -68,20 +69,25 @@ def cnnpipe_pipeline(params: str = DEFAULT_PARAMS, source: str = "", path: str =
                                      secret_key_to_env={key: key for key in CREDENTIAL_KEYS}, optional=True)
     return reg.outputs["Output"]  # the registered model's URI
 
-def typed_arguments(raw: dict) -> dict:
-    """`-p key=value` strings as the pipeline signature's types; an unknown key is a clear error."""
-    import inspect
-
-    from cnnpipe.config import coerce
+def arguments(params: dict, items: list[str]) -> dict:
+    """The run's arguments from `-p` items: `block.key=value` ones become `overrides` (checked against
+    params.yaml's blocks now, not inside a pod later), the others set a pipeline parameter."""
+    from cnnpipe.config import apply_overrides, parse_assignments
     from cnnpipe.errors import CnnpipeError
 
-    signature = inspect.signature(cnnpipe_pipeline.pipeline_func)
-    out = {}
-    for key, value in raw.items():
-        if key not in signature.parameters:
-            raise CnnpipeError(f"pipeline parameter {key!r} does not exist (expected one of: "
-                               f"{', '.join(signature.parameters)})")
-        out[key] = coerce(value, signature.parameters[key].annotation, False, f"pipeline parameter {key}")
+    out: dict = {"params": as_parameter(params), "overrides": []}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CnnpipeError(f"-p {item!r}: expected key=value (a pipeline parameter or block.key)")
+        if "." in key:
+            apply_overrides(params, parse_assignments([item], "-p", one_per_item=True), "-p")
+            out["overrides"].append(item)
+        elif key in ("tracking_uri", "credentials_secret"):
+            out[key] = value
+        else:
+            raise CnnpipeError(f"-p {key}: not a pipeline parameter (expected tracking_uri, credentials_secret "
+                               "or a param as block.key, e.g. train.epochs=5)")
     return out
 
 
@@ -93,8 +99,6 @@ def compile_pipeline(output: Path, params: str) -> Path:
 
 
 def submit(host: str, arguments: dict, experiment: "str | None", run_name: "str | None", caching: bool) -> dict:
-    import warnings
-
     import kfp
 
     with warnings.catch_warnings():  # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 and later"
@@ -121,7 +125,10 @@ def run_local(arguments: dict, root: Path, caching: bool, runner: str = "subproc
     local.init(runner=chosen, pipeline_root=str(root / "outputs"), enable_caching=caching,
                cache_root=str(root / "cache"))
     try:
-        with patched:
+        with patched, _stdout_to_stderr(), warnings.catch_warnings():
+            # SubprocessRunner warns about any image without "python" in its name; ours is the one this
+            # environment was installed from
+            warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
             task = cnnpipe_pipeline(**arguments)
     except RuntimeError as e:  # kfp.local: a task ended in FAILURE (its log is above)
         import re
@@ -129,6 +136,25 @@ def run_local(arguments: dict, root: Path, caching: bool, runner: str = "subproc
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0])  # kfp colours its messages
         raise CnnpipeError(f"pipeline run failed: {plain}") from None
     return {"model_uri": task.output, "pipeline_root": str(root / "outputs"), "runner": runner}
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """kfp.local prints every task's log on stdout, as do the components it starts: send all of it to stderr
+    (at the file-descriptor level, for child processes too), so stdout carries only the command's result."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _container_arguments(arguments: dict) -> "tuple[dict, dict]":
@@ -156,15 +182,20 @@ def _container_arguments(arguments: dict) -> "tuple[dict, dict]":
                            "container/build.sh, or set CNNPIPE_IMAGE to an image the engine has)") from None
     finally:
         client.close()
-    arguments, mounts = dict(arguments), []
+    from cnnpipe.config import apply_overrides, parse_assignments
+
+    ingest = apply_overrides(json.loads(arguments["params"]),
+                             parse_assignments(arguments["overrides"], "-p", one_per_item=True))["ingest"]
+    arguments, mounts = {**arguments, "overrides": list(arguments["overrides"])}, []
     for key, read_only in (("path", True), ("dvc_repo", False)):  # DVC writes locks into its repository
-        if arguments.get(key) and Path(arguments[key]).exists():
-            arguments[key] = str(Path(arguments[key]).resolve())
-            mounts.append(Mount(arguments[key], arguments[key], type="bind", read_only=read_only))
+        if ingest.get(key) and Path(ingest[key]).exists():
+            local = str(Path(ingest[key]).resolve())
+            arguments["overrides"].append(f"ingest.{key}={local}")  # the same path inside the container
+            mounts.append(Mount(local, local, type="bind", read_only=read_only))
     db = sqlite_path(arguments["tracking_uri"])
     if db is not None:
         mounts.append(Mount(str(db.parent), str(db.parent), type="bind"))
-    offline = db is not None and not arguments.get("dvc_repo")
+    offline = db is not None and not ingest.get("dvc_repo")
     return arguments, {"mounts": mounts, "network_mode": "none" if offline else "host"}
 
 

@@ -36,6 +36,21 @@ def run(cmd: list[str], cwd: Path) -> str:
     return proc.stdout + proc.stderr
 
 
+def make_workspace(ws: Path) -> Path:
+    """A fresh clone's worth of the project in `ws`: code, dvc.yaml, params.yaml, MLproject; git and DVC
+    initialized."""
+    import shutil
+
+    shutil.copytree(REPO / "cnnpipe", ws / "cnnpipe", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", "MLproject", "python_env.yaml", "pyproject.toml"):
+        shutil.copy(REPO / name, ws / name)
+    shutil.copytree(REPO / "data" / "raw", ws / "data" / "raw")
+    run(["git", "init", "-q"], ws)
+    run(["dvc", "init", "-q"], ws)
+    run(["dvc", "config", "core.analytics", "false"], ws)
+    return ws
+
+
 def make_images(n_per_class: int, classes: int, size: int, channels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Class k is a bright bar at a class-specific row, plus noise: learnable, but not trivially identical."""
     rng = np.random.default_rng(seed)

@@ -11,6 +11,7 @@ import yaml
 
 from tests.conftest import REPO, cnnpipe, free_port, user_env, write_tiny_dataset
 
+pytestmark = pytest.mark.e2e  # every test runs the real executable
 STAGES = ["ingest", "augment", "train", "evaluate", "register"]
 
 

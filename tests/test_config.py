@@ -5,6 +5,7 @@ import pytest
 
 from cnnpipe.config import IngestConfig, TrackingConfig, TrainConfig, add_flags, load_block, read_params, tracking_config
 from cnnpipe.errors import CnnpipeError
+from tests.conftest import REPO
 
 PP = Path("params.yaml")
 
@@ -38,7 +39,7 @@ def test_params_file_errors(tmp_path):
         read_params(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
-    with pytest.raises(CnnpipeError, match="not readable YAML"):
+    with pytest.raises(CnnpipeError, match=r"is not valid YAML at line 2, column 1: "):
         read_params(bad)
     bad.write_text("- a list\n")
     with pytest.raises(CnnpipeError, match="mapping of blocks"):
@@ -62,3 +63,36 @@ def test_tracking_precedence(monkeypatch):
     args.tracking_uri = "sqlite:///flag.db"
     assert tracking_config(params, args, PP).uri == "sqlite:///flag.db"
     assert tracking_config({}, argparse.Namespace(), PP).experiment == TrackingConfig().experiment
+
+
+def test_params_yaml_sets_every_knob_and_agrees_with_the_library_defaults():
+    """params.yaml is the one place a user reads and changes defaults: it names every field of every block,
+    with the value the config dataclasses (the library's API) default to."""
+    import dataclasses
+
+    from cnnpipe.config import BLOCKS
+
+    params = read_params(REPO / "params.yaml")
+    for block, cls in BLOCKS.items():
+        assert set(params[block]) == {f.name for f in dataclasses.fields(cls)}, block
+        assert load_block(cls, block, params, {}, PP) == cls(), block
+    gtsrb = read_params(REPO / "configs/gtsrb.yaml")
+    for block, cls in BLOCKS.items():
+        assert set(gtsrb[block]) == {f.name for f in dataclasses.fields(cls)}, block
+
+
+def test_overrides_use_one_syntax_and_name_what_is_wrong():
+    from cnnpipe.config import apply_overrides, parse_assignments
+
+    got = parse_assignments(["train.epochs=5", "train.lr=0.1 'ingest.path=/data/my photos.zip' ingest.sha256=null"])
+    assert got == {"train.epochs": 5, "train.lr": 0.1, "ingest.path": "/data/my photos.zip", "ingest.sha256": None}
+    assert parse_assignments([""]) == {}  # an unset MLproject parameter
+    assert parse_assignments(["ingest.path=/a b.zip"], one_per_item=True) == {"ingest.path": "/a b.zip"}
+    params = apply_overrides({"train": {"epochs": 12}}, {"train.epochs": 5, "register.model_name": "x"})
+    assert params == {"train": {"epochs": 5}, "register": {"model_name": "x"}}
+    with pytest.raises(CnnpipeError, match="train has no field 'epoch'"):
+        apply_overrides({}, {"train.epoch": 5})
+    with pytest.raises(CnnpipeError, match="unknown block 'trian'"):
+        apply_overrides({}, {"trian.epochs": 5})
+    with pytest.raises(CnnpipeError, match="expected block.key=value"):
+        parse_assignments(["epochs=5"])

@@ -50,10 +50,12 @@ def docker_host(tmp_path_factory) -> str:
     service.wait(timeout=30)
 
 
-def run_local(tmp_path: Path, docker_host: str, image: str, *params: str) -> subprocess.CompletedProcess:
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+def run_local(tmp_path: Path, docker_host: str, image: str, *params: str, runner: str = "docker",
+              root: str = "data/kfp") -> subprocess.CompletedProcess:
+    if not (tmp_path / "params.yaml").exists():
+        (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     args = [arg for p in params for arg in ("-p", p)]
-    return cnnpipe("pipeline", "run-local", "--runner", "docker", *args, cwd=tmp_path,
+    return cnnpipe("pipeline", "run-local", "--runner", runner, "--root", root, *args, cwd=tmp_path,
                    env={"DOCKER_HOST": docker_host, "CNNPIPE_IMAGE": image}, timeout=1200)
 
 
@@ -74,30 +76,50 @@ def test_image_has_cnnpipe_kfp_and_cuda_torch_and_needs_no_network(image):
 
 
 def test_pipeline_runs_with_every_component_in_the_image(tmp_path, image, docker_host):
-    proc = run_local(tmp_path, docker_host, image, "epochs=3", "model_name=digits-container")
+    """The non-default params of tests/test_parity.py, in the image and as subprocesses: the same weights."""
+    import torch
+    import yaml
+
+    from tests.test_parity import CHANGES, weights
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for block, values in CHANGES.items():
+        params[block].update(values)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = run_local(tmp_path, docker_host, image, "register.model_name=digits-container")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    (line,) = proc.stdout.splitlines()  # one JSON line; the containers' logs went to stderr
+    result = json.loads(line)
     assert result["model_uri"] == "models:/digits-container/1" and result["runner"] == "docker"
     # the five components ran in the image (its venv), one container each, all removed afterwards
-    assert proc.stdout.count(f"container of {image} exited with 0") == 5
-    assert "/opt/cnnpipe/lib/python3" in proc.stdout + proc.stderr and not leftover_containers()
+    assert proc.stderr.count(f"container of {image} exited with 0") == 5
+    assert "/opt/cnnpipe/lib/python3" in proc.stderr and not leftover_containers()
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     version = client.get_model_version("digits-container", "1")
     assert float(version.tags["test.accuracy"]) > 0.9
     assert str(client.get_model_version_by_alias("digits-container", "champion").version) == "1"
+    assert client.get_experiment(client.get_run(version.run_id).info.experiment_id).name == "parity"
+    local = run_local(tmp_path, docker_host, image, "register.model_name=digits-subprocess", runner="subprocess",
+                      root="data/kfp-subprocess")
+    assert local.returncode == 0, local.stderr[-3000:]
+    (in_image,) = (tmp_path / "data/kfp/outputs").glob("*/train/model/model.pt")
+    (here,) = (tmp_path / "data/kfp-subprocess/outputs").glob("*/train/model/model.pt")
+    a, b = weights(in_image), weights(here)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert client.get_model_version("digits-subprocess", "1").tags["test.accuracy"] == version.tags["test.accuracy"]
     executor = next(Path(result["pipeline_root"]).glob("*/evaluate/executor_output.json"))
     matrix = json.loads(executor.read_text())["artifacts"]["classification"]["artifacts"][0]["metadata"]
     assert len(matrix["confusionMatrix"]["rows"]) == 10
 
 
 def test_a_component_that_raises_in_its_container_fails_the_run(tmp_path, image, docker_host):
-    proc = run_local(tmp_path, docker_host, image, "source=mnist")
-    assert proc.returncode == 2
+    proc = run_local(tmp_path, docker_host, image, "ingest.source=mnist")
+    assert proc.returncode == 2 and not proc.stdout
     assert proc.stderr.strip().splitlines()[-1] == ("cnnpipe pipeline: error: pipeline run failed: Pipeline 'cnnpipe' "
                                                     "finished with status FAILURE. Inner task failed: 'ingest'.")
-    assert f"container of {image} exited with 1" in proc.stdout and "unknown dataset 'mnist'" in proc.stdout
+    assert f"container of {image} exited with 1" in proc.stderr and "unknown dataset 'mnist'" in proc.stderr
     assert not leftover_containers()
 
 

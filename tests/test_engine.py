@@ -119,6 +119,7 @@ def test_checkpoint_errors(tmp_path):
     assert load_checkpoint(tmp_path / "ok.pt", {**cfg, "epochs": 5, "device": "cuda"})["epoch"] == 1
 
 
+@pytest.mark.e2e
 def test_engine_imports_and_trains_without_mlflow(tmp_path):
     """The training loop must run on a bare GPU box: no mlflow, dvc or kfp importable."""
     code = """
@@ -136,8 +137,9 @@ from cnnpipe.stages import augment
 from cnnpipe.config import AugmentConfig
 d = Path(sys.argv[1])
 write_tiny_dataset(d / "processed")
-augment.run(AugmentConfig(), d / "processed", d / "augmented")
-r = train.run(TrainConfig(epochs=1, width=4), d / "processed", d / "augmented", d / "model", tracking=None)
+augment.run(cfg=AugmentConfig(), data=d / "processed", augmented=d / "augmented")
+r = train.run(cfg=TrainConfig(epochs=1, width=4), data=d / "processed", augmented=d / "augmented", model=d / "model",
+              tracking=None)
 assert r["epochs"] == 1 and (d / "model" / "model.pt").exists()
 assert not any(m.split(".")[0] in ("mlflow", "dvc", "kfp") for m in sys.modules)
 print("ok")
@@ -146,13 +148,14 @@ print("ok")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
+@pytest.mark.e2e
 def test_ddp_trains_with_two_cpu_processes(tmp_path):
     """The DistributedDataParallel path under torchrun, on CPU with the gloo backend."""
     write_tiny_dataset(tmp_path / "processed", n=24)
     from cnnpipe.config import AugmentConfig
     from cnnpipe.stages import augment
 
-    augment.run(AugmentConfig(), tmp_path / "processed", tmp_path / "augmented")
+    augment.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
     proc = subprocess.run(
         ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "cnnpipe", "train", "--params",
          str(REPO / "params.yaml"), "--no-tracking", "--epochs", "2", "--width", "4", "--batch-size", "16",
@@ -163,3 +166,15 @@ def test_ddp_trains_with_two_cpu_processes(tmp_path):
     assert "2 processes" in proc.stderr and proc.stderr.count("epoch 2/2") == 1  # only rank 0 reports
     model, spec = load_model(tmp_path / "model" / "model.pt")
     assert spec.num_classes == 3 and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_threads_follow_the_request_or_the_available_cores():
+    from cnnpipe.engine.device import available_cores, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(3) == 3 and torch.get_num_threads() == 3
+        assert set_threads(0, processes=1) == available_cores() >= 1
+        assert set_threads(0, processes=1000) == 1  # never zero threads
+    finally:
+        torch.set_num_threads(before)

@@ -59,10 +59,11 @@ def test_perfect_calibration_has_zero_ece():
 def evaluated(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("eval")
     write_tiny_dataset(tmp / "processed", classes=4, size=16, channels=3, n=30)
-    augment.run(AugmentConfig(), tmp / "processed", tmp / "augmented")
-    train.run(TrainConfig(arch="fastnet", width=8, epochs=3, batch_size=16), tmp / "processed", tmp / "augmented",
-              tmp / "model", tracking=None)
-    evaluate.run(EvaluateConfig(tsne_samples=40), tmp / "model", tmp / "processed", tmp / "evaluation", tracking=None)
+    augment.run(cfg=AugmentConfig(), data=tmp / "processed", augmented=tmp / "augmented")
+    train.run(cfg=TrainConfig(arch="fastnet", width=8, epochs=3, batch_size=16), data=tmp / "processed",
+              augmented=tmp / "augmented", model=tmp / "model", tracking=None)
+    evaluate.run(cfg=EvaluateConfig(tsne_samples=40), model=tmp / "model", data=tmp / "processed",
+                 evaluation=tmp / "evaluation", tracking=None)
     return tmp / "evaluation"
 
 
@@ -93,7 +94,9 @@ def test_mismatched_model_and_empty_split_are_named(evaluated, tmp_path):
     model_dir = evaluated.parent / "model"
     write_tiny_dataset(tmp_path / "gray", classes=4, size=16, channels=1)
     with pytest.raises(CnnpipeError, match="model takes 4 classes, 16x16x3; dataset has 4 classes, 16x16x1"):
-        evaluate.run(EvaluateConfig(), model_dir, tmp_path / "gray", tmp_path / "out", tracking=None)
+        evaluate.run(cfg=EvaluateConfig(), model=model_dir, data=tmp_path / "gray", evaluation=tmp_path / "out",
+                     tracking=None)
     with pytest.raises(CnnpipeError, match="model file '.*missing/model.pt' not found"):
-        evaluate.run(EvaluateConfig(), tmp_path / "missing", tmp_path / "gray", tmp_path / "out", tracking=None)
+        evaluate.run(cfg=EvaluateConfig(), model=tmp_path / "missing", data=tmp_path / "gray",
+                     evaluation=tmp_path / "out", tracking=None)
     assert not (tmp_path / "out").exists()

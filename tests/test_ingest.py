@@ -33,7 +33,7 @@ GTSRB_ZIP = Path(__file__).resolve().parents[2] / "shared/data/GTSRB_Final_Train
 def run_ingest(tmp_path: Path, **kw) -> tuple[dict, Path]:
     cfg = IngestConfig(**{"image_size": 16, "channels": 3, **kw})
     out, report = tmp_path / "processed", tmp_path / "reports" / "ingest_report.json"
-    return ingest.run(cfg, out, report), out
+    return ingest.run(cfg=cfg, data=out, report=report), out
 
 
 def nothing_written(tmp_path: Path) -> bool:
@@ -80,6 +80,7 @@ def test_gtsrb_split_keeps_tracks_whole(tmp_path):
 
 
 @pytest.mark.skipif(not GTSRB_ZIP.exists(), reason="the real GTSRB training zip is not in ../shared/data")
+@pytest.mark.e2e
 def test_real_gtsrb_zip(tmp_path):
     summary, out = run_ingest(tmp_path, source="gtsrb", path=str(GTSRB_ZIP), image_size=32)
     assert summary["images"] == 39209 and summary["bad_files"] == 0

@@ -28,7 +28,7 @@ def test_compiled_pipeline_has_the_five_stages_typed_and_the_gpu_request(tmp_pat
                         "evaluate": {"ingest", "train"}, "register": {"evaluate", "ingest", "train"}}
     outputs = {name: {k: v["artifactType"]["schemaTitle"] for k, v in c["outputDefinitions"].get("artifacts", {}).items()}
                for name, c in spec["components"].items()}
-    assert outputs["comp-ingest"]["dataset"] == "system.Dataset"
+    assert outputs["comp-ingest"]["data"] == "system.Dataset"
     assert outputs["comp-train"]["model"] == "system.Model"
     assert outputs["comp-evaluate"] == {"evaluation": "system.Artifact", "metrics": "system.Metrics",
                                         "classification": "system.ClassificationMetrics", "report": "system.HTML"}
@@ -36,9 +36,10 @@ def test_compiled_pipeline_has_the_five_stages_typed_and_the_gpu_request(tmp_pat
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu" and resources["accelerator"]["resourceCount"] == "1"
     assert tasks["ingest"]["cachingOptions"] == {"enableCache": True} and not tasks["register"]["cachingOptions"]
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert {"source", "arch", "epochs", "batch_size", "lr", "model_name", "promotion_metric", "min_delta",
-            "tracking_uri"} <= set(params)
-    assert {"dvc_repo", "dvc_rev", "credentials_secret"} <= set(params)
+    # params.yaml decides every param: the pipeline's only other inputs are the run's overrides (none by
+    # default), where to track, and which secret holds credentials
+    assert set(params) == {"params", "overrides", "tracking_uri", "credentials_secret"}
+    assert params["overrides"]["parameterType"] == "LIST" and params["overrides"]["defaultValue"] == []
     # credentials reach the stages that talk to MLflow or a DVC remote from a Kubernetes secret, by name
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == {"exec-ingest", "exec-train", "exec-evaluate", "exec-register"}
@@ -52,9 +53,10 @@ def test_compiled_pipeline_has_the_five_stages_typed_and_the_gpu_request(tmp_pat
 
 def test_run_local_registers_a_model_with_its_confusion_matrix(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    proc = cnnpipe("pipeline", "run-local", "-p", "epochs=3", "-p", "model_name=digits-kfp", cwd=tmp_path)
+    proc = cnnpipe("pipeline", "run-local", "-p", "train.epochs=3", "-p", "register.model_name=digits-kfp", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    (line,) = proc.stdout.splitlines()  # one JSON line of results; kfp's own logs go to stderr
+    result = json.loads(line)
     assert result["model_uri"] == "models:/digits-kfp/1"
     from mlflow import MlflowClient
 
@@ -69,7 +71,7 @@ def test_run_local_registers_a_model_with_its_confusion_matrix(tmp_path):
 
 def test_a_failing_component_fails_the_run(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    proc = cnnpipe("pipeline", "run-local", "-p", "source=mnist", cwd=tmp_path)
+    proc = cnnpipe("pipeline", "run-local", "-p", "ingest.source=mnist", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("cnnpipe pipeline: error: pipeline run failed: Pipeline 'cnnpipe' "
                                                     "finished with status FAILURE. Inner task failed: 'ingest'.")
@@ -126,7 +128,7 @@ def kfp_api():
 def test_submit_sends_the_pipeline_with_its_parameters(tmp_path, kfp_api):
     host, requests = kfp_api
     proc = cnnpipe("pipeline", "submit", "--params", str(REPO / "params.yaml"), "--host", host, "--experiment", "digits",
-                   "--run-name", "nightly", "-p", "epochs=5", "-p", "dvc_rev=v1", cwd=tmp_path)
+                   "--run-name", "nightly", "-p", "train.epochs=5", "-p", "ingest.dvc_rev=v1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"run_id": "run-42",
                                                                 "url": f"{host}/#/runs/details/run-42"}
@@ -134,7 +136,7 @@ def test_submit_sends_the_pipeline_with_its_parameters(tmp_path, kfp_api):
     (run,) = [body for method, path, body in requests if (method, path) == ("POST", "/apis/v2beta1/runs")]
     assert run["experiment_id"] == "exp-7" and run["display_name"] == "nightly"
     assert run["runtime_config"]["parameters"] == {"params": json.dumps(yaml.safe_load((REPO / "params.yaml").read_text())),
-                                                   "epochs": 5, "dvc_rev": "v1"}
+                                                   "overrides": ["train.epochs=5", "ingest.dvc_rev=v1"]}
     spec = run["pipeline_spec"]["pipeline_spec"]
     assert set(spec["root"]["dag"]["tasks"]) == {"ingest", "augment", "train", "evaluate", "register"}
     assert spec["root"]["dag"]["tasks"]["ingest"]["cachingOptions"] == {"enableCache": True}

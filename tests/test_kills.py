@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -16,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, cnnpipe, run, user_env
+from tests.conftest import cnnpipe, run, user_env
+from tests.conftest import make_workspace as make_dvc_workspace
 from tests.registered import MODEL_NAME, make_workspace
 
 pytestmark = pytest.mark.e2e
@@ -88,16 +88,10 @@ def test_killed_register_leaves_no_running_run_and_no_orphan_version(tmp_path):
 
 
 def test_killed_dvc_repro_during_train_is_marked_killed_and_its_checkpoint_reported(tmp_path):
-    ws = tmp_path / "repo"
-    shutil.copytree(REPO / "cnnpipe", ws / "cnnpipe", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore", "pyproject.toml"):
-        shutil.copy(REPO / name, ws / name)
-    shutil.copytree(REPO / "data" / "raw", ws / "data" / "raw")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    ws = make_dvc_workspace(tmp_path / "repo")
+    params = yaml.safe_load((ws / "params.yaml").read_text())
     params["train"] |= {"arch": "mlp", "epochs": 10000}  # still training when the kill comes
     (ws / "params.yaml").write_text(yaml.safe_dump(params))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
-        run(cmd, ws)
     db, checkpoint = ws / "mlflow.db", ws / "data/checkpoints/train.pt"
     kill_when(["dvc", "repro"], ws, lambda: checkpoint.exists() and "RUNNING" in statuses(db).values())
     (run_id,) = statuses(db)

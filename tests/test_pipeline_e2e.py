@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import urllib.request
@@ -20,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO, free_port, run, wait_for_http
+from tests.conftest import REPO, free_port, make_workspace, run, wait_for_http
 
 pytestmark = pytest.mark.e2e
 MODEL_NAME = "cnnpipe-digits"
@@ -28,16 +27,7 @@ MODEL_NAME = "cnnpipe-digits"
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A fresh clone's worth of the project: code, dvc.yaml, params.yaml; git and DVC initialized."""
-    ws = tmp_path_factory.mktemp("repo")
-    shutil.copytree(REPO / "cnnpipe", ws / "cnnpipe", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", "MLproject", "python_env.yaml", "pyproject.toml"):
-        shutil.copy(REPO / name, ws / name)
-    shutil.copytree(REPO / "data" / "raw", ws / "data" / "raw")
-    run(["git", "init", "-q"], ws)
-    run(["dvc", "init", "-q"], ws)
-    run(["dvc", "config", "core.analytics", "false"], ws)
-    return ws
+    return make_workspace(tmp_path_factory.mktemp("repo"))
 
 
 @pytest.fixture(scope="module")
@@ -232,14 +222,18 @@ def test_a_worse_run_leaves_the_champion_and_reruns_train_onwards_not_ingest(wor
 
 
 def test_mlflow_project_runs_the_pipeline_in_one_run(workspace, first_repro):
-    out = run(["mlflow", "run", ".", "--env-manager", "local", "-P", "epochs=2", "-P", "model_name=digits-mlproject",
-               "-P", "workdir=mlproject"], workspace)
+    out = run(["mlflow", "run", ".", "--env-manager", "local", "-P",
+               "overrides=train.epochs=2 register.model_name=digits-mlproject", "-P", "workdir=mlproject"], workspace)
     assert "succeeded" in out
     c = client(workspace)
     version = c.get_model_version("digits-mlproject", "1")
     run_ = c.get_run(version.run_id)
-    assert run_.data.tags.get("mlflow.project.entryPoint") == "main"  # the run `mlflow run` made, adopted
     assert run_.data.params["train.epochs"] == "2" and "test/accuracy" in run_.data.metrics
+    # `mlflow run` put its own run in the Default experiment; the pipeline's run is where params.yaml says
+    assert c.get_experiment(run_.info.experiment_id).name == "cnnpipe"
+    project_run = c.get_run(run_.data.tags["cnnpipe.mlflow_project_run"])
+    assert project_run.data.tags["mlflow.project.entryPoint"] == "main"
+    assert project_run.data.tags["cnnpipe.pipeline_run"] == run_.info.run_id
     assert not (workspace / "data/mlproject").exists() and (workspace / "mlproject/model/model.pt").is_file()
 
 
@@ -278,8 +272,8 @@ def test_dvc_experiments_show_the_grid(workspace, first_repro, tmp_path):
 
 def test_mlflow_project_stage_entry_points(workspace, first_repro):
     """`mlflow run . -e <stage>` for every stage, in order, ends with a registered model."""
-    for stage, extra in (("ingest", []), ("augment", []), ("train", ["-P", "epochs=2"]), ("evaluate", []),
-                         ("register", ["-P", "model_name=digits-stages"])):
+    for stage, extra in (("ingest", []), ("augment", []), ("train", ["-P", "overrides=train.epochs=2"]),
+                         ("evaluate", []), ("register", ["-P", "overrides=register.model_name=digits-stages"])):
         out = run(["mlflow", "run", ".", "-e", stage, "--env-manager", "local", "-P", "workdir=stages", *extra], workspace)
         assert "succeeded" in out, stage
     assert client(workspace).get_model_version("digits-stages", "1").tags["arch"] == "cnn3"

@@ -68,6 +68,7 @@ def test_the_four_handler_functions_on_real_images(archive, tmp_path):
         inference.predict_fn(inference.input_fn(b"garbage", "image/png"), model)
 
 
+@pytest.mark.e2e
 def test_local_contract_server(archive, tmp_path):
     model_dir = extract(archive[0], tmp_path / "model")
     server = make_server(contract_invoke(model_dir), "127.0.0.1", 0)
@@ -112,6 +113,7 @@ def moto(monkeypatch):
     proc.wait(timeout=10)
 
 
+@pytest.mark.e2e
 def test_deploy_creates_model_endpoint_config_and_endpoint(archive, moto):
     import boto3
 
@@ -130,6 +132,7 @@ def test_deploy_creates_model_endpoint_config_and_endpoint(archive, moto):
     assert body == archive[0].read_bytes()
 
 
+@pytest.mark.e2e
 def test_unreachable_aws_is_one_clear_error(archive, moto, monkeypatch):
     from cnnpipe.errors import CnnpipeError
 

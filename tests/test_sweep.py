@@ -1,7 +1,7 @@
 import pytest
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.stages.sweep import STUDY, grid
+from cnnpipe.search.sweep import STUDY, grid
 
 
 def test_grid_is_the_cartesian_product():

@@ -18,6 +18,8 @@ from cnnpipe.config import AugmentConfig
 from cnnpipe.errors import CnnpipeError
 
 POLICY_VERSION = 1
+POLICY_FILE = "policy.json"  # in the augmented dataset: what train applies online
+PREVIEW_FILE = "preview.png"  # in the augmented dataset: a grid of augmented samples
 
 
 def no_flips(num_classes: int) -> list[int]:

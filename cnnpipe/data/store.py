@@ -23,6 +23,9 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_dir, read_json
 
 FORMAT = "cnnpipe.dataset/1"
+MANIFEST_FILE = "manifest.json"
+CLASSES_FILE = "classes.json"
+FIGURES_DIR = "figures"  # ingest's figures of the data (class distribution, samples, pixel histogram)
 SPLITS = ("train", "val", "test")
 
 
@@ -98,8 +101,8 @@ def write_dataset(path: Path | str, classes: list[str], splits: dict[str, Split]
         for name, s in splits.items():
             np.save(tmp / f"{name}_images.npy", np.ascontiguousarray(s.images))
             np.save(tmp / f"{name}_labels.npy", s.labels.astype(np.int64))
-        (tmp / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / CLASSES_FILE).write_text(json.dumps(classes, indent=2) + "\n")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         for name, content in (extra_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, bytes):
@@ -114,11 +117,11 @@ def read_dataset(path: Path | str, splits: tuple[str, ...] = SPLITS, mmap: bool 
     path = Path(path)
     if not path.is_dir():
         raise CnnpipeError(f"dataset '{path}' not found (expected a directory written by `cnnpipe ingest`)")
-    manifest = read_json(path / "manifest.json", "dataset manifest")
+    manifest = read_json(path / MANIFEST_FILE, "dataset manifest")
     if manifest.get("format") != FORMAT:
         raise CnnpipeError(f"dataset manifest '{path / 'manifest.json'}': expected format {FORMAT}, "
                            f"got {manifest.get('format')!r}")
-    classes = read_json(path / "classes.json", "class list")
+    classes = read_json(path / CLASSES_FILE, "class list")
     if not isinstance(classes, list) or len(classes) != manifest.get("num_classes"):
         raise CnnpipeError(f"class list '{path / 'classes.json'}': expected {manifest.get('num_classes')} names")
     out = {}

@@ -8,6 +8,8 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cnnpipe.evaluation.folder import REPORT_HTML, REPORT_MD
+
 
 @dataclass
 class Report:
@@ -62,8 +64,8 @@ class Report:
         return "\n".join(parts) + "\n"
 
     def write(self, folder: Path) -> None:
-        (folder / "report.md").write_text(self.markdown() + "\n")
-        (folder / "report.html").write_text(self.html(folder))
+        (folder / REPORT_MD).write_text(self.markdown() + "\n")
+        (folder / REPORT_HTML).write_text(self.html(folder))
 
 
 def _fmt(v: object) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnpipe.augment import AugmentPolicy, apply_policy, flip_tables, no_flips
+from cnnpipe.augment import POLICY_FILE, PREVIEW_FILE, AugmentPolicy, apply_policy, flip_tables, no_flips
 from cnnpipe.config import AugmentConfig
 from cnnpipe.data.images import image_grid
 from cnnpipe.data.store import Split, read_dataset, write_dataset
@@ -56,7 +56,8 @@ def preview_png(split: Split, policy: AugmentPolicy, g: torch.Generator) -> byte
     return buf.getvalue()
 
 
-def run(cfg: AugmentConfig, data: Path, out: Path) -> dict:
+def run(*, cfg: AugmentConfig, data: Path, augmented: Path) -> dict:
+    """The processed dataset `data`'s training split (balanced when asked) + the online policy -> `augmented`."""
     ds = read_dataset(data, splits=("train",))
     policy = AugmentPolicy.from_config(cfg, flip_tables(ds.classes, cfg.flip))
     g = torch.Generator().manual_seed(cfg.seed)
@@ -65,12 +66,12 @@ def run(cfg: AugmentConfig, data: Path, out: Path) -> dict:
         train, added = balance(Split(np.asarray(train.images), np.asarray(train.labels)), cfg.balance_to, policy, g)
     else:
         added = {}
-    manifest = write_dataset(out, ds.classes, {"train": train}, {
+    manifest = write_dataset(augmented, ds.classes, {"train": train}, {
         "source": ds.manifest["source"],
         "augment": {"balance_to": cfg.balance_to, "added_per_class": {ds.classes[k]: v for k, v in added.items()}},
     }, extra_files={
-        "policy.json": policy.to_dict(),
-        "preview.png": preview_png(train, policy, g),
+        POLICY_FILE: policy.to_dict(),
+        PREVIEW_FILE: preview_png(train, policy, g),
     })
     return {"train_images": manifest["counts"]["train"]["total"], "added": sum(added.values()),
             "policy_version": policy.version}

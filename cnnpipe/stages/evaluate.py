@@ -20,13 +20,22 @@ from cnnpipe.data.store import Dataset, read_dataset
 from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.device import resolve_device
 from cnnpipe.engine.inference import normalize, predict_logits, stats_tensors, to_nchw_uint8
+from cnnpipe.engine.model_folder import MODEL_FILE, read_history, read_train_config
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation import figures, introspect
+from cnnpipe.evaluation.folder import (
+    CONFUSION_CSV,
+    CONFUSION_JSON,
+    CONFUSION_PNG,
+    METRICS_FILE,
+    MOST_CONFUSED_FILE,
+    PREDICTIONS_FILE,
+    per_class_file,
+)
 from cnnpipe.evaluation.metrics import classification_metrics
 from cnnpipe.evaluation.report import Report
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent
 from cnnpipe.models import count_parameters
-from cnnpipe.stages.train import CONFIG_FILE, MODEL_FILE, read_history
 
 SPLITS = ("val", "test")
 
@@ -56,8 +65,8 @@ def _figures(folder: Path, model: torch.nn.Module, spec: ModelSpec, images: np.n
     def short(i: int) -> str:
         return classes[i] if len(classes[i]) <= 18 else classes[i][:17] + "…"
 
-    figures.confusion_matrix_png(result["confusion"], classes, folder / "confusion_matrix.png", "test")
-    made.append(("confusion_matrix.png", "Confusion matrix on the test split: counts and row-normalized"))
+    figures.confusion_matrix_png(result["confusion"], classes, folder / CONFUSION_PNG, "test")
+    made.append((CONFUSION_PNG, "Confusion matrix on the test split: counts and row-normalized"))
     if history:
         figures.training_curves_png(history, folder / "training_curves.png")
         made.append(("training_curves.png", "Loss and accuracy per epoch, train vs validation"))
@@ -121,7 +130,9 @@ def _report(folder: Path, ds: Dataset, spec: ModelSpec, n_params: int, train_cfg
     r.write(folder)
 
 
-def run(cfg: EvaluateConfig, model_dir: Path, data: Path, out: Path, tracking: TrackingConfig | None) -> dict:
+def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, tracking: TrackingConfig | None) -> dict:
+    """Score the model folder `model` on `data`'s val and test splits; write the evaluation folder `evaluation`."""
+    model_dir, out = model, evaluation
     ensure_writable_parent(out)
     device = resolve_device(cfg.device)
     model, spec = load_model(model_dir / MODEL_FILE, device)
@@ -144,23 +155,23 @@ def run(cfg: EvaluateConfig, model_dir: Path, data: Path, out: Path, tracking: T
         results[name] = classification_metrics(logits, torch.from_numpy(split.labels).to(device), ds.classes)
     metrics = {name: {k: round(v, 6) for k, v in r["scalars"].items()} for name, r in results.items()}
     history = read_history(model_dir)
-    train_cfg = json.loads((model_dir / CONFIG_FILE).read_text()) if (model_dir / CONFIG_FILE).exists() else {}
+    train_cfg = read_train_config(model_dir)
     test = results["test"]
     names = np.asarray(ds.classes)
     with atomic_dir(out) as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        _write_csv(tmp / "confusion_matrix.csv", ["true \\ predicted", *ds.classes],
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        _write_csv(tmp / CONFUSION_CSV, ["true \\ predicted", *ds.classes],
                    [[c, *row] for c, row in zip(ds.classes, test["confusion"].tolist())])
         # the form KFP's ClassificationMetrics.log_confusion_matrix(categories, matrix) takes
-        (tmp / "confusion_matrix.json").write_text(json.dumps(
+        (tmp / CONFUSION_JSON).write_text(json.dumps(
             {"split": "test", "categories": ds.classes, "matrix": test["confusion"].tolist()}) + "\n")
         # one row per test image, the layout DVC's `confusion` plot template reads
-        _write_csv(tmp / "predictions.csv", ["actual", "predicted"],
+        _write_csv(tmp / PREDICTIONS_FILE, ["actual", "predicted"],
                    np.stack([names[test["y_true"]], names[test["y_pred"]]], 1).tolist())
         for split, r in results.items():
-            _write_csv(tmp / f"per_class_{split}.csv", ["class", "precision", "recall", "f1", "support"],
+            _write_csv(tmp / per_class_file(split), ["class", "precision", "recall", "f1", "support"],
                        [[c["class"], c["precision"], c["recall"], c["f1"], c["support"]] for c in r["per_class"]])
-        _write_csv(tmp / "most_confused.csv", ["true", "predicted", "count"],
+        _write_csv(tmp / MOST_CONFUSED_FILE, ["true", "predicted", "count"],
                    [[p["true"], p["predicted"], p["count"]] for p in test["most_confused"]])
         made = _figures(tmp, model, spec, np.asarray(ds.splits["test"].images), tensors["test"], test, history, cfg,
                         mean, std)

@@ -17,7 +17,7 @@ from cnnpipe.data import figures, versioned
 from cnnpipe.data.raw import RawDataset
 from cnnpipe.data.sources import load_source
 from cnnpipe.data.split import stratified_split
-from cnnpipe.data.store import Split, cross_split_duplicates, write_dataset
+from cnnpipe.data.store import FIGURES_DIR, Split, cross_split_duplicates, write_dataset
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import ensure_writable_parent, write_json
 
@@ -45,11 +45,13 @@ def _figures(splits: dict[str, Split], classes: list[str]) -> dict[str, bytes]:
     figures.class_distribution_png(splits, classes, pngs[0])
     figures.samples_png(splits["train"], classes, pngs[1])
     figures.pixel_histogram_png(splits["train"], pngs[2])
-    return {f"figures/{name}": png.getvalue() for name, png in zip(FIGURES, pngs)}
+    return {f"{FIGURES_DIR}/{name}": png.getvalue() for name, png in zip(FIGURES, pngs)}
 
 
-def run(cfg: IngestConfig, out: Path, report: Path) -> dict:
-    ensure_writable_parent(out)
+def run(*, cfg: IngestConfig, data: Path, report: Path) -> dict:
+    """Read the source `cfg` names into the processed dataset `data`; the ingest report (counts, unusable
+    files) goes to `report`, also when the stage fails on too many unusable files."""
+    ensure_writable_parent(data)
     ensure_writable_parent(report)
     origin = None
     if cfg.dvc_repo:  # every input from one commit, even if the named branch moves meanwhile
@@ -71,7 +73,7 @@ def run(cfg: IngestConfig, out: Path, report: Path) -> dict:
         if len(s.labels) == 0:
             raise CnnpipeError(f"ingest: the {name} split is empty (check ingest.val_fraction / ingest.test_fraction)")
     duplicates = cross_split_duplicates(splits)
-    manifest = write_dataset(out, raw.classes, splits, {
+    manifest = write_dataset(data, raw.classes, splits, {
         "source": {"name": cfg.source, "path": cfg.path, "test_path": cfg.test_path, "inputs": raw.inputs,
                    "dvc": origin},
         "split": {"seed": cfg.seed, "val_fraction": None if raw.val is not None else cfg.val_fraction,

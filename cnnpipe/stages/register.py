@@ -16,11 +16,12 @@ from PIL import Image
 import cnnpipe
 from cnnpipe.config import RegisterConfig, TrackingConfig
 from cnnpipe.data.store import read_dataset
+from cnnpipe.engine.model_folder import MODEL_FILE
+from cnnpipe.evaluation.folder import METRICS_FILE
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
+from cnnpipe.promotion import promote
 from cnnpipe.serving import trusted
 from cnnpipe.serving.predictor import Predictor
-from cnnpipe.stages.promote import promote
-from cnnpipe.stages.train import MODEL_FILE
 from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags
 
 
@@ -30,14 +31,17 @@ def _png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out: Path,
+def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, record: Path,
         tracking: TrackingConfig) -> dict:
+    """Log the model folder `model` as a pyfunc into its pipeline run, register it (alias challenger),
+    promote when asked; the registration is written to `record`."""
+    model_dir, out = model, record
     from cnnpipe.serving import pyfunc_model
     from cnnpipe.serving.pyfunc import predict_frame
 
     ensure_writable_parent(out)
     predictor = Predictor.from_file(model_dir / MODEL_FILE)  # fail here, not inside MLflow, on a bad model file
-    metrics = read_json(evaluation / "metrics.json", "evaluation metrics")
+    metrics = read_json(evaluation / METRICS_FILE, "evaluation metrics")
     ds = read_dataset(data, splits=("test",))
     tracker = Tracker.resume(tracking, model_dir)
 
@@ -69,8 +73,8 @@ def run(cfg: RegisterConfig, model_dir: Path, data: Path, evaluation: Path, out:
     print(f"registered {cfg.model_name} version {version} as {CHALLENGER} "
           f"(test accuracy {test.get('accuracy', float('nan')):.4f})", file=sys.stderr)
     promotion = promote(cfg, tracking, cfg.model_name, version, data) if cfg.auto_promote else None
-    record = {"name": cfg.model_name, "version": version, "model_uri": f"models:/{cfg.model_name}/{version}",
+    registration = {"name": cfg.model_name, "version": version, "model_uri": f"models:/{cfg.model_name}/{version}",
               "logged_model_uri": model_uri, "run_id": tracker.run_id, "tracking_uri": tracking.uri,
               "test": test, "promotion": promotion}
-    write_json(out, record)
-    return record
+    write_json(out, registration)
+    return registration

@@ -7,7 +7,6 @@ needs no MLflow at all (a bare GPU box, benchmarks).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import sys
@@ -15,21 +14,18 @@ from pathlib import Path
 
 import torch
 
-from cnnpipe.augment import AugmentPolicy
+from cnnpipe.augment import POLICY_FILE, PREVIEW_FILE, AugmentPolicy
 from cnnpipe.config import TrackingConfig, TrainConfig
-from cnnpipe.data.store import Dataset, read_dataset
+from cnnpipe.data.store import FIGURES_DIR, MANIFEST_FILE, Dataset, read_dataset
 from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_model
-from cnnpipe.engine.device import resolve_device
+from cnnpipe.engine.device import resolve_device, set_threads
 from cnnpipe.engine.distributed import barrier, init_distributed
 from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
 from cnnpipe.engine.loop import TrainData, fit
+from cnnpipe.engine.model_folder import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, write_history
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent, read_json
 from cnnpipe.models import build_model, count_parameters
-
-MODEL_FILE = "model.pt"
-HISTORY_FILE = "history.csv"
-CONFIG_FILE = "train_config.json"  # the params the model was trained with, for the report and registry
 
 
 def _check_same_data(processed: Dataset, augmented: Dataset, data: Path, aug: Path) -> None:
@@ -40,41 +36,27 @@ def _check_same_data(processed: Dataset, augmented: Dataset, data: Path, aug: Pa
                                f"(re-run `cnnpipe augment`)")
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-
-
-def read_history(model_dir: Path) -> list[dict[str, str]]:
-    """The per-epoch rows a trained model's folder holds (none for a model trained elsewhere)."""
-    path = model_dir / HISTORY_FILE
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: TrackingConfig | None,
+def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking: TrackingConfig | None,
         checkpoint: Path | None = None, resume: bool = False, run_tags: dict[str, str] | None = None) -> dict:
-    """Train; with `checkpoint`, the full state is saved there after every epoch and removed on success,
-    and `resume` continues from it (into the same MLflow run)."""
+    """Train on `augmented`'s training split, validate on `data`'s val split, write the model folder `model`.
+    With `checkpoint`, the full state is saved there after every epoch and removed on success, and `resume`
+    continues from it (into the same MLflow run)."""
     dist = init_distributed()
-    ensure_writable_parent(out)
+    ensure_writable_parent(model)
     processed = read_dataset(data, splits=("val",))
     aug = read_dataset(augmented, splits=("train",))
     _check_same_data(processed, aug, data, augmented)
-    policy = AugmentPolicy.from_dict(read_json(augmented / "policy.json", "augmentation policy"),
-                                     str(augmented / "policy.json")) if cfg.augment else None
+    policy = AugmentPolicy.from_dict(read_json(augmented / POLICY_FILE, "augmentation policy"),
+                                     str(augmented / POLICY_FILE)) if cfg.augment else None
     device = dist.device(resolve_device(cfg.device))
+    threads = set_threads(cfg.threads, dist.world)
     state = load_checkpoint(checkpoint, dataclasses.asdict(cfg)) if resume and checkpoint else None
     if checkpoint and not resume and checkpoint.exists() and dist.is_main:
         print(f"train: a checkpoint of an interrupted run is at '{checkpoint}': starting afresh replaces it "
               f"(`--resume` would continue it)", file=sys.stderr)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, cfg.width).to(device)
-    n_params = count_parameters(model)
+    net = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, cfg.width).to(device)
+    n_params = count_parameters(net)
     train_split, val_split = aug.splits["train"], processed.splits["val"]
 
     tracker = None  # started once every input is known good, so a bad input leaves no failed run behind
@@ -100,7 +82,7 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
     try:
         if dist.is_main:
             print(f"{cfg.arch}: {n_params:,} parameters, {len(train_split.labels):,} training images, "
-                  f"{len(val_split.labels):,} validation images, device {device}"
+                  f"{len(val_split.labels):,} validation images, device {device}, {threads} CPU threads"
                   + (f", {dist.world} processes" if dist.world > 1 else "")
                   + (f", resuming after epoch {state['epoch']}" if state else ""), file=sys.stderr)
         mean, std = stats_tensors(aug.manifest["mean"], aug.manifest["std"], device)
@@ -112,24 +94,24 @@ def run(cfg: TrainConfig, data: Path, augmented: Path, out: Path, tracking: Trac
             mean=mean, std=std,
         )
         on_epoch = (lambda s: tracker.log_metrics(s, step=int(s["epoch"]))) if tracker else None
-        result = fit(model, tensors, cfg, policy, on_epoch=on_epoch, checkpoint=save, resume=state, dist=dist)
+        result = fit(net, tensors, cfg, policy, on_epoch=on_epoch, checkpoint=save, resume=state, dist=dist)
         if dist.is_main:
-            with atomic_dir(out) as tmp:
+            with atomic_dir(model) as tmp:
                 spec = ModelSpec(cfg.arch, cfg.width, aug.channels, len(aug.classes), aug.image_size,
                                  aug.classes, aug.manifest["mean"], aug.manifest["std"])
                 save_model(tmp / MODEL_FILE, result.model, spec)
-                _write_history(tmp / HISTORY_FILE, result.history)
+                write_history(tmp / HISTORY_FILE, result.history)
                 (tmp / CONFIG_FILE).write_text(json.dumps({"train": dataclasses.asdict(cfg), "parameters": n_params,
                                                            "best_epoch": result.best_epoch}, indent=2) + "\n")
                 if tracker is not None:
                     tracker.write_run_file(tmp)
                     tracker.log_metrics({"train/best_epoch": result.best_epoch})
                     tracker.log_artifact(tmp / HISTORY_FILE, "train")
-                    tracker.log_artifact(data / "manifest.json", "data")
-                    if (data / "figures").is_dir():  # written by ingest; a hand-made dataset may lack them
-                        tracker.log_artifact(data / "figures", "data/figures")
-                    tracker.log_artifact(augmented / "policy.json", "augment")
-                    tracker.log_artifact(augmented / "preview.png", "augment")
+                    tracker.log_artifact(data / MANIFEST_FILE, "data")
+                    if (data / FIGURES_DIR).is_dir():  # written by ingest; a hand-made dataset may lack them
+                        tracker.log_artifact(data / FIGURES_DIR, f"data/{FIGURES_DIR}")
+                    tracker.log_artifact(augmented / POLICY_FILE, "augment")
+                    tracker.log_artifact(augmented / PREVIEW_FILE, "augment")
         barrier(dist)
     except BaseException:
         if tracker is not None:

@@ -22,6 +22,7 @@ from cnnpipe.config import EvaluateConfig, TrackingConfig, TrainConfig
 from cnnpipe.data.store import read_dataset
 from cnnpipe.engine.device import resolve_device
 from cnnpipe.engine.inference import predict_logits, to_nchw_uint8
+from cnnpipe.engine.model_folder import MODEL_FILE, read_history
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation import figures
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent
@@ -57,7 +58,7 @@ def _configure(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
 
 def _train_accuracy(model_dir: Path, data: Path, device: str) -> float:
     """Accuracy on the (unaugmented) training split: the train side of the train-test gap."""
-    p = Predictor.from_file(model_dir / train.MODEL_FILE, str(resolve_device(device)))  # where evaluate runs
+    p = Predictor.from_file(model_dir / MODEL_FILE, str(resolve_device(device)))  # where evaluate runs
     split = read_dataset(data, splits=("train",)).splits["train"]
     logits = predict_logits(p.model, to_nchw_uint8(split.images, p.device), p.mean, p.std)
     return (logits.argmax(1).cpu() == torch.from_numpy(split.labels)).float().mean().item()
@@ -79,10 +80,11 @@ def run(base: TrainConfig, eval_cfg: EvaluateConfig, tracking: TrackingConfig, d
                 label = ", ".join(f"{k}={v}" for k, v in point.items())
                 print(f"[{i + 1}/{len(points)}] {label}", file=sys.stderr, flush=True)
                 run_dir = tmp / f"run{i:02d}"
-                result = train.run(cfg, data, augmented, run_dir / "model", tracking,
+                result = train.run(cfg=cfg, data=data, augmented=augmented, model=run_dir / "model", tracking=tracking,
                                    run_tags={"mlflow.parentRunId": parent.run_id, "mlflow.runName": f"{name}-{label}"})
-                metrics = evaluate.run(eval_cfg, run_dir / "model", data, run_dir / "evaluation", tracking)
-                history = train.read_history(run_dir / "model")
+                metrics = evaluate.run(cfg=eval_cfg, model=run_dir / "model", data=data,
+                                       evaluation=run_dir / "evaluation", tracking=tracking)
+                history = read_history(run_dir / "model")
                 train_acc = _train_accuracy(run_dir / "model", data, eval_cfg.device)
                 rows.append({"run": i, "overrides": label, "parameters": result["parameters"],
                              "test_accuracy": metrics["test"]["accuracy"], "test_loss": metrics["test"]["loss"],

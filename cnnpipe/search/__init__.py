@@ -1,0 +1,1 @@
+"""Hyperparameter search around the pipeline: grids (sweep) and sampled studies (tune)."""
