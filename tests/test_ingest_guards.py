@@ -234,3 +234,12 @@ def test_cli_refuses_a_huge_pickle_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a plain data pickle (an array asks for" in lines[0], proc.stderr
+
+
+def test_a_pickle_file_over_the_member_budget_is_not_read(tmp_path):
+    from cnnpipe.config import IngestConfig
+    from cnnpipe.data.sources import pickle_files
+
+    folder = formats.pickle_set(tmp_path / "signs", n=700)  # 700 x 32 x 32 x 3: ~2 MiB per file
+    with pytest.raises(CnnpipeError, match=r"train.p': 2 MiB, over ingest.max_member_mb=1$"):
+        pickle_files.load(IngestConfig(source="pickle", path=str(folder / "train.p"), max_member_mb=1))
