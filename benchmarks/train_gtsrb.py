@@ -55,7 +55,8 @@ def main() -> None:
                                             "--checkpoint", f"{w}/checkpoint.pt"])
     walls["evaluate"], peaks["evaluate"] = stage(["evaluate", *p, "--no-tracking", "--model", f"{w}/model",
                                                   "--data", f"{w}/processed", "--out", f"{w}/evaluation"])
-    history = list(csv.DictReader(open(w / "model/history.csv")))
+    with open(w / "model/history.csv") as f:
+        history = list(csv.DictReader(f))
     metrics = json.loads((w / "evaluation/metrics.json").read_text())
     import yaml
 

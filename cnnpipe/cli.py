@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cnnpipe import __version__
-from cnnpipe.config import (EvaluateConfig, RegisterConfig, TrackingConfig, TrainConfig, add_flags, apply_overrides,
-                            load_block, parse_assignments, read_params, sqlite_path, tracking_config)
+from cnnpipe.config import (EvaluateConfig, RegisterConfig, TrackingConfig, TrainConfig, TuneConfig, add_flags,
+                            apply_overrides, load_block, load_tune, parse_assignments, read_params, sqlite_path,
+                            tracking_config)
 from cnnpipe.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, CnnpipeError
 from cnnpipe.stages.spec import STAGES
 
@@ -26,7 +27,8 @@ Handler = Callable[[argparse.Namespace, dict, Path], dict]
 # The optional dependency (pyproject's extras) that brings each module a command may import
 EXTRA_OF_MODULE = {"sklearn": "train", "matplotlib": "train", "uvicorn": "serve", "starlette": "serve",
                    "mlflow": "mlflow", "pandas": "mlflow", "dvc": "dvc", "kfp": "kfp", "docker": "kfp",
-                   "boto3": "sagemaker", "botocore": "sagemaker"}
+                   "boto3": "sagemaker", "botocore": "sagemaker", "optuna": "tune", "ruamel": "tune",
+                   "kubeflow": "katib"}
 
 
 def _cfg(cls: type, block: str, args: argparse.Namespace, params: dict, params_path: Path):  # noqa: ANN202
@@ -107,11 +109,28 @@ def _sweep(args: argparse.Namespace, params: dict, pp: Path) -> dict:
                      args.data, args.augmented, args.out or Path(f"data/sweeps/{name}"), points, name)
 
 
+def _tune(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe.search import tune
+
+    cfg, space = load_tune(params, vars(args), pp)
+    tracking = tracking_config(params, args, pp)
+    if args.apply:
+        return tune.apply(cfg, tracking, pp)
+    return tune.run(cfg, space, params, tracking, args.data, args.augmented, args.out or Path(f"data/tune/{cfg.study}"))
+
+
 def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from pipeline import training
 
+    if args.action == "compile" and args.tune:
+        from pipeline import katib
+
+        cfg, space = load_tune(params, {}, pp)
+        return {"compiled": str(katib.write_experiment(args.output or Path("katib-experiment.yaml"), cfg, space,
+                                                       params, args.tracking_uri or katib.CLUSTER_TRACKING_URI))}
     if args.action == "compile":
-        return {"compiled": str(training.compile_pipeline(args.output, training.as_parameter(params)))}
+        return {"compiled": str(training.compile_pipeline(args.output or Path("pipeline.yaml"),
+                                                          training.as_parameter(params)))}
     arguments = training.arguments(params, args.param)
     if args.action == "submit":
         if not args.host:
@@ -228,9 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="where the runs and the table go (default: data/sweeps/<name>)")
     with_tracking(p, optional=False)
 
+    p = command("tune", "search params.yaml's tune.space with an Optuna study (pruned trials, MLflow child runs); "
+                        "--apply writes the best trial into params.yaml", _tune, TuneConfig)
+    p.add_argument("--apply", action="store_true",
+                   help="write the study's best trial into --params (comments kept) instead of running trials")
+    p.add_argument("--data", type=Path, default=Path("data/processed"), help="processed dataset (validation split)")
+    p.add_argument("--augmented", type=Path, default=Path("data/augmented"),
+                   help="augmented dataset (used as is unless an augment.* knob is tuned)")
+    p.add_argument("--out", type=Path, help="trials, table and figures (default: data/tune/<study>)")
+    with_tracking(p, optional=False)
+
     p = command("pipeline", "Kubeflow Pipelines: compile the pipeline, submit a run, or run it locally", _pipeline, None)
     p.add_argument("action", choices=["compile", "submit", "run-local"])
-    p.add_argument("--output", type=Path, default=Path("pipeline.yaml"), help="compile: the pipeline YAML to write")
+    p.add_argument("--output", type=Path,
+                   help="compile: the YAML to write (default: pipeline.yaml; with --tune: katib-experiment.yaml)")
+    p.add_argument("--tune", action="store_true",
+                   help="compile: a Katib Experiment of the tune block's search instead of the pipeline")
     p.add_argument("--host", help="submit: the Kubeflow Pipelines API URL")
     p.add_argument("--experiment", help="submit: experiment name")
     p.add_argument("--run-name", help="submit: run name")

@@ -131,6 +131,46 @@ class TrackingConfig:
     experiment: str = knob("cnnpipe", "MLflow experiment name")
 
 
+@dataclass
+class TuneConfig:
+    study: str = knob("cnnpipe-tune", "Optuna study name (also the MLflow parent run's name); the same name resumes it")
+    storage: str | None = knob(None, "Optuna RDB storage URL (default: sqlite optuna.db beside a sqlite MLflow store, "
+                                     "else in the working directory)")
+    sampler: str = knob("tpe", "how trials are chosen: tpe (Bayesian), random, or grid (every combination)",
+                        choices=("tpe", "random", "grid"))
+    grid_points: int = knob(3, "grid sampler: values per uniform / log_uniform dimension", minimum=2)
+    metric: str = knob("val/accuracy", "per-epoch validation metric that is optimized and fed to the pruner",
+                       choices=("val/accuracy", "val/loss"))
+    direction: str = knob("maximize", "maximize or minimize `metric`", choices=("maximize", "minimize"))
+    n_trials: int = knob(20, "budget: finished (complete or pruned) trials of the study (0 = no limit)", minimum=0)
+    timeout: float = knob(0.0, "budget: seconds this command may start trials for (0 = no limit)", minimum=0.0)
+    pruner: str = knob("median", "stops unpromising trials early: median, successive_halving or none",
+                       choices=("median", "successive_halving", "none"))
+    startup_trials: int = knob(5, "trials finished before the median pruner prunes (and TPE's random start)", minimum=0)
+    warmup_epochs: int = knob(1, "epochs every trial runs before it may be pruned", minimum=1)
+    jobs: int = knob(1, "parallel trial processes sharing the study's storage", minimum=1)
+    seed: int = knob(0, "seed of the sampler")
+    space: dict = field(default_factory=lambda: {  # the same as params.yaml's (a mapping has no flag: -S tune.space=...)
+        "train.lr": {"log_uniform": [0.01, 0.3]}, "train.width": {"choice": [8, 16, 32]},
+        "augment.rotate": {"uniform": [0, 20]}},
+        metadata={"help": "block.field: {uniform: [low, high]} | {log_uniform: [low, high]} | {choice: [v1, ...]}",
+                  "choices": None, "minimum": None, "maximum": None, "affects_result": True})
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One axis of the search space: `train.lr: {log_uniform: [0.01, 1.0]}`."""
+
+    key: str  # block.field in params.yaml
+    kind: str  # one of SPACE_KINDS
+    values: tuple  # (low, high) for uniform / log_uniform; the options for choice
+    integer: bool  # the field is an int: uniform draws integers
+
+
+SPACE_KINDS = ("uniform", "log_uniform", "choice")
+TUNABLE_BLOCKS = ("augment", "train")
+
+
 BLOCKS: dict[str, type] = {
     "ingest": IngestConfig,
     "augment": AugmentConfig,
@@ -138,6 +178,7 @@ BLOCKS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "register": RegisterConfig,
     "tracking": TrackingConfig,
+    "tune": TuneConfig,
 }
 
 T = TypeVar("T")
@@ -159,6 +200,10 @@ def coerce(value: Any, kind: type, optional: bool, where: str) -> Any:
         if optional:
             return None
         raise CnnpipeError(f"{where}: expected {kind.__name__}, got null")
+    if kind is dict:
+        if isinstance(value, dict):
+            return value
+        raise CnnpipeError(f"{where}: expected a mapping, got {value!r}")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -288,6 +333,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> N
     group = parser.add_argument_group(f"params ({cls.__name__}; default from params.yaml)")
     for f in dataclasses.fields(cls):
         kind, _ = _base_type(cls, f.name)
+        if kind is dict:  # a mapping (tune.space) is set in the params file or with -S
+            continue
         flag = f"--{prefix}{f.name.replace('_', '-')}"
         dest = f"{prefix.replace('-', '_')}{f.name}"
         help_text = f.metadata["help"]
@@ -315,3 +362,47 @@ def tracking_settings(params: dict[str, Any], uri: str | None = None, experiment
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///` tracking URI (None for any other store)."""
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def load_tune(params: dict[str, Any], overrides: dict[str, Any],
+              params_path: Path = DEFAULT_PARAMS) -> tuple[TuneConfig, dict[str, Dimension]]:
+    """The tune block's settings and its validated search space (`tune.space`)."""
+    cfg = load_block(TuneConfig, "tune", params, overrides, params_path)
+    space = {str(key): _dimension(str(key), entry, params, params_path) for key, entry in cfg.space.items()}
+    return cfg, space
+
+
+def _dimension(key: str, entry: Any, params: dict[str, Any], params_path: Path) -> Dimension:
+    where = f"params file '{params_path}': tune.space.{key}"
+    block, _, name = key.partition(".")
+    if block not in TUNABLE_BLOCKS:
+        raise CnnpipeError(f"{where}: expected a key augment.FIELD or train.FIELD")
+    cls = BLOCKS[block]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise CnnpipeError(f"{where}: {name!r} is not a field of {block} (expected one of: {', '.join(fields)})")
+    if not isinstance(entry, dict) or len(entry) != 1 or next(iter(entry)) not in SPACE_KINDS:
+        raise CnnpipeError(f"{where}: expected one of {{uniform: [low, high]}}, {{log_uniform: [low, high]}}, "
+                           f"{{choice: [v1, v2, ...]}}, got {entry!r}")
+    kind, values = next(iter(entry.items()))
+    kind_of_field, _ = _base_type(cls, name)
+    if not isinstance(values, list) or not values:
+        raise CnnpipeError(f"{where}: {kind} expects a non-empty list, got {values!r}")
+    if kind != "choice":
+        if kind_of_field not in (int, float):
+            raise CnnpipeError(f"{where}: {kind} needs a numeric field; {block}.{name} is a {kind_of_field.__name__} "
+                               f"(use choice)")
+        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
+                or not values[0] < values[1]:
+            raise CnnpipeError(f"{where}: {kind} expects [low, high] with low < high, got {values!r}")
+        if kind == "log_uniform" and values[0] <= 0:
+            raise CnnpipeError(f"{where}: log_uniform expects low > 0, got {values[0]!r}")
+    checked = []
+    for v in values:  # every value (each bound of a range) must make a valid block, named as tune.space's key
+        base = {k: v2 for k, v2 in (params.get(block) or {}).items() if k != name} if isinstance(params.get(block), dict) else {}
+        try:
+            cfg = load_block(cls, block, {block: {**base, name: v}}, {}, params_path)
+        except CnnpipeError as e:
+            raise CnnpipeError(f"{where}: value {v!r}: {str(e).split(': ', 1)[-1]}") from None
+        checked.append(getattr(cfg, name))
+    return Dimension(key, kind, tuple(checked), kind_of_field is int)

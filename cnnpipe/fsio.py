@@ -29,8 +29,8 @@ def ensure_writable_parent(path: Path) -> None:
     """Create `path`'s parent or fail with one line naming `path`."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-", delete=True):
+            pass
     except OSError as e:
         raise CnnpipeError(f"output path '{path}' is not writable: {e.strerror or e}") from None
 

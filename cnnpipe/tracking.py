@@ -169,6 +169,16 @@ class Tracker:
     def finish(self, ok: bool) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
 
+    def set_status(self, status: str) -> None:
+        """End the run as FINISHED, FAILED or KILLED (a pruned trial)."""
+        self.client.set_terminated(self.run_id, status)
+
+    def child_runs(self) -> list[Any]:
+        """The runs whose parent is this run (sweep points, tune trials)."""
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        return self.client.search_runs([experiment], f"tags.mlflow.parentRunId = '{self.run_id}'",
+                                       max_results=50000)
+
     def log_pyfunc_model(self, name: str, input_example: Any, output_example: Any, params: dict[str, Any],
                          **kwargs: Any) -> str:
         """Log an MLflow pyfunc model into this run, its signature inferred from a real input and output;

@@ -113,7 +113,7 @@ def pickle_set(folder: Path, n: int = 30, classes: int = 43, signnames: bool = T
     """train.p / valid.p / test.p of the traffic-sign tutorials, and signnames.csv."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for i, name in enumerate(("train.p", "valid.p", "test.p")):
+    for name in ("train.p", "valid.p", "test.p"):
         labels = np.arange(n) % classes
         feats = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         with open(folder / name, "wb") as f:

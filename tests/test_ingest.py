@@ -165,7 +165,8 @@ def test_tutorial_pickles_use_their_official_splits(tmp_path):
     ds = read_dataset(out)
     assert summary["splits"] == {"train": 30, "val": 30, "test": 30}
     assert ds.classes[5] == "sign 5" and ds.manifest["split"]["official"] == ["val", "test"]
-    assert np.array_equal(ds.splits["train"].images[0], pickle.load(open(folder / "train.p", "rb"))["features"][0])
+    with open(folder / "train.p", "rb") as f:
+        assert np.array_equal(ds.splits["train"].images[0], pickle.load(f)["features"][0])
 
 
 def test_pickle_without_signnames_gets_gtsrb_names(tmp_path):

@@ -113,11 +113,12 @@ def _better(metric: str, value: float, best: float | None) -> bool:
 def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPolicy | None,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
-        dist: Dist = Dist()) -> FitResult:
+        dist: Dist | None = None) -> FitResult:
     """Train `model` in place; returns the history and the weights to keep.
 
     `checkpoint(state)` is called after every epoch with everything `resume` needs to continue.
     """
+    dist = dist or Dist()  # one process
     device = data.train_images.device
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=memory)

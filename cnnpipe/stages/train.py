@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,10 +38,12 @@ def _check_same_data(processed: Dataset, augmented: Dataset, data: Path, aug: Pa
 
 
 def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking: TrackingConfig | None,
-        checkpoint: Path | None = None, resume: bool = False, run_tags: dict[str, str] | None = None) -> dict:
+        checkpoint: Path | None = None, resume: bool = False, run_tags: dict[str, str] | None = None,
+        on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict:
     """Train on `augmented`'s training split, validate on `data`'s val split, write the model folder `model`.
     With `checkpoint`, the full state is saved there after every epoch and removed on success, and `resume`
-    continues from it (into the same MLflow run)."""
+    continues from it (into the same MLflow run). `on_epoch(stats)` sees every epoch's metrics after they are
+    logged (a tuner's pruner raises from it to stop the run)."""
     dist = init_distributed()
     ensure_writable_parent(model)
     processed = read_dataset(data, splits=("val",))
@@ -93,8 +96,13 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
             val_labels=torch.from_numpy(val_split.labels).to(device),
             mean=mean, std=std,
         )
-        on_epoch = (lambda s: tracker.log_metrics(s, step=int(s["epoch"]))) if tracker else None
-        result = fit(net, tensors, cfg, policy, on_epoch=on_epoch, checkpoint=save, resume=state, dist=dist)
+        def each_epoch(stats: dict[str, float]) -> None:
+            if tracker is not None:
+                tracker.log_metrics(stats, step=int(stats["epoch"]))
+            if on_epoch is not None:
+                on_epoch(stats)
+
+        result = fit(net, tensors, cfg, policy, on_epoch=each_epoch, checkpoint=save, resume=state, dist=dist)
         if dist.is_main:
             with atomic_dir(model) as tmp:
                 spec = ModelSpec(cfg.arch, cfg.width, aug.channels, len(aug.classes), aug.image_size,
