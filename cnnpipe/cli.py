@@ -67,6 +67,12 @@ def _rollback(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     return promote.rollback(tracking_config(params, args, pp), _cfg(RegisterConfig, "register", args, params, pp).model_name)
 
 
+def _gc(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe import housekeeping
+
+    return housekeeping.run(tracking=tracking_config(params, args, pp), checkpoint=args.checkpoint)
+
+
 def _model_uri(args: argparse.Namespace, params: dict, pp: Path) -> str:
     return args.model or f"models:/{_cfg(RegisterConfig, 'register', args, params, pp).model_name}@champion"
 
@@ -235,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("rollback", "give `champion` back to the previous champion", _rollback, None)
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
+    with_tracking(p, optional=False)
+
+    p = command("gc", "after a kill: mark runs whose process died KILLED, delete half-registered model versions, "
+                      "report a stale training checkpoint", _gc, None)
+    p.add_argument("--checkpoint", type=Path, default=Path("data/checkpoints/train.pt"),
+                   help="train's checkpoint to report on (default: data/checkpoints/train.pt)")
     with_tracking(p, optional=False)
 
     p = command("serve", "serve a registered model over HTTP (SageMaker's /ping and /invocations)", _serve,

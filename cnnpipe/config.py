@@ -56,6 +56,12 @@ class IngestConfig:
                                 minimum=0.0, maximum=0.5)
     max_bad_fraction: float = knob(0.01, "fail when more than this fraction of the files are unusable; else skip them",
                                    minimum=0.0, maximum=1.0)
+    max_member_mb: float = knob(256.0, "an archive member (or file) that inflates to more than this is not read "
+                                       "(an image: listed as a bad file)", minimum=1.0)
+    max_compression_ratio: float = knob(100.0, "an archive member over 1 MiB that inflates more than this many times "
+                                               "its packed size is not read (a tar.gz: the archive is refused)", minimum=1.0)
+    max_total_mb: float = knob(8192.0, "an archive whose members declare more than this in all is refused "
+                                       "(a tar's members are held in memory)", minimum=1.0)
     seed: int = knob(0, "seed of the stratified split")
 
 

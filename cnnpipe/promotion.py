@@ -40,7 +40,9 @@ def protocol_requests(ds: Dataset, protocol: str) -> list:
 
 def score(registry: Registry, model_uri: str, ds: Dataset, metric: str, protocol: str = "served") -> float:
     """`metric` of a registered model on the dataset's test split, through its own preprocessing."""
-    predictor = registry.load_pyfunc(model_uri).unwrap_python_model().predictor
+    from cnnpipe.serving import trusted
+
+    predictor, _ = trusted.load(registry, model_uri)
     if predictor.spec.classes != ds.classes:
         raise CnnpipeError(f"{model_uri} predicts {predictor.spec.num_classes} classes, the test split has "
                            f"{len(ds.classes)} other ones: the two cannot be compared on it (use --force)")
@@ -56,11 +58,19 @@ def _table(rows: list[tuple[str, str, str]]) -> str:
 
 
 def promote(cfg: RegisterConfig, tracking: TrackingConfig, name: str, ref: str, data: Path, force: bool = False) -> dict:
+    """Decide and move `champion` while holding the registry's update lock: concurrent promotions queue up,
+    and each one's history read is the one it extends."""
     registry = Registry(tracking.uri)
-    challenger = str(registry.version(name, ref).version)
     ds = read_dataset(data, splits=("test",))
+    with registry.update_lock():
+        return _promote(cfg, registry, name, ref, ds, force)
+
+
+def _promote(cfg: RegisterConfig, registry: Registry, name: str, ref: str, ds: Dataset, force: bool) -> dict:
+    challenger = str(registry.version(name, ref).version)
     champion = registry.alias_version(name, CHAMPION)
-    history = registry.champion_history(name) or ([champion] if champion else [])
+    read = registry.champion_history(name)
+    history = read or ([champion] if champion else [])
     metric, lower_better = cfg.promotion_metric, cfg.promotion_metric == "loss"
     protocol = cfg.promotion_protocol
     challenger_value = score(registry, f"models:/{name}/{challenger}", ds, metric, protocol)
@@ -82,7 +92,7 @@ def promote(cfg: RegisterConfig, tracking: TrackingConfig, name: str, ref: str, 
                        f"(needs a gain >= {cfg.min_delta})"
     promoted = decision.startswith("promoted")
     if promoted:
-        registry.set_champion(name, challenger, [*history, challenger])
+        registry.set_champion(name, challenger, [*history, challenger], read)
     registry.tag_version(name, challenger, {
         "promotion.decision": decision, "promotion.metric": f"test/{metric}", "promotion.protocol": protocol,
         "promotion.challenger_value": round(challenger_value, 6),
@@ -100,12 +110,17 @@ def promote(cfg: RegisterConfig, tracking: TrackingConfig, name: str, ref: str, 
 
 def rollback(tracking: TrackingConfig, name: str) -> dict:
     registry = Registry(tracking.uri)
+    with registry.update_lock():
+        return _rollback(registry, name)
+
+
+def _rollback(registry: Registry, name: str) -> dict:
     history = registry.champion_history(name)
     current = registry.alias_version(name, CHAMPION)
     if len(history) < 2 or current is None:
         raise CnnpipeError(f"model {name!r} has no previous champion to roll back to (champion history: {history})")
     previous = history[-2]
-    registry.set_champion(name, previous, history[:-1])
+    registry.set_champion(name, previous, history[:-1], history)
     registry.tag_version(name, current, {"promotion.decision": f"rolled back to version {previous}"})
     print(f"{name}: champion {current} -> {previous} (rolled back)", file=sys.stderr)
     return {"name": name, "champion": previous, "rolled_back": current}

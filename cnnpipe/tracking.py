@@ -7,14 +7,19 @@ Artifacts of each stage go under a folder named after the stage.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import re
+import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,10 +89,14 @@ class Tracker:
 
     @classmethod
     def start(cls, cfg: TrackingConfig, run_name: str, tags: dict[str, str]) -> Tracker:
-        """Start the pipeline's run, or adopt the one `mlflow run` started for us."""
+        """Start the pipeline's run, or adopt the one `mlflow run` started for us; runs left RUNNING by a
+        dead process of this machine are marked KILLED first."""
         client = _connect(cfg.uri)
-        exp = client.get_experiment_by_name(cfg.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment, _artifact_root(cfg.uri))
+        reap(cfg.uri)
+        with _store_lock(cfg.uri):  # two first runs on one store: one creates the experiment
+            exp = client.get_experiment_by_name(cfg.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment, _artifact_root(cfg.uri))
+        tags = {**tags, **owner_tags()}
         adopted = os.environ.get("MLFLOW_RUN_ID")
         if adopted:
             project_run = client.get_run(adopted)
@@ -107,15 +116,21 @@ class Tracker:
         return cls(cfg.uri, run.info.run_id)
 
     @classmethod
-    def reopen(cls, cfg: TrackingConfig, run_id: str, where: str) -> Tracker:
-        """An existing run, whose id was read from `where`: a resumed training, evaluate and register log into it."""
+    def reopen(cls, cfg: TrackingConfig, run_id: str, where: str, running: bool = False) -> Tracker:
+        """An existing run, whose id was read from `where`: a resumed training (`running`: it is RUNNING
+        again), evaluate and register log into it."""
         client = _connect(cfg.uri)
         try:
             client.get_run(run_id)
         except Exception:
             raise CnnpipeError(f"MLflow run {run_id} from '{where}' is not in the tracking store {cfg.uri} "
                                f"(was it written against another store?)") from None
-        return cls(cfg.uri, run_id)
+        reap(cfg.uri)
+        tracker = cls(cfg.uri, run_id)
+        tracker.set_tags(owner_tags())  # this process now writes into it (register sets it RUNNING meanwhile)
+        if running:
+            client.update_run(run_id, "RUNNING")
+        return tracker
 
     @classmethod
     def resume(cls, cfg: TrackingConfig, run_dir: Path) -> Tracker:
@@ -212,20 +227,95 @@ def _dvc_version(data_dir: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """A lock beside a SQLite store, for what two processes must not do at once (create its tables, an
+    experiment); nothing for a tracking server, which serializes these itself."""
+    from filelock import FileLock, Timeout
+
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    lock = FileLock(f"{db}.cnnpipe-init.lock")
+    try:
+        lock.acquire(timeout=LOCK_TIMEOUT)
+    except Timeout:
+        raise ServiceUnavailable(f"tracking URI {uri}: '{lock.lock_file}' has been held for {LOCK_TIMEOUT} s") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _connect(uri: str):  # noqa: ANN202 - MlflowClient, imported lazily
     _check_reachable(uri)
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
-        client.search_experiments(max_results=1)
+        with _store_lock(uri):  # the first use of a new SQLite store creates its tables: one process at a time
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+    except ServiceUnavailable:
+        raise
     except Exception as e:
         raise ServiceUnavailable(f"tracking URI {uri} cannot be used: {str(e).splitlines()[0]}") from None
     return client
 
 
+# Who writes into a run or registers a version: enough to judge later whether that process still lives.
+PID_TAG, HOST_TAG, STARTED_TAG = "cnnpipe.pid", "cnnpipe.host", "cnnpipe.pid_started"
+STATE_TAG = "cnnpipe.state"  # of a version: "registering" until `register` has finished with it
+
+
+def owner_tags() -> dict[str, str]:
+    import psutil
+
+    me = psutil.Process()
+    return {PID_TAG: str(me.pid), HOST_TAG: socket.gethostname(), STARTED_TAG: f"{me.create_time():.2f}"}
+
+
+def owner_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process the tags name still runs (None: another machine's, or no tags to judge by)."""
+    import psutil
+
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return None
+    try:
+        return f"{psutil.Process(int(tags[PID_TAG])).create_time():.2f}" == tags.get(STARTED_TAG)  # not a reused pid
+    except psutil.Error:
+        return False
+
+
+def reap(uri: str) -> dict[str, list[str]]:
+    """Mark KILLED every RUNNING run whose process died on this machine, and delete every model version whose
+    `register` died before finishing with it. Returns the run ids / versions by what was done or seen."""
+    from mlflow.entities import ViewType
+
+    client = _connect(uri)
+    found: dict[str, list[str]] = {"killed_runs": [], "live_runs": [], "unjudged_runs": [], "deleted_versions": []}
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    for run in client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=10000) if experiments else []:
+        alive = owner_alive(run.data.tags)
+        if alive is False:
+            client.set_tag(run.info.run_id, "cnnpipe.reaped", f"process {run.data.tags[PID_TAG]} died")
+            client.set_terminated(run.info.run_id, "KILLED")
+        found[{False: "killed_runs", True: "live_runs", None: "unjudged_runs"}[alive]].append(run.info.run_id)
+    for version in client.search_model_versions(f"tags.`{STATE_TAG}` = 'registering'"):
+        if owner_alive(version.tags) is False:
+            client.delete_model_version(version.name, version.version)
+            found["deleted_versions"].append(f"{version.name}/{version.version}")
+    return found
+
+
+class NotRegistered(CnnpipeError):
+    """The registry has no such model, version or alias."""
+
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "cnnpipe.champion_history"  # JSON list of the versions that held `champion`, oldest first
+LOCK_TIMEOUT = 600  # seconds a promote waits for another one (each scores two models on the test split)
 
 
 @dataclass(eq=False)
@@ -246,8 +336,13 @@ class Registry:
             return self.client.get_model_version(name, ref) if ref.isdigit() \
                 else self.client.get_model_version_by_alias(name, ref)
         except MlflowException:
-            raise CnnpipeError(f"model {name!r} has no version {'or alias ' if not ref.isdigit() else ''}{ref!r} "
+            raise NotRegistered(f"model {name!r} has no version {'or alias ' if not ref.isdigit() else ''}{ref!r} "
                                f"in the registry at {self.uri}") from None
+
+    def run_version(self, name: str, run_id: str) -> str | None:
+        """The version of `name` registered from run `run_id`, if any."""
+        found = [v for v in self.client.search_model_versions(f"run_id = '{run_id}'") if v.name == name]
+        return str(min(int(v.version) for v in found)) if found else None
 
     def alias_version(self, name: str, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException
@@ -267,18 +362,76 @@ class Registry:
     def champion_history(self, name: str) -> list[str]:
         return json.loads(self.client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
 
-    def set_champion(self, name: str, version: str, history: list[str]) -> None:
+    @contextlib.contextmanager
+    def update_lock(self) -> Iterator[None]:
+        """Serialize read-decide-write updates of the registry (promote, rollback) across processes. A SQLite
+        store gets a lock file beside it; a tracking server offers no lock: `set_champion` then checks that
+        nothing changed since the history was read, and the loser of a race fails with one line."""
+        from filelock import FileLock, Timeout
+
+        db = sqlite_path(self.uri)
+        if db is None:
+            yield
+            return
+        lock = FileLock(f"{db}.cnnpipe-registry.lock")
+        try:
+            lock.acquire(timeout=LOCK_TIMEOUT)
+        except Timeout:
+            raise ServiceUnavailable(f"tracking URI {self.uri}: another promote/rollback has held "
+                                     f"'{lock.lock_file}' for {LOCK_TIMEOUT} s") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def set_champion(self, name: str, version: str, history: list[str], read: list[str]) -> None:
+        """Give `champion` to `version` and record `history`, unless the history is no longer `read`."""
+        if self.champion_history(name) != read:
+            raise CnnpipeError(f"model {name!r}: its champion history changed while this command ran (a concurrent "
+                               f"promote or rollback won): nothing changed here; run it again")
         self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
         self.set_alias(name, CHAMPION, version)
 
-    def load_pyfunc(self, model_uri: str) -> Any:
-        """Load `models:/<name>@<alias>` (or /<version>, or any model URI) as an MLflow pyfunc."""
-        import mlflow
+    def model_files(self, model_uri: str, dst: Path) -> tuple[Path, dict[str, str] | None, str]:
+        """A model's folder (a local one as it is, else downloaded into `dst`), the tags of the registry version
+        it is (None for any other URI), and its name for messages."""
+        import mlflow.artifacts
         from mlflow.exceptions import MlflowException
 
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
+        if Path(model_uri).is_dir():
+            return Path(model_uri), None, f"model folder '{model_uri}'"
+        tags, uri, where = None, model_uri, model_uri
+        ref = _registry_ref(model_uri)
+        if ref is not None:
+            version = self.version(*ref)
+            tags, where = dict(version.tags), f"models:/{version.name}/{version.version}"
+            uri = self.client.get_model_version_download_uri(version.name, version.version)
+        quiet = {} if sys.stderr.isatty() else {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # a bar only on a TTY
         try:
-            return mlflow.pyfunc.load_model(model_uri)
-        except MlflowException as e:
-            raise CnnpipeError(f"model {model_uri!r} cannot be loaded from {self.uri}: {str(e).splitlines()[0]}") from None
+            with _environ(quiet):
+                path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=self.uri,
+                                                           registry_uri=self.uri)
+            return Path(path), tags, where
+        except (MlflowException, OSError) as e:
+            raise CnnpipeError(f"model {model_uri!r} cannot be read from {self.uri}: {str(e).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Environment variables set for the block only (MLflow reads some settings nowhere else)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _registry_ref(model_uri: str) -> tuple[str, str] | None:
+    """(name, version or alias) of models:/<name>/<version> or models:/<name>@<alias>; None otherwise."""
+    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", model_uri)
+    return (m[1], m[2] or m[3]) if m else None

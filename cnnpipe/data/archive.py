@@ -1,17 +1,37 @@
 """Read files out of a zip, a tar(.gz) or a folder, without extracting anything to disk.
 
 Member paths that would escape the archive root (absolute paths, `..`, links) are rejected: a
-crafted archive is refused as a whole rather than half-read.
+crafted archive is refused as a whole rather than half-read. What a member may cost in memory is
+checked from its header before it is read (declared size, compression ratio), and again while
+reading a tar member (whose header a compressed stream cannot vouch for): a member over the
+limits is refused (an image is then listed as a bad file), never read whole first.
 """
 
 from __future__ import annotations
 
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from cnnpipe.errors import CnnpipeError
+
+MiB = 2**20
+RATIO_FLOOR = MiB  # a member that inflates to less than this is harmless whatever its compression ratio
+CHUNK = MiB
+
+
+class MemberRefused(CnnpipeError):
+    """One archive member is over the limits or unreadable: the rest of the archive is still usable."""
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    max_member_mb: float  # one member, inflated
+    max_ratio: float  # inflated / compressed size of a member over RATIO_FLOOR
+    max_total_mb: float  # all members together, as declared (a tar's are held in memory)
 
 
 def _check_member(archive: Path, name: str) -> str:
@@ -24,42 +44,101 @@ def _check_member(archive: Path, name: str) -> str:
 class FileTree:
     """The regular files under a folder or inside an archive, by relative POSIX path."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, limits: ArchiveLimits):
+        self.path, self.limits = path, limits
+        self._refused: dict[str, str] = {}  # tar members not kept, and why
         if path.is_dir():
             self._kind = "dir"
             self._names = sorted(str(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file())
         elif zipfile.is_zipfile(path):
             self._kind = "zip"
             self._zip = zipfile.ZipFile(path)
-            infos = self._zip.infolist()
-            self._zip_names = {_check_member(path, i.filename): i.filename for i in infos if not i.is_dir()}
-            self._names = sorted(self._zip_names)
+            infos = [i for i in self._zip.infolist() if not i.is_dir()]
+            self._check_total(sum(i.file_size for i in infos))
+            self._zip_infos = {_check_member(path, i.filename): i for i in infos}
+            self._names = sorted(self._zip_infos)
         elif path.is_file() and tarfile.is_tarfile(path):
             self._kind = "tar"
-            self._members: dict[str, bytes] = {}
-            with tarfile.open(path) as tar:  # one sequential pass: a .tar.gz has no random access
-                for m in tar:
-                    name = _check_member(path, m.name)
-                    if m.issym() or m.islnk() or m.isdev():
-                        raise CnnpipeError(f"archive '{path}': member '{m.name}' is a link or device; refusing the archive")
-                    if m.isfile():
-                        self._members[name] = tar.extractfile(m).read()
-            self._names = sorted(self._members)
+            self._members = self._read_tar()
+            self._names = sorted([*self._members, *self._refused])
         elif path.exists():
             raise CnnpipeError(f"'{path}' is neither a folder, a zip nor a tar archive")
         else:
             raise CnnpipeError(f"'{path}' not found")
 
+    def _check_total(self, size: int) -> None:
+        if size > self.limits.max_total_mb * MiB:
+            raise CnnpipeError(f"archive '{self.path}': its members declare {size / MiB:.0f} MiB in all, over "
+                               f"ingest.max_total_mb={self.limits.max_total_mb:g}; refusing the archive")
+
+    def _too_costly(self, size: int, packed: int) -> str | None:
+        """Why a member of `size` bytes inflated from `packed` may not be read, or None."""
+        if size > self.limits.max_member_mb * MiB:
+            return f"{size / MiB:.1f} MiB inflated, over ingest.max_member_mb={self.limits.max_member_mb:g}"
+        if size > RATIO_FLOOR and size > self.limits.max_ratio * max(packed, 1):
+            return (f"compression ratio {size / max(packed, 1):.0f}:1, over "
+                    f"ingest.max_compression_ratio={self.limits.max_ratio:g}")
+        return None
+
+    def _read_tar(self) -> dict[str, bytes]:
+        members: dict[str, bytes] = {}
+        total = 0
+        with open(self.path, "rb") as raw, tarfile.open(fileobj=raw) as tar:  # one pass: a .tar.gz has no random access
+            for m in tar:
+                name = _check_member(self.path, m.name)
+                if m.issym() or m.islnk() or m.isdev():
+                    raise CnnpipeError(f"archive '{self.path}': member '{m.name}' is a link or device; refusing the archive")
+                if not m.isfile():
+                    continue
+                if m.size > self.limits.max_member_mb * MiB:
+                    self._refused[name] = self._too_costly(m.size, m.size)
+                    continue
+                self._check_total(total + m.size)
+                members[name] = self._read_bounded(tar.extractfile(m), m.size, raw, total)
+                total += m.size
+        return members
+
+    def _read_bounded(self, f, size: int, raw, before: int) -> bytes:  # noqa: ANN001 - file objects
+        """A tar member's bytes, read in chunks while the archive inflates within the ratio limit (a
+        compressed tar has no per-member sizes: the stream's position is what was inflated from so far)."""
+        chunks, got = [], 0
+        while got < size:
+            chunk = f.read(min(CHUNK, size - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+            inflated = before + got
+            if inflated > RATIO_FLOOR and inflated > self.limits.max_ratio * max(raw.tell(), 1):
+                raise CnnpipeError(f"archive '{self.path}': inflates {inflated / max(raw.tell(), 1):.0f}:1, over "
+                                   f"ingest.max_compression_ratio={self.limits.max_ratio:g}; refusing the archive")
+        return b"".join(chunks)
+
     def names(self) -> list[str]:
         return self._names
 
     def read(self, name: str) -> bytes:
+        """A member's bytes; MemberRefused when it is over the limits or unreadable."""
+        where = f"archive '{self.path}': member '{name}'"
         if self._kind == "dir":
-            return (self.path / name).read_bytes()
-        if self._kind == "zip":
-            return self._zip.read(self._zip_names[name])
-        return self._members[name]
+            p = self.path / name
+            why = self._too_costly(p.stat().st_size, p.stat().st_size)
+            if why:
+                raise MemberRefused(f"'{p}': {why}; not read")
+            return p.read_bytes()
+        if self._kind == "tar":
+            if name in self._refused:
+                raise MemberRefused(f"{where}: {self._refused[name]}; not read")
+            return self._members[name]
+        info = self._zip_infos[name]
+        why = self._too_costly(info.file_size, info.compress_size)
+        if why:
+            raise MemberRefused(f"{where}: {why}; not read")
+        try:
+            with self._zip.open(info) as f:  # yields at most the declared size, then checks the CRC
+                return f.read()
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+            raise MemberRefused(f"{where}: unreadable ({e})") from None
 
     def find(self, suffix: str) -> Iterator[str]:
         """Names ending in `suffix` (case-insensitive)."""

@@ -19,20 +19,19 @@ from cnnpipe.serving.predictor import Predictor
 
 
 def load_registered(tracking: TrackingConfig, model_uri: str) -> tuple[Predictor, int]:
-    """The predictor inside a registered pyfunc, and the top_k its signature declares as default."""
-    from cnnpipe.tracking import Registry
+    """The predictor of a model folder or registered model, loaded with cnnpipe's own code (see
+    cnnpipe.serving.trusted), and the top_k its signature declares as default."""
+    from cnnpipe.serving import trusted
+    from cnnpipe.tracking import NotRegistered, Registry
 
     hint = "run `dvc repro` to train and register one, or pass --model"
     db = sqlite_path(tracking.uri)
     if model_uri.startswith("models:/") and db is not None and not db.exists():  # MLflow would create an empty one
         raise CnnpipeError(f"no model registered yet (no MLflow store at '{db}'): {hint}")
     try:
-        pyfunc = Registry(tracking.uri).load_pyfunc(model_uri)
-    except CnnpipeError as e:
-        raise CnnpipeError(f"{e} ({hint})" if model_uri.startswith("models:/") else str(e)) from None
-    schema = pyfunc.metadata.get_params_schema()
-    top_k = next((p.default for p in (schema.params if schema else []) if p.name == "top_k"), 5)
-    return pyfunc.unwrap_python_model().predictor, int(top_k)
+        return trusted.load(Registry(tracking.uri), model_uri)
+    except NotRegistered as e:
+        raise CnnpipeError(f"{e} ({hint})") from None
 
 
 def served_model_file(predictor: Predictor, top_k: int, backend: str, folder: Path) -> Path:

@@ -12,8 +12,8 @@ import pandas as pd
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.serving.contract import RequestError, decode_value, with_box
 from cnnpipe.serving.predictor import Predictor
+from cnnpipe.serving.trusted import CHECKPOINT
 
-CHECKPOINT = "checkpoint"  # the artifact key of the model file
 EXPECTED_SHAPES = ('Expected a column "image" of base64 PNG/JPEG/PPM/BMP/WebP images or uint8 H x W [x C] pixel '
                    'arrays, e.g. {"dataframe_split": {"columns": ["image"], "data": [[b64], ...]}}, '
                    '{"instances": [b64, ...]} or {"inputs": {"image": [b64, ...]}}')

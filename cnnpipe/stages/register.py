@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,9 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.folder import METRICS_FILE
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.promotion import promote
+from cnnpipe.serving import trusted
 from cnnpipe.serving.predictor import Predictor
-from cnnpipe.tracking import CHALLENGER, Registry, Tracker
+from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags
 
 
 def _png_base64(image: np.ndarray) -> str:
@@ -55,7 +57,7 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     promote when asked; the registration is written to `record`."""
     model_dir, out = model, record
     from cnnpipe.serving import pyfunc_model
-    from cnnpipe.serving.pyfunc import CHECKPOINT, predict_frame
+    from cnnpipe.serving.pyfunc import predict_frame
 
     ensure_writable_parent(out)
     predictor = Predictor.from_file(model_dir / MODEL_FILE)  # fail here, not inside MLflow, on a bad model file
@@ -64,22 +66,34 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     ds = read_dataset(data, splits=("test",))
     tracker = Tracker.resume(tracking, model_dir)
 
-    example = pd.DataFrame({"image": [_png_base64(np.asarray(img)) for img in ds.splits["test"].images[:2]]})
-    model_uri = tracker.log_pyfunc_model(
-        "model", example, predict_frame(predictor, example, cfg.top_k), {"top_k": cfg.top_k},
-        python_model=str(Path(pyfunc_model.__file__)),  # models from code: nothing pickled
-        artifacts={CHECKPOINT: str(model_dir / MODEL_FILE)},
-        code_paths=[str(Path(cnnpipe.__file__).parent)],  # the model loads where cnnpipe is not installed
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-                          f"pandas=={pd.__version__}", f"pillow=={Image.__version__}"],
-    )
+    registry = Registry(tracking.uri)
     test = metrics.get("test", {})
-    lineage = read_train_config(model_dir).get("lineage", {})  # the pretrained source, when fine-tuned
-    tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **lineage, **Tracker.source_tags(ds.manifest, data),
-            **{f"test.{k}": v for k, v in test.items()},
-            **{f"test_roi.{k}": v for k, v in metrics.get("test_roi", {}).items()}}
-    version = tracker.register_model(model_uri, cfg.model_name, tags)
-    Registry(tracking.uri).set_alias(cfg.model_name, CHALLENGER, version)
+    version = registry.run_version(cfg.model_name, tracker.run_id)
+    if version is not None:  # a re-run (or one killed after registering): the run's version, not an orphan beside it
+        print(f"{cfg.model_name} version {version} is already registered from run {tracker.run_id}: reusing it",
+              file=sys.stderr)
+        model_uri = registry.version(cfg.model_name, version).source
+    else:
+        example = pd.DataFrame({"image": [_png_base64(np.asarray(img)) for img in ds.splits["test"].images[:2]]})
+        model_uri = tracker.log_pyfunc_model(
+            "model", example, predict_frame(predictor, example, cfg.top_k), {"top_k": cfg.top_k},
+            python_model=str(Path(pyfunc_model.__file__)),  # models from code: nothing pickled
+            artifacts={trusted.CHECKPOINT: str(model_dir / MODEL_FILE)},
+            code_paths=[str(Path(cnnpipe.__file__).parent)],  # the model loads where cnnpipe is not installed
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+                              f"pandas=={pd.__version__}", f"pillow=={Image.__version__}"],
+        )
+        with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as tmp:  # hash what the store holds
+            folder, _, _ = registry.model_files(model_uri, Path(tmp))
+            hashes = trusted.digests(folder)
+        lineage = read_train_config(model_dir).get("lineage", {})  # the pretrained source, when fine-tuned
+        tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **lineage, **Tracker.source_tags(ds.manifest, data),
+                **{f"test.{k}": v for k, v in test.items()},
+                **{f"test_roi.{k}": v for k, v in metrics.get("test_roi", {}).items()},
+                **hashes, **owner_tags(), STATE_TAG: "registering"}
+        version = tracker.register_model(model_uri, cfg.model_name, tags)
+    registry.set_alias(cfg.model_name, CHALLENGER, version)
+    registry.tag_version(cfg.model_name, version, {STATE_TAG: "registered"})  # killed before this: `gc` deletes it
     print(f"registered {cfg.model_name} version {version} as {CHALLENGER} "
           f"(test accuracy {test.get('accuracy', float('nan')):.4f})", file=sys.stderr)
     promotion = promote(cfg, tracking, cfg.model_name, version, data) if cfg.auto_promote else None

@@ -57,6 +57,9 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
     device = dist.device(resolve_device(cfg.device))
     threads = set_threads(cfg.threads, dist.world)
     state = load_checkpoint(checkpoint, dataclasses.asdict(cfg)) if resume and checkpoint else None
+    if checkpoint and not resume and checkpoint.exists() and dist.is_main:
+        print(f"train: a checkpoint of an interrupted run is at '{checkpoint}': starting afresh replaces it "
+              f"(`--resume` would continue it)", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     net = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, cfg.width)
     if is_library_arch(cfg.arch):
@@ -83,7 +86,7 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
         from cnnpipe.tracking import Tracker
 
         if state is not None and state.get("run_id"):
-            tracker = Tracker.reopen(tracking, state["run_id"], str(checkpoint))
+            tracker = Tracker.reopen(tracking, state["run_id"], str(checkpoint), running=True)
         else:
             tracker = Tracker.start(tracking, run_name=(run_tags or {}).get("mlflow.runName",
                                                                             f"{aug.manifest['source']['name']}-{cfg.arch}"),

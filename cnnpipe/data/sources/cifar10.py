@@ -15,7 +15,7 @@ from cnnpipe.data.archive import FileTree
 from cnnpipe.data.images import resize_batch
 from cnnpipe.data.raw import Images, RawDataset
 from cnnpipe.data.safe_pickle import safe_load
-from cnnpipe.data.sources.common import input_record, resolve
+from cnnpipe.data.sources.common import input_record, open_tree, resolve
 from cnnpipe.errors import CnnpipeError
 
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -45,7 +45,7 @@ def _batch(tree: FileTree, base: str, num_classes: int, cfg: IngestConfig, bad: 
 
 def load(cfg: IngestConfig) -> RawDataset:
     path = resolve(cfg.path, cfg, "path")
-    tree = FileTree(path)
+    tree = open_tree(path, cfg)
     meta_name = _member(tree, "batches.meta")
     meta = safe_load(tree.read(meta_name), f"{path}:{meta_name}")
     names = meta.get(b"label_names") if isinstance(meta, dict) else None

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from cnnpipe.config import IngestConfig
 from cnnpipe.data import versioned
-from cnnpipe.data.archive import FileTree
+from cnnpipe.data.archive import ArchiveLimits, FileTree, MemberRefused
 from cnnpipe.data.decode import BadImage, decode
 from cnnpipe.data.download import fetch, is_url
 from cnnpipe.data.raw import Images
@@ -46,6 +46,11 @@ def input_record(path: Path) -> dict:
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
         h.update(f"{p.relative_to(path).as_posix()}\0{file_digest(p)}\n".encode())
     return {"path": str(path), "sha256": h.hexdigest(), "kind": "folder"}
+
+
+def open_tree(path: Path, cfg: IngestConfig) -> FileTree:
+    """A folder or archive, read within ingest's memory limits."""
+    return FileTree(path, ArchiveLimits(cfg.max_member_mb, cfg.max_compression_ratio, cfg.max_total_mb))
 
 
 @dataclass
@@ -82,7 +87,7 @@ def decode_entries(tree: FileTree, entries: Iterable[Entry], cfg: IngestConfig, 
         try:
             out[len(kept)] = decode(tree.read(e.name), f"{tree.path}:{e.name}", cfg.image_size, cfg.channels,
                                     e.roi if cfg.roi_crop else None, cfg.resize)
-        except BadImage as err:
+        except (BadImage, MemberRefused) as err:
             bad.append({"path": f"{tree.path}:{e.name}", "error": str(err)})
             continue
         except OSError as err:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -19,7 +20,13 @@ from cnnpipe.config import IngestConfig
 from cnnpipe.data.archive import FileTree
 from cnnpipe.data.decode import IMAGE_SUFFIXES
 from cnnpipe.data.raw import RawDataset
-from cnnpipe.data.sources.common import Entry, decode_entries, input_record, resolve
+from cnnpipe.data.sources.common import (
+    Entry,
+    decode_entries,
+    input_record,
+    open_tree,
+    resolve,
+)
 from cnnpipe.errors import CnnpipeError
 
 CLASSES = [
@@ -47,12 +54,20 @@ def _rows(data: bytes, where: str) -> list[dict]:
 
 
 def _roi(row: dict) -> tuple[float, float, float, float, float, float] | None:
-    """The sign's box and the size of the image the CSV describes (None when the row lacks them)."""
-    try:
-        roi = tuple(float(row[k]) for k in ("Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "Width", "Height"))
-    except (KeyError, ValueError, TypeError):
+    """The sign's inclusive box and the size of the image the CSV describes (None when the row has no such
+    columns); ValueError naming what is wrong with a row whose numbers are bad or whose box is not in the image."""
+    keys = ("Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "Width", "Height")
+    if any(row.get(k) is None for k in keys):
         return None
-    return roi if roi[4] > 0 and roi[5] > 0 else None
+    try:
+        x1, y1, x2, y2, w, h = (float(row[k]) for k in keys)
+    except ValueError:
+        raise ValueError(f"ROI/size not numbers: {', '.join(f'{k}={row[k]!r}' for k in keys)}") from None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2, w, h)) or w <= 0 or h <= 0:
+        raise ValueError(f"bad image size {row['Width']!r} x {row['Height']!r} or a non-finite ROI")
+    if not (0 <= x1 < x2 < w and 0 <= y1 < y2 < h):
+        raise ValueError(f"ROI ({x1:g}, {y1:g})-({x2:g}, {y2:g}) is inverted or outside the {w:g} x {h:g} image")
+    return x1, y1, x2, y2, w, h
 
 
 def _entries(tree: FileTree, rows: list[dict], folder: str, cfg: IngestConfig, bad: list[dict],
@@ -70,7 +85,12 @@ def _entries(tree: FileTree, rows: list[dict], folder: str, cfg: IngestConfig, b
         if name not in names:
             bad.append({"path": f"{tree.path}:{name}", "error": "listed in the annotations but missing"})
             continue
-        out.append((Entry(name, label, _roi(row)), row["Filename"]))
+        try:
+            roi = _roi(row)  # fixed crops (roi_crop) and stored boxes both need it
+        except ValueError as e:  # a bad annotation spoils its row only
+            bad.append({"path": f"{tree.path}:{name}", "error": f"annotation row: {e}"})
+            continue
+        out.append((Entry(name, label, roi), row["Filename"]))
     return out
 
 
@@ -79,12 +99,12 @@ def _member(folder: str, filename: str) -> str:
     return f"{folder}/{filename}" if folder else filename
 
 
-def _test_rows(labels_path, test_names: set[str]) -> list[dict]:  # noqa: ANN001 - a Path
+def _test_rows(labels_path, test_names: set[str], cfg: IngestConfig) -> list[dict]:  # noqa: ANN001 - a Path
     """GT-final_test.csv's rows, from the CSV itself or from GTSRB_Final_Test_GT.zip / its folder."""
     if labels_path.is_file() and labels_path.suffix.lower() == ".csv":
         rows = _rows(labels_path.read_bytes(), str(labels_path))
     else:
-        tree = FileTree(labels_path)
+        tree = open_tree(labels_path, cfg)
         gt = next(tree.find("GT-final_test.csv"), None)
         if gt is None:
             raise CnnpipeError(f"ingest.test_labels '{labels_path}': expected GT-final_test.csv inside")
@@ -96,7 +116,7 @@ def _test_rows(labels_path, test_names: set[str]) -> list[dict]:  # noqa: ANN001
 
 def load(cfg: IngestConfig) -> RawDataset:
     path = resolve(cfg.path, cfg, "path")
-    tree = FileTree(path)
+    tree = open_tree(path, cfg)
     bad: list[dict] = []
     names = set(tree.names())
     csvs = sorted(n for n in tree.find(".csv") if PurePosixPath(n).name.startswith("GT-0"))
@@ -129,9 +149,9 @@ def load(cfg: IngestConfig) -> RawDataset:
     test_path = resolve(cfg.test_path, cfg, "test_path", required=False)
     if test_path is not None:
         labels_path = resolve(cfg.test_labels, cfg, "test_labels")
-        test_tree = FileTree(test_path)
+        test_tree = open_tree(test_path, cfg)
         test_names = set(test_tree.names())
-        rows = _test_rows(labels_path, test_names)
+        rows = _test_rows(labels_path, test_names, cfg)
         test_entries = [e for e, _ in _entries(test_tree, rows, "", cfg, bad, test_names)]
         test, _ = decode_entries(test_tree, test_entries, cfg, bad, "gtsrb test")
         test_tree.close()

@@ -13,7 +13,13 @@ from cnnpipe.config import IngestConfig
 from cnnpipe.data.archive import FileTree
 from cnnpipe.data.decode import IMAGE_SUFFIXES
 from cnnpipe.data.raw import RawDataset
-from cnnpipe.data.sources.common import Entry, decode_entries, input_record, resolve
+from cnnpipe.data.sources.common import (
+    Entry,
+    decode_entries,
+    input_record,
+    open_tree,
+    resolve,
+)
 from cnnpipe.errors import CnnpipeError
 
 
@@ -40,7 +46,7 @@ def _by_class(tree: FileTree) -> tuple[dict[str, list[str]], set[str]]:
 
 def load(cfg: IngestConfig) -> RawDataset:
     path = resolve(cfg.path, cfg, "path")
-    tree = FileTree(path)
+    tree = open_tree(path, cfg)
     files, folders = _by_class(tree)
     bad: list[dict] = []
     for empty in sorted(folders - set(files)):
@@ -58,7 +64,7 @@ def load(cfg: IngestConfig) -> RawDataset:
     test = None
     test_path = resolve(cfg.test_path, cfg, "test_path", required=False)
     if test_path is not None:
-        test_tree = FileTree(test_path)
+        test_tree = open_tree(test_path, cfg)
         test_files, test_folders = _by_class(test_tree)
         test_entries = []
         for c in sorted(test_files):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnpipe.config import IngestConfig
+from cnnpipe.data.archive import MiB
 from cnnpipe.data.images import resize_batch
 from cnnpipe.data.raw import Images, RawDataset
 from cnnpipe.data.safe_pickle import safe_load
@@ -22,7 +23,10 @@ from cnnpipe.data.sources.common import input_record, resolve
 from cnnpipe.errors import CnnpipeError
 
 
-def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read(path: Path, cfg: IngestConfig) -> tuple[np.ndarray, np.ndarray]:
+    size = path.stat().st_size
+    if size > cfg.max_member_mb * MiB:  # read whole into memory: the same budget as an archive member
+        raise CnnpipeError(f"pickle '{path}': {size / MiB:.0f} MiB, over ingest.max_member_mb={cfg.max_member_mb:g}")
     d = safe_load(path.read_bytes(), str(path))
     features = d.get("features") if isinstance(d, dict) else None
     labels = d.get("labels") if isinstance(d, dict) else None
@@ -54,10 +58,10 @@ def load(cfg: IngestConfig) -> RawDataset:
     train_file = path if path.is_file() else folder / "train.p"
     if not train_file.exists():
         raise CnnpipeError(f"ingest.path '{path}': no train.p")
-    splits = {"train": _read(train_file)}
+    splits = {"train": _read(train_file, cfg)}
     for split, base in (("val", "valid.p"), ("test", "test.p")):
         if (folder / base).exists():
-            splits[split] = _read(folder / base)
+            splits[split] = _read(folder / base, cfg)
     max_label = max(int(lab.max(initial=-1)) for _, lab in splits.values())
     classes = _class_names(folder, max_label + 1)
     bad: list[dict] = []
