@@ -27,8 +27,6 @@ class Port:
     path: str  # the default (dvc.yaml's and the CLI's)
     flag: str  # the CLI flag
     help: str
-    versioned: bool = True  # a DVC output; False for a record of this machine's state (run ids), which would
-    # change dvc.lock on every run
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,7 @@ EVALUATION = Port("evaluation", "data/evaluation", "--evaluation", "evaluation d
 
 def _out(port: Port) -> Port:
     """The same port as a stage's output: the CLI spells every stage's main output --out."""
-    return Port(port.name, port.path, "--out", port.help, port.versioned)
+    return Port(port.name, port.path, "--out", port.help)
 
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
@@ -74,7 +72,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
               inputs=(MODEL, DATA), outputs=(_out(EVALUATION),), tracking="optional"),
     StageSpec("register", RegisterConfig, "log the model as an MLflow pyfunc and register it in the Model Registry",
               inputs=(MODEL, DATA, EVALUATION),
-              outputs=(Port("record", "data/registered.json", "--out", "registration record (JSON)", versioned=False),),
+              outputs=(Port("record", "data/registered.json", "--out", "registration record (JSON)"),),
               tracking="required"),
 )}
 
