@@ -22,7 +22,9 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 def user_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment commands run in: this one without the settings that would redirect them (the
     tracking store, the components' image), plus `extra`."""
-    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNPIPE_IMAGE")} | (extra or {})
+    # (MLflow's set_tracking_uri/set_registry_uri, called by in-process tests, also export these variables)
+    redirects = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CNNPIPE_IMAGE")
+    return {k: v for k, v in os.environ.items() if k not in redirects} | (extra or {})
 
 
 def cnnpipe(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
