@@ -281,8 +281,9 @@ def test_dvc_experiments_show_the_grid(workspace, first_repro, tmp_path):
 
 def test_mlflow_project_stage_entry_points(workspace, first_repro):
     """`mlflow run . -e <stage>` for every stage, in order, ends with a registered model."""
+    register = "overrides=register.model_name=digits-stages register.min_accuracy=0.2"
     for stage, extra in (("ingest", []), ("augment", []), ("train", ["-P", "overrides=train.epochs=2"]),
-                         ("evaluate", []), ("register", ["-P", "overrides=register.model_name=digits-stages register.min_accuracy=0.2"])):
+                         ("evaluate", []), ("register", ["-P", register])):
         out = run(["mlflow", "run", ".", "-e", stage, "--env-manager", "local", "-P", "workdir=stages", *extra], workspace)
         assert "succeeded" in out, stage
     # every param comes from the workspace's params.yaml (where `dvc exp run` may have left another arch)
