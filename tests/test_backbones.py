@@ -143,6 +143,7 @@ def _workdir(tmp_path: Path, size: int = 16, channels: int = 3) -> Path:
     return tmp_path
 
 
+@pytest.mark.e2e  # the real CLI / git + DVC in subprocesses
 def test_cli_pretrained_file_errors_are_one_line_and_leave_no_model(tmp_path):
     ws = _workdir(tmp_path)
     torch.save(build_model("resnet50", 3, 10, 32, 16).state_dict(), ws / "r50.pt")
@@ -155,6 +156,7 @@ def test_cli_pretrained_file_errors_are_one_line_and_leave_no_model(tmp_path):
         assert not (ws / "data/model").exists()
 
 
+@pytest.mark.e2e  # the real CLI / git + DVC in subprocesses
 def test_cli_fine_tunes_a_file_and_records_it(tmp_path):
     ws = _workdir(tmp_path, channels=1)
     torch.save(build_model("torchvision/resnet18", 3, 1000, 16, 16).state_dict(), ws / "rgb.pt")

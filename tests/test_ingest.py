@@ -307,6 +307,7 @@ def dvc_repo(tmp_path):
     return repo
 
 
+@pytest.mark.e2e  # the real CLI / git + DVC in subprocesses
 def test_ingest_reads_an_exact_version_from_a_dvc_repository(tmp_path, dvc_repo):
     cache = str(tmp_path / "dl")
     summary, out = run_ingest(tmp_path, source="imagefolder", dvc_repo=str(dvc_repo), dvc_rev="v1",
@@ -320,6 +321,7 @@ def test_ingest_reads_an_exact_version_from_a_dvc_repository(tmp_path, dvc_repo)
     assert summary["files"] == 18 and summary["dvc"]["commit"] == run(["git", "rev-parse", "v2"], dvc_repo).strip()
 
 
+@pytest.mark.e2e  # the real CLI / git + DVC in subprocesses
 def test_dvc_repository_errors_name_the_field(tmp_path, dvc_repo):
     with pytest.raises(CnnpipeError, match=r"^ingest.dvc_rev: 'v9' is not a revision of"):
         run_ingest(tmp_path, source="imagefolder", dvc_repo=str(dvc_repo), dvc_rev="v9", path="data/images")

@@ -159,6 +159,7 @@ def test_keep_best_keeps_the_best_validation_epoch(keep):
     assert kept_loss == pytest.approx(losses[result.kept_epoch - 1], rel=1e-5)
 
 
+@pytest.mark.e2e  # the real CLI / git + DVC in subprocesses
 def test_cli_train_with_a_diverging_loss_exits_2_and_writes_no_model(tmp_path, tiny_dataset):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
