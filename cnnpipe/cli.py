@@ -151,14 +151,17 @@ def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
         cfg, space = load_tune(params, {}, pp)
         return {"compiled": str(katib.write_experiment(args.output or Path("katib-experiment.yaml"), cfg, space,
                                                        params, args.tracking_uri or katib.CLUSTER_TRACKING_URI))}
+    arguments, topology = training.arguments(params, args.param)
     if args.action == "compile":
-        return {"compiled": str(training.compile_pipeline(args.output or Path("pipeline.yaml"),
-                                                          training.as_parameter(params)))}
-    arguments = training.arguments(params, args.param)
+        return {"compiled": str(training.compile_pipeline(args.output or Path("pipeline.yaml"), arguments, topology)),
+                "nodes": topology.nodes}
     if args.action == "submit":
         if not args.host:
             raise CnnpipeError("pipeline submit: --host (the Kubeflow Pipelines API URL) is required")
-        return training.submit(args.host, arguments, args.experiment, args.run_name, not args.no_cache)
+        return training.submit(args.host, arguments, args.experiment, args.run_name, not args.no_cache, topology)
+    if topology.nodes > 1:
+        raise CnnpipeError(f"pipeline run-local: -p nodes={topology.nodes} needs a Kubernetes cluster with Kubeflow's "
+                           "Training Operator (use `pipeline submit`); run-local trains on this machine, one node")
     uri = tracking_config(params, args, pp).uri
     db = sqlite_path(uri)
     if db is not None and not db.is_absolute():  # components run elsewhere: an absolute path
@@ -307,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", help="submit: run name")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a param of this run as block.key=value (the pipeline's `overrides`, e.g. -p train.epochs=5), "
-                        "or the pipeline parameter tracking_uri or credentials_secret; repeatable")
+                        "the pipeline parameter tracking_uri or credentials_secret (compile: their defaults), or "
+                        "the train step's nodes (default 1: one pod; more: a Kubeflow PyTorchJob of that many "
+                        "nodes) and gpus_per_node (default 1; 0: CPU-only nodes); repeatable")
     p.add_argument("--no-cache", action="store_true", help="run every step, ignoring cached results")
     p.add_argument("--root", type=Path, default=Path("data/kfp"), help="run-local: where artifacts go")
     p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",

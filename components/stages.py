@@ -16,6 +16,8 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 IMAGE = os.environ.get("CNNPIPE_IMAGE", "localhost/cnnpipe:0.1.0")
+# What training gets: the single train pod, or each node of a multi-node training job
+TRAIN_CPU, TRAIN_MEMORY = "8", "32G"
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -50,6 +52,24 @@ def train(params: str, overrides: list, tracking_uri: str, data: Input[Dataset],
     result = run_stage("train", yaml.safe_load(params), overrides=overrides,
                        tracking_uri=tracking_uri, data=data.path, augmented=augmented.path, model=model.path)
     model.metadata.update({k: v for k, v in result.items() if v is not None})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_job(params: str, overrides: list, tracking_uri: str, credentials_secret: str, job: str,
+              data: Input[Dataset], augmented: Input[Dataset], model: Output[Model]):
+    """train on several nodes: `job` is the Kubeflow PyTorchJob compiled into the pipeline (pipeline.trainjob);
+    this step starts it for this run, waits for it, and outputs its model folder as `train` does."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline import trainjob
+
+    result = trainjob.run(json.loads(job), params=yaml.safe_load(params), overrides=overrides,
+                          tracking_uri=tracking_uri, credentials_secret=credentials_secret, data_uri=data.uri,
+                          augmented_uri=augmented.uri, model_uri=model.uri, model_dir=Path(model.path))
+    model.metadata.update(result)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -3,7 +3,8 @@
 Pipeline parameters: `params`, the params.yaml every component reads its block from (embedded when
 compiled); `overrides`, what the user sets for one run in the syntax of `dvc exp run -S`
 (["train.epochs=5", "ingest.path=s3://..."]), empty by default, so an unset parameter always means
-"params.yaml decides"; the MLflow tracking URI; the Kubernetes secret holding credentials.
+"params.yaml decides"; the MLflow tracking URI; the Kubernetes secret holding credentials. Where the train
+step runs (`Topology`: nodes and GPUs per node) is chosen when the pipeline is compiled or submitted.
 """
 
 # no `from __future__ import annotations`: KFP reads the pipeline signature's types at runtime
@@ -12,6 +13,7 @@ import contextlib
 import json
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
@@ -42,40 +44,94 @@ CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFL
                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL")
 
 
-@dsl.pipeline(name="cnnpipe", description="ingest -> augment -> train -> evaluate -> register (+ promote)")
-def cnnpipe_pipeline(params: str = DEFAULT_PARAMS,
-                     overrides: list = [],  # noqa: B006 - KFP reads the default from the signature
-                     tracking_uri: str = "http://mlflow.mlflow.svc.cluster.local:5000",
-                     credentials_secret: str = "cnnpipe-credentials") -> str:
-    common = {"params": params, "overrides": overrides}
-    data = stages.ingest(**common)
-    aug = stages.augment(**common, data=data.outputs["data"])
-    fit = stages.train(**common, tracking_uri=tracking_uri, data=data.outputs["data"],
-                       augmented=aug.outputs["augmented"])
-    # the one step that wants a GPU; the others are CPU-bound data work
-    fit.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1).set_cpu_limit("8").set_memory_limit("32G")
-    scores = stages.evaluate(**common, tracking_uri=tracking_uri, model=fit.outputs["model"],
-                             data=data.outputs["data"])
-    reg = stages.register(**common, tracking_uri=tracking_uri, model=fit.outputs["model"], data=data.outputs["data"],
-                          evaluation=scores.outputs["evaluation"])
-    # data steps are pure functions of their inputs: cache them; training, evaluation and registration
-    # log to MLflow, so they run every time
-    for task in (fit, scores, reg):
-        task.set_caching_options(False)
-    for task in (data, fit, scores, reg):  # augment reads and writes only its artifacts
-        # credentials only from the cluster: each key of the secret becomes the variable of the same name;
-        # optional, since an open tracking server or a public DVC remote needs none
-        kubernetes.use_secret_as_env(task, secret_name=credentials_secret,
-                                     secret_key_to_env={key: key for key in CREDENTIAL_KEYS}, optional=True)
-    return reg.outputs["Output"]  # the registered model's URI
+@dataclass(frozen=True)
+class Topology:
+    """Where the train step runs: `nodes` pods (1: the pipeline's own train pod, as always; more: a Kubeflow
+    training job, pipeline.trainjob) with `gpus_per_node` GPUs each. One GPU by default: what the single
+    train pod has always asked for, so going to N nodes multiplies the same machine; 0 for CPU-only nodes.
+    Set when compiling or submitting (`-p nodes=4`): the job's replica count and GPU limits are integers of
+    its manifest, which a run's parameters cannot fill in."""
 
-def arguments(params: dict, items: list[str]) -> dict:
+    nodes: int = 1
+    gpus_per_node: int = 1
+
+    def __post_init__(self) -> None:
+        from cnnpipe.errors import CnnpipeError
+
+        if self.nodes < 1:
+            raise CnnpipeError(f"-p nodes={self.nodes}: expected 1 or more")
+        if self.gpus_per_node < 0:
+            raise CnnpipeError(f"-p gpus_per_node={self.gpus_per_node}: expected 0 or more")
+
+    @property
+    def procs_per_node(self) -> int:
+        """torchrun processes on each node: one per GPU, one on a CPU-only node."""
+        return max(1, self.gpus_per_node)
+
+
+def training_job(topology: Topology) -> dict:
+    """The multi-node train step's Kubeflow job manifest (validated against the SDK's models)."""
+    from pipeline import trainjob
+
+    job = trainjob.manifest(trainjob.pytorchjob(topology, stages.IMAGE, stages.TRAIN_CPU, stages.TRAIN_MEMORY))
+    trainjob.check(job)
+    return job
+
+
+def pipeline_for(topology: Topology):  # noqa: ANN201 - a KFP GraphComponent
+    """The pipeline with its train step on `topology`."""
+    job = json.dumps(training_job(topology)) if topology.nodes > 1 else None
+
+    @dsl.pipeline(name="cnnpipe", description="ingest -> augment -> train -> evaluate -> register (+ promote)")
+    def cnnpipe_pipeline(params: str = DEFAULT_PARAMS,
+                         overrides: list = [],  # noqa: B006 - KFP reads the default from the signature
+                         tracking_uri: str = "http://mlflow.mlflow.svc.cluster.local:5000",
+                         credentials_secret: str = "cnnpipe-credentials") -> str:
+        common = {"params": params, "overrides": overrides}
+        data = stages.ingest(**common)
+        aug = stages.augment(**common, data=data.outputs["data"])
+        if job is None:
+            fit = stages.train(**common, tracking_uri=tracking_uri, data=data.outputs["data"],
+                               augmented=aug.outputs["augmented"])
+            # the one step that wants a GPU; the others are CPU-bound data work
+            fit.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1).set_cpu_limit(stages.TRAIN_CPU) \
+                .set_memory_limit(stages.TRAIN_MEMORY)
+        else:  # this step only starts the job and waits; the job's pods train
+            fit = stages.train_job(**common, tracking_uri=tracking_uri, credentials_secret=credentials_secret,
+                                   job=job, data=data.outputs["data"], augmented=aug.outputs["augmented"])
+        scores = stages.evaluate(**common, tracking_uri=tracking_uri, model=fit.outputs["model"],
+                                 data=data.outputs["data"])
+        reg = stages.register(**common, tracking_uri=tracking_uri, model=fit.outputs["model"],
+                              data=data.outputs["data"], evaluation=scores.outputs["evaluation"])
+        # data steps are pure functions of their inputs: cache them; training, evaluation and registration
+        # log to MLflow, so they run every time
+        for task in (fit, scores, reg):
+            task.set_caching_options(False)
+        for task in (data, fit, scores, reg):  # augment reads and writes only its artifacts
+            # credentials only from the cluster: each key of the secret becomes the variable of the same name;
+            # optional, since an open tracking server or a public DVC remote needs none
+            kubernetes.use_secret_as_env(task, secret_name=credentials_secret,
+                                         secret_key_to_env={key: key for key in CREDENTIAL_KEYS}, optional=True)
+        return reg.outputs["Output"]  # the registered model's URI
+
+    return cnnpipe_pipeline
+
+
+cnnpipe_pipeline = pipeline_for(Topology())
+
+
+TOPOLOGY_KEYS = ("nodes", "gpus_per_node")
+
+
+def arguments(params: dict, items: list[str]) -> "tuple[dict, Topology]":
     """The run's arguments from `-p` items: `block.key=value` ones become `overrides` (checked against
-    params.yaml's blocks now, not inside a pod later), the others set a pipeline parameter."""
+    params.yaml's blocks now, not inside a pod later), `nodes` and `gpus_per_node` the train step's
+    topology, the others set a pipeline parameter."""
     from cnnpipe.config import apply_overrides, parse_assignments
     from cnnpipe.errors import CnnpipeError
 
     out: dict = {"params": as_parameter(params), "overrides": []}
+    topology: dict[str, int] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
@@ -85,26 +141,32 @@ def arguments(params: dict, items: list[str]) -> dict:
             out["overrides"].append(item)
         elif key in ("tracking_uri", "credentials_secret"):
             out[key] = value
+        elif key in TOPOLOGY_KEYS:
+            if not value.isdigit():
+                raise CnnpipeError(f"-p {item}: expected a whole number")
+            topology[key] = int(value)
         else:
-            raise CnnpipeError(f"-p {key}: not a pipeline parameter (expected tracking_uri, credentials_secret "
-                               "or a param as block.key, e.g. train.epochs=5)")
-    return out
+            raise CnnpipeError(f"-p {key}: not a pipeline parameter (expected tracking_uri, credentials_secret, "
+                               f"{', '.join(TOPOLOGY_KEYS)} or a param as block.key, e.g. train.epochs=5)")
+    return out, Topology(**topology)
 
 
-def compile_pipeline(output: Path, params: str) -> Path:
-    """Write the pipeline YAML with `params` (a params.yaml as JSON text) as the default of its `params`."""
+def compile_pipeline(output: Path, parameters: dict, topology: Topology = Topology()) -> Path:  # noqa: B008 - frozen
+    """Write the pipeline YAML for `topology`, with `parameters` (as `arguments` returns them: `params`, a
+    params.yaml as JSON text, and what `-p` set) as its parameters' defaults."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(cnnpipe_pipeline, str(output), pipeline_parameters={"params": params})
+    compiler.Compiler().compile(pipeline_for(topology), str(output), pipeline_parameters=parameters)
     return output
 
 
-def submit(host: str, arguments: dict, experiment: "str | None", run_name: "str | None", caching: bool) -> dict:
+def submit(host: str, arguments: dict, experiment: "str | None", run_name: "str | None", caching: bool,
+           topology: Topology = Topology()) -> dict:  # noqa: B008 - frozen
     import kfp
 
     with warnings.catch_warnings():  # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 and later"
         warnings.simplefilter("ignore", FutureWarning)
         client = kfp.Client(host=host)
-    run = client.create_run_from_pipeline_func(cnnpipe_pipeline, arguments=arguments, run_name=run_name,
+    run = client.create_run_from_pipeline_func(pipeline_for(topology), arguments=arguments, run_name=run_name,
                                                experiment_name=experiment, enable_caching=caching)
     return {"run_id": run.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
 
