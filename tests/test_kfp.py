@@ -148,3 +148,17 @@ def test_submit_sends_the_pipeline_with_its_parameters(tmp_path, kfp_api):
     (run,) = [body for method, path, body in requests if (method, path) == ("POST", "/apis/v2beta1/runs")]
     tasks = run["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"]
     assert all(not t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
+
+
+def test_submit_with_several_nodes_sends_the_training_job(tmp_path, kfp_api):
+    host, requests = kfp_api
+    proc = cnnpipe("pipeline", "submit", "--params", str(REPO / "params.yaml"), "--host", host, "-p", "nodes=3",
+                   "-p", "gpus_per_node=2", "-p", "train.epochs=5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = [body for method, path, body in requests if (method, path) == ("POST", "/apis/v2beta1/runs")]
+    # the topology is the pipeline's shape, not a run parameter
+    assert set(run["runtime_config"]["parameters"]) == {"params", "overrides"}
+    spec = run["pipeline_spec"]["pipeline_spec"]
+    assert set(spec["root"]["dag"]["tasks"]) == {"ingest", "augment", "train-job", "evaluate", "register"}
+    job = json.loads(spec["root"]["dag"]["tasks"]["train-job"]["inputs"]["parameters"]["job"]["runtimeValue"]["constant"])
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2 and job["spec"]["nprocPerNode"] == "2"

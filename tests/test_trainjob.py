@@ -136,6 +136,15 @@ def test_pipeline_parameters_nodes_and_gpus_per_node():
             arguments(params, [bad])
 
 
+def test_compile_takes_p_items_as_the_parameters_defaults(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    args, topology = arguments(params, ["train.epochs=5", "tracking_uri=http://mlflow.example.com", "nodes=2"])
+    spec, _ = yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", args, topology).read_text())
+    defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults == {"params": as_parameter(params), "overrides": ["train.epochs=5"],
+                        "tracking_uri": "http://mlflow.example.com", "credentials_secret": "cnnpipe-credentials"}
+
+
 def test_job_step_has_train_ports():
     import inspect
 
