@@ -76,9 +76,11 @@ def test_params_yaml_sets_every_knob_and_agrees_with_the_library_defaults():
     for block, cls in BLOCKS.items():
         assert set(params[block]) == {f.name for f in dataclasses.fields(cls)}, block
         assert load_block(cls, block, params, {}, PP) == cls(), block
-    gtsrb = read_params(REPO / "configs/gtsrb.yaml")
-    for block, cls in BLOCKS.items():
-        assert set(gtsrb[block]) == {f.name for f in dataclasses.fields(cls)}, block
+    for recipe in sorted((REPO / "configs").glob("*.yaml")):  # full params files, to copy over params.yaml
+        full = read_params(recipe)
+        for block, cls in BLOCKS.items():
+            assert set(full[block]) == {f.name for f in dataclasses.fields(cls)}, (recipe.name, block)
+            load_block(cls, block, full, {}, recipe)
 
 
 def test_overrides_use_one_syntax_and_name_what_is_wrong():

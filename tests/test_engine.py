@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import dataclasses
 import os
@@ -178,3 +179,28 @@ def test_threads_follow_the_request_or_the_available_cores():
         assert set_threads(0, processes=1000) == 1  # never zero threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_precision_picks_the_autocast_and_falls_back_where_bf16_is_emulated(monkeypatch, capsys):
+    from cnnpipe.engine.device import autocast
+
+    cpu = torch.device("cpu")
+    assert autocast(cpu, "auto") == (contextlib.nullcontext, "fp32")  # CPU runs repeat exactly
+    mixed, precision = autocast(torch.device("cuda"), "auto")  # bf16 on tensor cores
+    assert precision == "bf16" and isinstance(mixed(), torch.autocast)
+    assert autocast(torch.device("cuda"), "fp32")[1] == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert autocast(cpu, "bf16")[1] == "fp32"  # emulated bf16 is slower than fp32
+    cfg = TrainConfig(arch="cnn3", width=8, epochs=1, batch_size=16, precision="bf16")
+    fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, policy=None)
+    assert "train.precision: bf16 asked for, but cpu has no native bf16: training in fp32" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
+                    reason="this CPU has no native bf16")
+def test_bf16_training_on_cpu_learns():
+    cfg = TrainConfig(arch="cnn3", width=8, epochs=6, batch_size=16, lr=0.05, precision="bf16")
+    torch.manual_seed(0)
+    history = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, policy=None).history
+    assert history[-1]["val/accuracy"] > 0.9 and history[-1]["train/loss"] < history[0]["train/loss"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +23,23 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CnnpipeError(f"device: {name!r} asked for, but torch sees no CUDA device")
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: CUDA, or a CPU with AVX512-BF16 or AMX (elsewhere torch emulates it, slower than fp32)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def autocast(device: torch.device, precision: str) -> tuple[Callable[[], contextlib.AbstractContextManager], str]:
+    """The training step's autocast factory for `precision`, and the precision it gives: auto is bf16 on CUDA
+    (tensor cores) and fp32 on CPU (runs repeat exactly); bf16 is bf16 where the hardware has it, fp32
+    elsewhere (a recipe stays portable)."""
+    bf16 = (precision == "bf16" and native_bf16(device)) or (precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext, "fp32"
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16"
 
 
 def available_cores() -> int:

@@ -10,7 +10,6 @@ from a checkpoint repeats the uninterrupted run exactly on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import sys
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from cnnpipe.augment import AugmentPolicy, apply_policy
 from cnnpipe.config import TrainConfig
+from cnnpipe.engine.device import autocast
 from cnnpipe.engine.distributed import Dist, all_sum
 from cnnpipe.engine.inference import normalize, predict_logits
 from cnnpipe.errors import CnnpipeError
@@ -148,9 +148,10 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    # bf16 autocast where it pays (tensor cores); plain fp32 on CPU, whose results must repeat exactly
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
-        else contextlib.nullcontext
+    mixed, precision = autocast(device, cfg.precision)
+    if precision != cfg.precision != "auto" and dist.is_main:
+        print(f"train.precision: {cfg.precision} asked for, but {device} has no native bf16: training in fp32",
+              file=sys.stderr)
     n = len(data.train_labels)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -191,7 +192,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             if policy is not None and not policy.is_identity:
                 x, y = apply_policy(x, y, policy, g_aug, None if data.train_boxes is None else data.train_boxes[idx])
             x = normalize(x, data.mean, data.std).contiguous(memory_format=memory)
-            with autocast():
+            with mixed():
                 logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
