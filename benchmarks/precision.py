@@ -1,0 +1,78 @@
+"""Benchmark: training images/s of fastnet on this CPU in fp32 and with bf16 autocast (train.precision).
+
+Steps of the real training step (forward, cross-entropy, backward, SGD) on random 32x32 RGB batches of
+128, channels_last, after a warm-up; best of --repeats timed blocks per precision, interleaved so a
+background load hits both alike. bf16 is measured only where the CPU has it natively (AVX512-BF16/AMX).
+
+    .venv/bin/python benchmarks/precision.py [--steps 20] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import record  # noqa: E402
+
+from cnnpipe.engine.device import autocast, native_bf16, set_threads  # noqa: E402
+from cnnpipe.models import build_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def images_per_s(width: int, precision: str, steps: int, batch: int = 128) -> float:
+    torch.manual_seed(0)
+    model = build_model("fastnet", 3, 43, 32, width).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 43, (batch,))
+    mixed, _ = autocast(torch.device("cpu"), precision)
+
+    def step() -> None:
+        with mixed():
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/precision_cpu.json")
+    args = parser.parse_args()
+    if not native_bf16(torch.device("cpu")):
+        sys.exit("this CPU has no native bf16 (AVX512-BF16 or AMX): train.precision bf16 trains in fp32 here")
+    threads = set_threads(0)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    result = {}
+    for width in (16, 32):
+        best = {"fp32": 0.0, "bf16": 0.0}
+        for _ in range(args.repeats):
+            for precision in best:
+                best[precision] = max(best[precision], images_per_s(width, precision, args.steps))
+        result[f"fastnet_w{width}"] = {"fp32_images_per_s": round(best["fp32"]), "bf16_images_per_s": round(best["bf16"]),
+                                       "speedup": round(best["bf16"] / best["fp32"], 2)}
+    record(args.out, {"benchmark": "fastnet training step images/s on CPU, fp32 vs bf16 autocast (batch 128, 32x32 RGB, "
+                                   "channels_last), best of repeats", "threads": threads, "steps": args.steps,
+                      "repeats": args.repeats, **result, "load_average_before": load_before,
+                      "load_average_after": [round(x, 2) for x in os.getloadavg()]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Benchmark: cnnpipe's GTSRB recipes over several seeds (run-to-run variance, as airbench reports it).
+
+Each recipe (configs/gtsrb-fast.yaml, configs/gtsrb.yaml) trains in its own process on one split of the
+real GTSRB training set (ingest once: whole frames + boxes, val and test held out by track), with
+train.seed and augment.seed set to each seed. Per run: the time from the start of the train stage to the
+end of each epoch's validation (so validation is counted), validation accuracy per epoch, the test
+accuracy of the kept model on whole frames (the served protocol), training seconds and peak RSS of the
+process. Summary per recipe: mean +- std (sample) over seeds, and the time to 95 / 98 / 98.84 % val.
+
+    .venv/bin/python benchmarks/recipes.py [--seeds 5] [--recipes fast default]
+
+`run_worker` / `spawn` are shared with benchmarks/peers.py (the same measurement for every contender).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import record  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GTSRB_ZIP = ROOT.parent / "shared/data/GTSRB_Final_Training_Images.zip"
+RECIPES = {"fast": ROOT / "configs/gtsrb-fast.yaml", "default": ROOT / "configs/gtsrb.yaml"}
+THRESHOLDS = (0.95, 0.98, 0.9884)  # 98.84 %: human accuracy on GTSRB (Stallkamp et al. 2012)
+
+
+def group_rss_mb(pgid: int) -> float:
+    """Summed RSS of a process group (a DataLoader's workers included; pages shared after fork count twice)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            status = Path(f"/proc/{entry}/status").read_text().splitlines()
+            total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total / 1024
+
+
+def spawn(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a worker process; its JSON lines on stdout are epochs ({"epoch", "elapsed_s", "val_accuracy"})
+    and a last one with the final scores. Returns the final record with "epochs" and "peak_rss_mb" added."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+    peak = [0.0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], group_rss_mb(proc.pid))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    epochs, final = [], None
+    for line in proc.stdout:
+        if not line.startswith("{"):
+            continue
+        record_ = json.loads(line)
+        if "epoch" in record_:
+            epochs.append(record_)
+            print(f"  {cmd[-1] if len(cmd) > 1 else ''} epoch {record_['epoch']}: val {record_['val_accuracy']:.4f} "
+                  f"at {record_['elapsed_s']:.1f} s", file=sys.stderr, flush=True)
+        else:
+            final = record_
+    if proc.wait() != 0 or final is None:
+        sys.exit(f"worker failed ({proc.returncode}): {' '.join(cmd)}")
+    sampler.join()
+    return {**final, "epochs": epochs, "peak_rss_mb": round(peak[0], 1),
+            "time_to_val": time_to(epochs)}
+
+
+def time_to(epochs: list[dict]) -> dict[str, float | None]:
+    """Seconds until validation accuracy first reached each threshold (None: never)."""
+    return {f"{t:.2%}": next((round(e["elapsed_s"], 1) for e in epochs if e["val_accuracy"] >= t), None)
+            for t in THRESHOLDS}
+
+
+def prepare(zip_path: Path, work: Path) -> Path:
+    """Ingest GTSRB once with the recipes' shared ingest block; returns the processed dataset folder."""
+    processed = work / "processed"
+    if not (processed / "manifest.json").exists():
+        cmd = [str(Path(sys.executable).parent / "cnnpipe"), "ingest", "--params", str(RECIPES["default"]),
+               "--path", str(zip_path), "--out", str(processed), "--report", str(work / "ingest_report.json")]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return processed
+
+
+def run_worker(params: Path, processed: Path, work: Path, seed: int) -> None:
+    """In this process: augment + train `params` with `seed` on `processed`, print epochs, then test accuracy."""
+    import torch
+
+    from cnnpipe.config import AugmentConfig, TrainConfig, load_block, read_params
+    from cnnpipe.data.store import read_dataset
+    from cnnpipe.engine.checkpoint import load_model
+    from cnnpipe.engine.inference import predict_logits, stats_tensors, to_nchw_uint8
+    from cnnpipe.engine.model_folder import MODEL_FILE
+    from cnnpipe.stages import augment, train
+
+    raw = read_params(params)
+    seeded = {"seed": seed}
+    threads = {"threads": int(os.environ["CNNPIPE_BENCH_THREADS"])} if "CNNPIPE_BENCH_THREADS" in os.environ else {}
+    t0 = time.perf_counter()
+    augment.run(cfg=load_block(AugmentConfig, "augment", raw, seeded, params), data=processed,
+                augmented=work / "augmented")
+    t_train = time.perf_counter()
+
+    def on_epoch(stats: dict[str, float]) -> None:
+        print(json.dumps({"epoch": int(stats["epoch"]), "elapsed_s": time.perf_counter() - t_train,
+                          "val_accuracy": stats["val/accuracy"]}), flush=True)
+
+    cfg = load_block(TrainConfig, "train", raw, {**seeded, **threads}, params)
+    out = train.run(cfg=cfg, data=processed, augmented=work / "augmented", model=work / "model", tracking=None,
+                    on_epoch=on_epoch)
+    train_s = time.perf_counter() - t_train
+    net, spec = load_model(work / "model" / MODEL_FILE)
+    test = read_dataset(processed, splits=("test",)).splits["test"]
+    device = torch.device("cpu")
+    mean, std = stats_tensors(spec.mean, spec.std, device)
+    logits = predict_logits(net, to_nchw_uint8(test.images, device), mean, std)
+    acc = (logits.argmax(1).numpy() == test.labels).mean()
+    print(json.dumps({"test_accuracy": round(float(acc), 5), "val_accuracy_kept": round(out["val_accuracy"], 5),
+                      "kept_epoch": out["kept_epoch"], "epochs_run": out["epochs"], "train_s": round(train_s, 1),
+                      "augment_s": round(t_train - t0, 1)}), flush=True)
+
+
+def summarize(runs: list[dict]) -> dict:
+    def stat(values: list[float]) -> dict:
+        return {"mean": round(statistics.mean(values), 5),
+                "std": round(statistics.stdev(values), 5) if len(values) > 1 else None,
+                "min": min(values), "max": max(values)}
+
+    out = {"n": len(runs), "test_accuracy": stat([r["test_accuracy"] for r in runs]),
+           "train_s": stat([r["train_s"] for r in runs]),
+           "peak_rss_mb": stat([r["peak_rss_mb"] for r in runs])}
+    for t in THRESHOLDS:
+        key = f"{t:.2%}"
+        times = [r["time_to_val"][key] for r in runs]
+        reached = [x for x in times if x is not None]
+        out[f"time_to_val_{key}"] = {**(stat(reached) if reached else {}), "reached": f"{len(reached)}/{len(runs)}"}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--zip", type=Path, default=GTSRB_ZIP)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--recipes", nargs="+", default=["fast", "default"], choices=sorted(RECIPES))
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs at a time, sharing the cores (accuracy is unaffected; times then are not quiet)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-recipes"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/recipes_gtsrb.json")
+    parser.add_argument("--worker", nargs=4, metavar=("PARAMS", "PROCESSED", "WORK", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        params, processed, work, seed = args.worker
+        run_worker(Path(params), Path(processed), Path(work), int(seed))
+        return
+    if not args.zip.exists():
+        sys.exit(f"GTSRB zip not found: {args.zip}")
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    processed = prepare(args.zip, args.work)
+    results = {}
+    threads = max(1, len(os.sched_getaffinity(0)) // args.parallel)
+    for name in args.recipes:
+        def one(seed: int, name: str = name) -> dict:
+            print(f"{name}: seed {seed}", file=sys.stderr, flush=True)
+            return {"seed": seed, **spawn([sys.executable, __file__, "--worker", str(RECIPES[name]), str(processed),
+                                           str(args.work / f"{name}-{seed}"), str(seed)],
+                                          env={"CNNPIPE_BENCH_THREADS": str(threads)})}
+
+        with ThreadPoolExecutor(args.parallel) as pool:
+            runs = list(pool.map(one, range(args.seeds)))
+        results[name] = {"params": str(RECIPES[name].relative_to(ROOT)), "summary": summarize(runs), "runs": runs}
+    rows = ["| recipe | runs | test accuracy (mean ± std) | min – max | to 98.84 % val | training time |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for r in results.values():
+        m = r["summary"]
+        acc, reach, train_s = m["test_accuracy"], m["time_to_val_98.84%"], m["train_s"]
+        reached = f"{reach['mean']:.0f} s ({reach['reached']} runs)" if "mean" in reach else f"never (0/{m['n']})"
+        rows.append(f"| {r['params']} | {m['n']} | {100 * acc['mean']:.2f} ± {100 * (acc['std'] or 0):.2f} % | "
+                    f"{100 * acc['min']:.2f} – {100 * acc['max']:.2f} % | {reached} | {train_s['mean']:.0f} s |")
+    args.out.with_suffix(".md").write_text("\n".join(rows) + "\n")
+    record(args.out, {
+        "benchmark": "GTSRB recipes over seeds: augment + train in one process per run; test = the track-held-out "
+                     "split on whole frames (served protocol); times from the start of train to the end of each "
+                     "epoch's validation",
+        "seeds": args.seeds, "parallel_runs": args.parallel, "threads_per_run": threads, "results": results,
+        "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    })
+
+
+if __name__ == "__main__":
+    main()
