@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import build_model
 from cnnpipe.stages import augment as augment_stage
 from cnnpipe.stages import train as train_stage
-from tests.conftest import REPO, cnnpipe, make_images
+from tests.conftest import REPO, cnnpipe, make_images, user_env
 
 CPU = torch.device("cpu")
 
@@ -257,3 +258,20 @@ def test_cnnpipe_train_streams_shards_from_s3(tmp_path, moto):
     assert proc.returncode == 2 and not (tmp_path / "model3").exists()
     assert proc.stderr.strip().splitlines()[-1].endswith(
         "shard 's3://data/gtsrb/augmented/shards/train-000001.tar': not found (listed in the dataset's manifest)")
+
+
+@pytest.mark.e2e
+def test_ddp_ranks_stream_their_own_shards(tmp_path):
+    """torchrun, 2 CPU processes (gloo), each reading its share of the shards."""
+    sharded_dataset(tmp_path / "processed", n=24, per_shard=8)
+    augment_stage.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
+    proc = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "cnnpipe", "train", "--params",
+         str(REPO / "params.yaml"), "--no-tracking", "--epochs", "2", "--width", "4", "--batch-size", "16",
+         "--data-mode", "stream", "--loader-workers", "1",
+         "--data", str(tmp_path / "processed"), "--augmented", str(tmp_path / "augmented"),
+         "--out", str(tmp_path / "model"), "--checkpoint", str(tmp_path / "ckpt.pt")],
+        capture_output=True, text=True, timeout=300, env={**user_env(), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "streamed from shards" in proc.stderr and "2 processes" in proc.stderr
+    assert proc.stderr.count("epoch 2/2") == 1 and (tmp_path / "model" / "model.pt").exists()
