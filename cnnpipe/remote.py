@@ -78,12 +78,3 @@ def _read_s3(url: str) -> bytes:
     except botocore.exceptions.BotoCoreError as e:
         raise CnnpipeError(f"'{url}': cannot be read: {e}") from None
 
-
-def exists(location: Location) -> bool:
-    if not is_remote(location):
-        return Path(location).exists()
-    try:
-        read_bytes(location)
-    except CnnpipeError:
-        return False
-    return True

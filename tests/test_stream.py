@@ -275,3 +275,54 @@ def test_ddp_ranks_stream_their_own_shards(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "streamed from shards" in proc.stderr and "2 processes" in proc.stderr
     assert proc.stderr.count("epoch 2/2") == 1 and (tmp_path / "model" / "model.pt").exists()
+
+
+def test_a_dataset_over_plain_http_streams_the_same_batches(tmp_path):
+    """http(s):// through fsspec: no listing needed, whole files only."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from cnnpipe.data.store import fetch_dataset
+
+    sharded_dataset(tmp_path / "ds", n=10, per_shard=8)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/ds"
+        local = fetch_dataset(url, tmp_path / "copy", ("val",))
+        assert read_dataset(local, splits=("val",)).manifest == read_dataset(tmp_path / "ds", splits=()).manifest
+        manifest = read_dataset(local, splits=()).manifest
+        over_http = StreamBatches(url, manifest, batch_size=4, shuffle_buffer=8, workers=1, seed=0, dist=Dist(),
+                                  device=CPU)
+        _, on_disk = _batches(tmp_path / "ds", 1, workers=0)
+        got = list(over_http.epoch(1))
+        assert len(got) == len(on_disk) and all(torch.equal(a[0], b[0]) for a, b in zip(got, on_disk))
+        with pytest.raises(CnnpipeError, match=f"'{url}/shards/nothing.tar': not found"):
+            from cnnpipe.remote import read_bytes
+
+            read_bytes(f"{url}/shards/nothing.tar")
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("shards, threshold, written", [("auto", 1024.0, False), ("auto", 0.0, True),
+                                                        ("always", 1024.0, True), ("never", 0.0, False)])
+def test_ingest_writes_shards_as_ingest_shards_says(tmp_path, shards, threshold, written):
+    from cnnpipe.config import IngestConfig
+    from cnnpipe.stages import ingest
+    from tests import formats
+
+    z = formats.gtsrb_zip(tmp_path / "GTSRB_Final_Training_Images.zip")
+    cfg = IngestConfig(source="gtsrb", path=str(z), image_size=16, channels=3, roi_crop=False, shards=shards,
+                       shard_threshold_mb=threshold, shard_images=10)
+    ingest.run(cfg=cfg, data=tmp_path / "processed", report=tmp_path / "report.json")
+    ds = read_dataset(tmp_path / "processed")
+    assert bool(ds.manifest.get("shards")) == written
+    if written:  # whole frames with their boxes
+        parts = [read_shard(tmp_path / "processed", s, shape=(16, 16, 3), num_classes=43, boxes=True)
+                 for s in shard_list(ds.manifest, "val", "x")]
+        np.testing.assert_array_equal(np.concatenate([p.boxes for p in parts]), ds.splits["val"].boxes)
+        assert {e["count"] for e in ds.manifest["shards"]["train"]} <= set(range(1, 11))

@@ -28,8 +28,8 @@ from cnnpipe.engine.device import resolve_device, set_threads
 from cnnpipe.engine.distributed import barrier, init_distributed
 from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
 from cnnpipe.engine.loop import TrainData, fit
-from cnnpipe.engine.stream import StreamBatches
 from cnnpipe.engine.model_folder import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, write_history
+from cnnpipe.engine.stream import StreamBatches
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent, read_json
 from cnnpipe.models import build_model, check_input_size, count_parameters, is_library_arch
