@@ -20,6 +20,7 @@ from cnnpipe.config import (EvaluateConfig, RegisterConfig, ServeConfig, Trackin
                             add_flags, apply_overrides, load_block, load_tune, parse_assignments, read_params,
                             sqlite_path, tracking_config)
 from cnnpipe.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, CnnpipeError
+from cnnpipe.remote import location_arg
 from cnnpipe.stages.spec import STAGES
 
 Handler = Callable[[argparse.Namespace, dict, Path], dict]
@@ -29,7 +30,8 @@ EXTRA_OF_MODULE = {"sklearn": "train", "matplotlib": "train", "uvicorn": "serve"
                    "mlflow": "mlflow", "pandas": "mlflow", "dvc": "dvc", "kfp": "kfp", "docker": "kfp",
                    "boto3": "sagemaker", "botocore": "sagemaker", "optuna": "tune", "ruamel": "tune",
                    "kubeflow": "katib", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
-                   "timm": "timm", "safetensors": "timm", "pytorch_grad_cam": "explain"}
+                   "timm": "timm", "safetensors": "timm", "pytorch_grad_cam": "explain",
+                   "webdataset": "stream"}
 
 
 def _cfg(cls: type, block: str, args: argparse.Namespace, params: dict, params_path: Path):  # noqa: ANN202
@@ -226,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES.values():
         p = command(stage.name, stage.help, _stage, stage.config)
         for port in stage.ports:
-            p.add_argument(port.flag, dest=port.name, type=Path, default=Path(port.path),
-                           help=f"{port.help} (default: {port.path})")
+            remote_ok = stage.name == "train" and port in stage.inputs  # train reads datasets from object storage
+            p.add_argument(port.flag, dest=port.name, type=location_arg if remote_ok else Path, default=Path(port.path),
+                           help=f"{port.help}" + (", or its s3:// gs:// http(s):// URL" if remote_ok else "")
+                                + f" (default: {port.path})")
         if stage.name == "train":
             p.add_argument("--checkpoint", type=Path, default=Path("data/checkpoints/train.pt"),
                            help="training state saved after every epoch (removed when training succeeds)")

@@ -62,6 +62,12 @@ class IngestConfig:
                                                "its packed size is not read (a tar.gz: the archive is refused)", minimum=1.0)
     max_total_mb: float = knob(8192.0, "an archive whose members declare more than this in all is refused "
                                        "(a tar's members are held in memory)", minimum=1.0)
+    shards: str = knob("auto", "also write every split as WebDataset tar shards, which train.data_mode stream reads: "
+                               "auto = when the decoded training split exceeds shard_threshold_mb",
+                       choices=("auto", "always", "never"))
+    shard_threshold_mb: float = knob(1024.0, "ingest.shards auto: write shards past this decoded training split size (MiB)",
+                                     minimum=0.0)
+    shard_images: int = knob(2048, "images per shard", minimum=1)
     seed: int = knob(0, "seed of the stratified split")
 
 
@@ -119,6 +125,16 @@ class TrainConfig:
                                   "AVX512-BF16/AMX, ~1.6x faster for fastnet there; fp32 elsewhere)",
                           choices=("auto", "fp32", "bf16"))
     compile: bool = knob(False, "torch.compile the model (pays a compile time up front; worth it on long GPU runs)")
+    data_mode: str = knob("auto", "where training batches come from: device = the whole decoded training split held on the "
+                             "training device; stream = the augmented dataset's shards, decoded by loader processes; "
+                             "auto = device when the split fits device_budget_mb (or has no shards)",
+                     choices=("auto", "device", "stream"))
+    device_budget_mb: float = knob(2048.0, "train.data_mode auto: the largest decoded training split (MiB) kept on the device",
+                                   minimum=0.0)
+    shuffle_buffer: int = knob(8192, "train.data_mode stream: images mixed by the shuffle buffer (held on the training "
+                                     "device); shards are also shuffled every epoch", minimum=0)
+    loader_workers: int = knob(0, "train.data_mode stream: decoding processes (0 = from the available cores); the batches "
+                                  "do not depend on it", minimum=0, affects_result=False)
     device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N", affects_result=False)
     threads: int = knob(0, "CPU threads for torch (0 = the cores this process may use, from its affinity and cgroup "
                            "quota, shared among DDP processes)", minimum=0, affects_result=False)

@@ -100,3 +100,21 @@ def wait_for_http(url: str, proc, seconds: float = 90) -> None:  # noqa: ANN001 
         except OSError:
             assert time.time() < deadline and proc.poll() is None, f"{url} did not answer"
             time.sleep(0.5)
+
+
+@pytest.fixture
+def moto(monkeypatch):
+    """An AWS-compatible endpoint for real: moto's server on 127.0.0.1; boto3 in this process and in
+    subprocesses (user_env) reach it through AWS_ENDPOINT_URL."""
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/moto-api/", proc, seconds=30)
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": url}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -4,8 +4,6 @@ against a local AWS-compatible endpoint (moto in server mode on 127.0.0.1)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tarfile
 import functools
 import urllib.request
@@ -19,7 +17,7 @@ from cnnpipe.models import build_model
 from cnnpipe.serving.predictor import Predictor
 from cnnpipe.serving.sagemaker import contract_invoke, deploy, export, extract, image_uri, load_inference
 from cnnpipe.serving.server import ServingApp, run_in_thread
-from tests.conftest import free_port, wait_for_http
+from tests.conftest import free_port
 from tests.formats import encoded, sign_image
 
 CLASSES = ["stop", "yield", "keep left", "keep right"]
@@ -93,22 +91,6 @@ def test_image_uri_follows_the_instance_type():
     assert image_uri("eu-west-1", "ml.m5.large").endswith("pytorch-inference:2.5.1-cpu-py311-ubuntu22.04-sagemaker")
     assert "2.5.1-gpu-py311-cu124-ubuntu22.04" in image_uri("us-east-1", "ml.g5.xlarge")
     assert image_uri("eu-west-1", "ml.m5.large").startswith("763104351884.dkr.ecr.eu-west-1.")
-
-
-@pytest.fixture
-def moto(monkeypatch):
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{url}/moto-api/", proc, seconds=30)
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": url}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 @pytest.mark.e2e

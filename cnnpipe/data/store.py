@@ -8,6 +8,9 @@
                                  are whole frames: x1, y1, x2, y2 in pixels of the stored image, edges
                                  (x2, y2 exclusive, as PIL's crop takes them)
 
+    <dir>/shards/<split>-*.tar   optional: the same splits as WebDataset shards, for streaming (format and
+                                 reader in cnnpipe/data/shards.py); the manifest lists them with sha256s
+
 The augmented dataset (augment -> train) is the same format holding only the train split, plus
 `policy.json`.
 """
@@ -22,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from cnnpipe import remote
+from cnnpipe.data.shards import write_shards
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_dir, read_json
 
@@ -81,10 +86,11 @@ def cross_split_duplicates(splits: dict[str, Split]) -> dict[str, int]:
 
 
 def write_dataset(path: Path | str, classes: list[str], splits: dict[str, Split], manifest: dict[str, Any],
-                  extra_files: dict[str, bytes | dict | list] | None = None) -> dict:
+                  extra_files: dict[str, bytes | dict | list] | None = None, shard_images: int | None = None) -> dict:
     """Write the dataset atomically; the manifest gets counts, size, channels and train mean/std added.
 
-    `extra_files` (name -> bytes, or a dict/list written as JSON) land in the same atomic directory.
+    `extra_files` (name -> bytes, or a dict/list written as JSON) land in the same atomic directory. With
+    `shard_images`, every split is also written as shards of that many images (manifest: `shards`).
     """
     first = next(iter(splits.values())).images
     h, w, c = first.shape[1:]
@@ -117,6 +123,10 @@ def write_dataset(path: Path | str, classes: list[str], splits: dict[str, Split]
             np.save(tmp / f"{name}_labels.npy", s.labels.astype(np.int64))
             if s.boxes is not None:
                 np.save(tmp / f"{name}_boxes.npy", s.boxes.astype(np.float32))
+        if shard_images:
+            manifest["shard_images"] = shard_images
+            manifest["shards"] = {name: write_shards(tmp, name, s.images, s.labels, s.boxes, shard_images)
+                                  for name, s in splits.items()}
         (tmp / CLASSES_FILE).write_text(json.dumps(classes, indent=2) + "\n")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         for name, content in (extra_files or {}).items():
@@ -159,6 +169,32 @@ def read_dataset(path: Path | str, splits: tuple[str, ...] = SPLITS, mmap: bool 
         boxes = _read_boxes(path / f"{name}_boxes.npy", len(labels), shape) if manifest.get("boxes") else None
         out[name] = Split(images, labels, boxes)
     return Dataset(classes, out, manifest)
+
+
+def decoded_mb(manifest: dict[str, Any], split: str) -> float:
+    """Size of a split's uint8 images in MiB, from its manifest."""
+    side, channels = manifest["image_size"], manifest["channels"]
+    return manifest["counts"][split]["total"] * side * side * channels / 2**20
+
+
+def fetch_dataset(location: remote.Location, dest: Path, splits: tuple[str, ...], extra_files: tuple[str, ...] = ()) -> Path:
+    """A local copy of a remote dataset's manifest, class list, the arrays of `splits` and `extra_files` (no
+    shards: they are streamed), in `dest`; a local dataset is returned as it is."""
+    if not remote.is_remote(location):
+        return Path(location)
+    dest.mkdir(parents=True, exist_ok=True)
+    raw = remote.read_bytes(remote.join(location, MANIFEST_FILE))
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        raise CnnpipeError(f"dataset manifest '{remote.join(location, MANIFEST_FILE)}': not JSON") from None
+    names = [CLASSES_FILE, *extra_files]
+    for split in splits:
+        names += [f"{split}_images.npy", f"{split}_labels.npy"] + ([f"{split}_boxes.npy"] if manifest.get("boxes") else [])
+    for name in names:
+        (dest / name).write_bytes(remote.read_bytes(remote.join(location, name)))
+    (dest / MANIFEST_FILE).write_bytes(raw)  # last: a copy with a manifest is whole
+    return dest
 
 
 def _read_boxes(path: Path, n: int, shape: tuple[int, int, int]) -> np.ndarray:

@@ -1,7 +1,8 @@
-"""The training loop: data held on the device as uint8, augmented and normalized per batch.
+"""The training loop: uint8 batches augmented and normalized on the device.
 
-Images never leave the device between epochs and no DataLoader workers are involved: each step
-gathers a batch by index, augments it with one batched call and normalizes it on the fly.
+The batches come from the device path (the whole training split held on the device as uint8, no
+DataLoader workers: each step gathers a batch by index) or from a stream of shards (cnnpipe.engine.stream);
+either way each step augments its batch with one batched call and normalizes it on the fly.
 
 Every random stream (shuffling, augmentation, dropout) is reseeded at the start of each epoch from
 (seed, rank, epoch), so an epoch's randomness depends on nothing that came before it: a run resumed
@@ -14,8 +15,9 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +33,55 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import head
 
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # uint8 N x C x H x W, int64 labels, float boxes
+
+
+class BatchSource(Protocol):
+    """This process's training batches, epoch by epoch; every rank takes the same number of steps."""
+
+    def steps(self, epoch: int) -> int: ...
+
+    def seen(self, epoch: int) -> int: ...  # images all ranks train on in the epoch
+
+    def epoch(self, epoch: int) -> Iterator[Batch]: ...
+
+
 @dataclass
 class TrainData:
-    """Tensors on the training device: uint8 N x C x H x W images and int64 labels."""
+    """Tensors on the training device: uint8 N x C x H x W images and int64 labels. With `train_stream`, the
+    training batches come from it and the train_* tensors are None."""
 
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
+    train_images: torch.Tensor | None
+    train_labels: torch.Tensor | None
     val_images: torch.Tensor
     val_labels: torch.Tensor
     mean: torch.Tensor  # 1 x C x 1 x 1
     std: torch.Tensor
     train_boxes: torch.Tensor | None = None  # float N x 4, for the policy's box crops
+    train_stream: BatchSource | None = None
+
+
+class DeviceBatches:
+    """The training split held on the device: one permutation per epoch, the same on every rank, each rank
+    taking its slice of every batch."""
+
+    def __init__(self, data: TrainData, batch_size: int, seed: int, dist: Dist):
+        self.data, self.batch_size, self.seed, self.dist = data, batch_size, seed, dist
+        self.n = len(data.train_labels)
+
+    def steps(self, epoch: int) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def seen(self, epoch: int) -> int:
+        return self.n
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        d, bs = self.data, self.batch_size
+        g = torch.Generator(device=d.train_images.device).manual_seed(epoch_seed(self.seed, 0, epoch, 1))
+        order = torch.randperm(self.n, generator=g, device=d.train_images.device)
+        for i in range(self.steps(epoch)):
+            idx = order[i * bs:(i + 1) * bs][self.dist.rank::self.dist.world]
+            yield d.train_images[idx], d.train_labels[idx], None if d.train_boxes is None else d.train_boxes[idx]
 
 
 @dataclass
@@ -108,7 +148,7 @@ def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
-def _epoch_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
+def epoch_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + epoch * 101 + stream) % (2**63 - 1)
 
 
@@ -140,7 +180,8 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
     `checkpoint(state)` is called after every epoch with everything `resume` needs to continue.
     """
     dist = dist or Dist()  # one process
-    device = data.train_images.device
+    device = data.val_images.device
+    source = data.train_stream if data.train_stream is not None else DeviceBatches(data, cfg.batch_size, cfg.seed, dist)
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=memory)
     net = model
@@ -152,9 +193,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
     if precision != cfg.precision != "auto" and dist.is_main:
         print(f"train.precision: {cfg.precision} asked for, but {device} has no native bf16: training in fp32",
               file=sys.stderr)
-    n = len(data.train_labels)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    total = sum(source.steps(epoch) for epoch in range(1, cfg.epochs + 1))
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total))
     ema = EMA(model, cfg.ema) if cfg.ema else None
@@ -170,27 +209,24 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         history = resume["history"]
         best_value, best_epoch, best_state = resume["best_value"], resume["best_epoch"], resume["best_state"]
         start_epoch = resume["epoch"] + 1
-    g_order, g_aug = torch.Generator(device=device), torch.Generator(device=device)
+    g_aug = torch.Generator(device=device)
     tty = sys.stderr.isatty() and dist.is_main
     stopped_early = False
     for epoch in range(start_epoch, cfg.epochs + 1):
-        torch.manual_seed(_epoch_seed(cfg.seed, dist.rank, epoch, 0))  # dropout and the like
-        g_order.manual_seed(_epoch_seed(cfg.seed, 0, epoch, 1))  # one order for all ranks: they split each batch
-        g_aug.manual_seed(_epoch_seed(cfg.seed, dist.rank, epoch, 2))
+        torch.manual_seed(epoch_seed(cfg.seed, dist.rank, epoch, 0))  # dropout and the like
+        g_aug.manual_seed(epoch_seed(cfg.seed, dist.rank, epoch, 2))
         model.train()
         if cfg.freeze_epochs:
             freeze_backbone(model, epoch <= cfg.freeze_epochs, cfg.frozen_bn_eval)
         start = time.perf_counter()
-        order = torch.randperm(n, generator=g_order, device=device)
+        n = source.seen(epoch)
         sums = torch.zeros(2, device=device)  # loss * count, correct (the ranks' counts add up to n)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
+        bar = tqdm(source.epoch(epoch), total=source.steps(epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
                    disable=not tty, leave=False, file=sys.stderr)
-        for i in bar:
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size][dist.rank::dist.world]
-            x = data.train_images[idx].float().div_(255.0)
-            y = data.train_labels[idx]
+        for i, (images, y, boxes) in enumerate(bar):
+            x = images.float().div_(255.0)
             if policy is not None and not policy.is_identity:
-                x, y = apply_policy(x, y, policy, g_aug, None if data.train_boxes is None else data.train_boxes[idx])
+                x, y = apply_policy(x, y, policy, g_aug, boxes)
             x = normalize(x, data.mean, data.std).contiguous(memory_format=memory)
             with mixed():
                 logits = net(x)

@@ -1,4 +1,7 @@
-"""augment: the training split (optionally class-balanced with augmented copies) + the online policy."""
+"""augment: the training split (optionally class-balanced with augmented copies) + the online policy.
+
+A sharded dataset gives sharded output, the balanced copies included, so train.data_mode stream sees the same
+training split as the device path."""
 
 from __future__ import annotations
 
@@ -79,6 +82,6 @@ def run(*, cfg: AugmentConfig, data: Path, augmented: Path) -> dict:
     }, extra_files={
         POLICY_FILE: policy.to_dict(),
         PREVIEW_FILE: preview_png(train, policy, g),
-    })
+    }, shard_images=ds.manifest.get("shard_images") if ds.manifest.get("shards") else None)
     return {"train_images": manifest["counts"]["train"]["total"], "added": sum(added.values()),
             "policy_version": policy.version}

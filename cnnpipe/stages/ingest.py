@@ -74,6 +74,8 @@ def run(*, cfg: IngestConfig, data: Path, report: Path) -> dict:
         if len(s.labels) == 0:
             raise CnnpipeError(f"ingest: the {name} split is empty (check ingest.val_fraction / ingest.test_fraction)")
     duplicates = cross_split_duplicates(splits)
+    train = splits["train"].images
+    sharded = cfg.shards == "always" or (cfg.shards == "auto" and train.nbytes / 2**20 > cfg.shard_threshold_mb)
     manifest = write_dataset(data, raw.classes, splits, {
         "source": {"name": cfg.source, "path": cfg.path, "test_path": cfg.test_path, "inputs": raw.inputs,
                    "dvc": origin},
@@ -86,7 +88,7 @@ def run(*, cfg: IngestConfig, data: Path, report: Path) -> dict:
         "duplicates_across_splits": duplicates,
         # whole frames are what a server receives: evaluate's served protocol needs them
         "whole_frames": not raw.cropped,
-    }, extra_files=_figures(splits, raw.classes))
+    }, extra_files=_figures(splits, raw.classes), shard_images=cfg.shard_images if sharded else None)
     summary |= {"images": int(sum(c["total"] for c in manifest["counts"].values())),
                 "splits": {name: c["total"] for name, c in manifest["counts"].items()},
                 "duplicates_across_splits": duplicates, **({"dvc": origin} if origin else {})}

@@ -3,6 +3,10 @@
 With `tracking` given, the stage starts the pipeline's MLflow run (params, per-epoch metrics, the
 data manifest and the augmentation preview) and writes the run id next to the model; with None it
 needs no MLflow at all (a bare GPU box, benchmarks).
+
+The datasets may be local folders or URLs (s3://, gs://, http(s)://): their small files (and the arrays the
+run holds in memory) are copied to a temporary folder; with train.data_mode stream the training shards are read
+from where they are, one at a time.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,17 +22,19 @@ import torch
 
 from cnnpipe.augment import POLICY_FILE, PREVIEW_FILE, AugmentPolicy
 from cnnpipe.config import TrackingConfig, TrainConfig
-from cnnpipe.data.store import FIGURES_DIR, MANIFEST_FILE, Dataset, read_dataset
+from cnnpipe.data.store import FIGURES_DIR, MANIFEST_FILE, Dataset, decoded_mb, fetch_dataset, read_dataset
 from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_model
 from cnnpipe.engine.device import resolve_device, set_threads
 from cnnpipe.engine.distributed import barrier, init_distributed
 from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
 from cnnpipe.engine.loop import TrainData, fit
 from cnnpipe.engine.model_folder import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, write_history
+from cnnpipe.engine.stream import StreamBatches
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent, read_json
 from cnnpipe.models import build_model, check_input_size, count_parameters, is_library_arch
 from cnnpipe.models.pretrained import adapt_stats, fit_weights, load_pretrained
+from cnnpipe.remote import Location
 
 
 def _check_same_data(processed: Dataset, augmented: Dataset, data: Path, aug: Path) -> None:
@@ -38,19 +45,40 @@ def _check_same_data(processed: Dataset, augmented: Dataset, data: Path, aug: Pa
                                f"(re-run `cnnpipe augment`)")
 
 
-def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking: TrackingConfig | None,
+def data_path(cfg: TrainConfig, manifest: dict) -> str:
+    """`device` or `stream`: train.data_mode, with auto resolved from the decoded training split's size."""
+    if cfg.data_mode == "auto":
+        return "stream" if manifest.get("shards") and decoded_mb(manifest, "train") > cfg.device_budget_mb else "device"
+    return cfg.data_mode
+
+
+def run(*, cfg: TrainConfig, data: Location, augmented: Location, model: Path, tracking: TrackingConfig | None,
         checkpoint: Path | None = None, resume: bool = False, run_tags: dict[str, str] | None = None,
         on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict:
     """Train on `augmented`'s training split, validate on `data`'s val split, write the model folder `model`.
     With `checkpoint`, the full state is saved there after every epoch and removed on success, and `resume`
     continues from it (into the same MLflow run). `on_epoch(stats)` sees every epoch's metrics after they are
     logged (a tuner's pruner raises from it to stop the run)."""
+    ensure_writable_parent(model)
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-train-") as tmp:  # copies of remote datasets' files
+        local_data = fetch_dataset(data, Path(tmp) / "data", ("val",))
+        local_aug = fetch_dataset(augmented, Path(tmp) / "augmented", (), (POLICY_FILE, PREVIEW_FILE))
+        stream = data_path(cfg, read_dataset(local_aug, splits=()).manifest) == "stream"
+        if not stream:
+            local_aug = fetch_dataset(augmented, Path(tmp) / "augmented", ("train",), (POLICY_FILE, PREVIEW_FILE))
+        return _train(cfg=cfg, data=local_data, augmented=local_aug, shards=augmented if stream else None, model=model,
+                      tracking=tracking, checkpoint=checkpoint, resume=resume, run_tags=run_tags, on_epoch=on_epoch)
+
+
+def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | None, model: Path,
+           tracking: TrackingConfig | None, checkpoint: Path | None, resume: bool, run_tags: dict[str, str] | None,
+           on_epoch: Callable[[dict[str, float]], None] | None) -> dict:
+    """run() on local copies; the training batches stream from the shards at `shards` when it is given."""
     dist = init_distributed()
     if dist.world > 1 and cfg.freeze_epochs:  # DDP reduces every parameter's gradient; frozen ones never come
         raise CnnpipeError("train.freeze_epochs: not supported with several processes (torchrun); use 0")
-    ensure_writable_parent(model)
     processed = read_dataset(data, splits=("val",))
-    aug = read_dataset(augmented, splits=("train",))
+    aug = read_dataset(augmented, splits=() if shards is not None else ("train",))
     _check_same_data(processed, aug, data, augmented)
     policy = AugmentPolicy.from_dict(read_json(augmented / POLICY_FILE, "augmentation policy"),
                                      str(augmented / POLICY_FILE)) if cfg.augment else None
@@ -79,7 +107,7 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
         mean, std, lineage = state.get("mean", mean), state.get("std", std), state.get("lineage", {})
     net = net.to(device)
     n_params = count_parameters(net)
-    train_split, val_split = aug.splits["train"], processed.splits["val"]
+    n_train, val_split = aug.manifest["counts"]["train"]["total"], processed.splits["val"]
 
     tracker = None  # started once every input is known good, so a bad input leaves no failed run behind
     if tracking is not None and dist.is_main:
@@ -97,7 +125,7 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
                                prefix="augment.")
             tracker.log_params({"source": aug.manifest["source"]["name"], "image_size": aug.image_size,
                                 "channels": aug.channels, "num_classes": len(aug.classes),
-                                "train_images": len(train_split.labels), "val_images": len(val_split.labels),
+                                "train_images": n_train, "val_images": len(val_split.labels),
                                 "parameters": n_params, "world_size": dist.world}, prefix="data.")
             tracker.set_tags(tracker.source_tags(processed.manifest))
     run_id = tracker.run_id if tracker else None
@@ -105,19 +133,23 @@ def run(*, cfg: TrainConfig, data: Path, augmented: Path, model: Path, tracking:
                                                     "lineage": lineage})) if checkpoint and dist.is_main else None
     try:
         if dist.is_main:
-            print(f"{cfg.arch}: {n_params:,} parameters, {len(train_split.labels):,} training images, "
+            print(f"{cfg.arch}: {n_params:,} parameters, {n_train:,} training images"
+                  + (" streamed from shards" if shards is not None else "") + ", "
                   f"{len(val_split.labels):,} validation images, device {device}, {threads} CPU threads"
                   + (f", {dist.world} processes" if dist.world > 1 else "")
                   + (f", resuming after epoch {state['epoch']}" if state else ""), file=sys.stderr)
         mean_t, std_t = stats_tensors(mean, std, device)
-        tensors = TrainData(
-            train_images=to_nchw_uint8(train_split.images, device),
-            train_labels=torch.from_numpy(train_split.labels).to(device),
-            val_images=to_nchw_uint8(val_split.images, device),
-            val_labels=torch.from_numpy(val_split.labels).to(device),
-            mean=mean_t, std=std_t,
-            train_boxes=None if train_split.boxes is None else torch.from_numpy(train_split.boxes).to(device),
-        )
+        val = dict(val_images=to_nchw_uint8(val_split.images, device),
+                   val_labels=torch.from_numpy(val_split.labels).to(device), mean=mean_t, std=std_t)
+        if shards is not None:
+            tensors = TrainData(None, None, **val, train_stream=StreamBatches(
+                shards, aug.manifest, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
+                workers=cfg.loader_workers, seed=cfg.seed, dist=dist, device=device))
+        else:
+            train_split = aug.splits["train"]
+            tensors = TrainData(to_nchw_uint8(train_split.images, device), torch.from_numpy(train_split.labels).to(device),
+                                **val, train_boxes=None if train_split.boxes is None
+                                else torch.from_numpy(train_split.boxes).to(device))
 
         def each_epoch(stats: dict[str, float]) -> None:
             if tracker is not None:

@@ -1,0 +1,149 @@
+"""The streaming form of a processed dataset: each split as WebDataset tar shards.
+
+    <dir>/shards/<split>-000000.tar, <split>-000001.tar, ...   listed, with counts and sha256, in the manifest
+    each sample: <index>.png       the stored image (image_size x image_size, 1 or 3 channels), lossless
+                 <index>.cls       its label, a decimal integer
+                 <index>.box.json  [x1, y1, x2, y2], only when the dataset has boxes
+    <index> is the image's place in the split's arrays; the samples are in a fixed random order
+
+Why WebDataset tar shards: a shard is a plain tar (any tool lists or extracts it, DVC tracks it as a file),
+webdataset, torchdata and the FFCV/litdata converters read it as is, and a reader needs nothing but
+sequential reads of whole objects: no index server, no random access, so s3:// and plain http(s) serve it.
+Why PNG of the stored image rather than the source's original bytes: the pixels are exactly those of the
+in-memory arrays (the device and stream paths train on the same data), and resizing happens once at ingest
+instead of in every epoch's decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cnnpipe import remote
+from cnnpipe.errors import CnnpipeError
+
+SHARDS_DIR = "shards"
+SHARD_NAME = "{split}-{index:06d}.tar"
+IMAGE_EXT, LABEL_EXT, BOX_EXT = "png", "cls", "box.json"
+SHARD_ORDER_SEED = 0
+PNG_LEVEL = 1  # zlib level: encoding speed dominates ingest; decoding speed barely depends on it
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str  # relative to the dataset directory
+    count: int
+    sha256: str
+
+
+@dataclass
+class DecodedShard:
+    images: np.ndarray  # uint8 N x H x W x C
+    labels: np.ndarray  # int64 N
+    boxes: np.ndarray | None  # float32 N x 4
+    indexes: np.ndarray  # int64 N: each image's place in the split's arrays (the sample's key)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG", compress_level=PNG_LEVEL)
+    return buf.getvalue()
+
+
+def write_shards(directory: Path, split: str, images: np.ndarray, labels: np.ndarray, boxes: np.ndarray | None,
+                 per_shard: int) -> list[dict[str, Any]]:
+    """Write one split as shards of `per_shard` images under `directory`/shards; their manifest entries.
+    The tars are reproducible (fixed mtime and owner): the same data gives the same sha256."""
+    import webdataset as wds
+
+    (directory / SHARDS_DIR).mkdir(exist_ok=True)
+    # Samples in a fixed random order, not the split's (sorted by class for GTSRB): a shard then holds every
+    # class, and shard shuffling plus the shuffle buffer mix batches as the device path's permutation does.
+    # Keys stay the array indexes. The order is fixed, so the same data gives the same shards.
+    order = np.random.default_rng(SHARD_ORDER_SEED).permutation(len(labels))
+    entries = []
+    for index, start in enumerate(range(0, len(labels), per_shard)):
+        name = f"{SHARDS_DIR}/{SHARD_NAME.format(split=split, index=index)}"
+        end = min(start + per_shard, len(labels))
+        with open(directory / name, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, user="", group="") as tar:
+            for i in order[start:end]:
+                sample = {"__key__": f"{i:09d}", IMAGE_EXT: _png(np.asarray(images[i])), LABEL_EXT: str(int(labels[i])).encode()}
+                if boxes is not None:
+                    sample[BOX_EXT] = json.dumps([float(v) for v in boxes[i]]).encode()
+                tar.write(sample)
+        digest = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+        entries.append({"file": name, "count": end - start, "sha256": digest})
+    return entries
+
+
+def shard_list(manifest: dict[str, Any], split: str, where: str) -> list[Shard]:
+    """The shards of `split` the manifest lists; one line naming `where` when it lists none."""
+    entries = (manifest.get("shards") or {}).get(split)
+    if not entries:
+        raise CnnpipeError(f"dataset '{where}': no shards of the {split} split (ingest with ingest.shards: always, "
+                           f"then augment, writes them)")
+    return [Shard(e["file"], int(e["count"]), e["sha256"]) for e in entries]
+
+
+def read_shard(base: remote.Location, shard: Shard, *, shape: tuple[int, int, int], num_classes: int,
+               boxes: bool) -> DecodedShard:
+    """Fetch, verify (sha256 from the manifest) and decode one shard; every problem is one line naming it."""
+    where = remote.join(base, shard.file)
+    try:
+        data = remote.read_bytes(where)
+    except CnnpipeError as e:
+        raise CnnpipeError(f"shard {e} (listed in the dataset's manifest)") from None
+    if hashlib.sha256(data).hexdigest() != shard.sha256:
+        raise CnnpipeError(f"shard '{where}': sha256 does not match the manifest's (truncated or changed; "
+                           f"re-run ingest)")
+    try:
+        samples = _samples(data)
+    except (tarfile.TarError, EOFError, ValueError) as e:
+        raise CnnpipeError(f"shard '{where}': not a readable tar of samples: {e}") from None
+    if len(samples) != shard.count:
+        raise CnnpipeError(f"shard '{where}': {len(samples)} samples, the manifest says {shard.count}")
+    out_images = np.empty((len(samples), *shape), np.uint8)
+    out_labels = np.empty(len(samples), np.int64)
+    out_boxes = np.empty((len(samples), 4), np.float32) if boxes else None
+    out_indexes = np.empty(len(samples), np.int64)
+    for i, (key, fields) in enumerate(samples):
+        missing = [ext for ext in (IMAGE_EXT, LABEL_EXT) + ((BOX_EXT,) if boxes else ()) if ext not in fields]
+        if missing:
+            raise CnnpipeError(f"shard '{where}': sample {key} has no {', '.join('.' + m for m in missing)} file")
+        try:
+            image = np.asarray(Image.open(io.BytesIO(fields[IMAGE_EXT])))
+            label = int(fields[LABEL_EXT])
+            out_indexes[i] = int(key)
+            if boxes:
+                out_boxes[i] = json.loads(fields[BOX_EXT])
+        except (OSError, ValueError, TypeError) as e:
+            raise CnnpipeError(f"shard '{where}': sample {key} cannot be decoded: {e}") from None
+        image = image[..., None] if image.ndim == 2 else image
+        if image.shape != shape:
+            raise CnnpipeError(f"shard '{where}': sample {key} is {image.shape}, expected {shape}")
+        if not 0 <= label < num_classes:
+            raise CnnpipeError(f"shard '{where}': sample {key} has label {label}, outside 0..{num_classes - 1}")
+        out_images[i], out_labels[i] = image, label
+    return DecodedShard(out_images, out_labels, out_boxes, out_indexes)
+
+
+def _samples(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
+    """The tar's files grouped by key (the name up to its first dot), in order, as WebDataset groups them."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            key, _, ext = Path(member.name).name.partition(".")
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][ext] = tar.extractfile(member).read()
+    return samples
