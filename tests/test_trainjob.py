@@ -190,20 +190,24 @@ def test_model_folder_round_trips_through_a_url(tmp_path, scheme):
 @pytest.mark.e2e
 def test_worker_command_on_two_local_nodes_matches_one_process(tmp_path):
     """The exact worker command, as 2 nodes x 1 process on 127.0.0.1 (two torchrun processes meeting at a c10d
-    rendezvous, gloo), trains digits as well as one plain `cnnpipe train` does."""
+    rendezvous, gloo, each streaming its own shards), trains digits as well as one plain `cnnpipe train` on
+    the device path does."""
     from cnnpipe.config import AugmentConfig, IngestConfig
     from cnnpipe.engine.model_folder import read_history, read_train_config
     from cnnpipe.stages import augment, ingest
 
-    ingest.run(cfg=IngestConfig(), data=tmp_path / "processed", report=tmp_path / "report.json")
+    ingest.run(cfg=IngestConfig(shards="always", shard_images=200), data=tmp_path / "processed", report=tmp_path / "report.json")
     augment.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
-    params = tmp_path / "params.yaml"
     text = (REPO / "params.yaml").read_text()
-    assert "\n  epochs: 12\n" in text
-    params.write_text(text.replace("\n  epochs: 12\n", "\n  epochs: 4\n"))
+    assert "\n  epochs: 12\n" in text and "\n  data_mode: auto " in text
+    text = text.replace("\n  epochs: 12\n", "\n  epochs: 4\n")
+    # the nodes stream their own shards, as on a cluster; the one process holds the data on its device
+    (tmp_path / "stream.yaml").write_text(text.replace("\n  data_mode: auto ", "\n  data_mode: stream "))
+    (tmp_path / "device.yaml").write_text(text.replace("\n  data_mode: auto ", "\n  data_mode: device "))
     env = user_env({"OMP_NUM_THREADS": "1"})
 
     def train_args(out: str) -> dict:
+        params = tmp_path / ("stream.yaml" if out == "two_nodes" else "device.yaml")
         return {"params": str(params), "data_uri": str(tmp_path / "processed"),
                 "augmented_uri": str(tmp_path / "augmented"), "model_dir": str(tmp_path / out),
                 "checkpoint": str(tmp_path / f"{out}.pt"), "tracking_uri": None}
@@ -217,6 +221,7 @@ def test_worker_command_on_two_local_nodes_matches_one_process(tmp_path):
         assert node.returncode == 0, err[-3000:]
     stderr = "".join(err for _, err in outputs)
     assert "2 processes" in stderr and stderr.count("epoch 4/4") == 1  # one world of 2; only rank 0 reports
+    assert "streamed from shards" in stderr, stderr[-2000:]
 
     single = train_args("one_process")
     proc = subprocess.run(["cnnpipe", "train", "--params", single["params"], "--data", single["data_uri"],
