@@ -128,6 +128,8 @@ class EvaluateConfig:
     tsne_samples: int = knob(2000, "test images in the t-SNE plot (a stratified sample; 0 = no t-SNE)",
                              minimum=0, maximum=20000)
     seed: int = knob(0, "seed of the samples the figures show")
+    calibrate: bool = knob(True, "fit a temperature on the validation split (NLL); the registered and served model "
+                                 "applies it (false: T = 1)")
     device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N", affects_result=False)
 
 

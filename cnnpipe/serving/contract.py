@@ -271,6 +271,13 @@ def to_array(image, size: int, channels: int, i: int = 0, max_pixels: int = MAX_
         raise RequestError(f"image {i}: not a readable image ({e})") from None
 
 
+def probabilities(logits, temperature: float = 1.0):  # noqa: ANN001, ANN201 - N x C torch tensors
+    """Class probabilities of the served model: softmax(logits / T), T the temperature evaluate fitted on the
+    validation split (1: uncalibrated). Every path from logits to an answer goes through here (torch,
+    ONNX graph, pyfunc, SageMaker's handler); a positive T never changes the argmax."""
+    return (logits.float() / temperature).softmax(1)
+
+
 def answer(probs, classes: list[str], top_k: int) -> list[dict]:  # noqa: ANN001 - probs: N x C torch tensor
     """One dict per image: class, index, confidence and the k most probable classes."""
     if top_k < 1:  # one check for every way in: query, params, pyfunc, SageMaker
@@ -310,7 +317,7 @@ def predict_fn(input_data: dict, model: dict) -> list[dict]:
     x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255.0)
     x = (x - torch.tensor(meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(meta["std"]).view(1, -1, 1, 1)
     with torch.no_grad():
-        probs = model["model"](x).float().softmax(1)
+        probs = probabilities(model["model"](x), meta.get("temperature", 1.0))
     top_k = input_data["top_k"]
     top_k = check_top_k(top_k, len(meta["classes"])) if top_k is not None else min(meta["top_k"], len(meta["classes"]))
     return answer(probs, meta["classes"], top_k)

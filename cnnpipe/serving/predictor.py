@@ -10,7 +10,8 @@ import torch
 from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.inference import predict_logits, stats_tensors, to_nchw_uint8
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.serving.contract import MAX_PIXELS, BoxedImage, RequestError, answer, to_array
+from cnnpipe.serving.calibration import UNCALIBRATED, Calibration
+from cnnpipe.serving.contract import MAX_PIXELS, BoxedImage, RequestError, answer, probabilities, to_array
 
 
 def decode_images(spec: ModelSpec, images: list[bytes | np.ndarray | BoxedImage],
@@ -29,14 +30,15 @@ def as_requests(images: np.ndarray, boxes: np.ndarray | None = None) -> list[np.
 
 
 class Predictor:
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: torch.device):
-        self.model, self.spec, self.device = model, spec, device
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: torch.device,
+                 calibration: Calibration = UNCALIBRATED):
+        self.model, self.spec, self.device, self.calibration = model, spec, device, calibration
         self.mean, self.std = stats_tensors(spec.mean, spec.std, device)
 
     @classmethod
-    def from_file(cls, path: Path | str, device: str = "cpu") -> Predictor:
+    def from_file(cls, path: Path | str, device: str = "cpu", calibration: Calibration = UNCALIBRATED) -> Predictor:
         model, spec = load_model(path, device)
-        return cls(model, spec, torch.device(device))
+        return cls(model, spec, torch.device(device), calibration)
 
     def decode(self, images: list[bytes | np.ndarray | BoxedImage], max_pixels: int = MAX_PIXELS) -> np.ndarray:
         return decode_images(self.spec, images, max_pixels)
@@ -51,5 +53,5 @@ class Predictor:
     def predict(self, images: np.ndarray, top_k: int = 5) -> list[dict]:
         """uint8 N x S x S x C -> one dict per image: class, index, confidence and the top k."""
         x = to_nchw_uint8(images, self.device)
-        probs = predict_logits(self.model, x, self.mean, self.std).softmax(1).cpu()
+        probs = probabilities(predict_logits(self.model, x, self.mean, self.std), self.calibration.temperature).cpu()
         return answer(probs, self.spec.classes, top_k)

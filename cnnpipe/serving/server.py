@@ -76,6 +76,7 @@ class ModelInvoke:
     max_body_bytes: int
     max_pixels: int
     threads: int
+    temperature: float = 1.0  # torch backend (an ONNX file holds it in its graph)
 
     def __call__(self) -> Invoke:
         if self.backend == "onnxruntime":
@@ -85,10 +86,11 @@ class ModelInvoke:
         else:
             import torch
 
+            from cnnpipe.serving.calibration import Calibration
             from cnnpipe.serving.predictor import Predictor
 
             torch.set_num_threads(self.threads)
-            predictor = Predictor.from_file(self.model_file)
+            predictor = Predictor.from_file(self.model_file, calibration=Calibration(self.temperature))
         return cnnpipe_invoke(predictor, self.top_k, self.max_body_bytes, self.max_pixels)
 
 
