@@ -88,17 +88,19 @@ def _serve(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
     cfg = load_block(ServeConfig, "serve", params if "serve" in params else {**params, "serve": {}}, vars(args), pp)
     uri = _model_uri(args, params, pp)
-    predictor, top_k = load_registered(tracking_config(params, args, pp), uri, args.calibration)
+    predictor, top_k = load_registered(tracking_config(params, args, pp), uri, args.calibration, cfg.tta)
+    if cfg.tta and not predictor.tta:
+        print(f"serve: TTA off: {uri} carries no flip that keeps or swaps a class", file=sys.stderr)
     sock = listen(args.host, args.port)
     with tempfile.TemporaryDirectory(prefix="cnnpipe-serve-") as folder:
         model_file = served_model_file(predictor, top_k, cfg.backend, Path(folder))
         app = ServingApp(ModelInvoke(str(model_file), cfg.backend, top_k, cfg.max_body_bytes, cfg.max_pixels,
-                                     INFERENCE_THREADS, predictor.calibration.temperature), cfg)
+                                     INFERENCE_THREADS, predictor.calibration, predictor.tta), cfg)
         if cfg.workers == 1:
             app.preload()  # a bad model fails here with one line, before the server starts
         serve(app, sock, cfg, uri)
     return {"served": uri, "backend": cfg.backend, "workers": cfg.workers,
-            "temperature": predictor.calibration.temperature, "stopped": True}
+            "temperature": predictor.calibration.temperature, "tta": predictor.tta, "stopped": True}
 
 
 def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
@@ -174,7 +176,8 @@ def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 def _export(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.serving.local import load_registered
 
-    predictor, top_k = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp), args.calibration)
+    predictor, top_k = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp), args.calibration,
+                                       args.tta)
     if args.target == "onnx":
         from cnnpipe.serving.onnx_model import export_onnx
 
@@ -328,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--output", type=Path, help="file to write (default: model.tar.gz for sagemaker, model.onnx for onnx)")
+    p.add_argument("--tta", action="store_true", help="sagemaker: the endpoint averages over the model's class-aware "
+                                                      "flips (an ONNX file carries them; `serve --tta` uses them)")
     p.add_argument("--calibration", type=Path, help=CALIBRATION_HELP)
     with_tracking(p, optional=False)
 

@@ -59,7 +59,7 @@ def test_a_calibrated_model_is_left_alone():
 def test_a_bad_calibration_file_is_named(tmp_path, content):
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps(content))
-    with pytest.raises(CnnpipeError, match=re.escape(f"calibration file '{path}': expected {{\"temperature\": T > 0}}")):
+    with pytest.raises(CnnpipeError, match=re.escape(f"calibration file '{path}': expected {{\"temperature\": T > 0")):
         Calibration.read(path)
     with pytest.raises(CnnpipeError, match="not found"):
         Calibration.read(tmp_path / "missing.json")
@@ -125,6 +125,70 @@ def test_onnx_graph_and_sagemaker_handler_apply_the_temperature(model_file, tmp_
     assert export(predictor, 4, tmp_path / "model.tar.gz")["temperature"] == t
     model_dir = extract(tmp_path / "model.tar.gz", tmp_path / "sm")
     assert json.loads((model_dir / "metadata.json").read_text())["temperature"] == t
+    inference = load_inference(model_dir)
+    answers = inference.predict_fn({"images": list(images), "top_k": 4}, inference.model_fn(str(model_dir)))
+    assert np.allclose(all_probabilities(answers), want, atol=1e-5)
+
+
+def test_tta_permutes_a_swapped_pair_back_and_averages_per_class():
+    """Images are 1 x 2 pixels: brighter left = class 0 ("keep left"), brighter right = class 1 ("keep right"),
+    class 2 mirror-invariant, class 3 never flipped. The toy model is right about the direction."""
+    from cnnpipe.serving.contract import tta_probabilities
+
+    def probs_of(view: torch.Tensor) -> torch.Tensor:
+        left = view[:, 0, 0, 0] > view[:, 0, 0, 1]
+        out = torch.where(left.view(-1, 1), torch.tensor([0.7, 0.1, 0.15, 0.05]), torch.tensor([0.1, 0.7, 0.15, 0.05]))
+        return out.clone()
+
+    x = torch.tensor([[[[9, 1]]], [[[1, 9]]]], dtype=torch.uint8)  # one left, one right
+    flips = {"hflip": [1, 0, 2, -1], "vflip": [-1, -1, -1, -1]}
+    got = tta_probabilities(probs_of, x, flips)
+    # class c of the original = class table[c] of the flipped view: the pair's votes agree after the permutation;
+    # class 3 has only the original view; then renormalized
+    left = torch.tensor([(0.7 + 0.7) / 2, (0.1 + 0.1) / 2, (0.15 + 0.15) / 2, 0.05])
+    assert torch.allclose(got[0], left / left.sum(), atol=1e-6)
+    assert torch.allclose(got[1], left[[1, 0, 2, 3]] / left.sum(), atol=1e-6)
+    # without the permutation the flipped view would vote for the other direction: the average would be split
+    assert got[0, 0] > 0.65 and got[1, 1] > 0.65
+    assert torch.equal(tta_probabilities(probs_of, x, {"vflip": [-1] * 4}), probs_of(x))  # no usable flip: no TTA
+
+
+@pytest.fixture
+def flip_calibration() -> Calibration:
+    """Flip tables for the 4-class model: 0 <-> 1 swap under hflip, 2 keeps, 3 never flips; 2 keeps a half turn."""
+    return Calibration(1.7, {"hflip": [1, 0, 2, -1], "vflip": [-1] * 4, "rot180": [-1, -1, 2, -1]})
+
+
+def test_tta_of_a_flipped_image_is_the_permuted_tta_of_the_image(model_file):
+    calibration = Calibration(1.7, {"hflip": [1, 0, 2, 3]})  # an involution on every class
+    predictor = Predictor.from_file(model_file, calibration=calibration, tta=True)
+    assert predictor.tta
+    x = to_nchw_uint8(batch(), predictor.device)
+    direct, mirrored = predictor.probabilities(x), predictor.probabilities(x.flip(-1))
+    assert torch.allclose(mirrored[:, [1, 0, 2, 3]], direct, atol=1e-6)
+    assert torch.allclose(direct.sum(1), torch.ones(len(x)), atol=1e-6)
+    plain = Predictor.from_file(model_file, calibration=calibration)
+    assert not torch.allclose(plain.probabilities(x), direct, atol=1e-3)  # TTA did change the answer
+    assert not Predictor.from_file(model_file, calibration=Calibration(1.7, {"hflip": [-1] * 4}), tta=True).tta
+    with pytest.raises(CnnpipeError, match="flip table 'hflip' does not fit a model of 4 classes"):
+        Predictor.from_file(model_file, calibration=Calibration(1.0, {"hflip": [0, 1, 2]}))
+
+
+def test_torch_onnx_and_sagemaker_tta_answer_alike(model_file, flip_calibration, tmp_path):
+    from cnnpipe.serving.onnx_model import OnnxPredictor, export_onnx
+    from cnnpipe.serving.sagemaker import export, extract, load_inference
+
+    predictor = Predictor.from_file(model_file, calibration=flip_calibration, tta=True)
+    images = batch()
+    want = all_probabilities(predictor.predict(images, 4))
+    export_onnx(predictor, 4, tmp_path / "m.onnx")
+    onnx = OnnxPredictor(tmp_path / "m.onnx", threads=1, tta=True)
+    assert onnx.tta and onnx.calibration == flip_calibration
+    assert np.allclose(all_probabilities(onnx.predict(images, 4)), want, atol=1e-5)
+    assert not np.allclose(all_probabilities(OnnxPredictor(tmp_path / "m.onnx", threads=1).predict(images, 4)), want,
+                           atol=1e-3)
+    assert export(predictor, 4, tmp_path / "model.tar.gz")["tta"] is True
+    model_dir = extract(tmp_path / "model.tar.gz", tmp_path / "sm")
     inference = load_inference(model_dir)
     answers = inference.predict_fn({"images": list(images), "top_k": 4}, inference.model_fn(str(model_dir)))
     assert np.allclose(all_probabilities(answers), want, atol=1e-5)

@@ -30,6 +30,7 @@ from tests.conftest import REPO, cnnpipe, free_port, user_env, wait_for_http, wr
 pytestmark = pytest.mark.e2e
 NAME = "tiny-signs"
 TEMPERATURE = 2.5  # the registered model's calibration: every serving path must answer softmax(logits / T)
+FLIPS = {"hflip": [1, 0, 2], "vflip": [-1, -1, -1]}  # as the policy would say: 0 <-> 1 swap, 2 keeps
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def workspace(tmp_path_factory) -> Path:
     Tracker.start(tracking, "serving-test", {}).write_run_file(ws / "data/model")
     # the untrained model stands in for a good one: its recorded scores pass register's quality gate
     write_json(ws / "data/evaluation/metrics.json", {"val": {"accuracy": 0.9}, "test": {"accuracy": 0.9}})
-    write_json(ws / "data/evaluation/calibration.json", {"temperature": TEMPERATURE, "fitted_on": "val"})
+    write_json(ws / "data/evaluation/calibration.json", {"temperature": TEMPERATURE, "flips": FLIPS})
     register.run(cfg=RegisterConfig(model_name=NAME), model=ws / "data/model", data=data,
                  evaluation=ws / "data/evaluation", record=ws / "data/registered.json", tracking=tracking)
     return ws
@@ -112,13 +113,29 @@ def test_torch_and_onnxruntime_backends_answer_alike(workspace):
             answers[backend] = predictions(port, body)
         finally:
             assert stop(proc) == {"served": f"models:/{NAME}@champion", "backend": backend, "workers": int(workers),
-                                  "temperature": TEMPERATURE, "stopped": True}
+                                  "temperature": TEMPERATURE, "tta": False, "stopped": True}
     want = calibrated_probabilities(workspace, images(6), TEMPERATURE)
     for t, o, w in zip(answers["torch"], answers["onnxruntime"], want):
         assert t["predicted_class"] == o["predicted_class"]
         assert [c["index"] for c in t["top_k"]] == [c["index"] for c in o["top_k"]]
         assert np.allclose([c["probability"] for c in t["top_k"]], [c["probability"] for c in o["top_k"]], atol=1e-5)
         assert np.allclose([c["probability"] for c in t["top_k"]], w[[c["index"] for c in t["top_k"]]], atol=1e-5)
+
+
+def test_serve_tta_averages_over_the_packaged_flips_on_both_backends(workspace):
+    body = json.dumps({"images": [base64.b64encode(b).decode() for b in images(5)]}).encode()
+    local = Predictor.from_file(workspace / "data/model/model.pt", calibration=Calibration(TEMPERATURE, FLIPS), tta=True)
+    want = local.predict(local.decode(images(5)), 3)
+    for backend in ("torch", "onnxruntime"):
+        proc, port = serve(workspace, "--backend", backend, "--tta")
+        try:
+            answers = predictions(port, body)
+        finally:
+            assert stop(proc)["tta"] is True
+        for a, w in zip(answers, want):
+            assert [c["index"] for c in a["top_k"]] == [c["index"] for c in w["top_k"]], backend
+            assert np.allclose([c["probability"] for c in a["top_k"]], [c["probability"] for c in w["top_k"]],
+                               atol=1e-5), backend
 
 
 def calibrated_probabilities(ws: Path, encoded: list[bytes], t: float) -> np.ndarray:
@@ -177,7 +194,8 @@ def test_export_onnx_equals_torch_within_tolerance(workspace, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["onnx"] == str(tmp_path / "m.onnx")
     onnx_predictor = OnnxPredictor(tmp_path / "m.onnx", threads=1)
-    torch_predictor = Predictor.from_file(workspace / "data/model/model.pt", calibration=Calibration(TEMPERATURE))
+    torch_predictor = Predictor.from_file(workspace / "data/model/model.pt",
+                                          calibration=Calibration(TEMPERATURE, FLIPS))
     assert onnx_predictor.calibration == torch_predictor.calibration  # the registered version's, in the graph
     batch = torch_predictor.decode(images(9))
     for a, b in zip(torch_predictor.predict(batch, 3), onnx_predictor.predict(batch, 3)):

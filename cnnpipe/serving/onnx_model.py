@@ -18,10 +18,10 @@ from cnnpipe.engine.checkpoint import ModelSpec
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
 from cnnpipe.serving.calibration import Calibration
-from cnnpipe.serving.contract import MAX_PIXELS, answer, probabilities
+from cnnpipe.serving.contract import MAX_PIXELS, answer, probabilities, tta_probabilities
 from cnnpipe.serving.predictor import Predictor, decode_images
 
-SPEC_KEY, TOP_K_KEY, TEMPERATURE_KEY = "cnnpipe.spec", "cnnpipe.top_k", "cnnpipe.temperature"
+SPEC_KEY, TOP_K_KEY, TEMPERATURE_KEY, FLIPS_KEY = "cnnpipe.spec", "cnnpipe.top_k", "cnnpipe.temperature", "cnnpipe.flips"
 
 
 class Probabilities(nn.Module):
@@ -50,16 +50,18 @@ def export_onnx(predictor: Predictor, top_k: int, output: Path) -> dict:
                                     dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True)
         proto = program.model_proto
         for key, value in ((SPEC_KEY, json.dumps(asdict(spec))), (TOP_K_KEY, str(top_k)),
-                           (TEMPERATURE_KEY, repr(temperature))):
+                           (TEMPERATURE_KEY, repr(temperature)),
+                           (FLIPS_KEY, json.dumps(predictor.calibration.flips))):
             proto.metadata_props.add(key=key, value=value)
         onnx.save(proto, str(tmp))
     return {"onnx": str(output), "bytes": output.stat().st_size, "classes": len(spec.classes), "temperature": temperature}
 
 
 class OnnxPredictor:
-    """Predictor's decode and predict, on an ONNX Runtime CPU session."""
+    """Predictor's decode and predict, on an ONNX Runtime CPU session; `tta` averages over the flips the file
+    carries (off when none keeps or swaps a class)."""
 
-    def __init__(self, path: Path | str, threads: int = 0):
+    def __init__(self, path: Path | str, threads: int = 0, tta: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -69,17 +71,22 @@ class OnnxPredictor:
             meta = self.session.get_modelmeta().custom_metadata_map
             self.spec = ModelSpec(**json.loads(meta[SPEC_KEY]))
             self.top_k = int(meta[TOP_K_KEY])
-            # applied inside the graph; kept to say which calibration this file serves (older files: none)
-            self.calibration = Calibration(float(meta.get(TEMPERATURE_KEY, 1.0)))
+            # the temperature is applied inside the graph; kept to say which calibration this file serves
+            self.calibration = Calibration(float(meta.get(TEMPERATURE_KEY, 1.0)), json.loads(meta.get(FLIPS_KEY, "null")))
         except (KeyError, TypeError, ValueError) as e:
             raise CnnpipeError(f"'{path}': not an ONNX model written by `cnnpipe export onnx` ({e})") from None
         except Exception as e:  # onnxruntime's own exception types for unreadable files
             raise CnnpipeError(f"'{path}': not a readable ONNX model: {str(e).splitlines()[0]}") from None
+        self.calibration.check(self.spec.num_classes, str(path))
+        self.tta = tta and bool(self.calibration.tta_flips)
 
     def decode(self, images: list, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         return decode_images(self.spec, images, max_pixels)
 
     def predict(self, images: np.ndarray, top_k: int = 5) -> list[dict]:
-        x = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2))
-        probs = self.session.run(None, {"images": x})[0]
-        return answer(torch.from_numpy(probs), self.spec.classes, top_k)
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2)))
+
+        def probs_of(view: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(self.session.run(None, {"images": view.contiguous().numpy()})[0])
+        probs = tta_probabilities(probs_of, x, self.calibration.tta_flips) if self.tta else probs_of(x)
+        return answer(probs, self.spec.classes, top_k)

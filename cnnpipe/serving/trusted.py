@@ -106,17 +106,20 @@ def default_top_k(folder: Path) -> int:
         raise CnnpipeError(f"model folder '{folder}': MLmodel's signature params are not readable") from None
 
 
-def load(registry: Registry, model_uri: str, calibration_file: Path | None = None) -> tuple[Predictor, int]:
+def load(registry: Registry, model_uri: str, calibration_file: Path | None = None,
+         tta: bool = False) -> tuple[Predictor, int]:
     """The predictor of `model_uri` (an MLflow model folder, a train folder, models:/<name>/<version>,
     models:/<name>@<alias>, any model URI) and its default top_k; a registered version's files are verified
-    against its tags. The model's own calibration applies unless `calibration_file` (evaluate's) is given."""
+    against its tags. The model's own calibration applies unless `calibration_file` (evaluate's) is given;
+    `tta`: average over its flips."""
     override = Calibration.read(calibration_file) if calibration_file is not None else None
     if Path(model_uri).is_dir() and not (Path(model_uri) / "MLmodel").exists() \
             and (Path(model_uri) / MODEL_FILE).is_file():  # a bare train folder: no calibration of its own
-        return Predictor.from_file(Path(model_uri) / MODEL_FILE, calibration=override or UNCALIBRATED), DEFAULT_TOP_K
+        return (Predictor.from_file(Path(model_uri) / MODEL_FILE, calibration=override or UNCALIBRATED, tta=tta),
+                DEFAULT_TOP_K)
     with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as tmp:
         folder, expected, where = registry.model_files(model_uri, Path(tmp))
         if expected is not None:
             _verify(folder, expected, where)
-        return (Predictor.from_file(weights_file(folder), calibration=override or calibration_of(folder)),
+        return (Predictor.from_file(weights_file(folder), calibration=override or calibration_of(folder), tta=tta),
                 default_top_k(folder))

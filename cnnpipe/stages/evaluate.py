@@ -10,7 +10,13 @@ with a box is, as `val_roi` and `test_roi`.
 Calibration (evaluate.calibrate): one temperature T is fitted on the val split's served-protocol logits (NLL);
 every protocol's scores are those of the calibrated probabilities softmax(logits / T), the model as registered
 and served, with `ece_uncalibrated` and `loss_uncalibrated` (T = 1) beside them. T goes to calibration.json in
-this folder (never into train's), which register packages with the model.
+this folder (never into train's), which register packages with the model, with the flip tables of the augment
+policy the model was trained with (train records them): the views test-time augmentation averages.
+
+Test-time augmentation (evaluate.tta): each protocol is scored again with the probabilities averaged over the
+original and every class-aware flipped view (contract.tta_probabilities), as `*_tta`, with the batched inference
+time per image with and without it (`ms_per_image`, `ms_per_image_tta`). A model whose classes no flip keeps
+(digits) has no TTA: said in one line, and nothing `*_tta` is reported.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +153,7 @@ def _figures(folder: Path, model: torch.nn.Module, spec: ModelSpec, images: np.n
 
 
 def _report(folder: Path, ds: Dataset, spec: ModelSpec, n_params: int, train_cfg: dict, metrics: dict,
-            results: dict, made: list[tuple], temperature: float, calibrate: bool) -> None:
+            results: dict, made: list[tuple], temperature: float, calibrate: bool, tta_note: str) -> None:
     r = Report("cnnpipe evaluation report")
     src = ds.manifest["source"]
     r.heading("Data")
@@ -167,6 +174,12 @@ def _report(folder: Path, ds: Dataset, spec: ModelSpec, n_params: int, train_cfg
            "Not calibrated (evaluate.calibrate: false): T = 1.")
     r.table(["split", "ECE before", "ECE after", "NLL before", "NLL after"],
             [[split, m["ece_uncalibrated"], m["ece"], m["loss_uncalibrated"], m["loss"]] for split, m in metrics.items()])
+    r.heading("Test-time augmentation")
+    r.text(tta_note)
+    if "accuracy_tta" in next(iter(metrics.values())):
+        r.table(["split", "accuracy", "accuracy TTA", "ECE", "ECE TTA", "ms / image", "ms / image TTA"],
+                [[split, m["accuracy"], m["accuracy_tta"], m["ece"], m["ece_tta"], m["ms_per_image"],
+                  m["ms_per_image_tta"]] for split, m in metrics.items()])
     r.heading("Most confused pairs (test)")
     r.table(["true", "predicted", "count"], [[p["true"], p["predicted"], p["count"]] for p in results["test"]["most_confused"]])
     r.heading("Per class (test)")
@@ -176,6 +189,33 @@ def _report(folder: Path, ds: Dataset, spec: ModelSpec, n_params: int, train_cfg
     for file, caption in made:
         r.image(file, caption)
     r.write(folder)
+
+
+def _seconds(predictor: Predictor, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    probs = predictor.probabilities(x, batch_size)
+    return probs, time.perf_counter() - start
+
+
+def _tta(metrics: dict, cfg: EvaluateConfig, calibration: Calibration, plain: Predictor, tta: Predictor,
+         tensors: dict, labels: dict, classes: list[str]) -> str:
+    """Score every protocol with test-time augmentation into `metrics` (*_tta, and the ms per image with and
+    without); returns the one line that says what was done."""
+    if not cfg.tta:
+        return "TTA off (evaluate.tta: false)"
+    if not tta.tta:
+        return "TTA off: the augment policy the model was trained with flips no class into itself or another"
+    for key, x in tensors.items():
+        _, without = _seconds(plain, x, cfg.batch_size)  # timed here, back to back with TTA: the same conditions
+        probs, elapsed = _seconds(tta, x, cfg.batch_size)
+        # log p as logits: classification_metrics' softmax gives p back, its loss is p's NLL
+        scores = classification_metrics(probs.clamp_min(1e-12).log(), labels[key], classes)["scalars"]
+        metrics[key] |= {f"{k}_tta": round(scores[k], 6) for k in ("accuracy", "ece", "loss")}
+        metrics[key] |= {"ms_per_image": round(1000 * without / len(x), 4),
+                         "ms_per_image_tta": round(1000 * elapsed / len(x), 4)}
+    views = 1 + len(calibration.tta_flips)
+    return f"TTA on: {views} views (original, {', '.join(calibration.tta_flips)}), averaged per class over the views " \
+           f"that keep it defined"
 
 
 def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, tracking: TrackingConfig | None) -> dict:
@@ -208,22 +248,27 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
             logits[key] = predict_logits(model, tensors[key], mean, std, cfg.batch_size)
             labels[key] = torch.from_numpy(split.labels).to(device)
     # fitted on the served protocol's val logits: the images a server gets
-    calibration = Calibration(fit_temperature(logits["val"], labels["val"]) if cfg.calibrate else 1.0)
+    train_cfg = read_train_config(model_dir)
+    try:  # the flips of the policy the model was trained with: they travel with the calibration
+        calibration = Calibration(fit_temperature(logits["val"], labels["val"]) if cfg.calibrate else 1.0,
+                                  train_cfg.get("flips"))
+    except ValueError as e:
+        raise CnnpipeError(f"model folder '{model_dir}': {e}") from None
+    calibration.check(spec.num_classes, f"model folder '{model_dir}'")
     temperature = calibration.temperature
     uncalibrated = {key: classification_metrics(z, labels[key], ds.classes) for key, z in logits.items()}
     results = {key: classification_metrics(z, labels[key], ds.classes, temperature) for key, z in logits.items()}
     metrics = {name: {k: round(v, 6) for k, v in r["scalars"].items()} |
                {f"{k}_uncalibrated": round(uncalibrated[name]["scalars"][k], 6) for k in UNCALIBRATED_SCORES}
                for name, r in results.items()}
+    tta_note = _tta(metrics, cfg, calibration, Predictor(model, spec, device, calibration),
+                    Predictor(model, spec, device, calibration, tta=True), tensors, labels, ds.classes)
     history = read_history(model_dir)
-    train_cfg = read_train_config(model_dir)
     test = results["test"]
     names = np.asarray(ds.classes)
     with atomic_dir(out) as tmp:
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-        calibration.write(tmp / CALIBRATION_FILE, fitted_on="val" if cfg.calibrate else None,
-                          ece={k: {"before": m["ece_uncalibrated"], "after": m["ece"]} for k, m in metrics.items()},
-                          nll={k: {"before": m["loss_uncalibrated"], "after": m["loss"]} for k, m in metrics.items()})
+        calibration.write(tmp / CALIBRATION_FILE, fitted_on="val (NLL)" if cfg.calibrate else None)
         _write_csv(tmp / CONFUSION_CSV, ["true \\ predicted", *ds.classes],
                    [[c, *row] for c, row in zip(ds.classes, test["confusion"].tolist())])
         # the form KFP's ClassificationMetrics.log_confusion_matrix(categories, matrix) takes
@@ -239,15 +284,17 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
                    [[p["true"], p["predicted"], p["count"]] for p in test["most_confused"]])
         made = _figures(tmp, model, spec, test_images, tensors["test"], test, uncalibrated["test"], temperature,
                         history, cfg, mean, std)
-        _report(tmp, ds, spec, count_parameters(model), train_cfg, metrics, results, made, temperature, cfg.calibrate)
+        _report(tmp, ds, spec, count_parameters(model), train_cfg, metrics, results, made, temperature, cfg.calibrate,
+                tta_note)
         if tracker is not None:
             # at the last epoch's step, so val/* continues train's curves instead of restarting at 0
             tracker.log_metrics({f"{split}/{k}": v for split, m in metrics.items() for k, v in m.items()} |
                                 {"calibration/temperature": temperature}, step=len(history))
-            tracker.set_tags({"evaluate.protocol": protocol_note(ds)})
+            tracker.set_tags({"evaluate.protocol": protocol_note(ds), "evaluate.tta": tta_note})
             tracker.log_artifact(tmp, "evaluate")
     print(f"calibration: temperature {temperature:.4f}" + ("" if cfg.calibrate else " (evaluate.calibrate: false)"),
           file=sys.stderr)
+    print(f"evaluate: {tta_note}", file=sys.stderr)
     for name, m in metrics.items():
         print(f"{name}: accuracy {m['accuracy']:.4f}  loss {m['loss_uncalibrated']:.4f} -> {m['loss']:.4f}  "
               f"f1_macro {m['f1_macro']:.4f}  ece {m['ece_uncalibrated']:.4f} -> {m['ece']:.4f}", file=sys.stderr)
