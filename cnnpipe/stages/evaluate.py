@@ -247,9 +247,10 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
             tensors[key] = to_nchw_uint8(images, device)
             logits[key] = predict_logits(model, tensors[key], mean, std, cfg.batch_size)
             labels[key] = torch.from_numpy(split.labels).to(device)
-    # fitted on the served protocol's val logits: the images a server gets
     train_cfg = read_train_config(model_dir)
-    try:  # the flips of the policy the model was trained with: they travel with the calibration
+    # T from the served protocol's val logits (the images a server gets); the flips of the policy the model was
+    # trained with travel beside it
+    try:
         calibration = Calibration(fit_temperature(logits["val"], labels["val"]) if cfg.calibrate else 1.0,
                                   train_cfg.get("flips"))
     except ValueError as e:
