@@ -23,6 +23,7 @@ from cnnpipe.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, CnnpipeErr
 from cnnpipe.stages.spec import STAGES
 
 Handler = Callable[[argparse.Namespace, dict, Path], dict]
+MODEL_HELP = "model URI, MLflow model folder or train folder (default: models:/<register.model_name>@champion)"
 CALIBRATION_HELP = ("the calibration.json of `cnnpipe evaluate` to apply instead of the model's own: a registered model "
                     "carries its own; a bare train folder (--model data/model) has none and serves uncalibrated (T = 1) "
                     "without this")
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", "serve a registered model over HTTP (SageMaker's /ping and /invocations)", _serve,
                 ServeConfig)
-    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080, as SageMaker)")
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("predict", "predict image files and folders with a registered model into a CSV", _predict, None)
     p.add_argument("paths", nargs="+", type=Path, help="image files, folders (searched recursively) or CSVs with a "
                                                        "'path' column and an optional 'box' column (x1 y1 x2 y2)")
-    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write (default: predictions.csv)")
     p.add_argument("--batch-size", type=int, default=256, help="images per inference batch")
@@ -328,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", "package a registered model for a serving platform (sagemaker: model.tar.gz; onnx: a "
                           "model.onnx for ONNX Runtime)", _export, None)
     p.add_argument("target", choices=["sagemaker", "onnx"], help="the platform")
-    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--output", type=Path, help="file to write (default: model.tar.gz for sagemaker, model.onnx for onnx)")
     p.add_argument("--tta", action="store_true", help="sagemaker: the endpoint averages over the model's class-aware "
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", required=True, help="IAM execution role ARN for the SageMaker model")
     p.add_argument("--instance-type", default="ml.m5.large", help="endpoint instance type (default ml.m5.large)")
     p.add_argument("--endpoint-name", help="endpoint (and model, endpoint config) name (default: the model name)")
-    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--archive", type=Path, help="an existing model.tar.gz instead of exporting the model")
     p.add_argument("--calibration", type=Path, help=CALIBRATION_HELP)
