@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,8 +57,12 @@ def main() -> None:
         "tta_views": ["original", *(k for k, t in (calibration["flips"] or {}).items() if any(c >= 0 for c in t))],
         "scores": {split: {k: m.get(k) for k in keys} for split, m in metrics.items()},
         "evaluate_wall_s": round(wall, 1),
-        "recipe": {"params": str(args.params.relative_to(ROOT)), "train.epochs": train["epochs"],
-                   "train.label_smoothing": train["label_smoothing"], "train.arch": train["arch"]},
+        "recipe": {"params": str(args.params.relative_to(ROOT)), "epochs": train["epochs"],
+                   "label_smoothing": train["label_smoothing"], "arch": train["arch"]},
+        # --reuse: a model trained before this run (by this script or another benchmark), named with its date
+        "model": {"folder": str(w / "model"), "reused": args.reuse,
+                  "trained": time.strftime("%Y-%m-%d %H:%M", time.gmtime((w / "model/model.pt").stat().st_mtime)),
+                  "flips_recorded": calibration["flips"] is not None},
         "targets": {"test_ece": 0.02},
     }
     record(args.out, result)
