@@ -47,6 +47,12 @@ def test_calibration_lowers_ece_and_nll_and_keeps_every_prediction():
         assert after["scalars"][k] == before["scalars"][k]
 
 
+def test_no_error_on_val_means_no_temperature():
+    logits = torch.tensor([[5.0, 0.0], [0.0, 3.0], [4.0, 1.0]])
+    assert fit_temperature(logits, torch.tensor([0, 1, 0])) == 1.0  # the NLL would only fall as T -> 0
+    assert fit_temperature(logits, torch.tensor([0, 1, 1])) > 1.0  # one confident mistake: softer
+
+
 def test_a_calibrated_model_is_left_alone():
     logits, labels = synthetic(1.0)
     t = fit_temperature(logits, labels)

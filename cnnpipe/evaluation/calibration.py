@@ -14,8 +14,11 @@ LOG_T_BOUND = 5.0  # T within [e^-5, e^5]: beyond that the logits carry no usabl
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T minimizing the NLL of softmax(logits / T) against `labels`."""
+    """The T minimizing the NLL of softmax(logits / T) against `labels`; 1 when every prediction is right (the
+    NLL then falls as T -> 0: no error to calibrate against, and a vanishing T would make every answer certain)."""
     logits, labels = logits.detach().double().cpu(), labels.detach().cpu()
+    if bool((logits.argmax(1) == labels).all()):
+        return 1.0
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=100, tolerance_grad=1e-9, tolerance_change=1e-10,
                                   line_search_fn="strong_wolfe")
