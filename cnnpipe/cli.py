@@ -24,6 +24,10 @@ from cnnpipe.remote import location_arg
 from cnnpipe.stages.spec import STAGES
 
 Handler = Callable[[argparse.Namespace, dict, Path], dict]
+MODEL_HELP = "model URI, MLflow model folder or train folder (default: models:/<register.model_name>@champion)"
+CALIBRATION_HELP = ("the calibration.json of `cnnpipe evaluate` to apply instead of the model's own: a registered model "
+                    "carries its own; a bare train folder (--model data/model) has none and serves uncalibrated (T = 1) "
+                    "without this")
 
 # The optional dependency (pyproject's extras) that brings each module a command may import
 EXTRA_OF_MODULE = {"sklearn": "train", "matplotlib": "train", "uvicorn": "serve", "starlette": "serve",
@@ -87,22 +91,25 @@ def _serve(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
     cfg = load_block(ServeConfig, "serve", params if "serve" in params else {**params, "serve": {}}, vars(args), pp)
     uri = _model_uri(args, params, pp)
-    predictor, top_k = load_registered(tracking_config(params, args, pp), uri)
+    predictor, top_k = load_registered(tracking_config(params, args, pp), uri, args.calibration, cfg.tta)
+    if cfg.tta and not predictor.tta:
+        print(f"serve: TTA off: {uri} carries no flip that keeps or swaps a class", file=sys.stderr)
     sock = listen(args.host, args.port)
     with tempfile.TemporaryDirectory(prefix="cnnpipe-serve-") as folder:
         model_file = served_model_file(predictor, top_k, cfg.backend, Path(folder))
         app = ServingApp(ModelInvoke(str(model_file), cfg.backend, top_k, cfg.max_body_bytes, cfg.max_pixels,
-                                     INFERENCE_THREADS), cfg)
+                                     INFERENCE_THREADS, predictor.calibration, predictor.tta), cfg)
         if cfg.workers == 1:
             app.preload()  # a bad model fails here with one line, before the server starts
         serve(app, sock, cfg, uri)
-    return {"served": uri, "backend": cfg.backend, "workers": cfg.workers, "stopped": True}
+    return {"served": uri, "backend": cfg.backend, "workers": cfg.workers,
+            "temperature": predictor.calibration.temperature, "tta": predictor.tta, "stopped": True}
 
 
 def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.serving.local import load_registered, predict_files
 
-    predictor, _ = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp))
+    predictor, _ = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp), args.calibration)
     return predict_files(predictor, args.paths, args.output, args.batch_size)
 
 
@@ -175,7 +182,8 @@ def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 def _export(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.serving.local import load_registered
 
-    predictor, top_k = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp))
+    predictor, top_k = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp), args.calibration,
+                                       args.tta)
     if args.target == "onnx":
         from cnnpipe.serving.onnx_model import export_onnx
 
@@ -195,7 +203,8 @@ def _deploy(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     with tempfile.TemporaryDirectory() as d:
         archive = args.archive
         if archive is None:
-            predictor, top_k = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp))
+            predictor, top_k = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp),
+                                               args.calibration)
             archive = Path(d) / "model.tar.gz"
             export(predictor, top_k, archive)
         return deploy(archive, args.role, args.instance_type, name, args.bucket, args.region, args.image_uri, args.wait)
@@ -258,19 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", "serve a registered model over HTTP (SageMaker's /ping and /invocations)", _serve,
                 ServeConfig)
-    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080, as SageMaker)")
+    p.add_argument("--calibration", type=Path, help=CALIBRATION_HELP)
     with_tracking(p, optional=False)
 
     p = command("predict", "predict image files and folders with a registered model into a CSV", _predict, None)
     p.add_argument("paths", nargs="+", type=Path, help="image files, folders (searched recursively) or CSVs with a "
                                                        "'path' column and an optional 'box' column (x1 y1 x2 y2)")
-    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write (default: predictions.csv)")
     p.add_argument("--batch-size", type=int, default=256, help="images per inference batch")
+    p.add_argument("--calibration", type=Path, help=CALIBRATION_HELP)
     with_tracking(p, optional=False)
 
     p = command("explain", "Grad-CAM of one image: where the model looked for the class it predicted (a PNG)",
@@ -327,9 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", "package a registered model for a serving platform (sagemaker: model.tar.gz; onnx: a "
                           "model.onnx for ONNX Runtime)", _export, None)
     p.add_argument("target", choices=["sagemaker", "onnx"], help="the platform")
-    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--output", type=Path, help="file to write (default: model.tar.gz for sagemaker, model.onnx for onnx)")
+    p.add_argument("--tta", action="store_true", help="sagemaker: the endpoint averages over the model's class-aware "
+                                                      "flips (an ONNX file carries them; `serve --tta` uses them)")
+    p.add_argument("--calibration", type=Path, help=CALIBRATION_HELP)
     with_tracking(p, optional=False)
 
     p = command("deploy", "deploy a registered model to a SageMaker real-time endpoint (boto3)", _deploy, None)
@@ -337,9 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", required=True, help="IAM execution role ARN for the SageMaker model")
     p.add_argument("--instance-type", default="ml.m5.large", help="endpoint instance type (default ml.m5.large)")
     p.add_argument("--endpoint-name", help="endpoint (and model, endpoint config) name (default: the model name)")
-    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--archive", type=Path, help="an existing model.tar.gz instead of exporting the model")
+    p.add_argument("--calibration", type=Path, help=CALIBRATION_HELP)
     p.add_argument("--bucket", help="S3 bucket for the archive (default: sagemaker-<region>-<account>)")
     p.add_argument("--region", help="AWS region (default: from the AWS configuration, else us-east-1)")
     p.add_argument("--image-uri", help="serving container (default: AWS's PyTorch 2.5.1 inference image)")

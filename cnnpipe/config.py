@@ -148,6 +148,10 @@ class EvaluateConfig:
     tsne_samples: int = knob(2000, "test images in the t-SNE plot (a stratified sample; 0 = no t-SNE)",
                              minimum=0, maximum=20000)
     seed: int = knob(0, "seed of the samples the figures show")
+    calibrate: bool = knob(True, "fit a temperature on the validation split (NLL); the registered and served model "
+                                 "applies it (false: T = 1)")
+    tta: bool = knob(False, "also score with test-time augmentation over the augment policy's class-aware flips: "
+                            "accuracy, ECE and ms per image with and without it")
     device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N", affects_result=False)
 
 
@@ -182,6 +186,8 @@ class ServeConfig:
     keep_alive: float = knob(5.0, "seconds an idle kept-alive connection stays open", minimum=0.1)
     shutdown_timeout: float = knob(30.0, "seconds SIGTERM waits for in-flight requests before closing them",
                                    minimum=0.0)
+    tta: bool = knob(False, "test-time augmentation: average the probabilities over the class-aware flips the model "
+                            "carries (one more forward pass per flip; off, with a note, when it carries none)")
 
 
 @dataclass

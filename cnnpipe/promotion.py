@@ -49,7 +49,7 @@ def score(registry: Registry, model_uri: str, ds: Dataset, metric: str, protocol
     batch = predictor.preprocess(protocol_requests(ds, protocol))
     logits = predict_logits(predictor.model, to_nchw_uint8(batch, predictor.device), predictor.mean, predictor.std)
     labels = torch.from_numpy(ds.splits["test"].labels).to(predictor.device)
-    return classification_metrics(logits, labels, ds.classes)["scalars"][metric]
+    return classification_metrics(logits, labels, ds.classes, predictor.calibration.temperature)["scalars"][metric]
 
 
 def _table(rows: list[tuple[str, str, str]]) -> str:

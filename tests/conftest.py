@@ -64,8 +64,10 @@ def make_images(n_per_class: int, classes: int, size: int, channels: int, seed: 
     return images, labels.astype(np.int64)
 
 
-def write_tiny_dataset(path: Path, classes: int = 3, size: int = 8, channels: int = 1, n: int = 12) -> Path:
-    names = [f"class{k}" for k in range(classes)]
+def write_tiny_dataset(path: Path, classes: int = 3, size: int = 8, channels: int = 1, n: int = 12,
+                       names: list[str] | None = None) -> Path:
+    """`names`: the class names (default class0, class1, ...); names the flip tables know (CIFAR-10's) give flips."""
+    names = names or [f"class{k}" for k in range(classes)]
     splits = {}
     for i, split in enumerate(("train", "val", "test")):
         images, labels = make_images(n if split == "train" else max(2, n // 3), classes, size, channels, seed=i)

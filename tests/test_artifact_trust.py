@@ -85,3 +85,19 @@ def test_tampered_weights_in_the_store_are_refused(workspace, tmp_path):
         weights.write_bytes(original)
     proc = cnnpipe("predict", str(images(tmp_path)), "--output", str(tmp_path / "p.csv"), cwd=ws)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_tampered_calibration_in_the_store_is_refused(workspace, tmp_path):
+    """The temperature changes every served confidence: its file is hashed at registration like the weights."""
+    ws, record = workspace
+    calibration = next(model_folder(ws).rglob("calibration.json"))
+    original = calibration.read_text()
+    try:
+        calibration.write_text(json.dumps({**json.loads(original), "temperature": 0.05}))
+        proc = cnnpipe("predict", str(images(tmp_path)), "--model", f"models:/{MODEL_NAME}/{record['version']}",
+                       "--output", str(tmp_path / "p.csv"), cwd=ws)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "calibration sha256" in lines[0], proc.stderr
+    finally:
+        calibration.write_text(original)

@@ -62,7 +62,7 @@ def evaluated(tmp_path_factory) -> Path:
     augment.run(cfg=AugmentConfig(), data=tmp / "processed", augmented=tmp / "augmented")
     train.run(cfg=TrainConfig(arch="fastnet", width=8, epochs=3, batch_size=16), data=tmp / "processed",
               augmented=tmp / "augmented", model=tmp / "model", tracking=None)
-    evaluate.run(cfg=EvaluateConfig(tsne_samples=40), model=tmp / "model", data=tmp / "processed",
+    evaluate.run(cfg=EvaluateConfig(tsne_samples=40, tta=True), model=tmp / "model", data=tmp / "processed",
                  evaluation=tmp / "evaluation", tracking=None)
     return tmp / "evaluation"
 
@@ -88,6 +88,45 @@ def test_tables_report_and_kfp_matrix(evaluated):
     assert "| test |" in md and "## Per class (test)" in md
     html = (evaluated / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(PNGS)
+
+
+def test_calibration_is_fitted_reported_and_kept_out_of_the_model_folder(evaluated, tmp_path):
+    from cnnpipe.serving.calibration import Calibration
+
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    calibration = Calibration.read(evaluated / "calibration.json")
+    assert calibration.temperature > 0 and calibration.tta_flips == {}  # class0..3: no flips, no TTA
+    for m in metrics.values():
+        assert {"ece_uncalibrated", "loss_uncalibrated"} <= set(m) and m["loss"] <= m["loss_uncalibrated"] + 1e-6
+        assert not any(k.endswith("_tta") for k in m)
+    assert "calibration.json" not in {f.name for f in (evaluated.parent / "model").iterdir()}
+    md = (evaluated / "report.md").read_text()
+    assert "## Calibration" in md and f"T = {calibration.temperature:.4f}" in md and "| ECE before | ECE after |" in md
+    assert "TTA off: the augment policy the model was trained with flips no class" in md
+    off = evaluate.run(cfg=EvaluateConfig(tsne_samples=0, calibrate=False), model=evaluated.parent / "model",
+                       data=evaluated.parent / "processed", evaluation=tmp_path / "uncalibrated", tracking=None)
+    assert Calibration.read(tmp_path / "uncalibrated/calibration.json").temperature == 1.0
+    for split, m in off.items():
+        assert m["ece"] == m["ece_uncalibrated"] and m["loss"] == m["loss_uncalibrated"]
+        assert m["accuracy"] == metrics[split]["accuracy"]  # the temperature never moves a prediction
+
+
+def test_tta_is_measured_when_the_policy_has_flips(tmp_path):
+    from cnnpipe.augment.policy import CIFAR10
+    from cnnpipe.serving.calibration import Calibration
+
+    # CIFAR-10's names: every class mirror-invariant; the bars of the tiny images are rows, which a mirror keeps
+    write_tiny_dataset(tmp_path / "processed", classes=10, size=20, channels=3, n=12, names=CIFAR10)
+    augment.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
+    train.run(cfg=TrainConfig(arch="mlp", width=8, epochs=3, batch_size=16), data=tmp_path / "processed",
+              augmented=tmp_path / "augmented", model=tmp_path / "model", tracking=None)
+    metrics = evaluate.run(cfg=EvaluateConfig(tsne_samples=0, tta=True), model=tmp_path / "model",
+                           data=tmp_path / "processed", evaluation=tmp_path / "evaluation", tracking=None)
+    assert Calibration.read(tmp_path / "evaluation/calibration.json").tta_flips == {"hflip": list(range(10))}
+    for m in metrics.values():
+        assert {"accuracy_tta", "ece_tta", "loss_tta", "ms_per_image", "ms_per_image_tta"} <= set(m)
+        assert 0 <= m["accuracy_tta"] <= 1 and m["ms_per_image_tta"] > 0
+    assert "TTA on: 2 views (original, hflip)" in (tmp_path / "evaluation/report.md").read_text()
 
 
 def test_mismatched_model_and_empty_split_are_named(evaluated, tmp_path):

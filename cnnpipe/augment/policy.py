@@ -93,6 +93,11 @@ class AugmentPolicy:
                 if table and any(t >= 0 for t in table)]
         return self._device_tables[device]
 
+    def flips(self) -> dict[str, list[int]]:
+        """The flip tables by name (hflip, vflip, rot180), as the model folder records them for test-time
+        augmentation."""
+        return {"hflip": self.hflip, "vflip": self.vflip, "rot180": self.rot180}
+
     @classmethod
     def from_config(cls, cfg: AugmentConfig, tables: dict[str, list[int]]) -> AugmentPolicy:
         return cls(cfg.translate, cfg.rotate, cfg.scale, cfg.shear, cfg.brightness, cfg.contrast,

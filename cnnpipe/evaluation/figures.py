@@ -85,19 +85,21 @@ def confidence_histogram_png(confidence: np.ndarray, correct: np.ndarray, path: 
     plt.close(fig)
 
 
-def reliability_png(bins: list[dict], ece: float, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5), constrained_layout=True)
-    centers = [(b["low"] + b["high"]) / 2 for b in bins]
-    width = bins[0]["high"] - bins[0]["low"]
-    acc = [b["accuracy"] if b["count"] else 0 for b in bins]
-    ax.bar(centers, acc, width=width * 0.95, color="tab:blue", edgecolor="black", label="accuracy")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_title(f"reliability diagram (ECE {ece:.4f})")
-    ax.legend(loc="upper left")
+def reliability_png(panels: list[tuple[str, list[dict], float]], path: Path) -> None:
+    """One reliability diagram per (title, calibration bins, ECE), side by side (before / after calibration)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), constrained_layout=True, squeeze=False)
+    for ax, (title, bins, ece) in zip(axes[0], panels):
+        centers = [(b["low"] + b["high"]) / 2 for b in bins]
+        width = bins[0]["high"] - bins[0]["low"]
+        acc = [b["accuracy"] if b["count"] else 0 for b in bins]
+        ax.bar(centers, acc, width=width * 0.95, color="tab:blue", edgecolor="black", label="accuracy")
+        ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{title}: ECE {ece:.4f}")
+        ax.legend(loc="upper left")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

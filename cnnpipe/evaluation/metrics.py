@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from cnnpipe.serving.contract import probabilities
+
 ECE_BINS = 15
 
 
@@ -38,10 +40,12 @@ def most_confused(cm: np.ndarray, classes: list[str], k: int = 10) -> list[dict]
     return [{"true": classes[t], "predicted": classes[p], "count": int(off[t, p])} for t, p in pairs if off[t, p] > 0]
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
+                           temperature: float = 1.0) -> dict:
     """Scalar metrics, the per-class table, the confusion matrix (rows: true, columns: predicted),
-    calibration bins and the most-confused pairs."""
-    probs = logits.float().softmax(1)
+    calibration bins and the most-confused pairs, of the probabilities a model with this temperature serves
+    (`loss` is their negative log-likelihood)."""
+    probs = probabilities(logits, temperature)
     confidence, predicted = probs.max(1)
     y_true, y_pred = labels.cpu().numpy(), predicted.cpu().numpy()
     conf = confidence.cpu().numpy()
@@ -52,7 +56,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     scalars = {
         "accuracy": float((y_true == y_pred).mean()),
         "top5_accuracy": top5,
-        "loss": F.cross_entropy(logits.float(), labels).item(),
+        "loss": F.cross_entropy(logits.float() / temperature, labels).item(),  # from logits: no log(0)
         "error_rate": float((y_true != y_pred).mean()),
         "ece": expected_calibration_error(bins),
     }

@@ -271,6 +271,41 @@ def to_array(image, size: int, channels: int, i: int = 0, max_pixels: int = MAX_
         raise RequestError(f"image {i}: not a readable image ({e})") from None
 
 
+def probabilities(logits, temperature: float = 1.0):  # noqa: ANN001, ANN201 - N x C torch tensors
+    """Class probabilities of the served model: softmax(logits / T), T the temperature evaluate fitted on the
+    validation split (1: uncalibrated). Every path from logits to an answer goes through here (torch,
+    ONNX graph, pyfunc, SageMaker's handler); a positive T never changes the argmax."""
+    return (logits.float() / temperature).softmax(1)
+
+
+FLIP_DIMS = {"hflip": (-1,), "vflip": (-2,), "rot180": (-2, -1)}  # the augment policy's flips: N x C x H x W dims
+
+
+def usable_flips(flips: dict | None) -> dict[str, list[int]]:
+    """The flip tables that keep or swap at least one class (entry c: the class an image of class c becomes
+    when flipped, -1: never flipped): the views test-time augmentation may add."""
+    return {name: list(table) for name, table in (flips or {}).items()
+            if name in FLIP_DIMS and any(t >= 0 for t in table)}
+
+
+def tta_probabilities(probs_of, x, flips: dict[str, list[int]]):  # noqa: ANN001, ANN201 - torch tensors, a callable
+    """Test-time augmentation over class-aware flips: `probs_of` (N x C x H x W images -> N x K probabilities)
+    of the original view and of each flipped view. A flipped view's probability of class table[c] is its vote
+    for class c of the original (a swap pair's columns are permuted back); each class averages the views in
+    which it is defined (table[c] >= 0; the original always), and the result is renormalized."""
+    import torch
+
+    total = probs_of(x).double()
+    views = torch.ones_like(total)
+    for name, table in usable_flips(flips).items():
+        index = torch.tensor(table, device=total.device)
+        kept = (index >= 0).to(total.dtype)
+        total = total + probs_of(x.flip(FLIP_DIMS[name])).double()[:, index.clamp(min=0)] * kept
+        views = views + kept
+    mean = total / views
+    return (mean / mean.sum(1, keepdim=True)).float()
+
+
 def answer(probs, classes: list[str], top_k: int) -> list[dict]:  # noqa: ANN001 - probs: N x C torch tensor
     """One dict per image: class, index, confidence and the k most probable classes."""
     if top_k < 1:  # one check for every way in: query, params, pyfunc, SageMaker
@@ -309,8 +344,10 @@ def predict_fn(input_data: dict, model: dict) -> list[dict]:
     batch = np.stack([to_array(img, size, channels, i, resize=resize) for i, img in enumerate(input_data["images"])])
     x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255.0)
     x = (x - torch.tensor(meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(meta["std"]).view(1, -1, 1, 1)
+    temperature, flips = meta.get("temperature", 1.0), usable_flips(meta.get("flips")) if meta.get("tta") else {}
     with torch.no_grad():
-        probs = model["model"](x).float().softmax(1)
+        probs = tta_probabilities(lambda view: probabilities(model["model"](view), temperature), x, flips) if flips \
+            else probabilities(model["model"](x), temperature)
     top_k = input_data["top_k"]
     top_k = check_top_k(top_k, len(meta["classes"])) if top_k is not None else min(meta["top_k"], len(meta["classes"]))
     return answer(probs, meta["classes"], top_k)

@@ -18,9 +18,11 @@ from cnnpipe.serving.contract import RequestError, with_box
 from cnnpipe.serving.predictor import Predictor
 
 
-def load_registered(tracking: TrackingConfig, model_uri: str) -> tuple[Predictor, int]:
+def load_registered(tracking: TrackingConfig, model_uri: str, calibration_file: Path | None = None,
+                    tta: bool = False) -> tuple[Predictor, int]:
     """The predictor of a model folder or registered model, loaded with cnnpipe's own code (see
-    cnnpipe.serving.trusted), and the top_k its signature declares as default."""
+    cnnpipe.serving.trusted), and the top_k its signature declares as default; `calibration_file` (evaluate's)
+    replaces the model's own calibration; `tta`: average over its flips."""
     from cnnpipe.serving import trusted
     from cnnpipe.tracking import NotRegistered, Registry
 
@@ -29,7 +31,7 @@ def load_registered(tracking: TrackingConfig, model_uri: str) -> tuple[Predictor
     if model_uri.startswith("models:/") and db is not None and not db.exists():  # MLflow would create an empty one
         raise CnnpipeError(f"no model registered yet (no MLflow store at '{db}'): {hint}")
     try:
-        return trusted.load(Registry(tracking.uri), model_uri)
+        return trusted.load(Registry(tracking.uri), model_uri, calibration_file, tta)
     except NotRegistered as e:
         raise CnnpipeError(f"{e} ({hint})") from None
 

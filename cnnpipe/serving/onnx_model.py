@@ -1,6 +1,6 @@
 """The model as an ONNX file for CPU serving with ONNX Runtime: uint8 N x C x H x W in, probabilities out
-(normalization and softmax inside the graph); the ModelSpec and the default top_k travel in its metadata,
-so the file alone is servable and no code comes with it."""
+(normalization, the calibration temperature and softmax inside the graph); the ModelSpec, the temperature and
+the default top_k travel in its metadata, so the file alone is servable and no code comes with it."""
 
 from __future__ import annotations
 
@@ -17,46 +17,51 @@ from torch import nn
 from cnnpipe.engine.checkpoint import ModelSpec
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
-from cnnpipe.serving.contract import MAX_PIXELS, answer
+from cnnpipe.serving.calibration import Calibration
+from cnnpipe.serving.contract import MAX_PIXELS, answer, probabilities, tta_probabilities
 from cnnpipe.serving.predictor import Predictor, decode_images
 
-SPEC_KEY, TOP_K_KEY = "cnnpipe.spec", "cnnpipe.top_k"
+SPEC_KEY, TOP_K_KEY, TEMPERATURE_KEY, FLIPS_KEY = "cnnpipe.spec", "cnnpipe.top_k", "cnnpipe.temperature", "cnnpipe.flips"
 
 
 class Probabilities(nn.Module):
     """uint8 images -> class probabilities, as Predictor.predict computes them."""
 
-    def __init__(self, model: nn.Module, spec: ModelSpec):
+    def __init__(self, model: nn.Module, spec: ModelSpec, temperature: float):
         super().__init__()
-        self.model = model
+        self.model, self.temperature = model, temperature
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images.float() / 255.0 - self.mean) / self.std).float().softmax(1)
+        return probabilities(self.model((images.float() / 255.0 - self.mean) / self.std), self.temperature)
 
 
 def export_onnx(predictor: Predictor, top_k: int, output: Path) -> dict:
-    """Write `predictor`'s model as ONNX (dynamic batch) with its spec and top_k as metadata."""
+    """Write `predictor`'s model (with its temperature) as ONNX (dynamic batch); its spec, temperature and top_k
+    as metadata."""
     import onnx
 
-    spec = predictor.spec
-    wrapped = Probabilities(predictor.model, spec).cpu().eval()
+    spec, temperature = predictor.spec, predictor.calibration.temperature
+    wrapped = Probabilities(predictor.model, spec, temperature).cpu().eval()
     example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size, dtype=torch.uint8)
     with atomic_file(output) as tmp, contextlib.redirect_stdout(sys.stderr):  # the exporter prints its steps
         program = torch.onnx.export(wrapped, (example,), input_names=["images"], output_names=["probabilities"],
                                     dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True)
         proto = program.model_proto
-        for key, value in ((SPEC_KEY, json.dumps(asdict(spec))), (TOP_K_KEY, str(top_k))):
+        for key, value in ((SPEC_KEY, json.dumps(asdict(spec))), (TOP_K_KEY, str(top_k)),
+                           (TEMPERATURE_KEY, repr(temperature)),
+                           (FLIPS_KEY, json.dumps(predictor.calibration.flips))):
             proto.metadata_props.add(key=key, value=value)
         onnx.save(proto, str(tmp))
-    return {"onnx": str(output), "bytes": output.stat().st_size, "classes": len(spec.classes)}
+    return {"onnx": str(output), "bytes": output.stat().st_size, "classes": len(spec.classes), "temperature": temperature}
 
 
 class OnnxPredictor:
-    """Predictor's decode and predict, on an ONNX Runtime CPU session."""
+    """Predictor's decode and predict, on an ONNX Runtime CPU session; `tta` averages over the flips the file
+    carries (off when none keeps or swaps a class)."""
 
-    def __init__(self, path: Path | str, threads: int = 0):
+    def __init__(self, path: Path | str, threads: int = 0, tta: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -66,15 +71,22 @@ class OnnxPredictor:
             meta = self.session.get_modelmeta().custom_metadata_map
             self.spec = ModelSpec(**json.loads(meta[SPEC_KEY]))
             self.top_k = int(meta[TOP_K_KEY])
+            # the temperature is applied inside the graph; kept to say which calibration this file serves
+            self.calibration = Calibration(float(meta.get(TEMPERATURE_KEY, 1.0)), json.loads(meta.get(FLIPS_KEY, "null")))
         except (KeyError, TypeError, ValueError) as e:
             raise CnnpipeError(f"'{path}': not an ONNX model written by `cnnpipe export onnx` ({e})") from None
         except Exception as e:  # onnxruntime's own exception types for unreadable files
             raise CnnpipeError(f"'{path}': not a readable ONNX model: {str(e).splitlines()[0]}") from None
+        self.calibration.check(self.spec.num_classes, str(path))
+        self.tta = tta and bool(self.calibration.tta_flips)
 
     def decode(self, images: list, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         return decode_images(self.spec, images, max_pixels)
 
     def predict(self, images: np.ndarray, top_k: int = 5) -> list[dict]:
-        x = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2))
-        probs = self.session.run(None, {"images": x})[0]
-        return answer(torch.from_numpy(probs), self.spec.classes, top_k)
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2)))
+
+        def probs_of(view: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(self.session.run(None, {"images": view.contiguous().numpy()})[0])
+        probs = tta_probabilities(probs_of, x, self.calibration.tta_flips) if self.tta else probs_of(x)
+        return answer(probs, self.spec.classes, top_k)

@@ -10,7 +10,9 @@ import torch
 from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.inference import predict_logits, stats_tensors, to_nchw_uint8
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.serving.contract import MAX_PIXELS, BoxedImage, RequestError, answer, to_array
+from cnnpipe.serving.calibration import UNCALIBRATED, Calibration
+from cnnpipe.serving.contract import (MAX_PIXELS, BoxedImage, RequestError, answer, probabilities, to_array,
+                                      tta_probabilities)
 
 
 def decode_images(spec: ModelSpec, images: list[bytes | np.ndarray | BoxedImage],
@@ -29,14 +31,21 @@ def as_requests(images: np.ndarray, boxes: np.ndarray | None = None) -> list[np.
 
 
 class Predictor:
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: torch.device):
-        self.model, self.spec, self.device = model, spec, device
+    """A model with its preprocessing and calibration; `tta`: average over the calibration's flips (off when it
+    has none that keep or swap a class)."""
+
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: torch.device,
+                 calibration: Calibration = UNCALIBRATED, tta: bool = False):
+        calibration.check(spec.num_classes, "calibration")
+        self.model, self.spec, self.device, self.calibration = model, spec, device, calibration
+        self.tta = tta and bool(calibration.tta_flips)
         self.mean, self.std = stats_tensors(spec.mean, spec.std, device)
 
     @classmethod
-    def from_file(cls, path: Path | str, device: str = "cpu") -> Predictor:
+    def from_file(cls, path: Path | str, device: str = "cpu", calibration: Calibration = UNCALIBRATED,
+                  tta: bool = False) -> Predictor:
         model, spec = load_model(path, device)
-        return cls(model, spec, torch.device(device))
+        return cls(model, spec, torch.device(device), calibration, tta)
 
     def decode(self, images: list[bytes | np.ndarray | BoxedImage], max_pixels: int = MAX_PIXELS) -> np.ndarray:
         return decode_images(self.spec, images, max_pixels)
@@ -50,6 +59,11 @@ class Predictor:
 
     def predict(self, images: np.ndarray, top_k: int = 5) -> list[dict]:
         """uint8 N x S x S x C -> one dict per image: class, index, confidence and the top k."""
-        x = to_nchw_uint8(images, self.device)
-        probs = predict_logits(self.model, x, self.mean, self.std).softmax(1).cpu()
-        return answer(probs, self.spec.classes, top_k)
+        return answer(self.probabilities(to_nchw_uint8(images, self.device)).cpu(), self.spec.classes, top_k)
+
+    def probabilities(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """uint8 N x C x H x W -> the served probabilities: calibrated, averaged over the flips with TTA."""
+        def probs_of(view: torch.Tensor) -> torch.Tensor:
+            logits = predict_logits(self.model, view, self.mean, self.std, batch_size)
+            return probabilities(logits, self.calibration.temperature)
+        return tta_probabilities(probs_of, x, self.calibration.tta_flips) if self.tta else probs_of(x)

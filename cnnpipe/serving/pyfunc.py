@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.serving import calibration
+from cnnpipe.serving.calibration import UNCALIBRATED, Calibration
 from cnnpipe.serving.contract import RequestError, decode_value, with_box
 from cnnpipe.serving.predictor import Predictor
 from cnnpipe.serving.trusted import CHECKPOINT
@@ -58,10 +60,12 @@ def predict_frame(predictor: Predictor, model_input: Any, top_k: int = 5) -> pd.
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """Holds no state when logged: the model file comes in as an artifact at load time."""
+    """Holds no state when logged: the model file and its calibration come in as artifacts at load time."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.predictor = Predictor.from_file(context.artifacts[CHECKPOINT])
+        found = context.artifacts.get(calibration.ARTIFACT)  # absent in versions registered before calibration
+        self.predictor = Predictor.from_file(context.artifacts[CHECKPOINT],
+                                             calibration=Calibration.read(found) if found else UNCALIBRATED)
 
     # model_input is left unannotated: MLflow reads a type hint there as a schema of its own (it then
     # warns once that hints are missing; the logged signature does that job)

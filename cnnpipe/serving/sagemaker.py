@@ -3,7 +3,8 @@ contract, and deploy it with boto3 (S3 upload, model, endpoint config, endpoint)
 
 model.tar.gz layout (what SageMaker's PyTorch inference toolkit expects):
     model.pt               TorchScript of the network (normalization and class names are in metadata)
-    metadata.json          classes, image size, channels, mean/std, default top_k
+    metadata.json          classes, image size, channels, mean/std, default top_k, calibration temperature,
+                           flip tables and whether the endpoint averages over them (test-time augmentation)
     code/inference.py      model_fn / input_fn / predict_fn / output_fn (cnnpipe/serving/contract.py)
     code/requirements.txt  what inference.py needs beyond the container's torch
 """
@@ -51,7 +52,8 @@ def export(predictor: Predictor, top_k: int, output: Path) -> dict:
         torch.jit.save(traced, root / "model.pt")
         meta = {"classes": spec.classes, "image_size": spec.image_size, "channels": spec.in_channels,
                 "mean": spec.mean, "std": spec.std, "top_k": top_k, "arch": spec.arch,
-                "resize": spec.resize}
+                "resize": spec.resize, "temperature": predictor.calibration.temperature,
+                "flips": predictor.calibration.flips, "tta": predictor.tta}
         (root / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         (root / "code").mkdir()
         shutil.copy(contract.__file__, root / "code" / "inference.py")
@@ -59,7 +61,8 @@ def export(predictor: Predictor, top_k: int, output: Path) -> dict:
         with atomic_file(output) as tmp, tarfile.open(tmp, "w:gz") as tar:
             for name in ("model.pt", "metadata.json", "code"):
                 tar.add(root / name, arcname=name)
-    return {"archive": str(output), "bytes": output.stat().st_size, "classes": len(spec.classes)}
+    return {"archive": str(output), "bytes": output.stat().st_size, "classes": len(spec.classes),
+            "temperature": predictor.calibration.temperature, "tta": predictor.tta}
 
 
 def load_inference(model_dir: Path) -> ModuleType:

@@ -27,6 +27,7 @@ from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cnnpipe.config import ServeConfig
+from cnnpipe.serving.calibration import UNCALIBRATED, Calibration
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.serving.contract import RequestError, check_top_k, parse_body, parse_top_k
 
@@ -76,19 +77,21 @@ class ModelInvoke:
     max_body_bytes: int
     max_pixels: int
     threads: int
+    calibration: Calibration = UNCALIBRATED  # torch backend (an ONNX file carries its own)
+    tta: bool = False
 
     def __call__(self) -> Invoke:
         if self.backend == "onnxruntime":
             from cnnpipe.serving.onnx_model import OnnxPredictor
 
-            predictor = OnnxPredictor(self.model_file, self.threads)
+            predictor = OnnxPredictor(self.model_file, self.threads, self.tta)
         else:
             import torch
 
             from cnnpipe.serving.predictor import Predictor
 
             torch.set_num_threads(self.threads)
-            predictor = Predictor.from_file(self.model_file)
+            predictor = Predictor.from_file(self.model_file, calibration=self.calibration, tta=self.tta)
         return cnnpipe_invoke(predictor, self.top_k, self.max_body_bytes, self.max_pixels)
 
 

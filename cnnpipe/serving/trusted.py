@@ -1,10 +1,13 @@
 """Load a logged or registered model with cnnpipe's installed code: the model's folder is data, never code.
 
 An MLflow pyfunc folder carries Python (the model code file, and a copy of cnnpipe under code/) that
-`mlflow.pyfunc.load_model` imports. Here only two files are read from it: MLmodel (YAML: where the
-weights are, the default top_k) and the weights (`torch.load(weights_only=True)`). `register` records
-the sha256 of the weights and of the code files as version tags; a version whose files no longer
-match them is refused.
+`mlflow.pyfunc.load_model` imports. Here only three files are read from it: MLmodel (YAML: where the
+weights and the calibration are, the default top_k), the weights (`torch.load(weights_only=True)`) and the
+calibration (JSON: the temperature). `register` records the sha256 of the weights, the calibration and the
+code files as version tags; a version whose files no longer match them is refused.
+
+A bare model folder from `cnnpipe train` (model.pt, no MLmodel) loads too, uncalibrated (T = 1): its
+calibration is in the evaluation folder, which the caller may pass (`--calibration`).
 """
 
 from __future__ import annotations
@@ -17,14 +20,19 @@ from pathlib import Path
 
 import yaml
 
+from cnnpipe.engine.model_folder import MODEL_FILE
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import file_digest
+from cnnpipe.serving import calibration
+from cnnpipe.serving.calibration import UNCALIBRATED, Calibration
 from cnnpipe.serving.predictor import Predictor
 from cnnpipe.tracking import Registry
 
 WEIGHTS_TAG = "cnnpipe.weights_sha256"
+CALIBRATION_TAG = "cnnpipe.calibration_sha256"
 CODE_TAG = "cnnpipe.code_sha256"  # over every code file the folder carries (what `mlflow models serve` runs)
 CHECKPOINT = "checkpoint"  # the pyfunc's artifact key of the weights
+DEFAULT_TOP_K = 5  # a model folder without a signature to say otherwise
 
 
 def _mlmodel(folder: Path) -> dict:
@@ -35,14 +43,30 @@ def _mlmodel(folder: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def weights_file(folder: Path) -> Path:
-    """The weights the MLmodel file names, which must lie inside `folder`."""
+def _artifact(folder: Path, key: str) -> Path | None:
+    """The file the MLmodel file names as artifact `key` (None: it names none), which must lie inside `folder`."""
     artifacts = (_mlmodel(folder).get("flavors") or {}).get("python_function", {}).get("artifacts") or {}
-    rel = (artifacts.get(CHECKPOINT) or {}).get("path")
-    path = (folder / str(rel)).resolve() if rel else None
-    if path is None or not path.is_relative_to(folder.resolve()) or not path.is_file():
+    rel = (artifacts.get(key) or {}).get("path")
+    if not rel:
+        return None
+    path = (folder / str(rel)).resolve()
+    if not path.is_relative_to(folder.resolve()) or not path.is_file():
+        raise CnnpipeError(f"model folder '{folder}': MLmodel's artifact {key!r} is not a file inside it")
+    return path
+
+
+def weights_file(folder: Path) -> Path:
+    """The weights the MLmodel file names."""
+    path = _artifact(folder, CHECKPOINT)
+    if path is None:
         raise CnnpipeError(f"model folder '{folder}': MLmodel names no weights file (artifact {CHECKPOINT!r}) inside it")
     return path
+
+
+def calibration_of(folder: Path) -> Calibration:
+    """The calibration packaged with the model (a version registered before calibration existed: T = 1)."""
+    path = _artifact(folder, calibration.ARTIFACT)
+    return Calibration.read(path) if path is not None else UNCALIBRATED
 
 
 def code_digest(folder: Path) -> str:
@@ -56,7 +80,9 @@ def code_digest(folder: Path) -> str:
 
 def digests(folder: Path) -> dict[str, str]:
     """The tags `register` records for a logged model folder."""
-    return {WEIGHTS_TAG: file_digest(weights_file(folder)), CODE_TAG: code_digest(folder)}
+    found = _artifact(folder, calibration.ARTIFACT)
+    return {WEIGHTS_TAG: file_digest(weights_file(folder)), CODE_TAG: code_digest(folder),
+            **({CALIBRATION_TAG: file_digest(found)} if found is not None else {})}
 
 
 def _verify(folder: Path, expected: dict[str, str], where: str) -> None:
@@ -64,9 +90,10 @@ def _verify(folder: Path, expected: dict[str, str], where: str) -> None:
         print(f"warning: {where} has no recorded sha256 (registered by an older cnnpipe): not verified", file=sys.stderr)
         return
     got = digests(folder)
-    for tag, what in ((WEIGHTS_TAG, "weights"), (CODE_TAG, "code files")):
-        if tag in expected and got[tag] != expected[tag]:
-            raise CnnpipeError(f"{where}: {what} sha256 {got[tag][:12]}... does not match the {expected[tag][:12]}... "
+    for tag, what in ((WEIGHTS_TAG, "weights"), (CALIBRATION_TAG, "calibration"), (CODE_TAG, "code files")):
+        if tag in expected and got.get(tag) != expected[tag]:
+            found = f"{got[tag][:12]}..." if tag in got else "(file absent)"
+            raise CnnpipeError(f"{where}: {what} sha256 {found} does not match the {expected[tag][:12]}... "
                                f"recorded at registration (tampered or corrupted artifact); refusing to load it")
 
 
@@ -74,16 +101,25 @@ def default_top_k(folder: Path) -> int:
     params = (_mlmodel(folder).get("signature") or {}).get("params")
     try:
         found = [p.get("default") for p in json.loads(params or "[]") if p.get("name") == "top_k"]
-        return int(found[0]) if found else 5
+        return int(found[0]) if found else DEFAULT_TOP_K
     except (ValueError, TypeError, AttributeError):
         raise CnnpipeError(f"model folder '{folder}': MLmodel's signature params are not readable") from None
 
 
-def load(registry: Registry, model_uri: str) -> tuple[Predictor, int]:
-    """The predictor of `model_uri` (a model folder, models:/<name>/<version>, models:/<name>@<alias>, any
-    model URI) and its default top_k; a registered version's files are verified against its tags."""
+def load(registry: Registry, model_uri: str, calibration_file: Path | None = None,
+         tta: bool = False) -> tuple[Predictor, int]:
+    """The predictor of `model_uri` (an MLflow model folder, a train folder, models:/<name>/<version>,
+    models:/<name>@<alias>, any model URI) and its default top_k; a registered version's files are verified
+    against its tags. The model's own calibration applies unless `calibration_file` (evaluate's) is given;
+    `tta`: average over its flips."""
+    override = Calibration.read(calibration_file) if calibration_file is not None else None
+    if Path(model_uri).is_dir() and not (Path(model_uri) / "MLmodel").exists() \
+            and (Path(model_uri) / MODEL_FILE).is_file():  # a bare train folder: no calibration of its own
+        return (Predictor.from_file(Path(model_uri) / MODEL_FILE, calibration=override or UNCALIBRATED, tta=tta),
+                DEFAULT_TOP_K)
     with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as tmp:
         folder, expected, where = registry.model_files(model_uri, Path(tmp))
         if expected is not None:
             _verify(folder, expected, where)
-        return Predictor.from_file(weights_file(folder)), default_top_k(folder)
+        return (Predictor.from_file(weights_file(folder), calibration=override or calibration_of(folder), tta=tta),
+                default_top_k(folder))

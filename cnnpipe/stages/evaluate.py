@@ -6,6 +6,17 @@ is scored on the served protocol: the stored images through the very preprocessi
 to a request (the serving Predictor's preprocess), as `val` and `test`; when the dataset has boxes
 (whole frames + GTSRB's ROI), also on the ROI protocol: each image cropped to its box as a request
 with a box is, as `val_roi` and `test_roi`.
+
+Calibration (evaluate.calibrate): one temperature T is fitted on the val split's served-protocol logits (NLL);
+every protocol's scores are those of the calibrated probabilities softmax(logits / T), the model as registered
+and served, with `ece_uncalibrated` and `loss_uncalibrated` (T = 1) beside them. T goes to calibration.json in
+this folder (never into train's), which register packages with the model, with the flip tables of the augment
+policy the model was trained with (train records them): the views test-time augmentation averages.
+
+Test-time augmentation (evaluate.tta): each protocol is scored again with the probabilities averaged over the
+original and every class-aware flipped view (contract.tta_probabilities), as `*_tta`, with the batched inference
+time per image with and without it (`ms_per_image`, `ms_per_image_tta`). A model whose classes no flip keeps
+(digits) has no TTA: said in one line, and nothing `*_tta` is reported.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +39,9 @@ from cnnpipe.engine.inference import normalize, predict_logits, stats_tensors, t
 from cnnpipe.engine.model_folder import MODEL_FILE, read_history, read_train_config
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation import explain, figures, introspect
+from cnnpipe.evaluation.calibration import fit_temperature
 from cnnpipe.evaluation.folder import (
+    CALIBRATION_FILE,
     CONFUSION_CSV,
     CONFUSION_JSON,
     CONFUSION_PNG,
@@ -40,11 +54,13 @@ from cnnpipe.evaluation.metrics import classification_metrics
 from cnnpipe.evaluation.report import Report
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent
 from cnnpipe.models import count_parameters
+from cnnpipe.serving.calibration import Calibration
 from cnnpipe.serving.predictor import Predictor, as_requests
 
 SPLITS = ("val", "test")
 MAX_MAP_LAYERS = 16  # rows of the feature-map figure
 ROI_SUFFIX = "_roi"  # metrics.json key and MLflow prefix of a split's ROI-protocol scores
+UNCALIBRATED_SCORES = ("ece", "loss")  # reported at T = 1 too, as <name>_uncalibrated
 
 
 def protocol_note(ds: Dataset) -> str:
@@ -71,7 +87,8 @@ def _check_match(spec: ModelSpec, ds: Dataset, model_path: Path, data: Path) -> 
 
 
 def _figures(folder: Path, model: torch.nn.Module, spec: ModelSpec, images: np.ndarray, x: torch.Tensor,
-             result: dict, history: list[dict], cfg: EvaluateConfig, mean: torch.Tensor, std: torch.Tensor) -> list[tuple]:
+             result: dict, uncalibrated: dict, temperature: float, history: list[dict], cfg: EvaluateConfig,
+             mean: torch.Tensor, std: torch.Tensor) -> list[tuple]:
     """Every PNG of the analysis; returns (file, caption) in report order."""
     rng = np.random.default_rng(cfg.seed)
     classes, y_true, y_pred, conf = spec.classes, result["y_true"], result["y_pred"], result["confidence"]
@@ -105,8 +122,11 @@ def _figures(folder: Path, model: torch.nn.Module, spec: ModelSpec, images: np.n
     correct = y_true == y_pred
     figures.confidence_histogram_png(conf, correct, folder / "confidence_histogram.png")
     made.append(("confidence_histogram.png", "Confidence of correct and incorrect predictions"))
-    figures.reliability_png(result["calibration"], result["scalars"]["ece"], folder / "reliability_diagram.png")
-    made.append(("reliability_diagram.png", "Reliability diagram: accuracy per confidence bin"))
+    figures.reliability_png([("uncalibrated (T = 1)", uncalibrated["calibration"], uncalibrated["scalars"]["ece"]),
+                             (f"calibrated (T = {temperature:.3f})", result["calibration"], result["scalars"]["ece"])],
+                            folder / "reliability_diagram.png")
+    made.append(("reliability_diagram.png", "Reliability diagram of the test split: accuracy per confidence bin, "
+                                            "before and after temperature scaling"))
     weights = introspect.first_conv(model)
     if weights is not None:
         figures.filters_png(weights.numpy(), folder / "first_layer_filters.png")
@@ -133,7 +153,7 @@ def _figures(folder: Path, model: torch.nn.Module, spec: ModelSpec, images: np.n
 
 
 def _report(folder: Path, ds: Dataset, spec: ModelSpec, n_params: int, train_cfg: dict, metrics: dict,
-            results: dict, made: list[tuple]) -> None:
+            results: dict, made: list[tuple], temperature: float, calibrate: bool, tta_note: str) -> None:
     r = Report("cnnpipe evaluation report")
     src = ds.manifest["source"]
     r.heading("Data")
@@ -148,6 +168,18 @@ def _report(folder: Path, ds: Dataset, spec: ModelSpec, n_params: int, train_cfg
     r.text(f"Protocol: {protocol_note(ds)}.")
     names = list(next(iter(metrics.values())))
     r.table(["split", *names], [[split, *m.values()] for split, m in metrics.items()])
+    r.heading("Calibration")
+    r.text(f"Temperature T = {temperature:.4f}, fitted on the val split (NLL): the registered and served model answers "
+           f"softmax(logits / T); accuracy is unchanged." if calibrate else
+           "Not calibrated (evaluate.calibrate: false): T = 1.")
+    r.table(["split", "ECE before", "ECE after", "NLL before", "NLL after"],
+            [[split, m["ece_uncalibrated"], m["ece"], m["loss_uncalibrated"], m["loss"]] for split, m in metrics.items()])
+    r.heading("Test-time augmentation")
+    r.text(tta_note)
+    if "accuracy_tta" in next(iter(metrics.values())):
+        r.table(["split", "accuracy", "accuracy TTA", "ECE", "ECE TTA", "ms / image", "ms / image TTA"],
+                [[split, m["accuracy"], m["accuracy_tta"], m["ece"], m["ece_tta"], m["ms_per_image"],
+                  m["ms_per_image_tta"]] for split, m in metrics.items()])
     r.heading("Most confused pairs (test)")
     r.table(["true", "predicted", "count"], [[p["true"], p["predicted"], p["count"]] for p in results["test"]["most_confused"]])
     r.heading("Per class (test)")
@@ -157,6 +189,33 @@ def _report(folder: Path, ds: Dataset, spec: ModelSpec, n_params: int, train_cfg
     for file, caption in made:
         r.image(file, caption)
     r.write(folder)
+
+
+def _seconds(predictor: Predictor, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    probs = predictor.probabilities(x, batch_size)
+    return probs, time.perf_counter() - start
+
+
+def _tta(metrics: dict, cfg: EvaluateConfig, calibration: Calibration, plain: Predictor, tta: Predictor,
+         tensors: dict, labels: dict, classes: list[str]) -> str:
+    """Score every protocol with test-time augmentation into `metrics` (*_tta, and the ms per image with and
+    without); returns the one line that says what was done."""
+    if not cfg.tta:
+        return "TTA off (evaluate.tta: false)"
+    if not tta.tta:
+        return "TTA off: the augment policy the model was trained with flips no class into itself or another"
+    for key, x in tensors.items():
+        _, without = _seconds(plain, x, cfg.batch_size)  # timed here, back to back with TTA: the same conditions
+        probs, elapsed = _seconds(tta, x, cfg.batch_size)
+        # log p as logits: classification_metrics' softmax gives p back, its loss is p's NLL
+        scores = classification_metrics(probs.clamp_min(1e-12).log(), labels[key], classes)["scalars"]
+        metrics[key] |= {f"{k}_tta": round(scores[k], 6) for k in ("accuracy", "ece", "loss")}
+        metrics[key] |= {"ms_per_image": round(1000 * without / len(x), 4),
+                         "ms_per_image_tta": round(1000 * elapsed / len(x), 4)}
+    views = 1 + len(calibration.tta_flips)
+    return f"TTA on: {views} views (original, {', '.join(calibration.tta_flips)}), averaged per class over the views " \
+           f"that keep it defined"
 
 
 def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, tracking: TrackingConfig | None) -> dict:
@@ -177,7 +236,7 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
         tracker = Tracker.resume(tracking, model_dir)
     mean, std = stats_tensors(spec.mean, spec.std, device)
     server = Predictor(model, spec, device)
-    results, tensors, test_images = {}, {}, None
+    logits, labels, tensors, test_images = {}, {}, {}, None
     for name in SPLITS:
         split = ds.splits[name]
         for key, use_boxes in ((name, False), (name + ROI_SUFFIX, True)):
@@ -186,15 +245,31 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
             images = server.preprocess(as_requests(split.images, split.boxes if use_boxes else None))
             test_images = images if key == "test" else test_images
             tensors[key] = to_nchw_uint8(images, device)
-            logits = predict_logits(model, tensors[key], mean, std, cfg.batch_size)
-            results[key] = classification_metrics(logits, torch.from_numpy(split.labels).to(device), ds.classes)
-    metrics = {name: {k: round(v, 6) for k, v in r["scalars"].items()} for name, r in results.items()}
-    history = read_history(model_dir)
+            logits[key] = predict_logits(model, tensors[key], mean, std, cfg.batch_size)
+            labels[key] = torch.from_numpy(split.labels).to(device)
     train_cfg = read_train_config(model_dir)
+    # T from the served protocol's val logits (the images a server gets); the flips of the policy the model was
+    # trained with travel beside it
+    try:
+        calibration = Calibration(fit_temperature(logits["val"], labels["val"]) if cfg.calibrate else 1.0,
+                                  train_cfg.get("flips"))
+    except ValueError as e:
+        raise CnnpipeError(f"model folder '{model_dir}': {e}") from None
+    calibration.check(spec.num_classes, f"model folder '{model_dir}'")
+    temperature = calibration.temperature
+    uncalibrated = {key: classification_metrics(z, labels[key], ds.classes) for key, z in logits.items()}
+    results = {key: classification_metrics(z, labels[key], ds.classes, temperature) for key, z in logits.items()}
+    metrics = {name: {k: round(v, 6) for k, v in r["scalars"].items()} |
+               {f"{k}_uncalibrated": round(uncalibrated[name]["scalars"][k], 6) for k in UNCALIBRATED_SCORES}
+               for name, r in results.items()}
+    tta_note = _tta(metrics, cfg, calibration, Predictor(model, spec, device, calibration),
+                    Predictor(model, spec, device, calibration, tta=True), tensors, labels, ds.classes)
+    history = read_history(model_dir)
     test = results["test"]
     names = np.asarray(ds.classes)
     with atomic_dir(out) as tmp:
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        calibration.write(tmp / CALIBRATION_FILE, fitted_on="val (NLL)" if cfg.calibrate else None)
         _write_csv(tmp / CONFUSION_CSV, ["true \\ predicted", *ds.classes],
                    [[c, *row] for c, row in zip(ds.classes, test["confusion"].tolist())])
         # the form KFP's ClassificationMetrics.log_confusion_matrix(categories, matrix) takes
@@ -208,15 +283,20 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
                        [[c["class"], c["precision"], c["recall"], c["f1"], c["support"]] for c in r["per_class"]])
         _write_csv(tmp / MOST_CONFUSED_FILE, ["true", "predicted", "count"],
                    [[p["true"], p["predicted"], p["count"]] for p in test["most_confused"]])
-        made = _figures(tmp, model, spec, test_images, tensors["test"], test, history, cfg, mean, std)
-        _report(tmp, ds, spec, count_parameters(model), train_cfg, metrics, results, made)
+        made = _figures(tmp, model, spec, test_images, tensors["test"], test, uncalibrated["test"], temperature,
+                        history, cfg, mean, std)
+        _report(tmp, ds, spec, count_parameters(model), train_cfg, metrics, results, made, temperature, cfg.calibrate,
+                tta_note)
         if tracker is not None:
             # at the last epoch's step, so val/* continues train's curves instead of restarting at 0
-            tracker.log_metrics({f"{split}/{k}": v for split, m in metrics.items() for k, v in m.items()},
-                                step=len(history))
-            tracker.set_tags({"evaluate.protocol": protocol_note(ds)})
+            tracker.log_metrics({f"{split}/{k}": v for split, m in metrics.items() for k, v in m.items()} |
+                                {"calibration/temperature": temperature}, step=len(history))
+            tracker.set_tags({"evaluate.protocol": protocol_note(ds), "evaluate.tta": tta_note})
             tracker.log_artifact(tmp, "evaluate")
+    print(f"calibration: temperature {temperature:.4f}" + ("" if cfg.calibrate else " (evaluate.calibrate: false)"),
+          file=sys.stderr)
+    print(f"evaluate: {tta_note}", file=sys.stderr)
     for name, m in metrics.items():
-        print(f"{name}: accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  f1_macro {m['f1_macro']:.4f}  "
-              f"ece {m['ece']:.4f}", file=sys.stderr)
+        print(f"{name}: accuracy {m['accuracy']:.4f}  loss {m['loss_uncalibrated']:.4f} -> {m['loss']:.4f}  "
+              f"f1_macro {m['f1_macro']:.4f}  ece {m['ece_uncalibrated']:.4f} -> {m['ece']:.4f}", file=sys.stderr)
     return metrics

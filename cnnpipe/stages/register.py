@@ -23,10 +23,11 @@ from cnnpipe.config import RegisterConfig, TrackingConfig
 from cnnpipe.data.store import read_dataset
 from cnnpipe.engine.model_folder import MODEL_FILE, read_train_config
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.evaluation.folder import METRICS_FILE
+from cnnpipe.evaluation.folder import CALIBRATION_FILE, METRICS_FILE
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.promotion import promote
-from cnnpipe.serving import trusted
+from cnnpipe.serving import calibration, trusted
+from cnnpipe.serving.calibration import Calibration
 from cnnpipe.serving.predictor import Predictor
 from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags
 
@@ -53,14 +54,16 @@ def check_quality(cfg: RegisterConfig, metrics: dict, num_classes: int, where: P
 
 def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, record: Path,
         tracking: TrackingConfig) -> dict:
-    """Log the model folder `model` as a pyfunc into its pipeline run, register it (alias challenger),
-    promote when asked; the registration is written to `record`."""
+    """Log the model folder `model` as a pyfunc into its pipeline run, with the calibration `evaluation` holds,
+    register it (alias challenger), promote when asked; the registration is written to `record`."""
     model_dir, out = model, record
     from cnnpipe.serving import pyfunc_model
     from cnnpipe.serving.pyfunc import predict_frame
 
     ensure_writable_parent(out)
-    predictor = Predictor.from_file(model_dir / MODEL_FILE)  # fail here, not inside MLflow, on a bad model file
+    calibrated = Calibration.read(evaluation / CALIBRATION_FILE)  # served with the model: softmax(logits / T)
+    # fail here, not inside MLflow, on a bad model file
+    predictor = Predictor.from_file(model_dir / MODEL_FILE, calibration=calibrated)
     metrics = read_json(evaluation / METRICS_FILE, "evaluation metrics")
     check_quality(cfg, metrics, predictor.spec.num_classes, evaluation / METRICS_FILE)
     ds = read_dataset(data, splits=("test",))
@@ -78,7 +81,8 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
         model_uri = tracker.log_pyfunc_model(
             "model", example, predict_frame(predictor, example, cfg.top_k), {"top_k": cfg.top_k},
             python_model=str(Path(pyfunc_model.__file__)),  # models from code: nothing pickled
-            artifacts={trusted.CHECKPOINT: str(model_dir / MODEL_FILE)},
+            artifacts={trusted.CHECKPOINT: str(model_dir / MODEL_FILE),
+                       calibration.ARTIFACT: str(evaluation / CALIBRATION_FILE)},
             code_paths=[str(Path(cnnpipe.__file__).parent)],  # the model loads where cnnpipe is not installed
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
                               f"pandas=={pd.__version__}", f"pillow=={Image.__version__}"],
@@ -90,7 +94,8 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
         tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **lineage, **Tracker.source_tags(ds.manifest, data),
                 **{f"test.{k}": v for k, v in test.items()},
                 **{f"test_roi.{k}": v for k, v in metrics.get("test_roi", {}).items()},
-                **hashes, **owner_tags(), STATE_TAG: "registering"}
+                calibration.TEMPERATURE_TAG: calibrated.temperature, **hashes, **owner_tags(),
+                STATE_TAG: "registering"}
         version = tracker.register_model(model_uri, cfg.model_name, tags)
     registry.set_alias(cfg.model_name, CHALLENGER, version)
     registry.tag_version(cfg.model_name, version, {STATE_TAG: "registered"})  # killed before this: `gc` deletes it
@@ -99,6 +104,6 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     promotion = promote(cfg, tracking, cfg.model_name, version, data) if cfg.auto_promote else None
     registration = {"name": cfg.model_name, "version": version, "model_uri": f"models:/{cfg.model_name}/{version}",
               "logged_model_uri": model_uri, "run_id": tracker.run_id, "tracking_uri": tracking.uri,
-              "test": test, "promotion": promotion}
+              "test": test, "temperature": calibrated.temperature, "promotion": promotion}
     write_json(out, registration)
     return registration

@@ -166,7 +166,9 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
                 write_history(tmp / HISTORY_FILE, result.history)
                 (tmp / CONFIG_FILE).write_text(json.dumps({"train": dataclasses.asdict(cfg), "parameters": n_params,
                                                            "best_epoch": result.best_epoch,
-                                                           "kept_epoch": result.kept_epoch, "lineage": lineage},
+                                                           "kept_epoch": result.kept_epoch, "lineage": lineage,
+                                                           # what test-time augmentation may average over
+                                                           "flips": policy.flips() if policy else None},
                                                           indent=2) + "\n")
                 if tracker is not None:
                     tracker.write_run_file(tmp)
