@@ -38,3 +38,21 @@ def record(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+
+
+def group_rss_mb(pgid: int) -> float:
+    """Summed RSS (MB) of a process group: a DataLoader's workers, a server's uvicorn children (pages shared
+    after fork count twice)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            status = Path(f"/proc/{entry}/status").read_text().splitlines()
+            total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total / 1024

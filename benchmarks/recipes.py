@@ -26,29 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
+from machine import group_rss_mb, record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GTSRB_ZIP = ROOT.parent / "shared/data/GTSRB_Final_Training_Images.zip"
 RECIPES = {"fast": ROOT / "configs/gtsrb-fast.yaml", "default": ROOT / "configs/gtsrb.yaml"}
 THRESHOLDS = (0.95, 0.98, 0.9884)  # 98.84 %: human accuracy on GTSRB (Stallkamp et al. 2012)
-
-
-def group_rss_mb(pgid: int) -> float:
-    """Summed RSS of a process group (a DataLoader's workers included; pages shared after fork count twice)."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            status = Path(f"/proc/{entry}/status").read_text().splitlines()
-            total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-        except (OSError, StopIteration, ValueError):
-            continue
-    return total / 1024
 
 
 def spawn(cmd: list[str], env: dict | None = None) -> dict:

@@ -36,7 +36,7 @@ import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
+from machine import group_rss_mb, record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # beside the repository (…/shared/data), also from a git worktree one level deeper
@@ -87,23 +87,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def group_rss_mb(pgid: int) -> float:
-    """RSS of every process in the server's process group (mlflow's server is a uvicorn child)."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            status = Path(f"/proc/{entry}/status").read_text().splitlines()
-            total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-        except (OSError, StopIteration, ValueError):
-            continue
-    return round(total / 1024, 1)
 
 
 def start(cmd: list[str], ws: Path, port: int) -> subprocess.Popen:
@@ -181,12 +164,12 @@ def measure(name: str, cmd: list[str], ws: Path, port: int, bodies: dict[str, tu
     try:
         for body, ctype in bodies.values():  # warm-up
             load(port, body, ctype, 2, 2)
-        out = {"rss_before_mb": group_rss_mb(proc.pid)}
+        out = {"rss_before_mb": round(group_rss_mb(proc.pid), 1)}
         for label, (body, ctype) in bodies.items():
             for clients in (1, 16):
                 print(f"{name}: {label}, {clients} client(s), {seconds:g} s", file=sys.stderr, flush=True)
                 out[f"{label}_c{clients}"] = load(port, body, ctype, clients, seconds)
-        out["rss_after_mb"] = group_rss_mb(proc.pid)
+        out["rss_after_mb"] = round(group_rss_mb(proc.pid), 1)
         out["rss_growth_mb"] = round(out["rss_after_mb"] - out["rss_before_mb"], 1)
         out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     finally:
@@ -237,7 +220,8 @@ def main() -> None:
         "results": results, "throughput_ratio_cnnpipe_torch_over_mlflow_same_json_body": ratio,
         "targets": {"errors": 0, "p99_ms_c1": 15, "p99_ms_c16": 60, "throughput_ratio": 2, "rss_growth_mb": 50},
         "load_average_before": load_before,
-        "note": "shared 2-core machine: other jobs ran during this measurement (see the load averages)",
+        "note": ("other jobs ran during this measurement (see the load averages)" if load_before[0] > 1.0 else
+                 "load average below 1 at the start: no other job ran"),
     })
 
 
