@@ -180,12 +180,15 @@ def measure(name: str, cmd: list[str], ws: Path, port: int, bodies: dict[str, tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=60, help="per load level (default 60)")
-    parser.add_argument("--workers", type=int, default=1, help="cnnpipe serve --workers (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="cnnpipe serve --workers and mlflow models serve "
+                                                                "--workers (default 1)")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs of the served model (default 2)")
     parser.add_argument("--zip", type=Path, default=GTSRB_ZIP)
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-serve-load"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve_load.json")
     parser.add_argument("--reuse", action="store_true", help="serve the model a previous run left in --work")
+    parser.add_argument("--note", default=None, help="what else ran on the machine meanwhile (the load averages "
+                                                     "count this benchmark's own server and clients too)")
     args = parser.parse_args()
     ws = args.work
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -209,7 +212,8 @@ def main() -> None:
     port = free_port()
     results["mlflow_models_serve"] = measure(
         "mlflow models serve", [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
-                                "-h", "127.0.0.1", "-p", str(port)], ws, port, {"json": json_body}, args.seconds)
+                                "-h", "127.0.0.1", "-p", str(port), "-w", str(args.workers)],
+        ws, port, {"json": json_body}, args.seconds)
     torch_json, mlflow_json = results["cnnpipe_torch"], results["mlflow_models_serve"]
     ratio = {f"c{c}": round(torch_json[f"json_c{c}"]["requests_per_s"] / max(mlflow_json[f"json_c{c}"]["requests_per_s"],
                                                                             1e-9), 2) for c in (1, 16)}
@@ -217,11 +221,11 @@ def main() -> None:
         "benchmark": "closed-loop HTTP load on 127.0.0.1, one 32x32 PNG per request",
         "model": f"fastnet (width 32, {args.epochs} epochs) trained on {dataset}, registered as {uri}",
         "dataset": dataset, "seconds_per_level": args.seconds, "cnnpipe_workers": args.workers,
+        "mlflow_workers": args.workers,
         "results": results, "throughput_ratio_cnnpipe_torch_over_mlflow_same_json_body": ratio,
         "targets": {"errors": 0, "p99_ms_c1": 15, "p99_ms_c16": 60, "throughput_ratio": 2, "rss_growth_mb": 50},
         "load_average_before": load_before,
-        "note": ("other jobs ran during this measurement (see the load averages)" if load_before[0] > 1.0 else
-                 "load average below 1 at the start: no other job ran"),
+        "note": args.note,
     })
 
 
