@@ -33,6 +33,7 @@ from cnnpipe.fsio import atomic_dir, read_json
 FORMAT = "cnnpipe.dataset/1"
 MANIFEST_FILE = "manifest.json"
 CLASSES_FILE = "classes.json"
+IMAGES_FILE, LABELS_FILE, BOXES_FILE = "{split}_images.npy", "{split}_labels.npy", "{split}_boxes.npy"
 FIGURES_DIR = "figures"  # ingest's figures of the data (class distribution, samples, pixel histogram)
 SPLITS = ("train", "val", "test")
 
@@ -119,10 +120,10 @@ def write_dataset(path: Path | str, classes: list[str], splits: dict[str, Split]
     }
     with atomic_dir(path) as tmp:
         for name, s in splits.items():
-            np.save(tmp / f"{name}_images.npy", np.ascontiguousarray(s.images))
-            np.save(tmp / f"{name}_labels.npy", s.labels.astype(np.int64))
+            np.save(tmp / IMAGES_FILE.format(split=name), np.ascontiguousarray(s.images))
+            np.save(tmp / LABELS_FILE.format(split=name), s.labels.astype(np.int64))
             if s.boxes is not None:
-                np.save(tmp / f"{name}_boxes.npy", s.boxes.astype(np.float32))
+                np.save(tmp / BOXES_FILE.format(split=name), s.boxes.astype(np.float32))
         if shard_images:
             manifest["shard_images"] = shard_images
             manifest["shards"] = {name: write_shards(tmp, name, s.images, s.labels, s.boxes, shard_images)
@@ -153,7 +154,7 @@ def read_dataset(path: Path | str, splits: tuple[str, ...] = SPLITS, mmap: bool 
     out = {}
     shape = (manifest["image_size"], manifest["image_size"], manifest["channels"])
     for name in splits:
-        img_path, lab_path = path / f"{name}_images.npy", path / f"{name}_labels.npy"
+        img_path, lab_path = path / IMAGES_FILE.format(split=name), path / LABELS_FILE.format(split=name)
         if not img_path.exists():
             raise CnnpipeError(f"dataset '{path}' has no '{name}' split ({img_path.name} missing)")
         try:
@@ -166,7 +167,7 @@ def read_dataset(path: Path | str, splits: tuple[str, ...] = SPLITS, mmap: bool 
                                f"with {len(labels)} images, got {images.dtype} {images.shape}")
         if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
             raise CnnpipeError(f"dataset file '{lab_path}': labels outside 0..{len(classes) - 1}")
-        boxes = _read_boxes(path / f"{name}_boxes.npy", len(labels), shape) if manifest.get("boxes") else None
+        boxes = _read_boxes(path / BOXES_FILE.format(split=name), len(labels), shape) if manifest.get("boxes") else None
         out[name] = Split(images, labels, boxes)
     return Dataset(classes, out, manifest)
 
@@ -190,7 +191,7 @@ def fetch_dataset(location: remote.Location, dest: Path, splits: tuple[str, ...]
         raise CnnpipeError(f"dataset manifest '{remote.join(location, MANIFEST_FILE)}': not JSON") from None
     names = [CLASSES_FILE, *extra_files]
     for split in splits:
-        names += [f"{split}_images.npy", f"{split}_labels.npy"] + ([f"{split}_boxes.npy"] if manifest.get("boxes") else [])
+        names += [f.format(split=split) for f in (IMAGES_FILE, LABELS_FILE, *([BOXES_FILE] if manifest.get("boxes") else []))]
     for name in names:
         (dest / name).write_bytes(remote.read_bytes(remote.join(location, name)))
     (dest / MANIFEST_FILE).write_bytes(raw)  # last: a copy with a manifest is whole
