@@ -122,11 +122,14 @@ def test_tta_is_measured_when_the_policy_has_flips(tmp_path):
               augmented=tmp_path / "augmented", model=tmp_path / "model", tracking=None)
     metrics = evaluate.run(cfg=EvaluateConfig(tsne_samples=0, tta=True), model=tmp_path / "model",
                            data=tmp_path / "processed", evaluation=tmp_path / "evaluation", tracking=None)
-    assert Calibration.read(tmp_path / "evaluation/calibration.json").tta_flips == {"hflip": list(range(10))}
+    calibration = Calibration.read(tmp_path / "evaluation/calibration.json")
+    assert calibration.tta_flips == {"hflip": list(range(10))}
+    assert calibration.tta_temperature is not None and calibration.tta_temperature > 0  # fitted on val's views
     for m in metrics.values():
         assert {"accuracy_tta", "ece_tta", "loss_tta", "ms_per_image", "ms_per_image_tta"} <= set(m)
         assert 0 <= m["accuracy_tta"] <= 1 and m["ms_per_image_tta"] > 0
     assert "TTA on: 2 views (original, hflip)" in (tmp_path / "evaluation/report.md").read_text()
+    assert f"TTA temperature {calibration.tta_temperature:.4f}" in (tmp_path / "evaluation/report.md").read_text()
 
 
 def test_mismatched_model_and_empty_split_are_named(evaluated, tmp_path):

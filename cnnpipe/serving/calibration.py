@@ -26,16 +26,25 @@ TEMPERATURE_TAG = "cnnpipe.temperature"  # the registered version's tag
 class Calibration:
     temperature: float = 1.0  # 1: uncalibrated
     flips: dict[str, list[int]] | None = None  # name (hflip, vflip, rot180) -> class after the flip, -1 = never
+    # T of the TTA-averaged probabilities: averaging views already softens them, so they need their own
+    # (None: a file from before it was fitted; TTA then uses `temperature`)
+    tta_temperature: float | None = None
 
     def __post_init__(self) -> None:
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise ValueError(f"temperature: expected a finite number > 0, got {t!r}")
+        for name, t in (("temperature", self.temperature), ("tta_temperature", self.tta_temperature)):
+            if t is None and name == "tta_temperature":
+                continue
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+                raise ValueError(f"{name}: expected a finite number > 0, got {t!r}")
         for name, table in (self.flips or {}).items():
             if name not in FLIP_DIMS or not isinstance(table, list) or \
                     not all(isinstance(c, int) and not isinstance(c, bool) and c >= -1 for c in table):
                 raise ValueError(f"flips: expected {'/'.join(FLIP_DIMS)} -> a list of class indices (-1 = never "
                                  f"flipped), got {name!r}")
+
+    def temperature_for(self, tta: bool) -> float:
+        """The temperature of plain (tta false) or TTA-averaged probabilities."""
+        return self.tta_temperature if tta and self.tta_temperature is not None else self.temperature
 
     @property
     def tta_flips(self) -> dict[str, list[int]]:
@@ -53,14 +62,16 @@ class Calibration:
         """The calibration file `evaluate` wrote; a CnnpipeError naming the file when it is not one."""
         d = read_json(path, "calibration file (of `cnnpipe evaluate`)")
         try:
-            return cls(d["temperature"], d.get("flips"))
+            return cls(d["temperature"], d.get("flips"), d.get("tta_temperature"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CnnpipeError(f"calibration file '{path}': expected {{\"temperature\": T > 0, \"flips\": ...}} "
+            raise CnnpipeError(f"calibration file '{path}': expected {{\"temperature\": T > 0, \"flips\": ..., "
+                               f"\"tta_temperature\": T > 0 or null}} "
                                f"({e})") from None
 
     def write(self, path: Path | str, **facts: object) -> None:
         """The file, with `facts` (how it was found) beside it for people; readers take temperature and flips."""
-        write_json(path, {"temperature": self.temperature, "flips": self.flips, **facts})
+        write_json(path, {"temperature": self.temperature, "flips": self.flips, "tta_temperature": self.tta_temperature,
+                          **facts})
 
 
 UNCALIBRATED = Calibration()  # T = 1, no flips: a bare train folder, or a version registered before calibration

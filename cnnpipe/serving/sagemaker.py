@@ -53,7 +53,8 @@ def export(predictor: Predictor, top_k: int, output: Path) -> dict:
         meta = {"classes": spec.classes, "image_size": spec.image_size, "channels": spec.in_channels,
                 "mean": spec.mean, "std": spec.std, "top_k": top_k, "arch": spec.arch,
                 "resize": spec.resize, "temperature": predictor.calibration.temperature,
-                "flips": predictor.calibration.flips, "tta": predictor.tta}
+                "flips": predictor.calibration.flips, "tta": predictor.tta,
+                "tta_temperature": predictor.calibration.tta_temperature}
         (root / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         (root / "code").mkdir()
         shutil.copy(contract.__file__, root / "code" / "inference.py")
@@ -62,7 +63,7 @@ def export(predictor: Predictor, top_k: int, output: Path) -> dict:
             for name in ("model.pt", "metadata.json", "code"):
                 tar.add(root / name, arcname=name)
     return {"archive": str(output), "bytes": output.stat().st_size, "classes": len(spec.classes),
-            "temperature": predictor.calibration.temperature, "tta": predictor.tta}
+            "temperature": predictor.calibration.temperature_for(predictor.tta), "tta": predictor.tta}
 
 
 def load_inference(model_dir: Path) -> ModuleType:
