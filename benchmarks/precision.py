@@ -1,8 +1,11 @@
-"""Benchmark: training images/s of fastnet on this CPU in fp32 and with bf16 autocast (train.precision).
+"""Benchmark: training images/s of fastnet on this CPU in fp32 and with bf16 autocast (train.precision), and
+with torch.compile (train.compile: inductor, which builds C++ kernels with the system's compiler).
 
 Steps of the real training step (forward, cross-entropy, backward, SGD) on random 32x32 RGB batches of
 128, channels_last, after a warm-up; best of --repeats timed blocks per precision, interleaved so a
 background load hits both alike. bf16 is measured only where the CPU has it natively (AVX512-BF16/AMX).
+torch.compile: width 32 in bf16, its compile time (the first two steps) and its images/s against eager's,
+also interleaved; the compile cache is disabled so every run pays what a first training run pays.
 
     .venv/bin/python benchmarks/precision.py [--steps 20] [--repeats 3]
 """
@@ -27,27 +30,32 @@ from cnnpipe.models import build_model  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def images_per_s(width: int, precision: str, steps: int, batch: int = 128) -> float:
+def images_per_s(width: int, precision: str, steps: int, batch: int = 128, compiled: bool = False,
+                 size: int = 32) -> tuple[float, float]:
+    """(images/s of `steps` steps after a warm-up, seconds of the warm-up: compilation when `compiled`)."""
     torch.manual_seed(0)
     model = build_model("fastnet", 3, 43, 32, width).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 43, (batch,))
     mixed, _ = autocast(torch.device("cpu"), precision)
+    net = torch.compile(model) if compiled else model
 
     def step() -> None:
         with mixed():
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(net(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    start = time.perf_counter()
     for _ in range(3):
         step()
+    warm_up = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return steps * batch / (time.perf_counter() - start)
+    return steps * batch / (time.perf_counter() - start), warm_up
 
 
 def main() -> None:
@@ -65,9 +73,24 @@ def main() -> None:
         best = {"fp32": 0.0, "bf16": 0.0}
         for _ in range(args.repeats):
             for precision in best:
-                best[precision] = max(best[precision], images_per_s(width, precision, args.steps))
+                best[precision] = max(best[precision], images_per_s(width, precision, args.steps)[0])
         result[f"fastnet_w{width}"] = {"fp32_images_per_s": round(best["fp32"]), "bf16_images_per_s": round(best["bf16"]),
                                        "speedup": round(best["bf16"] / best["fp32"], 2)}
+    torch.compiler.config.force_disable_caches = True  # every compile as a first run's
+    best = {"eager": 0.0, "compiled": 0.0}
+    compile_s = []
+    for _ in range(args.repeats):
+        best["eager"] = max(best["eager"], images_per_s(32, "bf16", args.steps)[0])
+        rate, warm_up = images_per_s(32, "bf16", args.steps, compiled=True)
+        best["compiled"], compile_s = max(best["compiled"], rate), [*compile_s, round(warm_up, 1)]
+    result["compile_fastnet_w32_bf16"] = {"eager_images_per_s": round(best["eager"]),
+                                          "compiled_images_per_s": round(best["compiled"]),
+                                          "speedup": round(best["compiled"] / best["eager"], 2),
+                                          "compile_s": compile_s}
+    # progressive resizing (train.low_res): what a step at a lower resolution costs
+    for size in (16, 20, 24, 28):
+        result.setdefault("step_cost_vs_32px_bf16_w32", {})[str(size)] = round(
+            best["eager"] / max(images_per_s(32, "bf16", args.steps, size=size)[0] for _ in range(args.repeats)), 3)
     record(args.out, {"benchmark": "fastnet training step images/s on CPU, fp32 vs bf16 autocast (batch 128, 32x32 RGB, "
                                    "channels_last), best of repeats", "threads": threads, "steps": args.steps,
                       "repeats": args.repeats, **result, "load_average_before": load_before,

@@ -114,6 +114,10 @@ class TrainConfig:
     augment: bool = knob(True, "apply the augment stage's online policy every epoch")
     ema: float = knob(0.0, "decay of the exponential moving average of weights evaluated and saved (0 = off)",
                       minimum=0.0, maximum=0.99999)
+    low_res: int = knob(0, "progressive resizing: the first low_res_epochs epochs train on the augmented images "
+                           "downscaled to low_res x low_res (cheaper steps; the last epochs at full size fix the "
+                           "scale); 0 = off; needs a size-agnostic net (fastnet, resnet*, library nets)", minimum=0)
+    low_res_epochs: int = knob(0, "epochs trained at low_res", minimum=0)
     early_stopping_patience: int = knob(0, "stop after this many epochs without improvement (0 = off)", minimum=0)
     early_stopping_metric: str = knob("val/accuracy", "what early stopping watches",
                                       choices=("val/accuracy", "val/loss"))

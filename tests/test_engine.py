@@ -204,3 +204,20 @@ def test_bf16_training_on_cpu_learns():
     torch.manual_seed(0)
     history = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, policy=None).history
     assert history[-1]["val/accuracy"] > 0.9 and history[-1]["train/loss"] < history[0]["train/loss"]
+
+
+def test_progressive_resizing_trains_the_first_epochs_at_low_res():
+    cfg = TrainConfig(arch="fastnet", width=8, epochs=3, batch_size=16, lr=0.05, low_res=8, low_res_epochs=2)
+    torch.manual_seed(0)
+    model = build_model("fastnet", 1, 3, 16, 8)
+    sizes: list[tuple[bool, int]] = []  # (training, input size) of every forward pass
+    model.register_forward_pre_hook(lambda m, args: sizes.append((m.training, args[0].shape[-1])))
+    result = fit(model, tiny_data(size=16), cfg, policy=None)
+    trained = [size for training, size in sizes if training]
+    steps = len(trained) // 3
+    assert trained == [8] * 2 * steps + [16] * steps  # two epochs at 8 x 8, the last at full size
+    evaluated = [size for training, size in sizes if not training]
+    assert evaluated[0] == 8 and set(evaluated[1:]) == {16}  # the up-front check, then validation at full size
+    assert len(result.history) == 3
+    with pytest.raises(CnnpipeError, match="train.low_res 4: this net takes only its own image size"):
+        fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), dataclasses.replace(cfg, arch="cnn3", low_res=4), policy=None)

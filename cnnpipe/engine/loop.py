@@ -165,6 +165,19 @@ def freeze_backbone(model: nn.Module, frozen: bool, bn_eval: bool) -> None:
                 m.eval()
 
 
+def _check_low_res(model: nn.Module, size: int, channels: int, device: torch.device) -> None:
+    """A CnnpipeError when the net cannot take size x size images (a fixed-size head: cnn3, lenet5, mlp)."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, size, size, device=device))
+    except RuntimeError as e:
+        raise CnnpipeError(f"train.low_res {size}: this net takes only its own image size ({str(e).splitlines()[0]}); "
+                           f"expected a size-agnostic arch (fastnet, resnet18, library nets) or low_res: 0") from None
+    finally:
+        model.train(was_training)
+
+
 def _better(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
@@ -190,6 +203,8 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
     if cfg.compile:
         net = torch.compile(net)
     mixed, precision = autocast(device, cfg.precision)
+    if cfg.low_res and cfg.low_res_epochs:
+        _check_low_res(model, cfg.low_res, data.val_images.shape[1], device)
     if precision != cfg.precision != "auto" and dist.is_main:
         print(f"train.precision: {cfg.precision} asked for, but {device} has no native bf16: training in fp32",
               file=sys.stderr)
@@ -218,6 +233,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         model.train()
         if cfg.freeze_epochs:
             freeze_backbone(model, epoch <= cfg.freeze_epochs, cfg.frozen_bn_eval)
+        low_res = cfg.low_res if epoch <= cfg.low_res_epochs and 0 < cfg.low_res < data.val_images.shape[-1] else 0
         start = time.perf_counter()
         n = source.seen(epoch)
         sums = torch.zeros(2, device=device)  # loss * count, correct (the ranks' counts add up to n)
@@ -227,6 +243,8 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             x = images.float().div_(255.0)
             if policy is not None and not policy.is_identity:
                 x, y = apply_policy(x, y, policy, g_aug, boxes)
+            if low_res:
+                x = F.interpolate(x, size=(low_res, low_res), mode="bilinear", antialias=True, align_corners=False)
             x = normalize(x, data.mean, data.std).contiguous(memory_format=memory)
             with mixed():
                 logits = net(x)
