@@ -228,20 +228,22 @@ def _dvc_version(data_dir: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """A lock beside a SQLite store, for what two processes must not do at once (create its tables, an
-    experiment); nothing for a tracking server, which serializes these itself."""
+def _store_lock(uri: str, purpose: str = "init", holder: str = "") -> Iterator[None]:
+    """A lock file beside a SQLite store (`<db>.cnnpipe-<purpose>.lock`), for what two processes must not do at
+    once (create its tables or an experiment; update the registry); nothing for a tracking server, which
+    serializes the former itself. `holder` names who held it too long in the error."""
     from filelock import FileLock, Timeout
 
     db = sqlite_path(uri)
     if db is None:
         yield
         return
-    lock = FileLock(f"{db}.cnnpipe-init.lock")
+    lock = FileLock(f"{db}.cnnpipe-{purpose}.lock")
     try:
         lock.acquire(timeout=LOCK_TIMEOUT)
     except Timeout:
-        raise ServiceUnavailable(f"tracking URI {uri}: '{lock.lock_file}' has been held for {LOCK_TIMEOUT} s") from None
+        raise ServiceUnavailable(f"tracking URI {uri}: {holder or 'another process'} has held '{lock.lock_file}' "
+                                 f"for {LOCK_TIMEOUT} s") from None
     try:
         yield
     finally:
@@ -362,27 +364,11 @@ class Registry:
     def champion_history(self, name: str) -> list[str]:
         return json.loads(self.client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
 
-    @contextlib.contextmanager
-    def update_lock(self) -> Iterator[None]:
+    def update_lock(self) -> contextlib.AbstractContextManager[None]:
         """Serialize read-decide-write updates of the registry (promote, rollback) across processes. A SQLite
         store gets a lock file beside it; a tracking server offers no lock: `set_champion` then checks that
         nothing changed since the history was read, and the loser of a race fails with one line."""
-        from filelock import FileLock, Timeout
-
-        db = sqlite_path(self.uri)
-        if db is None:
-            yield
-            return
-        lock = FileLock(f"{db}.cnnpipe-registry.lock")
-        try:
-            lock.acquire(timeout=LOCK_TIMEOUT)
-        except Timeout:
-            raise ServiceUnavailable(f"tracking URI {self.uri}: another promote/rollback has held "
-                                     f"'{lock.lock_file}' for {LOCK_TIMEOUT} s") from None
-        try:
-            yield
-        finally:
-            lock.release()
+        return _store_lock(self.uri, "registry", "another promote/rollback")
 
     def set_champion(self, name: str, version: str, history: list[str], read: list[str]) -> None:
         """Give `champion` to `version` and record `history`, unless the history is no longer `read`."""
