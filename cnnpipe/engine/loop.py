@@ -263,7 +263,8 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         seconds = time.perf_counter() - start
         loss_sum, correct = all_sum(sums, dist).tolist()
         evaluated = ema.model if ema is not None else model
-        val_loss, val_acc = evaluate_split(evaluated, data.val_images, data.val_labels, data.mean, data.std)
+        with mixed():  # validation in the training's precision (bf16: half its time here); evaluate scores in fp32
+            val_loss, val_acc = evaluate_split(evaluated, data.val_images, data.val_labels, data.mean, data.std)
         # checked once per epoch (a check per step would sync the device); the last step's update only shows
         # in the validation loss
         diverged = next((v for v in (loss_sum, val_loss if len(data.val_labels) else 0.0) if not math.isfinite(v)), None)
