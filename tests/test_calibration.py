@@ -14,7 +14,7 @@ import torch
 from cnnpipe.engine.checkpoint import ModelSpec, save_model
 from cnnpipe.engine.inference import predict_logits, to_nchw_uint8
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.evaluation.calibration import fit_temperature, fit_tta_temperature
+from cnnpipe.evaluation.calibration import fit_temperature
 from cnnpipe.evaluation.metrics import classification_metrics
 from cnnpipe.models import build_model
 from cnnpipe.serving.calibration import UNCALIBRATED, Calibration
@@ -198,7 +198,8 @@ def test_torch_onnx_and_sagemaker_tta_answer_alike(model_file, flip_calibration,
     at_plain_t = Predictor.from_file(model_file, calibration=dataclasses.replace(flip_calibration, tta_temperature=None),
                                      tta=True)
     assert not np.allclose(all_probabilities(at_plain_t.predict(images, 4)), want, atol=1e-3)
-    assert {"tta": True, "temperature": 0.6}.items() <= export(predictor, 4, tmp_path / "model.tar.gz").items()
+    exported = export(predictor, 4, tmp_path / "model.tar.gz")
+    assert {"tta": True, "temperature": 1.7, "tta_temperature": 0.6}.items() <= exported.items()
     model_dir = extract(tmp_path / "model.tar.gz", tmp_path / "sm")
     inference = load_inference(model_dir)
     answers = inference.predict_fn({"images": list(images), "top_k": 4}, inference.model_fn(str(model_dir)))
@@ -206,31 +207,32 @@ def test_torch_onnx_and_sagemaker_tta_answer_alike(model_file, flip_calibration,
 
 
 def test_tta_gets_its_own_temperature_and_is_calibrated_with_it():
-    """Views that disagree: averaging them softens the answer, so the T fitted on single views leaves the
-    average underconfident; T fitted on the averaged views calibrates it."""
-    from cnnpipe.serving.contract import tta_average
+    """An underconfident average of two views (as GTSRB's label-smoothed model gave): the temperature fitted on
+    the log of the averages (what evaluate does) calibrates it; it never moves the argmax."""
+    from cnnpipe.serving.contract import tta_probabilities
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(20000, len(CLASSES), generator=g) * 4
-    labels = torch.multinomial((base / 2.0).softmax(1), 1, generator=g).squeeze(1)
+    labels = torch.multinomial(base.softmax(1), 1, generator=g).squeeze(1)
+    views = {k: 0.4 * base + torch.randn(base.shape, generator=g) * 0.2 for k in "ab"}  # both too soft
+    x = torch.zeros(len(base), 1, 1, 2)
     flips = {"hflip": list(range(len(CLASSES)))}  # every class keeps: the flipped view votes for the same class
-    views = [base + torch.randn(base.shape, generator=g) * 3 for _ in range(2)]
-    t_single, t_tta = fit_temperature(views[0], labels), fit_tta_temperature(views, labels, flips)
-    assert t_tta < t_single  # the average needs sharpening
 
-    def tta_scores(t: float) -> dict:
-        probs = tta_average([(z / t).softmax(1) for z in views], flips)
-        return classification_metrics(probs.log(), labels, CLASSES)["scalars"]
-    with_single_t, with_own_t = tta_scores(t_single), tta_scores(t_tta)
-    assert with_own_t["ece"] < 0.02 < with_single_t["ece"]
-    assert with_own_t["loss"] < with_single_t["loss"]
-    right = base.argmax(1) == labels  # every averaged answer right: nothing to calibrate against, as fit_temperature
-    assert fit_tta_temperature([base[right]] * 2, labels[right], flips) == 1.0
+    def probs_of(view: torch.Tensor) -> torch.Tensor:  # the original view is x, the flipped one x.flip(-1)
+        return views["a" if view is x else "b"].softmax(1)
+
+    averaged = tta_probabilities(probs_of, x, flips)
+    t = fit_temperature(averaged.log(), labels)
+    calibrated = tta_probabilities(probs_of, x, flips, t)
+    assert torch.allclose(calibrated, (averaged.double().log() / t).softmax(1).float(), atol=1e-6)
+    assert torch.equal(calibrated.argmax(1), averaged.argmax(1)) and t < 1
+    before = classification_metrics(averaged.log(), labels, CLASSES)["scalars"]
+    after = classification_metrics(calibrated.log(), labels, CLASSES)["scalars"]
+    assert after["ece"] < 0.02 < before["ece"] and after["loss"] < before["loss"]
 
 
 def test_a_calibration_file_without_a_tta_temperature_still_reads(tmp_path):
     (tmp_path / "c.json").write_text('{"temperature": 1.5, "flips": null}')
-    calibration = Calibration.read(tmp_path / "c.json")
-    assert calibration.temperature_for(True) == calibration.temperature_for(False) == 1.5
+    assert Calibration.read(tmp_path / "c.json") == Calibration(1.5, None, None)
     Calibration(1.5, None, 0.8).write(tmp_path / "d.json")
-    assert Calibration.read(tmp_path / "d.json").temperature_for(True) == 0.8
+    assert Calibration.read(tmp_path / "d.json").tta_temperature == 0.8

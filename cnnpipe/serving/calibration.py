@@ -26,8 +26,8 @@ TEMPERATURE_TAG = "cnnpipe.temperature"  # the registered version's tag
 class Calibration:
     temperature: float = 1.0  # 1: uncalibrated
     flips: dict[str, list[int]] | None = None  # name (hflip, vflip, rot180) -> class after the flip, -1 = never
-    # T of the TTA-averaged probabilities: averaging views already softens them, so they need their own
-    # (None: a file from before it was fitted; TTA then uses `temperature`)
+    # TTA's own: softmax(log(the views' average) / tta_temperature); averaging views that disagree softens the
+    # answer, which the views' T cannot undo (None: 1, a file from before it was fitted)
     tta_temperature: float | None = None
 
     def __post_init__(self) -> None:
@@ -41,10 +41,6 @@ class Calibration:
                     not all(isinstance(c, int) and not isinstance(c, bool) and c >= -1 for c in table):
                 raise ValueError(f"flips: expected {'/'.join(FLIP_DIMS)} -> a list of class indices (-1 = never "
                                  f"flipped), got {name!r}")
-
-    def temperature_for(self, tta: bool) -> float:
-        """The temperature of plain (tta false) or TTA-averaged probabilities."""
-        return self.tta_temperature if tta and self.tta_temperature is not None else self.temperature
 
     @property
     def tta_flips(self) -> dict[str, list[int]]:

@@ -288,32 +288,26 @@ def usable_flips(flips: dict | None) -> dict[str, list[int]]:
             if name in FLIP_DIMS and any(t >= 0 for t in table)}
 
 
-def tta_views(x, flips: dict[str, list[int]]) -> list:  # noqa: ANN001 - N x C x H x W torch tensor
-    """The views test-time augmentation scores: the original, then each usable flip (in tta_average's order)."""
-    return [x, *(x.flip(FLIP_DIMS[name]) for name in usable_flips(flips))]
+def tta_probabilities(probs_of, x, flips: dict[str, list[int]], temperature: float | None = None):  # noqa: ANN001, ANN201
+    """Test-time augmentation over class-aware flips: `probs_of` (N x C x H x W images -> N x K probabilities)
+    of the original view and of each flipped view. A flipped view's probability of class table[c] is its vote
+    for class c of the original (a swap pair's columns are permuted back); each class averages the views in
+    which it is defined (table[c] >= 0; the original always), and the result is renormalized.
 
-
-def tta_average(view_probs: list, flips: dict[str, list[int]]):  # noqa: ANN201 - float64 N x C torch tensor
-    """Average the views' probabilities (tta_views' order): a flipped view's probability of class table[c] is
-    its vote for class c of the original (a swap pair's columns are permuted back); each class averages the
-    views in which it is defined (table[c] >= 0; the original always), and the result is renormalized."""
+    Views that disagree soften the average, so it has its own temperature (evaluate fits it on val, None: 1):
+    softmax(log(average) / temperature), which never moves the argmax."""
     import torch
 
-    total = view_probs[0].double()
+    total = probs_of(x).double()
     views = torch.ones_like(total)
-    for probs, table in zip(view_probs[1:], usable_flips(flips).values()):
+    for name, table in usable_flips(flips).items():
         index = torch.tensor(table, device=total.device)
         kept = (index >= 0).to(total.dtype)
-        total = total + probs.double()[:, index.clamp(min=0)] * kept
+        total = total + probs_of(x.flip(FLIP_DIMS[name])).double()[:, index.clamp(min=0)] * kept
         views = views + kept
     mean = total / views
-    return mean / mean.sum(1, keepdim=True)
-
-
-def tta_probabilities(probs_of, x, flips: dict[str, list[int]]):  # noqa: ANN001, ANN201 - torch tensors, a callable
-    """Test-time augmentation over class-aware flips: `probs_of` (N x C x H x W images -> N x K probabilities)
-    of every view (tta_views), averaged by tta_average."""
-    return tta_average([probs_of(view) for view in tta_views(x, flips)], flips).float()
+    mean = mean / mean.sum(1, keepdim=True)
+    return (mean if temperature is None else probabilities(mean.clamp_min(1e-30).log(), temperature)).float()
 
 
 def answer(probs, classes: list[str], top_k: int) -> list[dict]:  # noqa: ANN001 - probs: N x C torch tensor
@@ -354,14 +348,10 @@ def predict_fn(input_data: dict, model: dict) -> list[dict]:
     batch = np.stack([to_array(img, size, channels, i, resize=resize) for i, img in enumerate(input_data["images"])])
     x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255.0)
     x = (x - torch.tensor(meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(meta["std"]).view(1, -1, 1, 1)
-    flips = usable_flips(meta.get("flips")) if meta.get("tta") else {}
-    # TTA-averaged probabilities have their own temperature (fitted on val's averaged views); older files: T
-    temperature = meta.get("temperature", 1.0)
-    if flips and meta.get("tta_temperature") is not None:
-        temperature = meta["tta_temperature"]
+    temperature, flips = meta.get("temperature", 1.0), usable_flips(meta.get("flips")) if meta.get("tta") else {}
     with torch.no_grad():
-        probs = tta_probabilities(lambda view: probabilities(model["model"](view), temperature), x, flips) if flips \
-            else probabilities(model["model"](x), temperature)
+        probs = tta_probabilities(lambda view: probabilities(model["model"](view), temperature), x, flips,
+                                  meta.get("tta_temperature")) if flips else probabilities(model["model"](x), temperature)
     top_k = input_data["top_k"]
     top_k = check_top_k(top_k, len(meta["classes"])) if top_k is not None else min(meta["top_k"], len(meta["classes"]))
     return answer(probs, meta["classes"], top_k)

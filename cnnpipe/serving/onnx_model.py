@@ -1,8 +1,6 @@
 """The model as an ONNX file for CPU serving with ONNX Runtime: uint8 N x C x H x W in, probabilities out
-(normalization, the calibration temperature and softmax inside the graph: `probabilities` at T, and
-`probabilities_tta` at the TTA temperature, the one test-time augmentation averages); the ModelSpec, the
-temperatures, flips and the default top_k travel in its metadata, so the file alone is servable and no code
-comes with it."""
+(normalization, the calibration temperature and softmax inside the graph); the ModelSpec, the temperature and
+the default top_k travel in its metadata, so the file alone is servable and no code comes with it."""
 
 from __future__ import annotations
 
@@ -24,23 +22,20 @@ from cnnpipe.serving.contract import MAX_PIXELS, answer, probabilities, tta_prob
 from cnnpipe.serving.predictor import Predictor, decode_images
 
 SPEC_KEY, TOP_K_KEY, TEMPERATURE_KEY, FLIPS_KEY = "cnnpipe.spec", "cnnpipe.top_k", "cnnpipe.temperature", "cnnpipe.flips"
-TTA_TEMPERATURE_KEY = "cnnpipe.tta_temperature"
-OUTPUTS = ("probabilities", "probabilities_tta")
+TTA_TEMPERATURE_KEY = "cnnpipe.tta_temperature"  # applied to the TTA average outside the graph (OnnxPredictor)
 
 
 class Probabilities(nn.Module):
-    """uint8 images -> class probabilities as Predictor.predict computes them, at T and at the TTA temperature."""
+    """uint8 images -> class probabilities, as Predictor.predict computes them."""
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, calibration: Calibration):
+    def __init__(self, model: nn.Module, spec: ModelSpec, temperature: float):
         super().__init__()
-        self.model, self.calibration = model, calibration
+        self.model, self.temperature = model, temperature
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model((images.float() / 255.0 - self.mean) / self.std)
-        return (probabilities(logits, self.calibration.temperature_for(False)),
-                probabilities(logits, self.calibration.temperature_for(True)))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return probabilities(self.model((images.float() / 255.0 - self.mean) / self.std), self.temperature)
 
 
 def export_onnx(predictor: Predictor, top_k: int, output: Path) -> dict:
@@ -49,10 +44,10 @@ def export_onnx(predictor: Predictor, top_k: int, output: Path) -> dict:
     import onnx
 
     spec, temperature = predictor.spec, predictor.calibration.temperature
-    wrapped = Probabilities(predictor.model, spec, predictor.calibration).cpu().eval()
+    wrapped = Probabilities(predictor.model, spec, temperature).cpu().eval()
     example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size, dtype=torch.uint8)
     with atomic_file(output) as tmp, contextlib.redirect_stdout(sys.stderr):  # the exporter prints its steps
-        program = torch.onnx.export(wrapped, (example,), input_names=["images"], output_names=list(OUTPUTS),
+        program = torch.onnx.export(wrapped, (example,), input_names=["images"], output_names=["probabilities"],
                                     dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True)
         proto = program.model_proto
         for key, value in ((SPEC_KEY, json.dumps(asdict(spec))), (TOP_K_KEY, str(top_k)),
@@ -81,15 +76,12 @@ class OnnxPredictor:
             # the temperature is applied inside the graph; kept to say which calibration this file serves
             self.calibration = Calibration(float(meta.get(TEMPERATURE_KEY, 1.0)), json.loads(meta.get(FLIPS_KEY, "null")),
                                            json.loads(meta.get(TTA_TEMPERATURE_KEY, "null")))
-            outputs = [o.name for o in self.session.get_outputs()]
         except (KeyError, TypeError, ValueError) as e:
             raise CnnpipeError(f"'{path}': not an ONNX model written by `cnnpipe export onnx` ({e})") from None
         except Exception as e:  # onnxruntime's own exception types for unreadable files
             raise CnnpipeError(f"'{path}': not a readable ONNX model: {str(e).splitlines()[0]}") from None
         self.calibration.check(self.spec.num_classes, str(path))
         self.tta = tta and bool(self.calibration.tta_flips)
-        # files exported before the TTA temperature have one output
-        self.output = OUTPUTS[1] if self.tta and OUTPUTS[1] in outputs else outputs[0]
 
     def decode(self, images: list, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         return decode_images(self.spec, images, max_pixels)
@@ -98,6 +90,7 @@ class OnnxPredictor:
         x = torch.from_numpy(np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2)))
 
         def probs_of(view: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(self.session.run([self.output], {"images": view.contiguous().numpy()})[0])
-        probs = tta_probabilities(probs_of, x, self.calibration.tta_flips) if self.tta else probs_of(x)
+            return torch.from_numpy(self.session.run(None, {"images": view.contiguous().numpy()})[0])
+        probs = tta_probabilities(probs_of, x, self.calibration.tta_flips, self.calibration.tta_temperature) if self.tta \
+            else probs_of(x)
         return answer(probs, self.spec.classes, top_k)

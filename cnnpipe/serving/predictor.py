@@ -65,5 +65,6 @@ class Predictor:
         """uint8 N x C x H x W -> the served probabilities: calibrated, averaged over the flips with TTA."""
         def probs_of(view: torch.Tensor) -> torch.Tensor:
             logits = predict_logits(self.model, view, self.mean, self.std, batch_size)
-            return probabilities(logits, self.calibration.temperature_for(self.tta))
-        return tta_probabilities(probs_of, x, self.calibration.tta_flips) if self.tta else probs_of(x)
+            return probabilities(logits, self.calibration.temperature)
+        return tta_probabilities(probs_of, x, self.calibration.tta_flips, self.calibration.tta_temperature) if self.tta \
+            else probs_of(x)

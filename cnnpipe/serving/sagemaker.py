@@ -63,7 +63,8 @@ def export(predictor: Predictor, top_k: int, output: Path) -> dict:
             for name in ("model.pt", "metadata.json", "code"):
                 tar.add(root / name, arcname=name)
     return {"archive": str(output), "bytes": output.stat().st_size, "classes": len(spec.classes),
-            "temperature": predictor.calibration.temperature_for(predictor.tta), "tta": predictor.tta}
+            "temperature": predictor.calibration.temperature, "tta": predictor.tta,
+            "tta_temperature": predictor.calibration.tta_temperature}
 
 
 def load_inference(model_dir: Path) -> ModuleType:

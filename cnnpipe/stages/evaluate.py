@@ -12,8 +12,8 @@ every protocol's scores are those of the calibrated probabilities softmax(logits
 and served, with `ece_uncalibrated` and `loss_uncalibrated` (T = 1) beside them. T goes to calibration.json in
 this folder (never into train's), which register packages with the model, with the flip tables of the augment
 policy the model was trained with (train records them): the views test-time augmentation averages. Averaging
-views softens the probabilities, so TTA gets its own temperature, fitted on val's averaged views
-(calibration/temperature_tta): every TTA path (serve --tta, ONNX, SageMaker) applies it.
+views that disagree softens the probabilities, so TTA gets its own temperature, fitted (NLL) on the log of val's
+averaged probabilities (calibration/temperature_tta): every TTA path (serve --tta, ONNX, SageMaker) applies it.
 
 Test-time augmentation (evaluate.tta): each protocol is scored again with the probabilities averaged over the
 original and every class-aware flipped view (contract.tta_probabilities), as `*_tta`, with the batched inference
@@ -42,7 +42,7 @@ from cnnpipe.engine.inference import normalize, predict_logits, stats_tensors, t
 from cnnpipe.engine.model_folder import MODEL_FILE, read_history, read_train_config
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation import explain, figures, introspect
-from cnnpipe.evaluation.calibration import fit_temperature, fit_tta_temperature
+from cnnpipe.evaluation.calibration import fit_temperature
 from cnnpipe.evaluation.folder import (
     CALIBRATION_FILE,
     CONFUSION_CSV,
@@ -58,7 +58,6 @@ from cnnpipe.evaluation.report import Report
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent
 from cnnpipe.models import count_parameters
 from cnnpipe.serving.calibration import Calibration
-from cnnpipe.serving.contract import tta_views
 from cnnpipe.serving.predictor import Predictor, as_requests
 
 SPLITS = ("val", "test")
@@ -218,9 +217,8 @@ def _tta(metrics: dict, cfg: EvaluateConfig, calibration: Calibration, plain: Pr
         metrics[key] |= {"ms_per_image": round(1000 * without / len(x), 4),
                          "ms_per_image_tta": round(1000 * elapsed / len(x), 4)}
     views = 1 + len(calibration.tta_flips)
-    t = calibration.temperature_for(True)
     return f"TTA on: {views} views (original, {', '.join(calibration.tta_flips)}), averaged per class over the views " \
-           f"that keep it defined" + (f"; TTA temperature {t:.4f} (fitted on val's averaged views)"
+           f"that keep it defined" + (f"; TTA temperature {calibration.tta_temperature:.4f} (fitted on val's averages)"
                                       if calibration.tta_temperature is not None else "")
 
 
@@ -263,10 +261,9 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
         raise CnnpipeError(f"model folder '{model_dir}': {e}") from None
     calibration.check(spec.num_classes, f"model folder '{model_dir}'")
     if cfg.calibrate and calibration.tta_flips:  # also without evaluate.tta: `serve --tta` needs it
-        views = [logits["val"], *(predict_logits(model, view, mean, std, cfg.batch_size)
-                                  for view in tta_views(tensors["val"], calibration.tta_flips)[1:])]
+        averaged = Predictor(model, spec, device, calibration, tta=True).probabilities(tensors["val"], cfg.batch_size)
         calibration = dataclasses.replace(
-            calibration, tta_temperature=fit_tta_temperature(views, labels["val"], calibration.tta_flips))
+            calibration, tta_temperature=fit_temperature(averaged.clamp_min(1e-30).log(), labels["val"]))
     temperature = calibration.temperature
     uncalibrated = {key: classification_metrics(z, labels[key], ds.classes) for key, z in logits.items()}
     results = {key: classification_metrics(z, labels[key], ds.classes, temperature) for key, z in logits.items()}
