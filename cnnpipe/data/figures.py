@@ -16,13 +16,13 @@ from cnnpipe.data.store import Split  # noqa: E402
 SAMPLES_PER_CLASS = 8
 
 
-def class_distribution_png(splits: dict[str, Split], classes: list[str], path: IO[bytes]) -> None:
+def class_distribution_png(per_class: dict[str, list[int]], classes: list[str], path: IO[bytes]) -> None:
+    """`per_class`: each split's image count per class."""
     n = len(classes)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * n + 2), 4.5), constrained_layout=True)
-    width = 0.8 / len(splits)
-    for k, (name, s) in enumerate(splits.items()):
-        counts = np.bincount(s.labels, minlength=n)
-        ax.bar(np.arange(n) + (k - (len(splits) - 1) / 2) * width, counts, width, label=f"{name} ({counts.sum():,})")
+    width = 0.8 / len(per_class)
+    for k, (name, counts) in enumerate(per_class.items()):
+        ax.bar(np.arange(n) + (k - (len(per_class) - 1) / 2) * width, counts, width, label=f"{name} ({sum(counts):,})")
     ax.set_xticks(range(n), classes, rotation=90, fontsize=max(5.0, min(9.0, 200.0 / n)))
     ax.set_ylabel("images")
     ax.set_title("images per class and split")
@@ -32,7 +32,8 @@ def class_distribution_png(splits: dict[str, Split], classes: list[str], path: I
 
 
 def samples_png(split: Split, classes: list[str], path: IO[bytes], seed: int = 0) -> None:
-    """One row per class, up to SAMPLES_PER_CLASS random images each, the class name beside it."""
+    """One row per class, up to SAMPLES_PER_CLASS random images each, the class name beside it (only those are
+    read from a memory-mapped split)."""
     rng = np.random.default_rng(seed)
     h, w, c = split.images.shape[1:]
     rows = []
@@ -53,17 +54,16 @@ def samples_png(split: Split, classes: list[str], path: IO[bytes], seed: int = 0
     plt.close(fig)
 
 
-def pixel_histogram_png(split: Split, path: IO[bytes], max_images: int = 4000) -> None:
-    c = split.images.shape[-1]
-    take = split.images[:max_images].reshape(-1, c)
+def pixel_histogram_png(hist: np.ndarray, images: int, path: IO[bytes]) -> None:
+    """`hist`: C x 256 counts of each pixel value per channel, over `images` training images."""
+    c = len(hist)
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
     colors = ["gray"] if c == 1 else ["red", "green", "blue"]
     for ch in range(c):
-        ax.plot(np.bincount(take[:, ch], minlength=256) / len(take), color=colors[ch],
-                label="gray" if c == 1 else colors[ch])
+        ax.plot(hist[ch] / max(hist[ch].sum(), 1), color=colors[ch], label="gray" if c == 1 else colors[ch])
     ax.set_xlabel("intensity")
     ax.set_ylabel("fraction of pixels")
-    ax.set_title(f"pixel intensities (first {min(max_images, len(split.images)):,} training images)")
+    ax.set_title(f"pixel intensities ({images:,} training images)")
     ax.legend()
     fig.savefig(path, dpi=100)
     plt.close(fig)
