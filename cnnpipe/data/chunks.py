@@ -1,9 +1,10 @@
 """Ingest's unit of work: a chunk of one split's images, decoded and summarized in a worker process.
 
-The dataset writer (store.DatasetWriter) takes chunks in order, so nothing ever holds a whole split. A
-chunk carries what the manifest and the figures need, so no pass over the whole data follows: per-channel
+The worker writes the chunk's pixels to the part file the dataset writer (store.DatasetWriter) named, so
+only a summary travels back; the writer takes chunks in order, and nothing ever holds a whole split. The
+summary is what the manifest and the figures need, so no pass over the whole data follows: per-channel
 pixel histograms (mean/std, the pixel histogram figure), one digest per image (duplicates across splits)
-and, when shards are written, its images PNG-encoded (the costly part of writing shards, done in parallel).
+and, when shards are written, the images PNG-encoded (the costly part of writing shards, done in parallel).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -37,7 +39,7 @@ class DecodeSpec:
 
 @dataclass
 class Chunk:
-    images: np.ndarray  # uint8 n x H x W x C: the usable images, in order
+    images_sha256: str  # of the part file holding the usable images' pixels (uint8 n x H x W x C), in order
     labels: np.ndarray  # int64 n
     boxes: np.ndarray | None  # float32 n x 4
     bad: list[dict]  # [{"path": ..., "error": ...}] of the chunk's unusable files
@@ -52,6 +54,7 @@ class ChunkJob:
     index: int  # the chunk's place in its split
     images: Images | Entries  # decoded already (in-memory sources) or files to decode
     spec: DecodeSpec
+    part: Path  # where the chunk's pixels go (DatasetWriter.images_part)
 
 
 def stored_box(roi: tuple[float, float, float, float, float, float], size: int) -> list[float]:
@@ -62,8 +65,10 @@ def stored_box(roi: tuple[float, float, float, float, float, float], size: int) 
 
 
 def summarize(images: np.ndarray, labels: np.ndarray, boxes: np.ndarray | None, bad: list[dict],
-              pngs: bool) -> Chunk:
+              pngs: bool, part: Path) -> Chunk:
+    """Write the images' pixels to `part` and sum them up."""
     images = np.ascontiguousarray(images)
+    images.tofile(part)
     c = images.shape[-1]
     hist = np.zeros((c, 256), np.int64)
     for start in range(0, len(images), HIST_IMAGES):
@@ -71,11 +76,11 @@ def summarize(images: np.ndarray, labels: np.ndarray, boxes: np.ndarray | None, 
         for ch in range(c):
             hist[ch] += np.bincount(flat[:, ch], minlength=256)
     digests = b"".join(hashlib.blake2b(image, digest_size=DIGEST_BYTES).digest() for image in images)
-    return Chunk(images, labels.astype(np.int64), None if boxes is None else boxes.astype(np.float32), bad, hist,
+    return Chunk(hashlib.sha256(images).hexdigest(), labels.astype(np.int64), None if boxes is None else boxes.astype(np.float32), bad, hist,
                  digests, [encode_png(image) for image in images] if pngs else None)
 
 
-def decode_entries(entries: Entries, spec: DecodeSpec) -> Chunk:
+def decode_entries(entries: Entries, spec: DecodeSpec, part: Path) -> Chunk:
     """Decode a chunk's files; unusable ones are listed in the chunk's `bad`, named by tree and member."""
     n, size = len(entries.items), spec.image_size
     images = np.empty((n, size, size, spec.channels), np.uint8)
@@ -97,13 +102,13 @@ def decode_entries(entries: Entries, spec: DecodeSpec) -> Chunk:
         if boxes is not None:
             boxes[kept] = stored_box(e.roi, size)
         kept += 1
-    return summarize(images[:kept], labels[:kept], None if boxes is None else boxes[:kept], bad, spec.pngs)
+    return summarize(images[:kept], labels[:kept], None if boxes is None else boxes[:kept], bad, spec.pngs, part)
 
 
 def run_job(job: ChunkJob) -> Chunk:
     if isinstance(job.images, Entries):
-        return decode_entries(job.images, job.spec)
-    return summarize(job.images.images, job.images.labels, job.images.boxes, [], job.spec.pngs)
+        return decode_entries(job.images, job.spec, job.part)
+    return summarize(job.images.images, job.images.labels, job.images.boxes, [], job.spec.pngs, job.part)
 
 
 def run_chunks(jobs: Iterable[ChunkJob], workers: int) -> Iterator[tuple[ChunkJob, Chunk]]:

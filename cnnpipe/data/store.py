@@ -115,12 +115,16 @@ class DatasetWriter:
         """Where chunk `index` starts in its split's arrays (every earlier chunk is added or kept)."""
         return sum(r["count"] for r in self.records[split] if r["index"] < index)
 
+    def images_part(self, split: str, index: int) -> Path:
+        """Where the producer of chunk `index` of `split` writes its pixels (raw uint8, C order)."""
+        return self.parts / f"{split}-{index:06d}.images"
+
     def add(self, split: str, index: int, chunk: Chunk) -> dict:
-        _check(split, chunk.images, chunk.labels, chunk.boxes, self.shape)
+        """Record chunk `index` of `split` (its pixels are in images_part already): its labels, boxes, shard."""
         if (chunk.boxes is not None) != self.boxes:
             raise ValueError("boxes must be given for every split or for none")
-        files = {}
-        for kind, array in (("images", chunk.images), ("labels", chunk.labels), ("boxes", chunk.boxes)):
+        files = {str(self.images_part(split, index).relative_to(self.root)): chunk.images_sha256}
+        for kind, array in (("labels", chunk.labels), ("boxes", chunk.boxes)):
             if array is not None:
                 name = f"parts/{split}-{index:06d}.{kind}"
                 array.tofile(self.root / name)
@@ -225,8 +229,9 @@ def write_dataset(path: Path | str, classes: list[str], splits: dict[str, Split]
         for name, s in splits.items():
             for index, start in enumerate(range(0, len(s.labels), step)):
                 part = slice(start, start + step)
-                writer.add(name, index, summarize(s.images[part], s.labels[part],
-                                                  None if s.boxes is None else s.boxes[part], [], bool(shard_images)))
+                chunk = summarize(s.images[part], s.labels[part], None if s.boxes is None else s.boxes[part], [],
+                                  bool(shard_images), writer.images_part(name, index))
+                writer.add(name, index, chunk)
         manifest = writer.finish(manifest)
         write_files(staging.out, extra_files or {})
     return manifest

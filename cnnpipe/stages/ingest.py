@@ -112,8 +112,8 @@ def run(*, cfg: IngestConfig, data: Path, report: Path) -> dict:
         writer = DatasetWriter(staging.root, raw.classes, SPLITS, shape, boxes, step if sharded else None)
         latest = {(r["split"], r["index"]): r for r in staging.records}  # a chunk redone is journaled again
         reused = {key for key, r in latest.items() if writer.keep(r)}
-        jobs = (ChunkJob(name, k, source.take(index), spec) for name, k, source, index in chunks
-                if (name, k) not in reused)
+        jobs = (ChunkJob(name, k, source.take(index), spec, writer.images_part(name, k))
+                for name, k, source, index in chunks if (name, k) not in reused)
         total, done = sum(len(c[3]) for c in chunks), sum(len(c[3]) for c in chunks if c[:2] in reused)
         with tqdm(total=total, initial=done, desc="ingest", unit="img", file=sys.stderr,
                   disable=not sys.stderr.isatty()) as bar:
