@@ -14,6 +14,7 @@ from cnnpipe.data.images import image_grid  # noqa: E402
 from cnnpipe.data.store import Split  # noqa: E402
 
 SAMPLES_PER_CLASS = 8
+THUMBNAIL_SIDE = 64  # pixels per sample at most
 
 
 def class_distribution_png(per_class: dict[str, list[int]], classes: list[str], path: IO[bytes]) -> None:
@@ -43,11 +44,14 @@ def samples_png(split: Split, classes: list[str], path: IO[bytes], seed: int = 0
         row = np.zeros((SAMPLES_PER_CLASS, h, w, c), np.uint8)
         row[:len(pick)] = split.images[pick]
         rows.append(row)
-    grid = image_grid(np.concatenate(rows), cols=SAMPLES_PER_CLASS, scale=1)
+    step = -(-h // THUMBNAIL_SIDE)  # large images shown subsampled: matplotlib holds the grid as float RGBA
+    thumbnails = np.concatenate(rows)[:, ::step, ::step]
+    side = thumbnails.shape[1]
+    grid = image_grid(thumbnails, cols=SAMPLES_PER_CLASS, scale=1)
     fig_h = max(3.0, 0.42 * len(classes))
     fig, ax = plt.subplots(figsize=(fig_h * grid.shape[1] / grid.shape[0] + 2.5, fig_h), constrained_layout=True)
     ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, interpolation="nearest")
-    ax.set_yticks([1 + (h + 1) * k + h / 2 for k in range(len(classes))], classes, fontsize=8)
+    ax.set_yticks([1 + (side + 1) * k + side / 2 for k in range(len(classes))], classes, fontsize=8)
     ax.set_xticks([])
     ax.set_title("training samples per class")
     fig.savefig(path, dpi=100, bbox_inches="tight")  # long class names must not be clipped

@@ -69,20 +69,23 @@ def write_shard(directory: Path, split: str, index: int, first: int, pngs: list[
     """Write shard `index` of a split, holding its images `first`, `first` + 1, ... (PNG-encoded), under
     `directory`/shards; its manifest entry. The tar is reproducible (fixed mtime and owner, fixed order):
     the same data gives the same sha256."""
-    import webdataset as wds
-
     (directory / SHARDS_DIR).mkdir(exist_ok=True)
     name = f"{SHARDS_DIR}/{SHARD_NAME.format(split=split, index=index)}"
     # Samples in a fixed random order; ingest stores a split in a fixed random order too (not sorted by
     # class), so a shard holds every class and shard shuffling plus the shuffle buffer mix batches as the
     # device path's permutation does. Keys stay the array indexes.
     order = np.random.default_rng(SHARD_ORDER_SEED).permutation(len(labels))
-    with open(directory / name, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, user="", group="") as tar:
+    # the tar webdataset.TarWriter(mtime=0, user="", group="") writes, with the standard library: importing
+    # webdataset imports torch (~400 MB), which ingest otherwise never needs
+    with tarfile.open(directory / name, "w") as tar:
         for i in order:
-            sample = {"__key__": f"{first + i:09d}", IMAGE_EXT: pngs[i], LABEL_EXT: str(int(labels[i])).encode()}
+            sample = {IMAGE_EXT: pngs[i], LABEL_EXT: str(int(labels[i])).encode()}
             if boxes is not None:
                 sample[BOX_EXT] = json.dumps([float(v) for v in boxes[i]]).encode()
-            tar.write(sample)
+            for ext in sorted(sample):
+                info = tarfile.TarInfo(f"{first + i:09d}.{ext}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(sample[ext]), 0, 0o444, "", ""
+                tar.addfile(info, io.BytesIO(sample[ext]))
     return {"file": name, "count": len(labels), "sha256": file_digest(directory / name)}
 
 
