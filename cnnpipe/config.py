@@ -67,8 +67,10 @@ class IngestConfig:
                        choices=("auto", "always", "never"))
     shard_threshold_mb: float = knob(1024.0, "ingest.shards auto: write shards past this decoded training split size (MiB)",
                                      minimum=0.0)
-    shard_images: int = knob(2048, "images per shard", minimum=1)
-    seed: int = knob(0, "seed of the stratified split")
+    shard_images: int = knob(2048, "images per shard, and per chunk decoded at a time (with or without shards)", minimum=1)
+    workers: int = knob(0, "decoding processes (0 = the cores really available: affinity, cgroup quota; 1 = in this "
+                           "process); the output does not depend on it", minimum=0, affects_result=False)
+    seed: int = knob(0, "seed of the stratified split (and of the order the carved splits are stored in)")
 
 
 @dataclass

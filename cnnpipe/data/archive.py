@@ -42,14 +42,19 @@ def _check_member(archive: Path, name: str) -> str:
 
 
 class FileTree:
-    """The regular files under a folder or inside an archive, by relative POSIX path."""
+    """The regular files under a folder or inside an archive, by relative POSIX path.
 
-    def __init__(self, path: Path, limits: ArchiveLimits):
+    A folder's or a zip's tree pickles as its path (a decoding process reopens it, without listing a folder
+    again); a tar's is held in memory, so a process gets `for_chunk`'s members instead, never the whole tar.
+    """
+
+    def __init__(self, path: Path, limits: ArchiveLimits, listed: bool = True):
         self.path, self.limits = path, limits
         self._refused: dict[str, str] = {}  # tar members not kept, and why
         if path.is_dir():
             self._kind = "dir"
-            self._names = sorted(str(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file())
+            self._names = sorted(str(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file()) \
+                if listed else []
         elif zipfile.is_zipfile(path):
             self._kind = "zip"
             self._zip = zipfile.ZipFile(path)
@@ -114,6 +119,16 @@ class FileTree:
                                    f"ingest.max_compression_ratio={self.limits.max_ratio:g}; refusing the archive")
         return b"".join(chunks)
 
+    def __reduce__(self) -> tuple:
+        if self._kind == "tar":
+            raise TypeError(f"the tar '{self.path}' is held in memory: send FileTree.for_chunk's members")
+        return FileTree, (self.path, self.limits, self._kind != "dir")
+
+    def for_chunk(self, names: list[str]) -> FileTree | ChunkMembers:
+        """What a decoding process needs to read `names`: this tree (reopened there), or for a tar those
+        members' bytes (the parent holds the tar; a process gets one chunk's worth)."""
+        return ChunkMembers(self, names) if self._kind == "tar" else self
+
     def names(self) -> list[str]:
         return self._names
 
@@ -148,3 +163,22 @@ class FileTree:
     def close(self) -> None:
         if self._kind == "zip":
             self._zip.close()
+
+
+class ChunkMembers:
+    """Some members of a tar's FileTree, read in the parent: the picklable part a decoding process gets."""
+
+    def __init__(self, tree: FileTree, names: list[str]):
+        self.path = tree.path
+        self._members: dict[str, bytes] = {}
+        self._refused: dict[str, str] = {}
+        for name in names:
+            try:
+                self._members[name] = tree.read(name)
+            except MemberRefused as e:
+                self._refused[name] = str(e)
+
+    def read(self, name: str) -> bytes:
+        if name in self._refused:
+            raise MemberRefused(self._refused[name])
+        return self._members[name]

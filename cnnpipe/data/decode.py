@@ -40,7 +40,9 @@ def decode(data: bytes, name: str, size: int, channels: int,
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise CnnpipeError(f"image '{name}' refused: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:  # its message names a BytesIO's address: the report must not vary by run
+        raise BadImage("UnidentifiedImageError: not an image format PIL reads") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"{type(e).__name__}: {e}") from None
     if roi is not None:
         img = to_mode(img, channels)

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,16 @@ from PIL import Image
 
 from cnnpipe import remote
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.fsio import file_digest
 
 SHARDS_DIR = "shards"
 SHARD_NAME = "{split}-{index:06d}.tar"
 IMAGE_EXT, LABEL_EXT, BOX_EXT = "png", "cls", "box.json"
 SHARD_ORDER_SEED = 0
 PNG_LEVEL = 1  # zlib level: encoding speed dominates ingest; decoding speed barely depends on it
+# zlib's run-length strategy: "almost as fast as Huffman-only, better compression for PNG image data" (zlib
+# manual); on 128 px photos 10 % faster and 16 % smaller than the default strategy, the same on digits
+PNG_STRATEGY = zlib.Z_RLE
 
 
 @dataclass(frozen=True)
@@ -52,36 +57,36 @@ class DecodedShard:
     indexes: np.ndarray  # int64 N: each image's place in the split's arrays (the sample's key)
 
 
-def _png(image: np.ndarray) -> bytes:
+def encode_png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG", compress_level=PNG_LEVEL)
+    pixels = image[..., 0] if image.shape[-1] == 1 else image
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=PNG_LEVEL, compress_type=PNG_STRATEGY)
     return buf.getvalue()
 
 
-def write_shards(directory: Path, split: str, images: np.ndarray, labels: np.ndarray, boxes: np.ndarray | None,
-                 per_shard: int) -> list[dict[str, Any]]:
-    """Write one split as shards of `per_shard` images under `directory`/shards; their manifest entries.
-    The tars are reproducible (fixed mtime and owner): the same data gives the same sha256."""
-    import webdataset as wds
-
+def write_shard(directory: Path, split: str, index: int, first: int, pngs: list[bytes], labels: np.ndarray,
+                boxes: np.ndarray | None) -> dict[str, Any]:
+    """Write shard `index` of a split, holding its images `first`, `first` + 1, ... (PNG-encoded), under
+    `directory`/shards; its manifest entry. The tar is reproducible (fixed mtime and owner, fixed order):
+    the same data gives the same sha256."""
     (directory / SHARDS_DIR).mkdir(exist_ok=True)
-    # Samples in a fixed random order, not the split's (sorted by class for GTSRB): a shard then holds every
-    # class, and shard shuffling plus the shuffle buffer mix batches as the device path's permutation does.
-    # Keys stay the array indexes. The order is fixed, so the same data gives the same shards.
+    name = f"{SHARDS_DIR}/{SHARD_NAME.format(split=split, index=index)}"
+    # Samples in a fixed random order; ingest stores a split in a fixed random order too (not sorted by
+    # class), so a shard holds every class and shard shuffling plus the shuffle buffer mix batches as the
+    # device path's permutation does. Keys stay the array indexes.
     order = np.random.default_rng(SHARD_ORDER_SEED).permutation(len(labels))
-    entries = []
-    for index, start in enumerate(range(0, len(labels), per_shard)):
-        name = f"{SHARDS_DIR}/{SHARD_NAME.format(split=split, index=index)}"
-        end = min(start + per_shard, len(labels))
-        with open(directory / name, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, user="", group="") as tar:
-            for i in order[start:end]:
-                sample = {"__key__": f"{i:09d}", IMAGE_EXT: _png(np.asarray(images[i])), LABEL_EXT: str(int(labels[i])).encode()}
-                if boxes is not None:
-                    sample[BOX_EXT] = json.dumps([float(v) for v in boxes[i]]).encode()
-                tar.write(sample)
-        digest = hashlib.sha256((directory / name).read_bytes()).hexdigest()
-        entries.append({"file": name, "count": end - start, "sha256": digest})
-    return entries
+    # the tar webdataset.TarWriter(mtime=0, user="", group="") writes, with the standard library: importing
+    # webdataset imports torch (~400 MB), which ingest otherwise never needs
+    with tarfile.open(directory / name, "w") as tar:
+        for i in order:
+            sample = {IMAGE_EXT: pngs[i], LABEL_EXT: str(int(labels[i])).encode()}
+            if boxes is not None:
+                sample[BOX_EXT] = json.dumps([float(v) for v in boxes[i]]).encode()
+            for ext in sorted(sample):
+                info = tarfile.TarInfo(f"{first + i:09d}.{ext}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(sample[ext]), 0, 0o444, "", ""
+                tar.addfile(info, io.BytesIO(sample[ext]))
+    return {"file": name, "count": len(labels), "sha256": file_digest(directory / name)}
 
 
 def shard_list(manifest: dict[str, Any], split: str, where: str) -> list[Shard]:

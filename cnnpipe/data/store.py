@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from cnnpipe import remote
-from cnnpipe.data.shards import write_shards
+from cnnpipe.data.chunks import DIGEST_BYTES, Chunk, summarize
+from cnnpipe.data.shards import write_shard
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsio import atomic_dir, read_json
+from cnnpipe.fsio import file_digest, read_json, staged_dir
 
 FORMAT = "cnnpipe.dataset/1"
 MANIFEST_FILE = "manifest.json"
@@ -36,6 +38,7 @@ CLASSES_FILE = "classes.json"
 IMAGES_FILE, LABELS_FILE, BOXES_FILE = "{split}_images.npy", "{split}_labels.npy", "{split}_boxes.npy"
 FIGURES_DIR = "figures"  # ingest's figures of the data (class distribution, samples, pixel histogram)
 SPLITS = ("train", "val", "test")
+CHUNK_IMAGES = 2048  # images per chunk when no shard size is given
 
 
 @dataclass
@@ -64,78 +67,173 @@ class Dataset:
         return bool(self.manifest.get("boxes"))
 
 
-def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std on the 0..1 scale, in chunks so a memory-mapped array stays cheap."""
-    c = images.shape[-1]
-    total, sq, n = np.zeros(c), np.zeros(c), 0
-    for start in range(0, len(images), 4096):
-        chunk = images[start:start + 4096].reshape(-1, c).astype(np.float64) / 255.0
-        total += chunk.sum(0)
-        sq += (chunk ** 2).sum(0)
-        n += len(chunk)
-    mean = total / max(n, 1)
-    std = np.sqrt(np.maximum(sq / max(n, 1) - mean ** 2, 1e-12))
+def channel_stats(hist: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on the 0..1 scale, from C x 256 pixel-value counts (exact, any order)."""
+    values = np.arange(256) / 255.0
+    n = np.maximum(hist.sum(1), 1)
+    mean = hist @ values / n
+    std = np.sqrt(np.maximum(hist @ values ** 2 / n - mean ** 2, 1e-12))
     return mean.round(6).tolist(), std.round(6).tolist()
 
 
-def cross_split_duplicates(splits: dict[str, Split]) -> dict[str, int]:
-    """Exact-duplicate images (same bytes) shared by two splits: a leakage check."""
-    hashes = {name: {hashlib.blake2b(img.tobytes(), digest_size=16).digest() for img in s.images}
-              for name, s in splits.items()}
-    names = list(hashes)
-    return {f"{a}-{b}": len(hashes[a] & hashes[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+def _check(name: str, images: np.ndarray, labels: np.ndarray, boxes: np.ndarray | None,
+           shape: tuple[int, int, int]) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != shape:
+        raise ValueError(f"split {name}: expected uint8 N x {' x '.join(map(str, shape))}, got {images.dtype} {images.shape}")
+    if boxes is not None and boxes.shape != (len(labels), 4):
+        raise ValueError(f"split {name}: expected boxes {len(labels)} x 4, got {boxes.shape}")
+
+
+def _write_npy(path: Path, dtype: type, shape: tuple[int, ...], parts: list[Path]) -> None:
+    """A .npy of `shape` whose data are the `parts`' bytes, copied in order (each deleted once copied, so the
+    disk holds one copy of the data): what np.save writes, without the array in memory."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, f, 16 * 2**20)
+            part.unlink()
+
+
+class DatasetWriter:
+    """Writes a processed dataset chunk by chunk under `root`: a chunk's arrays become part files in
+    `root`/parts, its shard (when on) a finished tar in `root`/out; `finish` joins each split's parts into
+    its .npy files in `root`/out and writes the manifest. It holds one chunk at a time (and each image's
+    16-byte digest), whatever the dataset's size. `add` returns the chunk's record, which `keep` takes
+    back from a journal to resume an interrupted write."""
+
+    def __init__(self, root: Path, classes: list[str], splits: tuple[str, ...], shape: tuple[int, int, int],
+                 boxes: bool, shard_images: int | None):
+        self.root, self.out, self.parts = root, root / "out", root / "parts"
+        self.classes, self.shape, self.boxes, self.shard_images = classes, tuple(shape), boxes, shard_images
+        self.records: dict[str, list[dict]] = {name: [] for name in splits}
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.parts.mkdir(exist_ok=True)
+
+    def first_index(self, split: str, index: int) -> int:
+        """Where chunk `index` starts in its split's arrays (every earlier chunk is added or kept)."""
+        return sum(r["count"] for r in self.records[split] if r["index"] < index)
+
+    def images_part(self, split: str, index: int) -> Path:
+        """Where the producer of chunk `index` of `split` writes its pixels (raw uint8, C order)."""
+        return self.parts / f"{split}-{index:06d}.images"
+
+    def add(self, split: str, index: int, chunk: Chunk) -> dict:
+        """Record chunk `index` of `split` (its pixels are in images_part already): its labels, boxes, shard."""
+        if (chunk.boxes is not None) != self.boxes:
+            raise ValueError("boxes must be given for every split or for none")
+        files = {str(self.images_part(split, index).relative_to(self.root)): chunk.images_sha256}
+        for kind, array in (("labels", chunk.labels), ("boxes", chunk.boxes)):
+            if array is not None:
+                name = f"parts/{split}-{index:06d}.{kind}"
+                array.tofile(self.root / name)
+                files[name] = hashlib.sha256(np.ascontiguousarray(array)).hexdigest()
+        shard = None
+        if self.shard_images:
+            shard = write_shard(self.out, split, index, self.first_index(split, index), chunk.pngs, chunk.labels,
+                                chunk.boxes)
+            files[f"out/{shard['file']}"] = shard["sha256"]
+        record = {"split": split, "index": index, "count": len(chunk.labels), "files": files, "shard": shard,
+                  "bad": chunk.bad, "per_class": np.bincount(chunk.labels, minlength=len(self.classes)).tolist(),
+                  "hist": chunk.hist.tolist(), "digests": chunk.digests.hex()}
+        self.records[split].append(record)
+        return record
+
+    def keep(self, record: dict) -> bool:
+        """Take a chunk an interrupted write recorded, if its files are all there with their sha256."""
+        intact = all((self.root / name).is_file() and file_digest(self.root / name) == digest
+                     for name, digest in record["files"].items())
+        if intact:
+            self.records[record["split"]].append(record)
+        return intact
+
+    def bad_files(self) -> list[dict]:
+        return [bad for records in self.records.values() for r in sorted(records, key=_index) for bad in r["bad"]]
+
+    def duplicates(self) -> dict[str, int]:
+        """Exact-duplicate images (same bytes) shared by two splits: a leakage check."""
+        size = 2 * DIGEST_BYTES
+        hashes = {name: {r["digests"][i:i + size] for r in records for i in range(0, len(r["digests"]), size)}
+                  for name, records in self.records.items()}
+        names = list(hashes)
+        return {f"{a}-{b}": len(hashes[a] & hashes[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+
+    def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Join the parts into the arrays, write the class list and the manifest (counts, size, channels and
+        train mean/std added); the completed dataset is `root`/out."""
+        counts, shards = {}, {}
+        for name, records in self.records.items():
+            records = sorted(records, key=_index)
+            n = sum(r["count"] for r in records)
+            arrays = [(IMAGES_FILE, "images", np.uint8, (n, *self.shape)), (LABELS_FILE, "labels", np.int64, (n,))]
+            arrays += [(BOXES_FILE, "boxes", np.float32, (n, 4))] if self.boxes else []
+            for file, kind, dtype, shape in arrays:
+                parts = [self.root / f for r in records for f in r["files"] if f.endswith(f".{kind}")]
+                _write_npy(self.out / file.format(split=name), dtype, shape, parts)
+            per_class = np.sum([r["per_class"] for r in records], axis=0) if records else np.zeros(len(self.classes))
+            counts[name] = {"total": n, "per_class": dict(zip(self.classes, per_class.astype(int).tolist()))}
+            shards[name] = [r["shard"] for r in records]
+        train = self.records.get("train", [])
+        mean, std = channel_stats(np.sum([r["hist"] for r in train], axis=0) if train else np.zeros((self.shape[2], 256)))
+        manifest = {
+            "format": FORMAT,
+            **manifest,
+            "image_size": int(self.shape[0]),
+            "channels": int(self.shape[2]),
+            "num_classes": len(self.classes),
+            "counts": counts,
+            "mean": mean,
+            "std": std,
+            "boxes": self.boxes,
+        }
+        if self.shard_images:
+            manifest["shard_images"] = self.shard_images
+            manifest["shards"] = shards
+        (self.out / CLASSES_FILE).write_text(json.dumps(self.classes, indent=2) + "\n")
+        (self.out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        return manifest
+
+
+def _index(record: dict) -> int:
+    return record["index"]
+
+
+def write_files(directory: Path, files: dict[str, bytes | dict | list]) -> None:
+    """name -> bytes, or a dict/list written as JSON, under `directory`."""
+    for name, content in files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            (directory / name).write_bytes(content)
+        else:
+            (directory / name).write_text(json.dumps(content, indent=2) + "\n")
 
 
 def write_dataset(path: Path | str, classes: list[str], splits: dict[str, Split], manifest: dict[str, Any],
                   extra_files: dict[str, bytes | dict | list] | None = None, shard_images: int | None = None) -> dict:
-    """Write the dataset atomically; the manifest gets counts, size, channels and train mean/std added.
+    """Write in-memory splits atomically, through the chunked writer ingest uses; the manifest gets counts,
+    size, channels and train mean/std added.
 
     `extra_files` (name -> bytes, or a dict/list written as JSON) land in the same atomic directory. With
     `shard_images`, every split is also written as shards of that many images (manifest: `shards`).
     """
-    first = next(iter(splits.values())).images
-    h, w, c = first.shape[1:]
-    mean, std = channel_stats(splits["train"].images)
-    counts = {}
+    shape = next(iter(splits.values())).images.shape[1:]
     for name, s in splits.items():
-        if s.images.dtype != np.uint8 or s.images.ndim != 4 or s.images.shape[1:] != (h, w, c):
-            raise ValueError(f"split {name}: expected uint8 N x {h} x {w} x {c}, got {s.images.dtype} {s.images.shape}")
-        per_class = np.bincount(s.labels, minlength=len(classes))
-        if s.boxes is not None and s.boxes.shape != (len(s.labels), 4):
-            raise ValueError(f"split {name}: expected boxes {len(s.labels)} x 4, got {s.boxes.shape}")
-        counts[name] = {"total": int(len(s.labels)), "per_class": dict(zip(classes, per_class.tolist()))}
+        _check(name, s.images, s.labels, s.boxes, shape)
     boxes = [s.boxes is not None for s in splits.values()]
     if any(boxes) and not all(boxes):
         raise ValueError("boxes must be given for every split or for none")
-    manifest = {
-        "format": FORMAT,
-        **manifest,
-        "image_size": int(h),
-        "channels": int(c),
-        "num_classes": len(classes),
-        "counts": counts,
-        "mean": mean,
-        "std": std,
-        "boxes": all(boxes),
-    }
-    with atomic_dir(path) as tmp:
+    step = shard_images or CHUNK_IMAGES
+    with staged_dir(path, None) as staging:
+        writer = DatasetWriter(staging.root, classes, tuple(splits), shape, all(boxes), shard_images)
         for name, s in splits.items():
-            np.save(tmp / IMAGES_FILE.format(split=name), np.ascontiguousarray(s.images))
-            np.save(tmp / LABELS_FILE.format(split=name), s.labels.astype(np.int64))
-            if s.boxes is not None:
-                np.save(tmp / BOXES_FILE.format(split=name), s.boxes.astype(np.float32))
-        if shard_images:
-            manifest["shard_images"] = shard_images
-            manifest["shards"] = {name: write_shards(tmp, name, s.images, s.labels, s.boxes, shard_images)
-                                  for name, s in splits.items()}
-        (tmp / CLASSES_FILE).write_text(json.dumps(classes, indent=2) + "\n")
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        for name, content in (extra_files or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, bytes):
-                (tmp / name).write_bytes(content)
-            else:
-                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+            for index, start in enumerate(range(0, len(s.labels), step)):
+                part = slice(start, start + step)
+                chunk = summarize(s.images[part], s.labels[part], None if s.boxes is None else s.boxes[part], [],
+                                  bool(shard_images), writer.images_part(name, index))
+                writer.add(name, index, chunk)
+        manifest = writer.finish(manifest)
+        write_files(staging.out, extra_files or {})
     return manifest
 
 

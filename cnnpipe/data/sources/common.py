@@ -1,22 +1,15 @@
-"""What every file-based source needs: resolve a path or URL, hash inputs, decode while counting bad files."""
+"""What every file-based source needs: resolve a path or URL, hash inputs, list the entries to decode."""
 
 from __future__ import annotations
 
 import hashlib
-import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-from tqdm import tqdm
 
 from cnnpipe.config import IngestConfig
 from cnnpipe.data import versioned
-from cnnpipe.data.archive import ArchiveLimits, FileTree, MemberRefused
-from cnnpipe.data.decode import BadImage, decode
+from cnnpipe.data.archive import ArchiveLimits, FileTree
 from cnnpipe.data.download import fetch, is_url
-from cnnpipe.data.raw import Images
+from cnnpipe.data.raw import Entries, Entry
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import file_digest
 
@@ -53,48 +46,12 @@ def open_tree(path: Path, cfg: IngestConfig) -> FileTree:
     return FileTree(path, ArchiveLimits(cfg.max_member_mb, cfg.max_compression_ratio, cfg.max_total_mb))
 
 
-@dataclass
-class Entry:
-    name: str  # path inside the tree
-    label: int
-    roi: tuple[float, float, float, float, float, float] | None = None  # see cnnpipe.data.decode.decode
-
-
-def stored_box(roi: tuple[float, float, float, float, float, float], size: int) -> list[float]:
-    """An inclusive (x1, y1, x2, y2, width, height) ROI -> its edges in a size x size copy of the image."""
-    x1, y1, x2, y2, ref_w, ref_h = roi
-    sx, sy = size / ref_w, size / ref_h
-    return [max(0.0, x1 * sx), max(0.0, y1 * sy), min(size, (x2 + 1) * sx), min(size, (y2 + 1) * sy)]
-
-
-def decode_entries(tree: FileTree, entries: Iterable[Entry], cfg: IngestConfig, bad: list[dict],
-                   desc: str) -> tuple[Images, list[int]]:
-    """Decode every entry; unusable files go to `bad`. Returns the images and the indices kept.
-
-    Entries with a ROI are cropped to it when `cfg.roi_crop`; otherwise the whole frame is kept and
-    the ROI becomes the image's box (when every entry has one).
-    """
-    entries = list(entries)
-    out = np.empty((len(entries), cfg.image_size, cfg.image_size, cfg.channels), np.uint8)
-    labels = np.empty(len(entries), np.int64)
+def pending(tree: FileTree, entries: list[Entry], cfg: IngestConfig) -> Entries:
+    """The entries to decode (ingest decodes them chunk by chunk). Entries with a ROI are cropped to it when
+    `cfg.roi_crop`; otherwise the whole frame is kept and the ROI becomes the image's box (when every entry
+    has one)."""
     keep_boxes = not cfg.roi_crop and bool(entries) and all(e.roi is not None for e in entries)
     if keep_boxes and cfg.resize != "squash":  # a stored box is the ROI scaled with the whole frame
         raise CnnpipeError(f"ingest.resize {cfg.resize!r}: whole frames with their boxes (ingest.roi_crop: false) "
                            "are stored squashed; expected ingest.resize: squash")
-    boxes = np.empty((len(entries), 4), np.float32)
-    kept = []
-    for i, e in enumerate(tqdm(entries, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty())):
-        try:
-            out[len(kept)] = decode(tree.read(e.name), f"{tree.path}:{e.name}", cfg.image_size, cfg.channels,
-                                    e.roi if cfg.roi_crop else None, cfg.resize)
-        except (BadImage, MemberRefused) as err:
-            bad.append({"path": f"{tree.path}:{e.name}", "error": str(err)})
-            continue
-        except OSError as err:
-            bad.append({"path": f"{tree.path}:{e.name}", "error": f"unreadable: {err}"})
-            continue
-        labels[len(kept)] = e.label
-        if keep_boxes:
-            boxes[len(kept)] = stored_box(e.roi, cfg.image_size)
-        kept.append(i)
-    return Images(out[:len(kept)], labels[:len(kept)], boxes[:len(kept)] if keep_boxes else None), kept
+    return Entries(tree, entries, keep_boxes)

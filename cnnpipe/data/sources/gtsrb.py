@@ -20,11 +20,11 @@ from cnnpipe.config import IngestConfig
 from cnnpipe.data.archive import FileTree
 from cnnpipe.data.decode import IMAGE_SUFFIXES
 from cnnpipe.data.raw import RawDataset
+from cnnpipe.data.raw import Entry
 from cnnpipe.data.sources.common import (
-    Entry,
-    decode_entries,
     input_record,
     open_tree,
+    pending,
     resolve,
 )
 from cnnpipe.errors import CnnpipeError
@@ -140,8 +140,7 @@ def load(cfg: IngestConfig) -> RawDataset:
         why = "not listed in its folder's GT-*.csv" if str(PurePosixPath(n).parent) in annotated_folders \
             else "in a folder without a GT-*.csv"
         bad.append({"path": f"{path}:{n}", "error": f"image {why}"})
-    pool, kept = decode_entries(tree, entries, cfg, bad, "gtsrb train")
-    tree.close()
+    pool = pending(tree, entries, cfg)
     inputs = [input_record(path)]
     files = rows_seen + len(stray)
 
@@ -153,12 +152,11 @@ def load(cfg: IngestConfig) -> RawDataset:
         test_names = set(test_tree.names())
         rows = _test_rows(labels_path, test_names, cfg)
         test_entries = [e for e, _ in _entries(test_tree, rows, "", cfg, bad, test_names)]
-        test, _ = decode_entries(test_tree, test_entries, cfg, bad, "gtsrb test")
-        test_tree.close()
+        test = pending(test_tree, test_entries, cfg)
         files += len(rows)
         inputs += [input_record(test_path), input_record(labels_path)]
 
-    if test is not None and (pool.boxes is None) != (test.boxes is None):  # a split without boxes: none keeps them
-        pool.boxes = test.boxes = None
-    return RawDataset(classes=list(CLASSES), pool=pool, groups=np.asarray(groups)[kept], test=test,
+    if test is not None and pool.keep_boxes != test.keep_boxes:  # a split without boxes: none keeps them
+        pool.keep_boxes = test.keep_boxes = False
+    return RawDataset(classes=list(CLASSES), pool=pool, groups=np.asarray(groups), test=test,
                       inputs=inputs, files=files, bad_files=bad, cropped=cfg.roi_crop)

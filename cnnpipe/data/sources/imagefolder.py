@@ -13,11 +13,11 @@ from cnnpipe.config import IngestConfig
 from cnnpipe.data.archive import FileTree
 from cnnpipe.data.decode import IMAGE_SUFFIXES
 from cnnpipe.data.raw import RawDataset
+from cnnpipe.data.raw import Entry
 from cnnpipe.data.sources.common import (
-    Entry,
-    decode_entries,
     input_record,
     open_tree,
+    pending,
     resolve,
 )
 from cnnpipe.errors import CnnpipeError
@@ -56,8 +56,7 @@ def load(cfg: IngestConfig) -> RawDataset:
         raise CnnpipeError(f"ingest.path '{path}': no class folders with images ({', '.join(IMAGE_SUFFIXES)})")
     index = {c: i for i, c in enumerate(classes)}
     entries = [Entry(n, index[c]) for c in classes for n in sorted(files[c])]
-    pool, _ = decode_entries(tree, entries, cfg, bad, "images")
-    tree.close()
+    pool = pending(tree, entries, cfg)
     count = len(entries) + len(folders - set(files))
     inputs = [input_record(path)]
 
@@ -74,7 +73,6 @@ def load(cfg: IngestConfig) -> RawDataset:
             else:
                 test_entries += [Entry(n, index[c]) for n in sorted(test_files[c])]
         count += sum(len(v) for v in test_files.values())
-        test, _ = decode_entries(test_tree, test_entries, cfg, bad, "test images")
-        test_tree.close()
+        test = pending(test_tree, test_entries, cfg)
         inputs.append(input_record(test_path))
     return RawDataset(classes=classes, pool=pool, test=test, inputs=inputs, files=count, bad_files=bad)
