@@ -6,6 +6,7 @@ import copy
 import hashlib
 import io
 import json
+import multiprocessing
 import shutil
 import subprocess
 import tarfile
@@ -162,6 +163,24 @@ def test_stream_order_is_a_function_of_seed_and_epoch_not_of_workers(tmp_path):
     # each epoch is a permutation of the training split (N x C x H x W, as the device path's batches)
     want = sorted(map(bytes, to_nchw_uint8(train.images, CPU).reshape(len(train.labels), -1).numpy()))
     assert sorted(map(bytes, images(other_epoch).reshape(len(train.labels), -1).numpy())) == want
+
+
+def test_loader_workers_persist_across_epochs_and_keep_every_epochs_order(tmp_path):
+    path = sharded_dataset(tmp_path / "ds", n=30, per_shard=7)
+    dist = Dist(rank=1, world=2)
+    expected = {epoch: _batches(path, epoch, workers=1, dist=dist)[1] for epoch in (1, 2)}  # each from new workers
+    source = StreamBatches(path, read_dataset(path, splits=()).manifest, batch_size=4, shuffle_buffer=8, workers=2,
+                           seed=0, dist=dist, device=CPU)
+    before = set(multiprocessing.active_children())
+    workers = []
+    for epoch in (1, 2, 2, 1):
+        if epoch == 2 and workers:  # an epoch left after one batch: the next one still starts at its own first shard
+            next(iter(source.epoch(epoch)))
+        got = [(x.clone(), y.clone()) for x, y, _ in source.epoch(epoch)]
+        assert len(got) == len(expected[epoch]) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                                        for a, b in zip(got, expected[epoch]))
+        workers.append(set(multiprocessing.active_children()) - before)
+    assert len(workers[0]) == 2 and all(w == workers[0] for w in workers)  # started once, in the first epoch
 
 
 def test_ranks_read_disjoint_shards_and_take_the_same_number_of_steps(tmp_path):
