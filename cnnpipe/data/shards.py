@@ -25,9 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.io import decode_png
 
 from cnnpipe import remote
 from cnnpipe.errors import CnnpipeError
@@ -100,6 +98,9 @@ def shard_list(manifest: dict[str, Any], split: str, where: str) -> list[Shard]:
 def read_shard(base: remote.Location, shard: Shard, *, shape: tuple[int, int, int], num_classes: int,
                boxes: bool) -> DecodedShard:
     """Fetch, verify (sha256 from the manifest) and decode one shard; every problem is one line naming it."""
+    import torch  # here, not at the top: ingest and the dataset store load without torch (seconds of start-up)
+    from torchvision.io import decode_png
+
     where = remote.join(base, shard.file)
     try:
         data = remote.read_bytes(where)
