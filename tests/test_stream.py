@@ -76,6 +76,27 @@ def test_shards_round_trip_the_arrays_and_are_webdataset_readable(tmp_path):
     np.testing.assert_array_equal(first["png"], (ds.splits["train"].images[at, ..., 0] / 255.0).astype(np.float32))
 
 
+def test_tars_of_other_writers_give_the_same_samples(tmp_path):
+    """Plain ustar members are read from their headers; anything else (pax headers, a directory) sends the
+    archive through tarfile: the same samples either way."""
+    from cnnpipe.data.shards import _samples, _tarfile_samples
+
+    data = (sharded_dataset(tmp_path / "ds", boxes=True) / "shards" / "train-000000.tar").read_bytes()
+    samples = _samples(data)
+    assert samples == _tarfile_samples(data) and len(samples) == 7
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        folder = tarfile.TarInfo("train")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for key, fields in samples:
+            for ext, body in fields.items():
+                info = tarfile.TarInfo(f"train/{key}.{ext}")
+                info.size, info.pax_headers = len(body), {"comment": "written elsewhere"}
+                tar.addfile(info, io.BytesIO(body))
+    assert _samples(buf.getvalue()) == samples
+
+
 def test_augment_of_a_sharded_dataset_writes_shards_of_the_balanced_split(tmp_path):
     path = sharded_dataset(tmp_path / "ds")
     out = augment_stage.run(cfg=AugmentConfig(balance_to=25), data=path, augmented=tmp_path / "aug")
