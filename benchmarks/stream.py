@@ -284,13 +284,15 @@ def resnet18_224(args: argparse.Namespace, cfg: TrainConfig) -> dict:
             "training_through_stream": training,
             "loader_vs_model": round(loader["images_per_s"] / model["images_per_s"], 2),
             "loader_vs_model_per_cpu_s": round(loader["images_per_cpu_s"] / model["images_per_cpu_s"], 2),
+            "training_vs_model": round(training["images_per_s"] / model["images_per_s"], 3),
             "load_average_before": before, "load_average_after": load()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--zip", type=Path, default=Path("/work/shared/data/GTSRB_Final_Training_Images.zip"))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-stream-bench"), help="datasets, models")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-stream-bench"),
+                        help="datasets, models; kept between runs, so remove it when ingest's shards change")
     parser.add_argument("--params", type=Path, default=ROOT / "configs/gtsrb.yaml")
     parser.add_argument("--epochs", type=int, default=1, help="epochs of every training run")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each path, alternated")
