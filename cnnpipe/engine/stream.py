@@ -83,18 +83,21 @@ class StreamBatches:
             raise CnnpipeError(f"train.data_mode stream: {len(self.shards)} shard(s) in '{base}' cannot feed {dist.world} "
                                f"processes (ingest.shard_images smaller gives more shards)")
         side, channels = manifest["image_size"], manifest["channels"]
-        reader = _ShardReader(base, self.shards, (side, side, channels), manifest["num_classes"],
-                              bool(manifest.get("boxes")))
+        self.reader = _ShardReader(base, self.shards, (side, side, channels), manifest["num_classes"],
+                                   bool(manifest.get("boxes")))
         self.workers = workers or max(1, available_cores() // dist.world // 2)  # the rest compute the model
         self.batch = math.ceil(batch_size / dist.world)  # the device path's share of a batch, rounded up
         self.buffer, self.seed, self.dist, self.device = shuffle_buffer, seed, dist, device
         self.order = _EpochShards()
+        import torchvision.io  # noqa: F401 - read_shard's PNG decoder, loaded once here: forked workers inherit it
+        self.loader = self._loader()
+
+    def _loader(self) -> DataLoader:
         # a generator of its own for the workers' seeds: the global RNG, seeded per epoch by the training loop,
         # stays untouched (a persistent loader draws once, in its first epoch, and resume must repeat the run)
-        self.loader = DataLoader(reader, batch_size=None, sampler=self.order, num_workers=self.workers,
-                                 persistent_workers=self.workers > 0, pin_memory=device.type == "cuda",
-                                 prefetch_factor=2 if self.workers else None,
-                                 generator=torch.Generator().manual_seed(seed))
+        return DataLoader(self.reader, batch_size=None, sampler=self.order, num_workers=self.workers,
+                          persistent_workers=self.workers > 0, pin_memory=self.device.type == "cuda",
+                          prefetch_factor=2 if self.workers else None, generator=torch.Generator().manual_seed(self.seed))
 
     def _plans(self, epoch: int) -> list[list[int]]:
         """Every rank's shards this epoch (all ranks compute all plans: the step count must agree)."""
@@ -122,6 +125,9 @@ class StreamBatches:
         filled = done = 0
         for item in self.loader:
             if isinstance(item, str):
+                # a new loader, so the workers stop now: the error's traceback keeps this source, and a loader
+                # freed later by the cycle collector can stall seconds joining its workers
+                self.loader = self._loader()
                 raise CnnpipeError(item)
             # uint8 N x H x W x C over the (pinned, on CUDA) host link
             item = [t.to(self.device, non_blocking=True) for t in item]
