@@ -6,6 +6,7 @@ import copy
 import hashlib
 import io
 import json
+import multiprocessing
 import shutil
 import subprocess
 import tarfile
@@ -73,6 +74,27 @@ def test_shards_round_trip_the_arrays_and_are_webdataset_readable(tmp_path):
     at = int(first["__key__"])
     assert int(first["cls"]) == ds.splits["train"].labels[at] and first["box.json"] == [1, 1, 7, 6]
     np.testing.assert_array_equal(first["png"], (ds.splits["train"].images[at, ..., 0] / 255.0).astype(np.float32))
+
+
+def test_tars_of_other_writers_give_the_same_samples(tmp_path):
+    """Plain ustar members are read from their headers; anything else (pax headers, a directory) sends the
+    archive through tarfile: the same samples either way."""
+    from cnnpipe.data.shards import _samples, _tarfile_samples
+
+    data = (sharded_dataset(tmp_path / "ds", boxes=True) / "shards" / "train-000000.tar").read_bytes()
+    samples = _samples(data)
+    assert samples == _tarfile_samples(data) and len(samples) == 7
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        folder = tarfile.TarInfo("train")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for key, fields in samples:
+            for ext, body in fields.items():
+                info = tarfile.TarInfo(f"train/{key}.{ext}")
+                info.size, info.pax_headers = len(body), {"comment": "written elsewhere"}
+                tar.addfile(info, io.BytesIO(body))
+    assert _samples(buf.getvalue()) == samples
 
 
 def test_augment_of_a_sharded_dataset_writes_shards_of_the_balanced_split(tmp_path):
@@ -162,6 +184,24 @@ def test_stream_order_is_a_function_of_seed_and_epoch_not_of_workers(tmp_path):
     # each epoch is a permutation of the training split (N x C x H x W, as the device path's batches)
     want = sorted(map(bytes, to_nchw_uint8(train.images, CPU).reshape(len(train.labels), -1).numpy()))
     assert sorted(map(bytes, images(other_epoch).reshape(len(train.labels), -1).numpy())) == want
+
+
+def test_loader_workers_persist_across_epochs_and_keep_every_epochs_order(tmp_path):
+    path = sharded_dataset(tmp_path / "ds", n=30, per_shard=7)
+    dist = Dist(rank=1, world=2)
+    expected = {epoch: _batches(path, epoch, workers=1, dist=dist)[1] for epoch in (1, 2)}  # each from new workers
+    source = StreamBatches(path, read_dataset(path, splits=()).manifest, batch_size=4, shuffle_buffer=8, workers=2,
+                           seed=0, dist=dist, device=CPU)
+    before = set(multiprocessing.active_children())
+    workers = []
+    for epoch in (1, 2, 2, 1):
+        if epoch == 2 and workers:  # an epoch left after one batch: the next one still starts at its own first shard
+            next(iter(source.epoch(epoch)))
+        got = [(x.clone(), y.clone()) for x, y, _ in source.epoch(epoch)]
+        assert len(got) == len(expected[epoch]) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                                        for a, b in zip(got, expected[epoch]))
+        workers.append(set(multiprocessing.active_children()) - before)
+    assert len(workers[0]) == 2 and all(w == workers[0] for w in workers)  # started once, in the first epoch
 
 
 def test_ranks_read_disjoint_shards_and_take_the_same_number_of_steps(tmp_path):
