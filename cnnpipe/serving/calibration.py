@@ -31,9 +31,8 @@ class Calibration:
     tta_temperature: float | None = None
 
     def __post_init__(self) -> None:
-        for name, t in (("temperature", self.temperature), ("tta_temperature", self.tta_temperature)):
-            if t is None and name == "tta_temperature":
-                continue
+        for name in ("temperature",) if self.tta_temperature is None else ("temperature", "tta_temperature"):
+            t = getattr(self, name)
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
                 raise ValueError(f"{name}: expected a finite number > 0, got {t!r}")
         for name, table in (self.flips or {}).items():
