@@ -25,6 +25,8 @@ from cnnpipe.stages.spec import STAGES
 
 Handler = Callable[[argparse.Namespace, dict, Path], dict]
 MODEL_HELP = "model URI, MLflow model folder or train folder (default: models:/<register.model_name>@champion)"
+UNVERIFIED_HELP = ("load a model no registered version vouches for (a version missing its sha256 tags, an "
+                   "unregistered run's model), with a warning; files that differ from their tags are refused anyway")
 CALIBRATION_HELP = ("the calibration.json of `cnnpipe evaluate` to apply instead of the model's own: a registered model "
                     "carries its own; a bare train folder (--model data/model) has none and serves uncalibrated (T = 1) "
                     "without this")
@@ -55,7 +57,7 @@ def _stage(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     if stage.tracking != "none":
         kwargs["tracking"] = _tracking(args, params, pp)
     if stage.name == "train":
-        kwargs |= {"checkpoint": args.checkpoint, "resume": args.resume}
+        kwargs |= {"checkpoint": args.checkpoint, "resume": args.resume, "allow_unverified": args.allow_unverified}
     cfg = _cfg(stage.config, stage.name, args, params, pp)
     return importlib.import_module(stage.module).run(cfg=cfg, **kwargs)
 
@@ -91,7 +93,8 @@ def _serve(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
     cfg = load_block(ServeConfig, "serve", params if "serve" in params else {**params, "serve": {}}, vars(args), pp)
     uri = _model_uri(args, params, pp)
-    predictor, top_k = load_registered(tracking_config(params, args, pp), uri, args.calibration, cfg.tta)
+    predictor, top_k = load_registered(tracking_config(params, args, pp), uri, args.calibration, cfg.tta,
+                                       allow_unverified=args.allow_unverified)
     if cfg.tta and not predictor.tta:
         print(f"serve: TTA off: {uri} carries no flip that keeps or swaps a class", file=sys.stderr)
     sock = listen(args.host, args.port)
@@ -109,7 +112,8 @@ def _serve(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.serving.local import load_registered, predict_files
 
-    predictor, _ = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp), args.calibration)
+    predictor, _ = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp), args.calibration,
+                                   allow_unverified=args.allow_unverified)
     return predict_files(predictor, args.paths, args.output, args.batch_size)
 
 
@@ -118,10 +122,11 @@ def _explain(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.evaluation.explain import explain_image
     from cnnpipe.serving.predictor import Predictor
 
-    if args.model.startswith("models:/"):
+    if args.model.startswith(("models:/", "runs:/")):
         from cnnpipe.serving.local import load_registered
 
-        predictor, _ = load_registered(tracking_config(params, args, pp), args.model)
+        predictor, _ = load_registered(tracking_config(params, args, pp), args.model,
+                                       allow_unverified=args.allow_unverified)
     else:
         path = Path(args.model)
         predictor = Predictor.from_file(path / MODEL_FILE if path.is_dir() else path)
@@ -183,7 +188,7 @@ def _export(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.serving.local import load_registered
 
     predictor, top_k = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp), args.calibration,
-                                       args.tta)
+                                       args.tta, allow_unverified=args.allow_unverified)
     if args.target == "onnx":
         from cnnpipe.serving.onnx_model import export_onnx
 
@@ -204,7 +209,7 @@ def _deploy(args: argparse.Namespace, params: dict, pp: Path) -> dict:
         archive = args.archive
         if archive is None:
             predictor, top_k = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp),
-                                               args.calibration)
+                                               args.calibration, allow_unverified=args.allow_unverified)
             archive = Path(d) / "model.tar.gz"
             export(predictor, top_k, archive)
         return deploy(archive, args.role, args.instance_type, name, args.bucket, args.region, args.image_uri, args.wait)
@@ -245,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", type=Path, default=Path("data/checkpoints/train.pt"),
                            help="training state saved after every epoch (removed when training succeeds)")
             p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint")
+            p.add_argument("--allow-unverified", action="store_true", help=f"train.pretrained: {UNVERIFIED_HELP}")
         if stage.tracking != "none":
             with_tracking(p, optional=stage.tracking == "optional")
 
@@ -272,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080, as SageMaker)")
     p.add_argument("--calibration", type=Path, help=CALIBRATION_HELP)
+    p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
     with_tracking(p, optional=False)
 
     p = command("predict", "predict image files and folders with a registered model into a CSV", _predict, None)
@@ -282,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write (default: predictions.csv)")
     p.add_argument("--batch-size", type=int, default=256, help="images per inference batch")
     p.add_argument("--calibration", type=Path, help=CALIBRATION_HELP)
+    p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
     with_tracking(p, optional=False)
 
     p = command("explain", "Grad-CAM of one image: where the model looked for the class it predicted (a PNG)",
@@ -291,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "models:/<name>@<alias> (default: data/model)")
     p.add_argument("--class", dest="class_name", help="explain this class instead of the predicted one")
     p.add_argument("--output", type=Path, help="the PNG to write (default: IMAGE's name + .gradcam.png beside it)")
+    p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
     add_flags(p, TrackingConfig, prefix="tracking-")
 
     p = command("sweep", "train and evaluate a grid of train params as child runs of one MLflow run, "
@@ -344,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="sagemaker: the endpoint averages over the model's class-aware "
                                                       "flips (an ONNX file carries them; `serve --tta` uses them)")
     p.add_argument("--calibration", type=Path, help=CALIBRATION_HELP)
+    p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
     with_tracking(p, optional=False)
 
     p = command("deploy", "deploy a registered model to a SageMaker real-time endpoint (boto3)", _deploy, None)
@@ -355,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--archive", type=Path, help="an existing model.tar.gz instead of exporting the model")
     p.add_argument("--calibration", type=Path, help=CALIBRATION_HELP)
+    p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
     p.add_argument("--bucket", help="S3 bucket for the archive (default: sagemaker-<region>-<account>)")
     p.add_argument("--region", help="AWS region (default: from the AWS configuration, else us-east-1)")
     p.add_argument("--image-uri", help="serving container (default: AWS's PyTorch 2.5.1 inference image)")

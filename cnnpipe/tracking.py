@@ -378,26 +378,77 @@ class Registry:
         self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
         self.set_alias(name, CHAMPION, version)
 
-    def model_files(self, model_uri: str, dst: Path) -> tuple[Path, dict[str, str] | None, str]:
-        """A model's folder (a local one as it is, else downloaded into `dst`), the tags of the registry version
-        it is (None for any other URI), and its name for messages."""
+    def resolve(self, model_uri: str) -> Any | None:
+        """The registered version whose files `model_uri` addresses, in any of its forms: models:/<name>/<version>,
+        models:/<name>@<alias>, models:/<name>/latest (or a stage), the logged model models:/m-<id> and
+        runs:/<run>/<path> (the version registered from it); None when no version holds them (a local folder, an
+        unregistered run's model, any other URI)."""
+        from mlflow.exceptions import MlflowException
+
+        if (logged := re.fullmatch(r"models:/(m-[0-9a-f]+)", model_uri)) is not None:
+            return self._logged_version(logged[1])
+        if (ref := re.fullmatch(r"models:/([^/@]+)(?:/([^/@]+)|@([^/@]+))", model_uri)) is not None:
+            name, ref_, alias = ref[1], ref[2], ref[3]
+            if alias is not None or ref_.isdigit():
+                return self.version(name, alias or ref_)
+            return self._newest(name, None if ref_.lower() == "latest" else ref_)
+        if model_uri.startswith("models:/"):
+            raise CnnpipeError(f"model URI {model_uri!r}: expected models:/<name>/<version>, models:/<name>@<alias>, "
+                               f"models:/<name>/latest or models:/m-<id>")
+        if (run := re.fullmatch(r"runs:/([^/]+)/(.+)", model_uri)) is not None:
+            path = run[2].strip("/")
+            for version in sorted(self.client.search_model_versions(f"run_id = '{run[1]}'"), key=lambda v: int(v.version)):
+                source = str(version.source or "")
+                try:
+                    if source.startswith("models:/m-") and \
+                            self.client.get_logged_model(source.removeprefix("models:/")).name == path:
+                        return version
+                except MlflowException:
+                    continue  # a logged model deleted since: not this one
+                if source.rstrip("/").endswith(f"/{path}"):  # registered from the run's artifact folder (MLflow 2)
+                    return version
+        return None
+
+    def _logged_version(self, model_id: str) -> Any | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run_id = self.client.get_logged_model(model_id).source_run_id
+        except MlflowException:
+            raise NotRegistered(f"logged model {model_id!r} is not in the tracking store {self.uri}") from None
+        found = [v for v in self.client.search_model_versions(f"run_id = '{run_id}'") if v.source == f"models:/{model_id}"]
+        return min(found, key=lambda v: int(v.version)) if found else None
+
+    def _newest(self, name: str, stage: str | None) -> Any:
+        """The highest version of `name` (in `stage`, compared as MLflow does: case-insensitively)."""
+        found = [v for v in self.client.search_model_versions(f"name = '{name}'")
+                 if stage is None or str(v.current_stage).lower() == stage.lower()]
+        if not found:
+            raise NotRegistered(f"model {name!r} has no version{f' in stage {stage!r}' if stage else ''} in the "
+                                f"registry at {self.uri}")
+        return max(found, key=lambda v: int(v.version))
+
+    def model_files(self, model_uri: str, dst: Path) -> tuple[Path, Any | None, str]:
+        """A model's folder (a local one as it is, else downloaded into `dst`), the registered version holding it
+        (None: no version does, see `resolve`), and its name for messages."""
         import mlflow.artifacts
         from mlflow.exceptions import MlflowException
 
         if Path(model_uri).is_dir():
             return Path(model_uri), None, f"model folder '{model_uri}'"
-        tags, uri, where = None, model_uri, model_uri
-        ref = _registry_ref(model_uri)
-        if ref is not None:
-            version = self.version(*ref)
-            tags, where = dict(version.tags), f"models:/{version.name}/{version.version}"
-            uri = self.client.get_model_version_download_uri(version.name, version.version)
-        quiet = {} if sys.stderr.isatty() else {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # a bar only on a TTY
+        version, uri, where = None, model_uri, model_uri
         try:
+            version = self.resolve(model_uri)
+            if version is not None:  # its files, wherever they are (MLflow resolves models:/m-... in its default store)
+                where = f"models:/{version.name}/{version.version}"
+                uri = self.client.get_model_version_download_uri(version.name, version.version)
+            elif model_uri.startswith("models:/m-"):
+                uri = self.client.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+            quiet = {} if sys.stderr.isatty() else {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # a bar only on a TTY
             with _environ(quiet):
                 path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=self.uri,
                                                            registry_uri=self.uri)
-            return Path(path), tags, where
+            return Path(path), version, where
         except (MlflowException, OSError) as e:
             raise CnnpipeError(f"model {model_uri!r} cannot be read from {self.uri}: {str(e).splitlines()[0]}") from None
 
@@ -416,8 +467,3 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
             else:
                 os.environ[k] = v
 
-
-def _registry_ref(model_uri: str) -> tuple[str, str] | None:
-    """(name, version or alias) of models:/<name>/<version> or models:/<name>@<alias>; None otherwise."""
-    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", model_uri)
-    return (m[1], m[2] or m[3]) if m else None

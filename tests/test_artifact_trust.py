@@ -101,3 +101,80 @@ def test_tampered_calibration_in_the_store_is_refused(workspace, tmp_path):
         assert len(lines) == 1 and "calibration sha256" in lines[0], proc.stderr
     finally:
         calibration.write_text(original)
+
+
+def every_address(ws: Path, record: dict) -> list[str]:
+    """Each form a user (or `register`'s own output) may give for the registered version."""
+    return [f"models:/{MODEL_NAME}/{record['version']}", f"models:/{MODEL_NAME}@champion",
+            f"models:/{MODEL_NAME}/latest", f"models:/{MODEL_NAME}/None", record["logged_model_uri"],
+            f"runs:/{record['run_id']}/model"]
+
+
+def test_every_model_address_resolves_to_its_version_and_is_verified(workspace, tmp_path):
+    """models:/ in every form and runs:/ load the version's files after checking them; flipped weights are refused
+    whichever address names them, by serving and by `train.pretrained` alike."""
+    from cnnpipe.config import TrackingConfig
+    from cnnpipe.errors import CnnpipeError
+    from cnnpipe.models.pretrained import load_pretrained
+    from cnnpipe.serving import trusted
+    from cnnpipe.tracking import Registry
+
+    ws, record = workspace
+    registry = Registry(f"sqlite:///{ws / 'mlflow.db'}")
+    for uri in every_address(ws, record):
+        assert str(registry.resolve(uri).version) == record["version"], uri
+        trusted.load(registry, uri)
+    weights = next(model_folder(ws).rglob("model.pt"))
+    original = weights.read_bytes()
+    try:
+        tampered = bytearray(original)
+        tampered[-10] ^= 0x01
+        weights.write_bytes(bytes(tampered))
+        for uri in every_address(ws, record):
+            with pytest.raises(CnnpipeError, match="weights sha256 .* does not match"):
+                trusted.load(registry, uri, allow_unverified=True)  # a mismatch is never allowed
+            with pytest.raises(CnnpipeError, match="weights sha256"):
+                load_pretrained(uri, "mlp", TrackingConfig(uri=registry.uri), allow_unverified=True)
+        proc = cnnpipe("predict", str(images(tmp_path)), "--model", record["logged_model_uri"],
+                       "--output", str(tmp_path / "p.csv"), cwd=ws)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "weights sha256" in proc.stderr
+    finally:
+        weights.write_bytes(original)
+
+
+def test_a_version_missing_a_digest_tag_is_refused_unless_allowed(workspace, tmp_path):
+    ws, record = workspace
+    from cnnpipe.tracking import Registry
+
+    registry = Registry(f"sqlite:///{ws / 'mlflow.db'}")
+    saved = registry.client.get_model_version(MODEL_NAME, record["version"]).tags["cnnpipe.weights_sha256"]
+    registry.client.delete_model_version_tag(MODEL_NAME, record["version"], "cnnpipe.weights_sha256")
+    try:
+        base = ["predict", str(images(tmp_path)), "--model", f"runs:/{record['run_id']}/model",
+                "--output", str(tmp_path / "p.csv")]
+        proc = cnnpipe(*base, cwd=ws)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "cnnpipe.weights_sha256 is missing" in lines[0] and "--allow-unverified" in lines[0]
+        assert not (tmp_path / "p.csv").exists()
+        proc = cnnpipe(*base, "--allow-unverified", cwd=ws)
+        assert proc.returncode == 0, proc.stderr
+        assert "not verified" in proc.stderr
+    finally:
+        registry.tag_version(MODEL_NAME, record["version"], {"cnnpipe.weights_sha256": saved})
+
+
+def test_a_model_no_version_holds_is_unverifiable(workspace):
+    """A run's path no version was registered from: nothing vouches for its files."""
+    from cnnpipe.errors import CnnpipeError
+    from cnnpipe.serving import trusted
+    from cnnpipe.tracking import Registry
+
+    ws, record = workspace
+    registry = Registry(f"sqlite:///{ws / 'mlflow.db'}")
+    assert registry.resolve(f"runs:/{record['run_id']}/evaluate") is None
+    with pytest.raises(CnnpipeError, match="no registered version holds it.*--allow-unverified"):
+        trusted.fetch(registry, f"runs:/{record['run_id']}/evaluate", Path(registry.uri[10:]).parent / "x")
+    with pytest.raises(CnnpipeError, match="expected models:/<name>/<version>"):
+        registry.resolve(f"models:/{MODEL_NAME}/1/extra")

@@ -65,45 +65,36 @@ def _from_file(path: Path, arch: str, where: str) -> Pretrained:
     return Pretrained(str(path), _tensors(blob, f"{where} '{path}'"), mean, std)
 
 
-def _from_registry(uri: str, arch: str, tracking: TrackingConfig | None) -> Pretrained:
-    """`models:/<name>@<alias>` or `models:/<name>/<version>`: the model file inside the registered pyfunc."""
+def _from_registry(uri: str, arch: str, tracking: TrackingConfig | None, allow_unverified: bool) -> Pretrained:
+    """A registered or logged model (models:/..., runs:/...), verified as serving verifies it: its weights file."""
     if tracking is None:
         raise CnnpipeError(f"train.pretrained {uri}: a registered model needs the tracking store (drop --no-tracking)")
-    ref = uri[len("models:/"):]
-    name, sep, alias = ref.partition("@")
-    if not sep:
-        name, _, alias = ref.rpartition("/")
-    if not name or not alias:
-        raise CnnpipeError(f"train.pretrained {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
-    import mlflow
-
+    from cnnpipe.serving import trusted
     from cnnpipe.tracking import Registry
 
-    version = Registry(tracking.uri).version(name, alias)
-    mlflow.set_registry_uri(tracking.uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
-                                                          dst_path=tmp, tracking_uri=tracking.uri))
-        files = sorted(folder.glob("artifacts/*.pt"))
-        if not files:
-            raise CnnpipeError(f"train.pretrained {uri}: version {version.version} holds no cnnpipe model file")
-        pre = _from_file(files[0], arch, f"train.pretrained {uri}")
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-pretrained-") as tmp:
+        found = trusted.fetch(Registry(tracking.uri), uri, Path(tmp), allow_unverified=allow_unverified)
+        pre = _from_file(trusted.weights_file(found.folder), arch, f"train.pretrained {uri}")
     pre.source = uri
-    pre.lineage = {"cnnpipe.parent.model": name, "cnnpipe.parent.version": str(version.version),
-                   "cnnpipe.parent.run_id": version.run_id or "", "cnnpipe.pretrained": uri}
+    version = found.version
+    pre.lineage = {"cnnpipe.pretrained": uri, **({} if version is None else {
+        "cnnpipe.parent.model": version.name, "cnnpipe.parent.version": str(version.version),
+        "cnnpipe.parent.run_id": version.run_id or ""})}
     return pre
 
 
-def load_pretrained(source: str, arch: str, tracking: TrackingConfig | None) -> Pretrained:
-    """The weights `train.pretrained` names."""
+def load_pretrained(source: str, arch: str, tracking: TrackingConfig | None, *,
+                    allow_unverified: bool = False) -> Pretrained:
+    """The weights `train.pretrained` names; a registered model's are verified (`allow_unverified`: a model no
+    registered version vouches for loads too, with a warning)."""
     if source == "imagenet":
         if not is_library_arch(arch):
             raise CnnpipeError(f"train.pretrained imagenet: {arch} is cnnpipe's own network, with no ImageNet "
                                f"weights (use a torchvision or timm arch, e.g. torchvision/{arch})")
         state, mean, std = backbones.imagenet_weights(arch)
         return Pretrained(source, state, mean, std, lineage={"cnnpipe.pretrained": "imagenet"})
-    if source.startswith("models:/"):
-        return _from_registry(source, arch, tracking)
+    if source.startswith(("models:/", "runs:/")):
+        return _from_registry(source, arch, tracking, allow_unverified)
     pre = _from_file(Path(source), arch, "train.pretrained")
     pre.lineage = {"cnnpipe.pretrained": Path(source).name}
     return pre

@@ -19,8 +19,8 @@ from cnnpipe.serving.predictor import Predictor
 
 
 def load_registered(tracking: TrackingConfig, model_uri: str, calibration_file: Path | None = None,
-                    tta: bool = False) -> tuple[Predictor, int]:
-    """The predictor of a model folder or registered model, loaded with cnnpipe's own code (see
+                    tta: bool = False, *, allow_unverified: bool = False) -> tuple[Predictor, int]:
+    """The predictor of a model folder or registered model, loaded with cnnpipe's own code and verified (see
     cnnpipe.serving.trusted), and the top_k its signature declares as default; `calibration_file` (evaluate's)
     replaces the model's own calibration; `tta`: average over its flips."""
     from cnnpipe.serving import trusted
@@ -28,10 +28,11 @@ def load_registered(tracking: TrackingConfig, model_uri: str, calibration_file: 
 
     hint = "run `dvc repro` to train and register one, or pass --model"
     db = sqlite_path(tracking.uri)
-    if model_uri.startswith("models:/") and db is not None and not db.exists():  # MLflow would create an empty one
+    if model_uri.startswith(("models:/", "runs:/")) and db is not None and not db.exists():  # MLflow would create an empty one
         raise CnnpipeError(f"no model registered yet (no MLflow store at '{db}'): {hint}")
     try:
-        return trusted.load(Registry(tracking.uri), model_uri, calibration_file, tta)
+        return trusted.load(Registry(tracking.uri), model_uri, calibration_file, tta,
+                            allow_unverified=allow_unverified)
     except NotRegistered as e:
         raise CnnpipeError(f"{e} ({hint})") from None
 

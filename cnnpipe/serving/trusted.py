@@ -4,7 +4,9 @@ An MLflow pyfunc folder carries Python (the model code file, and a copy of cnnpi
 `mlflow.pyfunc.load_model` imports. Here only three files are read from it: MLmodel (YAML: where the
 weights and the calibration are, the default top_k), the weights (`torch.load(weights_only=True)`) and the
 calibration (JSON: the temperature). `register` records the sha256 of the weights, the calibration and the
-code files as version tags; a version whose files no longer match them is refused.
+code files as version tags; every model address (models:/ in any form, runs:/) is resolved to the version
+holding the files, and files that no longer match its tags are refused, as is a version missing a tag or a
+URI no version holds, unless the caller allows unverified models (--allow-unverified).
 
 A bare model folder from `cnnpipe train` (model.pt, no MLmodel) loads too, uncalibrated (T = 1): its
 calibration is in the evaluation folder, which the caller may pass (`--calibration`).
@@ -16,7 +18,9 @@ import hashlib
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -85,16 +89,45 @@ def digests(folder: Path) -> dict[str, str]:
             **({CALIBRATION_TAG: file_digest(found)} if found is not None else {})}
 
 
-def _verify(folder: Path, expected: dict[str, str], where: str) -> None:
-    if WEIGHTS_TAG not in expected:  # registered before the tags existed: say so, still load safely
-        print(f"warning: {where} has no recorded sha256 (registered by an older cnnpipe): not verified", file=sys.stderr)
-        return
+REQUIRED_TAGS = {WEIGHTS_TAG: "weights", CALIBRATION_TAG: "calibration", CODE_TAG: "code files"}
+UNVERIFIED_HINT = "pass --allow-unverified to load it anyway"
+
+
+def _verify(folder: Path, version: Any | None, where: str, allow_unverified: bool) -> None:
+    """Check the folder's files against the sha256 tags `register` recorded on `version`. Files that differ are
+    always refused; a model nothing vouches for (no registered version, or a version missing a tag: registered by an
+    older cnnpipe, or the tag deleted) only with `allow_unverified`, and a warning."""
+    missing = [tag for tag in REQUIRED_TAGS if version is None or tag not in version.tags]
+    if missing:
+        why = "no registered version holds it" if version is None else f"its tag {missing[0]} is missing"
+        if not allow_unverified:
+            raise CnnpipeError(f"{where}: cannot be verified ({why}); refusing to load it ({UNVERIFIED_HINT})")
+        print(f"warning: {where}: not verified ({why}): loading it as --allow-unverified asks", file=sys.stderr)
     got = digests(folder)
-    for tag, what in ((WEIGHTS_TAG, "weights"), (CALIBRATION_TAG, "calibration"), (CODE_TAG, "code files")):
-        if tag in expected and got.get(tag) != expected[tag]:
+    for tag, what in REQUIRED_TAGS.items():
+        if version is not None and tag in version.tags and got.get(tag) != version.tags[tag]:
             found = f"{got[tag][:12]}..." if tag in got else "(file absent)"
-            raise CnnpipeError(f"{where}: {what} sha256 {found} does not match the {expected[tag][:12]}... "
+            raise CnnpipeError(f"{where}: {what} sha256 {found} does not match the {version.tags[tag][:12]}... "
                                f"recorded at registration (tampered or corrupted artifact); refusing to load it")
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A model's verified folder, the registered version holding it (None: unverified) and its name for messages."""
+
+    folder: Path
+    version: Any | None
+    where: str
+
+
+def fetch(registry: Registry, model_uri: str, dst: Path, *, allow_unverified: bool = False) -> Fetched:
+    """The folder of `model_uri` (any model or run URI, or an MLflow model folder), downloaded into `dst` and
+    verified against the version that holds it (see `_verify`). A local folder is the caller's own file and loads
+    as it is."""
+    folder, version, where = registry.model_files(model_uri, dst)
+    if version is not None or not Path(model_uri).is_dir():
+        _verify(folder, version, where, allow_unverified)
+    return Fetched(folder, version, where)
 
 
 def default_top_k(folder: Path) -> int:
@@ -106,11 +139,10 @@ def default_top_k(folder: Path) -> int:
         raise CnnpipeError(f"model folder '{folder}': MLmodel's signature params are not readable") from None
 
 
-def load(registry: Registry, model_uri: str, calibration_file: Path | None = None,
-         tta: bool = False) -> tuple[Predictor, int]:
-    """The predictor of `model_uri` (an MLflow model folder, a train folder, models:/<name>/<version>,
-    models:/<name>@<alias>, any model URI) and its default top_k; a registered version's files are verified
-    against its tags. The model's own calibration applies unless `calibration_file` (evaluate's) is given;
+def load(registry: Registry, model_uri: str, calibration_file: Path | None = None, tta: bool = False, *,
+         allow_unverified: bool = False) -> tuple[Predictor, int]:
+    """The predictor of `model_uri` (an MLflow model folder, a train folder or any model URI, verified by `fetch`)
+    and its default top_k. The model's own calibration applies unless `calibration_file` (evaluate's) is given;
     `tta`: average over its flips."""
     override = Calibration.read(calibration_file) if calibration_file is not None else None
     if Path(model_uri).is_dir() and not (Path(model_uri) / "MLmodel").exists() \
@@ -118,8 +150,6 @@ def load(registry: Registry, model_uri: str, calibration_file: Path | None = Non
         return (Predictor.from_file(Path(model_uri) / MODEL_FILE, calibration=override or UNCALIBRATED, tta=tta),
                 DEFAULT_TOP_K)
     with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as tmp:
-        folder, expected, where = registry.model_files(model_uri, Path(tmp))
-        if expected is not None:
-            _verify(folder, expected, where)
+        folder = fetch(registry, model_uri, Path(tmp), allow_unverified=allow_unverified).folder
         return (Predictor.from_file(weights_file(folder), calibration=override or calibration_of(folder), tta=tta),
                 default_top_k(folder))

@@ -54,11 +54,12 @@ def data_path(cfg: TrainConfig, manifest: dict) -> str:
 
 def run(*, cfg: TrainConfig, data: Location, augmented: Location, model: Path, tracking: TrackingConfig | None,
         checkpoint: Path | None = None, resume: bool = False, run_tags: dict[str, str] | None = None,
-        on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict:
+        on_epoch: Callable[[dict[str, float]], None] | None = None, allow_unverified: bool = False) -> dict:
     """Train on `augmented`'s training split, validate on `data`'s val split, write the model folder `model`.
     With `checkpoint`, the full state is saved there after every epoch and removed on success, and `resume`
     continues from it (into the same MLflow run). `on_epoch(stats)` sees every epoch's metrics after they are
-    logged (a tuner's pruner raises from it to stop the run)."""
+    logged (a tuner's pruner raises from it to stop the run). `allow_unverified`: train.pretrained may name a
+    registered model nothing vouches for (see cnnpipe.serving.trusted)."""
     ensure_writable_parent(model)
     with tempfile.TemporaryDirectory(prefix="cnnpipe-train-") as tmp:  # copies of remote datasets' files
         local_data = fetch_dataset(data, Path(tmp) / "data", ("val",))
@@ -67,12 +68,13 @@ def run(*, cfg: TrainConfig, data: Location, augmented: Location, model: Path, t
         if not stream:
             local_aug = fetch_dataset(augmented, Path(tmp) / "augmented", ("train",), (POLICY_FILE, PREVIEW_FILE))
         return _train(cfg=cfg, data=local_data, augmented=local_aug, shards=augmented if stream else None, model=model,
-                      tracking=tracking, checkpoint=checkpoint, resume=resume, run_tags=run_tags, on_epoch=on_epoch)
+                      tracking=tracking, checkpoint=checkpoint, resume=resume, run_tags=run_tags, on_epoch=on_epoch,
+                      allow_unverified=allow_unverified)
 
 
 def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | None, model: Path,
            tracking: TrackingConfig | None, checkpoint: Path | None, resume: bool, run_tags: dict[str, str] | None,
-           on_epoch: Callable[[dict[str, float]], None] | None) -> dict:
+           on_epoch: Callable[[dict[str, float]], None] | None, allow_unverified: bool) -> dict:
     """run() on local copies; the training batches stream from the shards at `shards` when it is given."""
     dist = init_distributed()
     if dist.world > 1 and cfg.freeze_epochs:  # DDP reduces every parameter's gradient; frozen ones never come
@@ -95,7 +97,7 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
     mean, std = aug.manifest["mean"], aug.manifest["std"]
     lineage: dict[str, str] = {}
     if cfg.pretrained and state is None:  # a resumed run takes its weights from the checkpoint
-        pre = load_pretrained(cfg.pretrained, cfg.arch, tracking)
+        pre = load_pretrained(cfg.pretrained, cfg.arch, tracking, allow_unverified=allow_unverified)
         loaded = fit_weights(net, pre, aug.classes)
         if pre.mean is not None:  # normalize as the weights were trained
             mean, std = adapt_stats(pre.mean, aug.channels), adapt_stats(pre.std, aug.channels)
