@@ -62,6 +62,8 @@ class IngestConfig:
                                                "its packed size is not read (a tar.gz: the archive is refused)", minimum=1.0)
     max_total_mb: float = knob(8192.0, "an archive whose members declare more than this in all is refused "
                                        "(a tar's members are held in memory)", minimum=1.0)
+    max_members: int = knob(100_000, "a zip or tar with more entries than this (folders and empty files count) is "
+                                     "refused; a folder on disk is not limited", minimum=1)
     shards: str = knob("auto", "also write every split as WebDataset tar shards, which train.data_mode stream reads: "
                                "auto = when the decoded training split exceeds shard_threshold_mb",
                        choices=("auto", "always", "never"))

@@ -29,7 +29,7 @@ from cnnpipe.errors import CnnpipeError
 from tests import formats
 from tests.conftest import REPO, cnnpipe
 
-LIMITS = ArchiveLimits(max_member_mb=2, max_ratio=50, max_total_mb=64)
+LIMITS = ArchiveLimits(max_member_mb=2, max_ratio=50, max_total_mb=64, max_members=1000)
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -47,7 +47,7 @@ def allowed(size: int, packed: int, limits: ArchiveLimits) -> bool:
 @given(size=st.integers(0, 3 * MiB), random_fraction=st.sampled_from([0.0, 0.01, 0.05, 1.0]),
        max_ratio=st.sampled_from([2.0, 20.0, 200.0]))
 def test_zip_member_is_read_only_within_its_declared_limits(tmp_path, size, random_fraction, max_ratio):
-    limits = ArchiveLimits(max_member_mb=2, max_ratio=max_ratio, max_total_mb=64)
+    limits = ArchiveLimits(max_member_mb=2, max_ratio=max_ratio, max_total_mb=64, max_members=1000)
     path = tmp_path / "a.zip"
     data = member_bytes(size, random_fraction, size)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
@@ -78,7 +78,7 @@ def test_a_zip_header_that_lies_about_the_size_never_yields_more(tmp_path, decla
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("m.bin", data)
     forge_declared_size(path, declared)
-    tree = FileTree(path, ArchiveLimits(max_member_mb=2, max_ratio=50, max_total_mb=2**20))
+    tree = FileTree(path, ArchiveLimits(max_member_mb=2, max_ratio=50, max_total_mb=2**20, max_members=1000))
     try:
         got = tree.read("m.bin")
     except MemberRefused:
@@ -91,11 +91,11 @@ def test_a_zip_bomb_member_is_refused_before_reading(tmp_path):
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("big.png", bytes(64 * MiB))  # ~64 KB packed
     with pytest.raises(MemberRefused, match=r"compression ratio \d+:1, over ingest.max_compression_ratio=50"):
-        FileTree(path, ArchiveLimits(max_member_mb=100, max_ratio=50, max_total_mb=1024)).read("big.png")
+        FileTree(path, ArchiveLimits(max_member_mb=100, max_ratio=50, max_total_mb=1024, max_members=1000)).read("big.png")
     with pytest.raises(MemberRefused, match="over ingest.max_member_mb=2"):
-        FileTree(path, ArchiveLimits(max_member_mb=2, max_ratio=10**6, max_total_mb=1024)).read("big.png")
+        FileTree(path, ArchiveLimits(max_member_mb=2, max_ratio=10**6, max_total_mb=1024, max_members=1000)).read("big.png")
     with pytest.raises(CnnpipeError, match="declare 64 MiB in all, over ingest.max_total_mb=32; refusing"):
-        FileTree(path, ArchiveLimits(max_member_mb=100, max_ratio=10**6, max_total_mb=32))
+        FileTree(path, ArchiveLimits(max_member_mb=100, max_ratio=10**6, max_total_mb=32, max_members=1000))
 
 
 def tar_with(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:

@@ -87,3 +87,100 @@ def test_a_real_dataset_pickle_fits_its_budget():
         images = np.random.default_rng(0).integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
         data = pickle.dumps({"features": images, "labels": list(range(50)), "sizes": [(32, 32)] * 50}, protocol)
         assert np.array_equal(safe_load(data, "x.p")["features"], images)
+
+
+# --- archives: entries and names budgeted -----------------------------------------------------------------
+
+def limits(max_members: int = 1000):  # noqa: ANN201 - ArchiveLimits
+    from cnnpipe.data.archive import ArchiveLimits
+
+    return ArchiveLimits(max_member_mb=2, max_ratio=50, max_total_mb=64, max_members=max_members)
+
+
+def empty_members_tar_gz(path, n: int, name_chars: int = 10):  # noqa: ANN001, ANN201 - paths
+    """A tar.gz of `n` empty members, written header by header (tarfile would keep them all)."""
+    import gzip
+    import tarfile
+
+    info = tarfile.TarInfo("x")
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        for i in range(n):
+            info.name = f"d/{i:0{name_chars}d}.png"
+            f.write(info.tobuf(tarfile.GNU_FORMAT))
+        f.write(bytes(1024))
+    return path
+
+
+def test_a_tar_of_many_empty_members_is_refused_by_count(tmp_path):
+    """1M empty members took 163 s and 1.5 GB (only member bytes were counted): now the count stops it."""
+    from cnnpipe.data.archive import FileTree
+
+    path = empty_members_tar_gz(tmp_path / "empty.tar.gz", 2001)
+    with pytest.raises(CnnpipeError, match=r"more than ingest.max_members=2,000 entries \(at least 2,001\)"):
+        FileTree(path, limits(2000))
+    assert len(FileTree(path, limits(2001)).names()) == 2001
+
+
+def test_a_zip_declaring_too_many_entries_is_refused_before_they_are_read(tmp_path):
+    import zipfile
+
+    from cnnpipe.data.archive import FileTree
+
+    path = tmp_path / "many.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for i in range(30):
+            z.writestr(f"d/{i}.png", b"")
+    with pytest.raises(CnnpipeError, match=r"more than ingest.max_members=29 entries \(30\)"):
+        FileTree(path, limits(29))
+    assert len(FileTree(path, limits(30)).names()) == 30
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax"])
+def test_a_tar_header_too_long_is_refused_before_it_is_read_whole(tmp_path, fmt):
+    """A GNU long name or a pax record is read in one piece by tarfile (8 MiB of name from a 9 KB tar.gz)."""
+    import gzip
+    import tarfile
+
+    from cnnpipe.data.archive import FileTree
+
+    path = tmp_path / f"{fmt}.tar.gz"
+    info = tarfile.TarInfo("x" * (8 * 2**20))
+    with gzip.open(path, "wb") as f:
+        f.write(info.tobuf(tarfile.GNU_FORMAT if fmt == "gnu" else tarfile.PAX_FORMAT) + bytes(1024))
+    assert path.stat().st_size < 50_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(CnnpipeError, match="a tar header of .* bytes"):
+            FileTree(path, limits())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20  # the name alone: 8 MiB
+
+
+@pytest.mark.parametrize("chars", [4096 - 6, 4096 - 5])
+def test_member_names_are_budgeted(tmp_path, chars):
+    from cnnpipe.data.archive import MAX_NAME_CHARS, FileTree
+
+    path = empty_members_tar_gz(tmp_path / "long.tar.gz", 1, chars)
+    if chars + 6 <= MAX_NAME_CHARS:
+        assert len(FileTree(path, limits()).names()) == 1
+    else:
+        with pytest.raises(CnnpipeError, match="a member name of 4,097 characters"):
+            FileTree(path, limits())
+
+
+@FAST
+@given(data=st.binary(max_size=2000), compress=st.booleans())
+def test_arbitrary_tar_bytes_are_read_or_refused_with_one_error(tmp_path, data, compress):
+    """Whatever the bytes after a valid first header: the tree reads them, or refuses the archive (CnnpipeError)."""
+    import gzip
+    import tarfile
+
+    from cnnpipe.data.archive import FileTree
+
+    path = tmp_path / "fuzz.tar"
+    blob = tarfile.TarInfo("a.png").tobuf(tarfile.GNU_FORMAT) + data
+    path.write_bytes(gzip.compress(blob) if compress else blob)
+    with contextlib.suppress(CnnpipeError):
+        FileTree(path, limits(5)).names()

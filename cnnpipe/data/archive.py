@@ -9,6 +9,9 @@ limits is refused (an image is then listed as a bad file), never read whole firs
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import tarfile
 import zipfile
 import zlib
@@ -20,7 +23,8 @@ from cnnpipe.errors import CnnpipeError
 
 MiB = 2**20
 RATIO_FLOOR = MiB  # a member that inflates to less than this is harmless whatever its compression ratio
-CHUNK = MiB
+CHUNK = MiB  # a tar member is read this much at a time; no tar header may be longer
+MAX_NAME_CHARS = 4096  # a member name longer than any file system's path (PATH_MAX) is no dataset's
 
 
 class MemberRefused(CnnpipeError):
@@ -32,9 +36,13 @@ class ArchiveLimits:
     max_member_mb: float  # one member, inflated
     max_ratio: float  # inflated / compressed size of a member over RATIO_FLOOR
     max_total_mb: float  # all members together, as declared (a tar's are held in memory)
+    max_members: int  # entries of a zip or tar (folders, empty files and links count too)
 
 
 def _check_member(archive: Path, name: str) -> str:
+    if len(name) > MAX_NAME_CHARS:
+        raise CnnpipeError(f"archive '{archive}': a member name of {len(name):,} characters (over {MAX_NAME_CHARS}); "
+                           f"refusing the archive")
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or (p.parts and p.parts[0].endswith(":")):
         raise CnnpipeError(f"archive '{archive}': member '{name}' escapes the archive root; refusing the archive")
@@ -57,12 +65,13 @@ class FileTree:
                 if listed else []
         elif zipfile.is_zipfile(path):
             self._kind = "zip"
+            self._check_count(_zip_entries(path))  # before zipfile reads the central directory into objects
             self._zip = zipfile.ZipFile(path)
             infos = [i for i in self._zip.infolist() if not i.is_dir()]
             self._check_total(sum(i.file_size for i in infos))
             self._zip_infos = {_check_member(path, i.filename): i for i in infos}
             self._names = sorted(self._zip_infos)
-        elif path.is_file() and tarfile.is_tarfile(path):
+        elif path.is_file() and _is_tar(path):
             self._kind = "tar"
             self._members = self._read_tar()
             self._names = sorted([*self._members, *self._refused])
@@ -70,6 +79,12 @@ class FileTree:
             raise CnnpipeError(f"'{path}' is neither a folder, a zip nor a tar archive")
         else:
             raise CnnpipeError(f"'{path}' not found")
+
+    def _check_count(self, entries: int) -> None:
+        """A zip's declared entries, or a tar's counted so far (it stops at the first one too many)."""
+        if entries > self.limits.max_members:
+            raise CnnpipeError(f"archive '{self.path}': more than ingest.max_members={self.limits.max_members:,} "
+                               f"entries ({'at least ' if self._kind == 'tar' else ''}{entries:,}); refusing the archive")
 
     def _check_total(self, size: int) -> None:
         if size > self.limits.max_total_mb * MiB:
@@ -87,9 +102,14 @@ class FileTree:
 
     def _read_tar(self) -> dict[str, bytes]:
         members: dict[str, bytes] = {}
-        total = 0
-        with open(self.path, "rb") as raw, tarfile.open(fileobj=raw) as tar:  # one pass: a .tar.gz has no random access
-            for m in tar:
+        total = entries = 0
+        # one pass (a .tar.gz has no random access), through a stream whose reads are bounded (tarfile reads a GNU
+        # long name or a pax header whole)
+        with open(self.path, "rb") as raw, tarfile.open(fileobj=_BoundedReads(raw, self.path), mode="r:") as tar:
+            while (m := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every header it has read: a million empty members, a million
+                entries += 1
+                self._check_count(entries)
                 name = _check_member(self.path, m.name)
                 if m.issym() or m.islnk() or m.isdev():
                     raise CnnpipeError(f"archive '{self.path}': member '{m.name}' is a link or device; refusing the archive")
@@ -163,6 +183,52 @@ class FileTree:
     def close(self) -> None:
         if self._kind == "zip":
             self._zip.close()
+
+
+def _zip_entries(path: Path) -> int:
+    """The entry count a zip's end record (zip64's when there is one) declares."""
+    with open(path, "rb") as f:
+        end = zipfile._EndRecData(f)  # the stdlib's own reader of the end record; no public API exposes it
+    if end is None:
+        raise CnnpipeError(f"archive '{path}': no zip end record")
+    return int(end[zipfile._ECD_ENTRIES_TOTAL])
+
+
+def _is_tar(path: Path) -> bool:
+    """tarfile.is_tarfile reads the first header whole, however long: this reads it through _BoundedReads."""
+    try:
+        with open(path, "rb") as raw, tarfile.open(fileobj=_BoundedReads(raw, path), mode="r:"):
+            return True
+    except tarfile.TarError:
+        return False
+
+
+class _BoundedReads:
+    """A tar's decompressed stream (gzip, bzip2, xz or none, by its magic bytes) whose single reads are at most
+    CHUNK: tarfile reads a member in CHUNK pieces here, and a header (a long name, a pax record) in one read."""
+
+    def __init__(self, raw, path: Path):  # noqa: ANN001 - a binary file
+        magic = raw.read(6)
+        raw.seek(0)
+        self.path = path
+        self._f = gzip.GzipFile(fileobj=raw) if magic.startswith(b"\x1f\x8b") else \
+            bz2.BZ2File(raw) if magic.startswith(b"BZh") else \
+            lzma.LZMAFile(raw) if magic.startswith(b"\xfd7zXZ\x00") else raw
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > CHUNK:
+            raise CnnpipeError(f"archive '{self.path}': a tar header of {size:,} bytes (a member name or pax record "
+                               f"that long); refusing the archive")
+        try:
+            return self._f.read(size)
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+            raise CnnpipeError(f"archive '{self.path}': not a readable tar ({e})") from None
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
 
 
 class ChunkMembers:

@@ -43,7 +43,8 @@ def input_record(path: Path) -> dict:
 
 def open_tree(path: Path, cfg: IngestConfig) -> FileTree:
     """A folder or archive, read within ingest's memory limits."""
-    return FileTree(path, ArchiveLimits(cfg.max_member_mb, cfg.max_compression_ratio, cfg.max_total_mb))
+    return FileTree(path, ArchiveLimits(cfg.max_member_mb, cfg.max_compression_ratio, cfg.max_total_mb,
+                                          cfg.max_members))
 
 
 def pending(tree: FileTree, entries: list[Entry], cfg: IngestConfig) -> Entries:
