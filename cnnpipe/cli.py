@@ -390,6 +390,22 @@ class _Uncoloured:
         return getattr(self._stream, name)
 
 
+def _medium_error(error: BaseException) -> str | None:
+    """What a write failed on, when `error` (or what it wraps) is the medium's fault: a full disk or quota, a file
+    size limit, a read-only mount (an OSError of fsio.WRITE_ERRNOS), or SQLite's "database or disk is full"."""
+    from cnnpipe.fsio import WRITE_ERRNOS
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+            return f"cannot write{f' {error.filename!r}' if error.filename else ''}: {error.strerror or error}"
+        if "database or disk is full" in str(error):
+            return f"the tracking store cannot be written: database or disk is full ({str(error).splitlines()[0][:200]})"
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if sys.stderr.isatty():
@@ -413,6 +429,12 @@ def _main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"cnnpipe {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:  # a full disk deep inside a library (MLflow's store, torch.save): one line, not a bug
+        full = _medium_error(e)
+        if full is None:
+            raise
+        print(f"cnnpipe {args.command}: error: {full}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except ModuleNotFoundError as e:  # an extra this command needs is not installed; anything else is a bug
         extra = EXTRA_OF_MODULE.get((e.name or "").partition(".")[0])
         if extra is None:

@@ -3,19 +3,30 @@
 A stage that fails (or is killed) leaves no half-written output behind: at worst a
 `.tmp-*` sibling that the next run of the same stage removes, or a resumable `.staging`
 sibling (staged_dir) that the next run with the same fingerprint continues from.
+
+One process at a time makes an output folder: atomic_dir and staged_dir hold a lock beside it
+(`.<name>.lock`, naming its holder), so a second writer exits 2 naming the first instead of removing
+its temp files under it. A full disk (or quota, read-only file system, file size limit) while writing an
+output is one line naming the output, and the previous output stays as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from cnnpipe.errors import CnnpipeError
 
@@ -34,6 +45,55 @@ def ensure_writable_parent(path: Path) -> None:
             pass
     except OSError as e:
         raise CnnpipeError(f"output path '{path}' is not writable: {e.strerror or e}") from None
+
+
+# errors of the medium written to, not of the data: what a full disk, a quota, a file size limit or a read-only
+# mount raise
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def write_error(e: OSError, path: Path | str) -> CnnpipeError:
+    """The one line for an OSError of WRITE_ERRNOS while writing `path`."""
+    where = f" (at '{e.filename}')" if e.filename and str(e.filename) != str(path) else ""
+    return CnnpipeError(f"cannot write '{path}': {e.strerror or e}{where}; any previous '{path}' is unchanged")
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(e, path) from None
+
+
+@contextlib.contextmanager
+def output_lock(path: Path) -> Iterator[None]:
+    """Hold `.<name>.lock` beside `path` while making it; another holder: CnnpipeError naming it (pid, host,
+    command, since when). The lock is the kernel's (flock): a killed holder's lock goes with it."""
+    from filelock import FileLock, Timeout
+
+    lock_path = path.parent / f".{path.name}.lock"
+    lock = FileLock(str(lock_path))
+    try:
+        with _write_errors(path):
+            lock.acquire(timeout=0)
+        with contextlib.suppress(OSError), open(lock_path, "w") as f:  # who holds it, for the next one's message
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                    f"{' '.join(sys.argv)[:300]}")
+    except Timeout:
+        try:
+            who = lock_path.read_text(errors="replace").strip() or "another process"
+        except OSError:
+            who = "another process"
+        raise CnnpipeError(f"output '{path}' is being made by {who} (lock '{lock_path}'); wait for it to finish, "
+                           f"or stop it") from None
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # before releasing: a contender holding the old inode sees it unlinked
+        lock.release()
 
 
 def _remove_stale_temps(path: Path) -> None:
@@ -61,15 +121,16 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield an empty temp directory that becomes `path` only if the block succeeds."""
     path = Path(path)
     ensure_writable_parent(path)
-    _remove_stale_temps(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
-    try:
-        yield tmp
-        _replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(path), _write_errors(path):
+        _remove_stale_temps(path)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
+        try:
+            yield tmp
+            _replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 class Staging:
@@ -114,20 +175,21 @@ def staged_dir(path: Path | str, fingerprint: str | None) -> Iterator[Staging]:
     fingerprint there is nothing to resume: a temp sibling that a failure removes."""
     path = Path(path)
     ensure_writable_parent(path)
-    _remove_stale_temps(path)
-    if fingerprint is None:
-        root = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    else:
-        root = path.parent / f".{path.name}.staging"
-    staging = Staging(root, fingerprint)
-    try:
-        yield staging
-        _replace(staging.out, path)
-    except BaseException:
-        if fingerprint is None or staging.discarded:
-            shutil.rmtree(root, ignore_errors=True)
-        raise
-    shutil.rmtree(root, ignore_errors=True)
+    with output_lock(path), _write_errors(path):
+        _remove_stale_temps(path)
+        if fingerprint is None:
+            root = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        else:
+            root = path.parent / f".{path.name}.staging"
+        staging = Staging(root, fingerprint)
+        try:
+            yield staging
+            _replace(staging.out, path)
+        except BaseException:
+            if fingerprint is None or staging.discarded:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -135,16 +197,24 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
     """Yield a temp file path that becomes `path` only if the block succeeds."""
     path = Path(path)
     ensure_writable_parent(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _write_errors(path):
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        os.close(fd)
+        tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def write_array(path: Path | str, array: Any) -> None:
+    """An array's raw bytes into `path` (what ndarray.tofile writes, but a full disk is an OSError with its errno,
+    not numpy's "N requested and M written")."""
+    with open(path, "wb") as f:
+        f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
 def write_json(path: Path | str, obj: Any) -> None:

@@ -184,3 +184,83 @@ def test_arbitrary_tar_bytes_are_read_or_refused_with_one_error(tmp_path, data, 
     path.write_bytes(gzip.compress(blob) if compress else blob)
     with contextlib.suppress(CnnpipeError):
         FileTree(path, limits(5)).names()
+
+
+# --- one writer per output; a full disk is one line -------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from cnnpipe.fsio import output_lock
+with output_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(out):  # noqa: ANN001, ANN201 - a path; yields the holder's pid
+    """Another process holding `out`'s lock until the block ends."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def test_a_second_writer_of_an_output_is_refused_naming_the_first(tmp_path):
+    from cnnpipe.fsio import atomic_dir, staged_dir
+
+    out = tmp_path / "processed"
+    with lock_held_elsewhere(out) as pid:
+        for make in (lambda: atomic_dir(out), lambda: staged_dir(out, "f")):
+            with pytest.raises(CnnpipeError, match=rf"output '{out}' is being made by pid {pid} on "), make():
+                pass
+        assert not out.exists() and (tmp_path / ".processed.lock").exists()
+    with atomic_dir(out) as tmp:  # released: the next writer goes ahead, and leaves no lock file behind
+        (tmp / "x").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["processed"]
+
+
+def test_a_write_error_of_the_medium_is_one_line_naming_the_output(tmp_path):
+    """EFBIG from a real file size limit (RLIMIT_FSIZE, in a child: no privileges needed) inside atomic outputs."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("previous output")
+    script = f"""
+import resource, signal
+from pathlib import Path
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.fsio import atomic_dir, write_json
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+try:
+    with atomic_dir(Path({str(out)!r})) as tmp:
+        (tmp / "big").write_bytes(bytes(100_000))
+except CnnpipeError as e:
+    print(e)
+try:
+    write_json(Path({str(tmp_path / 'r.json')!r}), ["x" * 100_000])
+except CnnpipeError as e:
+    print(e)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and len(lines) == 2, proc.stderr
+    assert lines[0] == f"cannot write '{out}': File too large; any previous '{out}' is unchanged"
+    assert lines[1].startswith(f"cannot write '{tmp_path / 'r.json'}': File too large")
+    assert (out / "old").read_text() == "previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -23,6 +23,7 @@ from cnnpipe.data.archive import MemberRefused
 from cnnpipe.data.decode import BadImage, decode
 from cnnpipe.data.raw import Entries, Images
 from cnnpipe.data.shards import encode_png
+from cnnpipe.fsio import write_array
 
 DIGEST_BYTES = 16
 HIST_IMAGES = 256  # images per np.bincount call: its int64 copy of the pixels stays ~100 MB at 224 px
@@ -68,7 +69,7 @@ def summarize(images: np.ndarray, labels: np.ndarray, boxes: np.ndarray | None, 
               pngs: bool, part: Path) -> Chunk:
     """Write the images' pixels to `part` and sum them up."""
     images = np.ascontiguousarray(images)
-    images.tofile(part)
+    write_array(part, images)
     c = images.shape[-1]
     hist = np.zeros((c, 256), np.int64)
     for start in range(0, len(images), HIST_IMAGES):

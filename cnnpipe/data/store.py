@@ -30,7 +30,7 @@ from cnnpipe import remote
 from cnnpipe.data.chunks import DIGEST_BYTES, Chunk, summarize
 from cnnpipe.data.shards import write_shard
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsio import file_digest, read_json, staged_dir
+from cnnpipe.fsio import file_digest, read_json, staged_dir, write_array
 
 FORMAT = "cnnpipe.dataset/1"
 MANIFEST_FILE = "manifest.json"
@@ -127,7 +127,7 @@ class DatasetWriter:
         for kind, array in (("labels", chunk.labels), ("boxes", chunk.boxes)):
             if array is not None:
                 name = f"parts/{split}-{index:06d}.{kind}"
-                array.tofile(self.root / name)
+                write_array(self.root / name, array)
                 files[name] = hashlib.sha256(np.ascontiguousarray(array)).hexdigest()
         shard = None
         if self.shard_images:
