@@ -13,6 +13,7 @@ import yaml
 from cnnpipe.config import TrackingConfig, load_tune
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.search import tune
+from cnnpipe.tracking import PID_TAG, owner_tags
 from tests.conftest import REPO, cnnpipe, make_workspace, run, write_tiny_dataset
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -89,6 +90,39 @@ def test_apply_without_a_study_is_a_clear_error(tmp_path):
         tune.apply(cfg, TrackingConfig(), tmp_path / "params.yaml")
 
 
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_only_trials_no_process_works_on_are_failed(tmp_path):
+    """A second `cnnpipe tune` on the study leaves the first one's running trial alone (it failed it before)."""
+    import sqlite3
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}",
+                                             heartbeat_interval=tune.HEARTBEAT_SECONDS, grace_period=tune.GRACE_SECONDS)
+    study = optuna.create_study(study_name="s", storage=storage)
+    live, killed, stale, unowned = (study.ask() for _ in range(4))
+    live.set_user_attr(tune.OWNER_ATTR, owner_tags())  # this process: alive, beating
+    killed.set_user_attr(tune.OWNER_ATTR, {**owner_tags(), PID_TAG: str(dead_pid())})
+    stale.set_user_attr(tune.OWNER_ATTR, owner_tags())
+    for t in (live, stale):
+        storage.record_heartbeat(t._trial_id)
+    db = sqlite3.connect(tmp_path / "optuna.db")  # the stale one last beat an hour ago
+    db.execute("update trial_heartbeats set heartbeat = datetime(heartbeat, '-1 hour') where trial_id = ?",
+               (stale._trial_id,))
+    db.commit()
+    assert tune._fail_abandoned(study) == 2
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states == {live.number: "RUNNING", killed.number: "FAIL", stale.number: "FAIL", unowned.number: "RUNNING"}
+
+
 @pytest.mark.e2e
 def test_resume_fails_an_abandoned_trial_and_counts_finished_trials(tmp_path, monkeypatch):
     """A study killed mid-trial (a trial left RUNNING) continues: that trial is failed, not counted, and
@@ -105,12 +139,19 @@ def test_resume_fails_an_abandoned_trial_and_counts_finished_trials(tmp_path, mo
     tracking = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t")
     cfg, space = load_tune(params, {})
     killed = optuna.create_study(study_name="r", storage=cfg.storage, direction="maximize")
-    killed.ask()  # what a killed process leaves behind: a trial RUNNING forever
+    # what a killed process leaves behind: a trial RUNNING forever, its owner dead
+    killed.ask().set_user_attr(tune.OWNER_ATTR, {**owner_tags(), PID_TAG: str(dead_pid())})
 
     first = tune.run(cfg, space, params, tracking, data, tmp_path / "augmented", tmp_path / "out")
     states = [t.state.name for t in optuna.load_study(study_name="r", storage=cfg.storage).trials]
     assert states == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
     assert (first["complete_trials"], first["fail_trials"]) == (3, 1)
+    from cnnpipe.engine.model_folder import read_history, read_train_config
+
+    for trial in optuna.load_study(study_name="r", storage=cfg.storage).get_trials(states=tune.FINISHED):
+        model = tmp_path / "out" / "trials" / f"{trial.number:04d}" / "model"
+        kept = read_train_config(model)["kept_epoch"]  # the weights train.keep ships: the value tune reports
+        assert trial.value == pytest.approx(float(read_history(model)[kept - 1][cfg.metric]))
 
     cfg, space = load_tune(params, {"n_trials": 4})
     again = tune.run(cfg, space, params, tracking, data, tmp_path / "augmented", tmp_path / "out")

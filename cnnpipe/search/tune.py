@@ -9,6 +9,7 @@ trial is an MLflow child run of the study's parent run, which gets Optuna's figu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -16,6 +17,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from cnnpipe.stages import augment, train
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the parent run a resumed study logs into
 SPACE_ATTR = "space"  # study user attribute: the space it was created with (a resumed study must keep it)
 TRIAL_TAG = "cnnpipe.tune.trial"  # on each child run: the Optuna trial number
+OWNER_ATTR = "cnnpipe.owner"  # trial user attribute: the process running it (tracking.owner_tags)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 HEARTBEAT_SECONDS = 10  # a running trial's liveness signal; one silent for GRACE_SECONDS is failed
 GRACE_SECONDS = 60
@@ -127,6 +130,9 @@ def trial_configs(params: dict[str, Any], values: dict[str, Any]) -> tuple[Augme
 
 
 def _objective(job: Job, trial: optuna.Trial) -> float:
+    from cnnpipe.tracking import owner_tags
+
+    trial.set_user_attr(OWNER_ATTR, owner_tags())  # who runs it: a killed owner's trial is failed at once
     values = suggest(trial, job.space)
     aug_cfg, train_cfg = trial_configs(job.params, values)
     if job.threads and not train_cfg.threads:  # parallel trials share the cores
@@ -150,8 +156,7 @@ def _objective(job: Job, trial: optuna.Trial) -> float:
                                  "mlflow.runName": f"{job.cfg.study}-{trial.number}"},
                        on_epoch=report)
     history = read_history(folder / "model")
-    kept = history[result["best_epoch"] - 1] if train_cfg.early_stopping_patience else history[-1]
-    return float(kept[job.cfg.metric])
+    return float(history[result["kept_epoch"] - 1][job.cfg.metric])  # the epoch train.keep ships, best or last
 
 
 def _announce(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -184,12 +189,29 @@ def _work(job: Job, worker: int) -> None:
         study.optimize(lambda t: _objective(job, t), n_trials=1, callbacks=[_announce])
 
 
-def _fail_abandoned(study: optuna.Study, storage: optuna.storages.RDBStorage) -> int:
-    """Trials left RUNNING by a killed `cnnpipe tune` (one runs per study at a time): mark them failed."""
-    abandoned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    for t in abandoned:
-        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # Optuna's id of the row
-    return len(abandoned)
+def _fail_abandoned(study: optuna.Study) -> int:
+    """Fail the RUNNING trials no process works on any more, and only those (a second `cnnpipe tune` on the study may
+    be running its own): a heartbeat older than GRACE_SECONDS (Optuna's rule, which study.optimize applies too), an
+    owner process (OWNER_ATTR) of this machine that died, or no owner recorded (killed as it started, or made by
+    something else) and a start longer than GRACE_SECONDS ago."""
+    from cnnpipe.tracking import owner_alive
+
+    def running() -> list[optuna.trial.FrozenTrial]:
+        return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+    before = len(running())
+    with warnings.catch_warnings():  # "fail_stale_trials is experimental"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    failed = before - len(remaining := running())
+    for trial in remaining:
+        owner = trial.user_attrs.get(OWNER_ATTR)
+        age = (datetime.now() - trial.datetime_start).total_seconds() if trial.datetime_start else 0.0
+        if (owner_alive(owner) is False) if owner else age > GRACE_SECONDS:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another process failed it first
+                study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+                failed += 1
+    return failed
 
 
 def _space_record(space: dict[str, Dimension]) -> str:
@@ -218,7 +240,7 @@ def run(cfg: TuneConfig, space: dict[str, Dimension], params: dict[str, Any], tr
     if recorded is not None and recorded != _space_record(space):
         raise CnnpipeError(f"tune.space: study {cfg.study!r} in {url} was created with another space ({recorded}); "
                            f"use another tune.study for a new space")
-    abandoned = _fail_abandoned(study, storage)
+    abandoned = _fail_abandoned(study)
     if abandoned:
         print(f"tune: {abandoned} trial(s) left running by an interrupted run marked failed", file=sys.stderr)
     if PARENT_ATTR in study.user_attrs:
