@@ -132,9 +132,11 @@ def main() -> int:
         return 1 if problems else 0
     for path in stale:
         path.write_text(files[path])
-    for page in orphans(files):
+    removed = orphans(files)
+    for page in removed:
         page.unlink()
-    print(json.dumps({"written": [str(path.relative_to(ROOT)) for path in stale]}))
+    print(json.dumps({"written": [str(path.relative_to(ROOT)) for path in stale],
+                      "removed": [str(page.relative_to(ROOT)) for page in removed]}))
     return 0
 
 

@@ -45,3 +45,15 @@ def test_placeholders_name_what_is_missing():
         readme.render("{{ ingest_gtsrb.wall_s | furlongs }}")
     with pytest.raises(KeyError, match="no results file"):
         readme.render("{{ table nothing_here.md }}")
+
+
+def test_a_generated_page_without_its_template_is_found(tmp_path, monkeypatch):
+    readme = load_readme_script()
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates/kept.md").write_text("# kept\n")
+    (tmp_path / "gone.md").write_text(readme.HEADER.format("docs/templates/gone.md") + "# gone\n")
+    (tmp_path / "by-hand.md").write_text("# written by hand\n")
+    monkeypatch.setattr(readme, "DOCS", tmp_path)
+    monkeypatch.setattr(readme, "TEMPLATES", tmp_path / "templates")
+    files = {tmp_path / "kept.md": "x"}
+    assert readme.orphans(files) == [tmp_path / "gone.md"]
