@@ -88,7 +88,12 @@ def render(template: str) -> str:
             raise KeyError(f"{m.group(0)}: no results file {file.relative_to(ROOT)}")
         return "\n".join(line for line in file.read_text().splitlines() if line.startswith("|"))
 
-    return PLACEHOLDER.sub(fill, TABLE.sub(table, template))
+    text = PLACEHOLDER.sub(fill, TABLE.sub(table, template))
+    leftover = re.search(r"\{\{.*?\}\}", text)
+    if leftover:
+        raise KeyError(f"{leftover.group(0)}: not a placeholder (expected a results path with an optional "
+                       "| format, or table <file>.md)")
+    return text
 
 
 def rendered_files() -> dict[Path, str]:

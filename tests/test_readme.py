@@ -45,6 +45,8 @@ def test_placeholders_name_what_is_missing():
         readme.render("{{ ingest_gtsrb.wall_s | furlongs }}")
     with pytest.raises(KeyError, match="no results file"):
         readme.render("{{ table nothing_here.md }}")
+    with pytest.raises(KeyError, match="not a placeholder"):
+        readme.render("{{ ingest_gtsrb.wall_s | }}")
 
 
 def test_a_generated_page_without_its_template_is_found(tmp_path, monkeypatch):
