@@ -1,5 +1,7 @@
-"""The docs site as a reader sees it: build it (`mkdocs build --strict`), serve it on 127.0.0.1 and take a
-headless Chromium screenshot of some of its pages (the home page and the results page by default).
+"""Build the docs site, serve it on 127.0.0.1 and screenshot its pages in headless Chromium.
+
+The site as a reader sees it: `mkdocs build --strict`, then a PNG of each page asked for (the home page
+and the results page by default).
 
     python scripts/docs_screenshot.py                          # PNGs into site-screenshots/
     python scripts/docs_screenshot.py --page serving/ --out /tmp/shots

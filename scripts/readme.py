@@ -1,6 +1,7 @@
-"""README.md and the pages of the docs site are rendered from the templates in docs/templates/: every
-measured figure in them is a placeholder filled from the benchmark results (benchmarks/results/<name>.json),
-so a figure cannot drift from its evidence.
+"""Render README.md and the docs site's pages from docs/templates/, every figure from benchmarks/results.
+
+Every measured figure in a template is a placeholder filled from the benchmark results
+(benchmarks/results/<name>.json), so a figure cannot drift from its evidence.
 
     docs/templates/README.md  -> README.md, and docs/index.md (the site's home: its docs/ links made relative)
     docs/templates/<page>.md  -> docs/<page>.md
