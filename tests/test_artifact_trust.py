@@ -168,13 +168,13 @@ def test_a_version_missing_a_digest_tag_is_refused_unless_allowed(workspace, tmp
 def test_a_model_no_version_holds_is_unverifiable(workspace):
     """A run's path no version was registered from: nothing vouches for its files."""
     from cnnpipe.errors import CnnpipeError
-    from cnnpipe.serving import trusted
     from cnnpipe.tracking import Registry
+    from cnnpipe.verified_model import fetch
 
     ws, record = workspace
     registry = Registry(f"sqlite:///{ws / 'mlflow.db'}")
     assert registry.resolve(f"runs:/{record['run_id']}/evaluate") is None
     with pytest.raises(CnnpipeError, match="no registered version holds it.*--allow-unverified"):
-        trusted.fetch(registry, f"runs:/{record['run_id']}/evaluate", Path(registry.uri[10:]).parent / "x")
+        fetch(registry, f"runs:/{record['run_id']}/evaluate", Path(registry.uri[10:]).parent / "x")
     with pytest.raises(CnnpipeError, match="expected models:/<name>/<version>"):
         registry.resolve(f"models:/{MODEL_NAME}/1/extra")

@@ -3,10 +3,8 @@
 An MLflow pyfunc folder carries Python (the model code file, and a copy of cnnpipe under code/) that
 `mlflow.pyfunc.load_model` imports. Here only three files are read from it: MLmodel (YAML: where the
 weights and the calibration are, the default top_k), the weights (`torch.load(weights_only=True)`) and the
-calibration (JSON: the temperature). `register` records the sha256 of the weights, the calibration and the
-code files as version tags; every model address (models:/ in any form, runs:/) is resolved to the version
-holding the files, and files that no longer match its tags are refused, as is a version missing a tag or a
-URI no version holds, unless the caller allows unverified models (--allow-unverified).
+calibration (JSON: the temperature), after cnnpipe.verified_model has checked them against the digests
+`register` recorded.
 
 A bare model folder from `cnnpipe train` (model.pt, no MLmodel) loads too, uncalibrated (T = 1): its
 calibration is in the evaluation folder, which the caller may pass (`--calibration`).
@@ -14,124 +12,29 @@ calibration is in the evaluation folder, which the caller may pass (`--calibrati
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
-
+from cnnpipe import calibration
+from cnnpipe.calibration import UNCALIBRATED, Calibration
 from cnnpipe.engine.model_folder import MODEL_FILE
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsio import file_digest
-from cnnpipe.serving import calibration
-from cnnpipe.serving.calibration import UNCALIBRATED, Calibration
-from cnnpipe.serving.predictor import Predictor
 from cnnpipe.tracking import Registry
+from cnnpipe.verified_model import artifact_path, read_mlmodel, fetch, weights_file
 
-WEIGHTS_TAG = "cnnpipe.weights_sha256"
-CALIBRATION_TAG = "cnnpipe.calibration_sha256"
-CODE_TAG = "cnnpipe.code_sha256"  # over every code file the folder carries (what `mlflow models serve` runs)
-CHECKPOINT = "checkpoint"  # the pyfunc's artifact key of the weights
 DEFAULT_TOP_K = 5  # a model folder without a signature to say otherwise
-
-
-def _mlmodel(folder: Path) -> dict:
-    try:
-        meta = yaml.safe_load((folder / "MLmodel").read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise CnnpipeError(f"model folder '{folder}': no readable MLmodel file ({e})") from None
-    return meta if isinstance(meta, dict) else {}
-
-
-def _artifact(folder: Path, key: str) -> Path | None:
-    """The file the MLmodel file names as artifact `key` (None: it names none), which must lie inside `folder`."""
-    artifacts = (_mlmodel(folder).get("flavors") or {}).get("python_function", {}).get("artifacts") or {}
-    rel = (artifacts.get(key) or {}).get("path")
-    if not rel:
-        return None
-    path = (folder / str(rel)).resolve()
-    if not path.is_relative_to(folder.resolve()) or not path.is_file():
-        raise CnnpipeError(f"model folder '{folder}': MLmodel's artifact {key!r} is not a file inside it")
-    return path
-
-
-def weights_file(folder: Path) -> Path:
-    """The weights the MLmodel file names."""
-    path = _artifact(folder, CHECKPOINT)
-    if path is None:
-        raise CnnpipeError(f"model folder '{folder}': MLmodel names no weights file (artifact {CHECKPOINT!r}) inside it")
-    return path
 
 
 def calibration_of(folder: Path) -> Calibration:
     """The calibration packaged with the model (a version registered before calibration existed: T = 1)."""
-    path = _artifact(folder, calibration.ARTIFACT)
+    path = artifact_path(folder, calibration.ARTIFACT)
     return Calibration.read(path) if path is not None else UNCALIBRATED
 
 
-def code_digest(folder: Path) -> str:
-    """One sha256 over the code files (code/**, *.py beside MLmodel): their paths and contents."""
-    files = sorted([*folder.glob("*.py"), *(p for p in (folder / "code").rglob("*") if p.is_file())])
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.relative_to(folder).as_posix()}\0{file_digest(p)}\n".encode())
-    return h.hexdigest()
-
-
-def digests(folder: Path) -> dict[str, str]:
-    """The tags `register` records for a logged model folder."""
-    found = _artifact(folder, calibration.ARTIFACT)
-    return {WEIGHTS_TAG: file_digest(weights_file(folder)), CODE_TAG: code_digest(folder),
-            **({CALIBRATION_TAG: file_digest(found)} if found is not None else {})}
-
-
-REQUIRED_TAGS = {WEIGHTS_TAG: "weights", CALIBRATION_TAG: "calibration", CODE_TAG: "code files"}
-UNVERIFIED_HINT = "pass --allow-unverified to load it anyway"
-
-
-def _verify(folder: Path, version: Any | None, where: str, allow_unverified: bool) -> None:
-    """Check the folder's files against the sha256 tags `register` recorded on `version`. Files that differ are
-    always refused; a model nothing vouches for (no registered version, or a version missing a tag: registered by an
-    older cnnpipe, or the tag deleted) only with `allow_unverified`, and a warning."""
-    missing = [tag for tag in REQUIRED_TAGS if version is None or tag not in version.tags]
-    if missing:
-        why = "no registered version holds it" if version is None else f"its tag {missing[0]} is missing"
-        if not allow_unverified:
-            raise CnnpipeError(f"{where}: cannot be verified ({why}); refusing to load it ({UNVERIFIED_HINT})")
-        print(f"warning: {where}: not verified ({why}): loading it as --allow-unverified asks", file=sys.stderr)
-    got = digests(folder)
-    for tag, what in REQUIRED_TAGS.items():
-        if version is not None and tag in version.tags and got.get(tag) != version.tags[tag]:
-            found = f"{got[tag][:12]}..." if tag in got else "(file absent)"
-            raise CnnpipeError(f"{where}: {what} sha256 {found} does not match the {version.tags[tag][:12]}... "
-                               f"recorded at registration (tampered or corrupted artifact); refusing to load it")
-
-
-@dataclass(frozen=True)
-class Fetched:
-    """A model's verified folder, the registered version holding it (None: unverified) and its name for messages."""
-
-    folder: Path
-    version: Any | None
-    where: str
-
-
-def fetch(registry: Registry, model_uri: str, dst: Path, *, allow_unverified: bool = False) -> Fetched:
-    """The folder of `model_uri` (any model or run URI, or an MLflow model folder), downloaded into `dst` and
-    verified against the version that holds it (see `_verify`). A local folder is the caller's own file and loads
-    as it is."""
-    folder, version, where = registry.model_files(model_uri, dst)
-    if version is not None or not Path(model_uri).is_dir():
-        _verify(folder, version, where, allow_unverified)
-    return Fetched(folder, version, where)
-
-
 def default_top_k(folder: Path) -> int:
-    params = (_mlmodel(folder).get("signature") or {}).get("params")
+    params = (read_mlmodel(folder).get("signature") or {}).get("params")
     try:
         found = [p.get("default") for p in json.loads(params or "[]") if p.get("name") == "top_k"]
         return int(found[0]) if found else DEFAULT_TOP_K

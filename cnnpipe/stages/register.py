@@ -19,16 +19,17 @@ import torch
 from PIL import Image
 
 import cnnpipe
+from cnnpipe import calibration
+from cnnpipe.calibration import Calibration
 from cnnpipe.config import RegisterConfig, TrackingConfig
 from cnnpipe.data.store import read_dataset
 from cnnpipe.engine.model_folder import MODEL_FILE, read_train_config
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.folder import CALIBRATION_FILE, METRICS_FILE
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.promotion import promote
-from cnnpipe.serving import calibration, trusted
-from cnnpipe.serving.calibration import Calibration
-from cnnpipe.serving.predictor import Predictor
+from cnnpipe import verified_model
 from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags
 
 
@@ -81,7 +82,7 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
         model_uri = tracker.log_pyfunc_model(
             "model", example, predict_frame(predictor, example, cfg.top_k), {"top_k": cfg.top_k},
             python_model=str(Path(pyfunc_model.__file__)),  # models from code: nothing pickled
-            artifacts={trusted.CHECKPOINT: str(model_dir / MODEL_FILE),
+            artifacts={verified_model.CHECKPOINT: str(model_dir / MODEL_FILE),
                        calibration.ARTIFACT: str(evaluation / CALIBRATION_FILE)},
             code_paths=[str(Path(cnnpipe.__file__).parent)],  # the model loads where cnnpipe is not installed
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
@@ -89,7 +90,7 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
         )
         with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as tmp:  # hash what the store holds
             folder, _, _ = registry.model_files(model_uri, Path(tmp))
-            hashes = trusted.digests(folder)
+            hashes = verified_model.digests(folder)
         lineage = read_train_config(model_dir).get("lineage", {})  # the pretrained source, when fine-tuned
         tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **lineage, **Tracker.source_tags(ds.manifest, data),
                 **{f"test.{k}": v for k, v in test.items()},

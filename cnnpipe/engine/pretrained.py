@@ -21,7 +21,6 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import backbones, head, is_library_arch
 
 
-
 @dataclass
 class Pretrained:
     source: str  # as the user wrote it
@@ -69,12 +68,12 @@ def _from_registry(uri: str, arch: str, tracking: TrackingConfig | None, allow_u
     """A registered or logged model (models:/..., runs:/...), verified as serving verifies it: its weights file."""
     if tracking is None:
         raise CnnpipeError(f"train.pretrained {uri}: a registered model needs the tracking store (drop --no-tracking)")
-    from cnnpipe.serving import trusted
+    from cnnpipe import verified_model
     from cnnpipe.tracking import Registry
 
     with tempfile.TemporaryDirectory(prefix="cnnpipe-pretrained-") as tmp:
-        found = trusted.fetch(Registry(tracking.uri), uri, Path(tmp), allow_unverified=allow_unverified)
-        pre = _from_file(trusted.weights_file(found.folder), arch, f"train.pretrained {uri}")
+        found = verified_model.fetch(Registry(tracking.uri), uri, Path(tmp), allow_unverified=allow_unverified)
+        pre = _from_file(verified_model.weights_file(found.folder), arch, f"train.pretrained {uri}")
     pre.source = uri
     version = found.version
     pre.lineage = {"cnnpipe.pretrained": uri, **({} if version is None else {
