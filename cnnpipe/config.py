@@ -43,6 +43,9 @@ class IngestConfig:
     dvc_rev: str | None = knob(None, "dvc_repo's git revision (tag, branch or commit; default: its default branch)")
     sha256: str | None = knob(None, "expected sha256 of a downloaded `path` (official archives' checksums are built in)")
     cache_dir: str = knob("data/downloads", "where downloads are kept (and resumed)", affects_result=False)
+    download_deadline_s: float = knob(3600.0, "a download of `path` (a URL) not finished within this many seconds "
+                                              "is abandoned (kept to resume when the server serves ranges); its size "
+                                              "is bounded by max_total_mb", minimum=1.0, affects_result=False)
     image_size: int = knob(16, "images are resized to image_size x image_size", minimum=4, maximum=1024)
     channels: int = knob(1, "1 = grayscale, 3 = RGB", choices=(1, 3))
     resize: str = knob("squash", "how a photo becomes image_size x image_size: squash (stretch the whole image), "

@@ -249,6 +249,9 @@ def server(tmp_path):
     httpd.shutdown()
 
 
+BUDGET = {"max_bytes": 2**30, "deadline_s": 60.0}  # of one download
+
+
 def test_download_verifies_resumes_and_caches(tmp_path, server):
     served, base = server
     payload = np.random.default_rng(0).bytes(300_000)
@@ -257,16 +260,16 @@ def test_download_verifies_resumes_and_caches(tmp_path, server):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "data.zip.part").write_bytes(payload[:100_000])  # an interrupted earlier download
-    got = fetch(f"{base}/data.zip", cache, digest)
+    got = fetch(f"{base}/data.zip", cache, digest, **BUDGET)
     assert got.read_bytes() == payload and RangeHandler.requests == ["bytes=100000-"]
-    assert fetch(f"{base}/data.zip", cache, digest) == got and len(RangeHandler.requests) == 1  # cached
+    assert fetch(f"{base}/data.zip", cache, digest, **BUDGET) == got and len(RangeHandler.requests) == 1  # cached
     with pytest.raises(CnnpipeError, match="sha256 .* does not match the expected 00"):
-        fetch(f"{base}/data.zip", tmp_path / "other", "00" * 32)
+        fetch(f"{base}/data.zip", tmp_path / "other", "00" * 32, **BUDGET)
     assert not list((tmp_path / "other").iterdir())
     with pytest.raises(CnnpipeError, match="ingest.sha256: required to verify"):
-        fetch(f"{base}/data.zip", tmp_path / "other", None)
+        fetch(f"{base}/data.zip", tmp_path / "other", None, **BUDGET)
     with pytest.raises(CnnpipeError, match="HTTP 404"):
-        fetch(f"{base}/missing.zip", tmp_path / "other", "00" * 32)
+        fetch(f"{base}/missing.zip", tmp_path / "other", "00" * 32, **BUDGET)
 
 
 def test_ingest_from_a_url(tmp_path, server):

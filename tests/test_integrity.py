@@ -264,3 +264,133 @@ except CnnpipeError as e:
     assert lines[1].startswith(f"cannot write '{tmp_path / 'r.json'}': File too large")
     assert (out / "old").read_text() == "previous output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# --- remote reads: inside their folder, within their size, before their deadline -------------------------
+
+class HostileHandler:
+    """What the test HTTP server sends for a path: /endless (fast, no length), /trickle (a byte every 0.2 s, no
+    length), /liar (declares 1 TB), /trickle-ranges (as /trickle, but serves byte ranges)."""
+
+    @staticmethod
+    def make():  # noqa: ANN205 - a handler class
+        import http.server
+        import time
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # noqa: ANN002
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                if self.path == "/liar":
+                    self.send_header("Content-Length", str(10**12))
+                if self.path == "/trickle-ranges":
+                    self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                try:
+                    for _ in range(100_000):
+                        if self.path.startswith("/endless"):
+                            self.wfile.write(b"[" * 65536)
+                        else:
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                except OSError:  # the client gave up: what the test wants
+                    pass
+
+        return Handler
+
+
+@pytest.fixture
+def hostile_server():  # noqa: ANN201 - yields the base URL
+    import http.server
+    import threading
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostileHandler.make())
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+
+
+def test_an_endless_remote_file_stops_at_its_budget(hostile_server):
+    """An endless manifest grew `train --data http://...` to 20 GB: a read now stops one chunk past its budget."""
+    import time
+
+    from cnnpipe.remote import OverBudget, read_bytes
+
+    start = time.monotonic()
+    with pytest.raises(OverBudget, match=r"more than the 4,194,304 bytes expected"):
+        read_bytes(f"{hostile_server}/endless", max_bytes=4 * 2**20)
+    assert time.monotonic() - start < 5
+
+
+def test_a_declared_size_over_the_budget_is_refused_before_reading(hostile_server):
+    from cnnpipe.remote import OverBudget, read_bytes
+
+    with pytest.raises(OverBudget, match=r"declares 1,000,000,000,000 bytes"):
+        read_bytes(f"{hostile_server}/liar", max_bytes=2**20)
+
+
+def test_a_trickling_server_trips_the_total_deadline(hostile_server):
+    """One byte every 0.2 s never trips a per-read timeout; the total deadline trips."""
+    import time
+
+    from cnnpipe.remote import PastDeadline, read_bytes
+
+    start = time.monotonic()
+    with pytest.raises(PastDeadline, match="not read within 1 s"):
+        read_bytes(f"{hostile_server}/trickle", max_bytes=2**20, deadline_s=0.6)
+    assert time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize("path, kept", [("trickle", False), ("trickle-ranges", True)])
+def test_a_partial_download_is_kept_only_when_resumable(tmp_path, hostile_server, path, kept):
+    from cnnpipe.data.download import fetch
+
+    with pytest.raises(CnnpipeError, match="not read within") as caught:
+        fetch(f"{hostile_server}/{path}", tmp_path, "00" * 32, max_bytes=2**20, deadline_s=0.5)
+    assert (tmp_path / f"{path}.part").exists() == kept
+    assert ("partial file kept" in str(caught.value)) == kept
+
+
+def test_an_endless_remote_manifest_is_refused(hostile_server, monkeypatch, tmp_path):
+    from cnnpipe.data import store
+
+    monkeypatch.setattr(store, "MAX_MANIFEST_BYTES", 2**20)
+    with pytest.raises(CnnpipeError, match="manifest.json': more than the 1,048,576 bytes expected"):
+        store.fetch_dataset(f"{hostile_server}/endless", tmp_path / "copy", ("val",))
+
+
+@pytest.mark.e2e
+def test_download_dir_never_writes_outside_its_folder(tmp_path, moto):
+    """An S3 key with ../ under the model prefix (the PyTorchJob step downloads the model folder this way)."""
+    import boto3
+
+    from cnnpipe.remote import download_dir
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="bkt")
+    s3.put_object(Bucket="bkt", Key="model/model.pt", Body=b"weights")
+    s3.put_object(Bucket="bkt", Key="model/../../escaped.txt", Body=b"pwned")
+    target = tmp_path / "a" / "model"
+    target.parent.mkdir()
+    with pytest.raises(CnnpipeError, match=r"object '../../escaped.txt' would be written outside the folder"):
+        download_dir("s3://bkt/model", target)
+    assert not list(tmp_path.rglob("escaped.txt")) and not target.exists()
+    s3.delete_object(Bucket="bkt", Key="model/../../escaped.txt")
+    download_dir("s3://bkt/model", target)
+    assert (target / "model.pt").read_bytes() == b"weights"
+
+
+@FAST
+@given(relative=st.text(alphabet="ab./\\\\:", max_size=12))
+def test_a_relative_path_is_inside_or_refused(tmp_path, relative):
+    from cnnpipe.remote import inside
+
+    try:
+        name = inside(relative, "s3://b/x")
+    except CnnpipeError:
+        return
+    assert (tmp_path / name).resolve().is_relative_to(tmp_path.resolve())

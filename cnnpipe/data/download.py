@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import file_digest
+from cnnpipe.remote import OverBudget, PastDeadline, bounded_chunks, declared_size
 
 # The official archives' published checksums (md5 is what their publishers and torchvision give).
 KNOWN_MD5 = {
@@ -36,8 +37,11 @@ def _verify(path: Path, name: str, url: str, sha256: str | None) -> None:
         raise CnnpipeError(f"download '{url}': {algo} {got} does not match the expected {want}")
 
 
-def fetch(url: str, cache_dir: Path, sha256: str | None, timeout: float = 60.0) -> Path:
-    """The verified local copy of `url` in `cache_dir`, downloading (or resuming) what is missing."""
+def fetch(url: str, cache_dir: Path, sha256: str | None, *, max_bytes: int, deadline_s: float,
+          timeout: float = 60.0) -> Path:
+    """The verified local copy of `url` in `cache_dir`, downloading (or resuming) what is missing. The file may
+    hold at most `max_bytes` (a larger declared size is refused before reading) and must arrive within
+    `deadline_s`; the partial file is kept for the next run only when the server serves byte ranges."""
     name = Path(urlparse(url).path).name or "download"
     if not sha256 and name not in KNOWN_MD5:
         raise CnnpipeError(f"ingest.sha256: required to verify '{url}' (no published checksum is known for '{name}')")
@@ -49,15 +53,17 @@ def fetch(url: str, cache_dir: Path, sha256: str | None, timeout: float = 60.0) 
     part = cache_dir / f"{name}.part"
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    resumable = False
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
+        with urllib.request.urlopen(request, timeout=min(timeout, deadline_s)) as r:
+            resumable = r.status == 206 or r.headers.get("Accept-Ranges", "").lower() == "bytes"
             if have and r.status != 206:  # the server ignored the range: start over
                 have = 0
-            total = int(r.headers.get("Content-Length", 0)) + have
+            total = (declared_size(r.headers, url, max_bytes - have) or 0) + have
             with open(part, "ab" if have else "wb") as f, tqdm(total=total or None, initial=have, unit="B",
                                                                unit_scale=True, desc=name, file=sys.stderr,
                                                                disable=not sys.stderr.isatty()) as bar:
-                while block := r.read(1 << 20):
+                for block in bounded_chunks(r.read1, url, max_bytes - have, deadline_s):
                     f.write(block)
                     bar.update(len(block))
     except urllib.error.HTTPError as e:
@@ -65,9 +71,15 @@ def fetch(url: str, cache_dir: Path, sha256: str | None, timeout: float = 60.0) 
             pass
         else:
             raise CnnpipeError(f"download '{url}' failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise CnnpipeError(f"download '{url}' failed: {getattr(e, 'reason', e)} "
-                           f"(partial file kept in {part}; run again to resume)") from None
+    except OverBudget as e:  # nothing worth resuming
+        part.unlink(missing_ok=True)
+        raise CnnpipeError(f"download {e}") from None
+    except (PastDeadline, urllib.error.URLError, OSError) as e:
+        why = str(e) if isinstance(e, PastDeadline) else f"'{url}' failed: {getattr(e, 'reason', e)}"
+        if not resumable:  # the server serves no ranges: a next run starts over anyway
+            part.unlink(missing_ok=True)
+            raise CnnpipeError(f"download {why}") from None
+        raise CnnpipeError(f"download {why} (partial file kept in {part}; run again to resume)") from None
     try:
         _verify(part, name, url, sha256)
     except CnnpipeError:

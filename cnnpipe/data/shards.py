@@ -35,6 +35,7 @@ from cnnpipe.fsio import file_digest
 SHARDS_DIR = "shards"
 SHARD_NAME = "{split}-{index:06d}.tar"
 IMAGE_EXT, LABEL_EXT, BOX_EXT = "png", "cls", "box.json"
+SHARD_SLACK_BYTES = 2**20  # a shard's own tar overhead (end blocks, padding) beyond its samples'
 SHARD_ORDER_SEED = 0
 BLOCK = tarfile.BLOCKSIZE
 EMPTY_BLOCK = bytes(BLOCK)
@@ -107,8 +108,8 @@ def read_shard(base: remote.Location, shard: Shard, *, shape: tuple[int, int, in
     from torchvision.io import decode_png
 
     where = remote.join(base, shard.file)
-    try:
-        data = remote.read_bytes(where)
+    try:  # a sample is at most its raw pixels deflated (stored blocks), its label, box and tar headers
+        data = remote.read_bytes(where, max_bytes=SHARD_SLACK_BYTES + shard.count * (2 * int(np.prod(shape)) + 8192))
     except CnnpipeError as e:
         raise CnnpipeError(f"shard {e} (listed in the dataset's manifest)") from None
     if hashlib.sha256(data).hexdigest() != shard.sha256:

@@ -36,6 +36,8 @@ FORMAT = "cnnpipe.dataset/1"
 MANIFEST_FILE = "manifest.json"
 CLASSES_FILE = "classes.json"
 IMAGES_FILE, LABELS_FILE, BOXES_FILE = "{split}_images.npy", "{split}_labels.npy", "{split}_boxes.npy"
+MAX_MANIFEST_BYTES = 64 * 2**20  # a remote manifest (or class list, policy, preview) larger than this is not one
+NPY_HEADER_BYTES = 4096  # an .npy file's header, at most (numpy pads it to 64 or 4096 bytes)
 FIGURES_DIR = "figures"  # ingest's figures of the data (class distribution, samples, pixel histogram)
 SPLITS = ("train", "val", "test")
 CHUNK_IMAGES = 2048  # images per chunk when no shard size is given
@@ -282,16 +284,21 @@ def fetch_dataset(location: remote.Location, dest: Path, splits: tuple[str, ...]
     if not remote.is_remote(location):
         return Path(location)
     dest.mkdir(parents=True, exist_ok=True)
-    raw = remote.read_bytes(remote.join(location, MANIFEST_FILE))
+    raw = remote.read_bytes(remote.join(location, MANIFEST_FILE), max_bytes=MAX_MANIFEST_BYTES)
     try:
         manifest = json.loads(raw)
-    except ValueError:
-        raise CnnpipeError(f"dataset manifest '{remote.join(location, MANIFEST_FILE)}': not JSON") from None
-    names = [CLASSES_FILE, *extra_files]
-    for split in splits:
-        names += [f.format(split=split) for f in (IMAGES_FILE, LABELS_FILE, *([BOXES_FILE] if manifest.get("boxes") else []))]
-    for name in names:
-        (dest / name).write_bytes(remote.read_bytes(remote.join(location, name)))
+        budgets = {CLASSES_FILE: MAX_MANIFEST_BYTES, **dict.fromkeys(extra_files, MAX_MANIFEST_BYTES)}
+        pixels = int(manifest["image_size"]) ** 2 * int(manifest["channels"])
+        for split in splits:  # each array's size follows from the manifest: more is refused before it is all read
+            n = int(manifest["counts"][split]["total"])
+            budgets |= {IMAGES_FILE.format(split=split): NPY_HEADER_BYTES + n * pixels,
+                        LABELS_FILE.format(split=split): NPY_HEADER_BYTES + n * 8,
+                        **({BOXES_FILE.format(split=split): NPY_HEADER_BYTES + n * 16} if manifest.get("boxes") else {})}
+    except (ValueError, TypeError, KeyError):
+        raise CnnpipeError(f"dataset manifest '{remote.join(location, MANIFEST_FILE)}': not JSON with image_size, "
+                           f"channels and the counts of {', '.join(splits) or 'no split'}") from None
+    for name, budget in budgets.items():
+        (dest / name).write_bytes(remote.read_bytes(remote.join(location, name), max_bytes=budget))
     (dest / MANIFEST_FILE).write_bytes(raw)  # last: a copy with a manifest is whole
     return dest
 

@@ -24,7 +24,8 @@ def resolve(spec: str | None, cfg: IngestConfig, field: str, required: bool = Tr
     if cfg.dvc_repo:  # ingest.run has pinned dvc_rev to a commit
         return versioned.fetch(cfg.dvc_repo, cfg.dvc_rev, spec, Path(cfg.cache_dir), field)
     if is_url(spec):
-        return fetch(spec, Path(cfg.cache_dir), cfg.sha256 if field == "path" else None)
+        return fetch(spec, Path(cfg.cache_dir), cfg.sha256 if field == "path" else None,
+                     max_bytes=int(cfg.max_total_mb * 2**20), deadline_s=cfg.download_deadline_s)
     path = Path(spec)
     if not path.exists():
         raise CnnpipeError(f"ingest.{field}: '{path}' not found")
