@@ -352,7 +352,7 @@ def test_a_dataset_over_plain_http_streams_the_same_batches(tmp_path):
         with pytest.raises(CnnpipeError, match=f"'{url}/shards/nothing.tar': not found"):
             from cnnpipe.remote import read_bytes
 
-            read_bytes(f"{url}/shards/nothing.tar")
+            read_bytes(f"{url}/shards/nothing.tar", max_bytes=2**20)
     finally:
         server.shutdown()
 
