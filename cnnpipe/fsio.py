@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -208,6 +209,25 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def read_regular_file(path: Path | str, max_bytes: int) -> bytes:
+    """A regular file's bytes, at most `max_bytes`: a device (/dev/zero), a FIFO or a folder is refused without
+    waiting on it, and so is a larger file (also one that grows while read). OSError or CnnpipeError naming it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
+    try:
+        st = os.fstat(fd)  # of what was opened, not of a name that may have changed since
+        if not stat.S_ISREG(st.st_mode):
+            raise CnnpipeError(f"'{path}': not a regular file")
+        if st.st_size > max_bytes:
+            raise CnnpipeError(f"'{path}': {st.st_size:,} bytes, over the budget of {max_bytes:,}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise CnnpipeError(f"'{path}': over the budget of {max_bytes:,} bytes")
+        return data
+    finally:
+        os.close(fd)
 
 
 def write_array(path: Path | str, array: Any) -> None:

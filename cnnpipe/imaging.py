@@ -19,6 +19,8 @@ from cnnpipe.errors import CnnpipeError, RequestError
 
 MAX_PIXELS = 4096 * 4096  # per served image, checked from its header before decoding: a decode costs ~3-4 bytes a pixel
 IMAGE_FORMATS = ("PNG", "JPEG", "PPM", "BMP", "WEBP", "GIF")  # what Pillow may open: not its every parser
+MAX_JPEG_SCANS = 100  # a progressive JPEG has ~10; each scan is another pass over every pixel (20k scans: 97 s)
+CONVERT_BAND_PIXELS = 2**18  # pixels converted at a time from 16 bits (a band of rows)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".pgm", ".pbm", ".bmp", ".webp", ".gif")  # files of those formats
 RESIZE_MODES = ("squash", "center_crop", "letterbox")  # ingest.resize
 
@@ -42,8 +44,19 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
         flat.alpha_composite(img)
         img = flat
     if img.mode.startswith("I;16") or img.mode == "I":
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+        img = Image.fromarray(_to_8_bits(img))
     return img.convert("L" if channels == 1 else "RGB")
+
+
+def _to_8_bits(img: Image.Image) -> np.ndarray:
+    """A 16- or 32-bit gray image's values / 257, clipped to 0..255, as uint8: computed a band of rows at a time,
+    so a 9400 x 9400 16-bit PNG costs its uint8 result, not float64 copies of it (0.7 GB each)."""
+    out = np.empty((img.height, img.width), np.uint8)
+    rows = max(1, CONVERT_BAND_PIXELS // max(img.width, 1))
+    for top in range(0, img.height, rows):
+        band = np.asarray(img.crop((0, top, img.width, min(top + rows, img.height))))
+        out[top:top + rows] = np.clip(band // 257, 0, 255)
+    return out
 
 
 def open_image(data: bytes, i: int = 0, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -58,6 +71,9 @@ def open_image(data: bytes, i: int = 0, max_pixels: int = MAX_PIXELS) -> Image.I
         raise RequestError(f"image {i}: its size exceeds the budget of {max_pixels:,} pixels per image ({e})", 413) from None
     except (OSError, ValueError, SyntaxError) as e:  # Pillow's parsers raise all three on a broken header
         raise RequestError(f"image {i}: not a readable image ({e})") from None
+    if pil.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:  # SOS markers: entropy-coded
+        # data escapes every 0xFF, so only a marker (or metadata, counted too: a conservative bound) has these bytes
+        raise RequestError(f"image {i}: a JPEG of {scans:,} scans, over the limit of {MAX_JPEG_SCANS}")
     width, height = pil.size
     if width * height > max_pixels:
         raise RequestError(f"image {i}: {width}x{height} = {width * height:,} pixels exceeds the budget of "

@@ -394,3 +394,152 @@ def test_a_relative_path_is_inside_or_refused(tmp_path, relative):
     except CnnpipeError:
         return
     assert (tmp_path / name).resolve().is_relative_to(tmp_path.resolve())
+
+
+# --- decoders: allowed formats only, every failure a listed bad file, bounded work and memory ------------
+
+def png_bytes(array, **save) -> bytes:  # noqa: ANN001 - a numpy array
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG", **save)
+    return buf.getvalue()
+
+
+def test_an_eps_named_png_never_reaches_ghostscript(tmp_path, monkeypatch):
+    """A fake `gs` first on PATH: had Pillow's EPS plugin run, it would leave its marker."""
+    import os
+
+    from cnnpipe.imaging import BadImage, decode
+
+    marker = tmp_path / "gs-ran"
+    gs = tmp_path / "bin" / "gs"
+    gs.parent.mkdir()
+    gs.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gs.parent}{os.pathsep}{os.environ['PATH']}")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
+    with pytest.raises(BadImage, match="not a readable image"):
+        decode(eps, "x.png", 8, 1)
+    assert not marker.exists()
+
+
+def test_a_lab_tiff_is_a_bad_file():
+    import io
+
+    from PIL import Image
+
+    from cnnpipe.imaging import BadImage, decode
+
+    buf = io.BytesIO()
+    Image.new("LAB", (8, 8)).save(buf, "TIFF")
+    with pytest.raises(BadImage):
+        decode(buf.getvalue(), "x.png", 8, 1)
+
+
+@FAST
+@given(exif=st.binary(max_size=200))
+def test_any_exif_chunk_decodes_or_is_a_bad_file(exif):
+    """A PNG's eXIf chunk is parsed for the orientation: whatever it holds, ingest lists the file or decodes it,
+    and a server answers 4xx (RequestError), never a traceback."""
+    import struct
+    import warnings
+    import zlib
+
+    import numpy as np
+
+    from cnnpipe.errors import RequestError
+    from cnnpipe.imaging import BadImage, decode, to_array
+
+    png = png_bytes(np.zeros((8, 8), np.uint8))
+    chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+    data = png[:33] + chunk + png[33:]  # after IHDR
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.suppress(BadImage):
+            assert decode(data, "x.png", 8, 1).shape == (8, 8, 1)
+        with contextlib.suppress(RequestError):
+            assert to_array(data, 8, 1).shape == (8, 8, 1)
+
+
+def test_a_16_bit_image_converts_without_float64_copies():
+    """9400^2 16-bit PNG took ingest from 94 MB to 1.8 GB: the conversion now costs its uint8 result."""
+    import numpy as np
+    from PIL import Image
+
+    from cnnpipe.imaging import CONVERT_BAND_PIXELS, to_mode
+
+    side = 3000
+    values = (np.arange(side * side, dtype=np.uint32).reshape(side, side) % 65536).astype(np.uint16)
+    img = Image.fromarray(values)
+    tracemalloc.start()
+    try:
+        got = np.asarray(to_mode(img, 1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(got, (values // 257).astype(np.uint8))  # what values / 257, clipped, truncated gives
+    # the uint8 result, the copy Image.fromarray takes of it, and a few bands (float64 copies: 8 bytes a pixel each)
+    assert peak < 2 * side * side + 8 * CONVERT_BAND_PIXELS
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cnnpipe.imaging import MAX_JPEG_SCANS, BadImage, decode
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        buf, "JPEG", progressive=True)
+    progressive = buf.getvalue()
+    assert decode(progressive, "ok.jpg", 8, 3).shape == (8, 8, 3)  # a real progressive JPEG: ~10 scans
+    scans = b"\xff\xda\x00\x02" * (MAX_JPEG_SCANS + 1)  # empty scans after the image's own
+    with pytest.raises(BadImage, match="scans, over the limit"):
+        decode(progressive[:-2] + scans + b"\xff\xd9", "x.jpg", 8, 3)
+
+
+def test_predict_reads_regular_files_only_within_a_budget(tmp_path):
+    import os
+
+    from cnnpipe.fsio import read_regular_file
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.png"
+    big.write_bytes(bytes(2000))
+    for path, message in (("/dev/zero", "not a regular file"), (fifo, "not a regular file"), (tmp_path, "not a "),
+                          (big, "2,000 bytes, over the budget of 1,000")):
+        with pytest.raises(CnnpipeError, match=message):
+            read_regular_file(path, 1000)
+    assert read_regular_file(big, 2000) == bytes(2000)
+
+
+def test_predict_lists_files_whose_names_are_not_utf8(tmp_path):
+    """Names decoded with surrogates (not UTF-8 on disk): predicted, and written escaped; the CSV is whole."""
+    import os
+
+    import numpy as np
+    import torch
+
+    from cnnpipe.engine.checkpoint import ModelSpec, save_model
+    from cnnpipe.engine.predictor import Predictor
+    from cnnpipe.models import build_model
+    from cnnpipe.serving.local import predict_files
+
+    save_model(tmp_path / "model.pt", build_model("mlp", 1, 2, 8, 4), ModelSpec("mlp", 4, 1, 2, 8, ["a", "b"], [0.5], [0.25]))
+    torch.manual_seed(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    odd = os.fsdecode(b"\xff\xfe.png")
+    (folder / odd).write_bytes(png_bytes(np.zeros((8, 8), np.uint8)))
+    (tmp_path / "list.csv").write_bytes(b"path\nimages/\xff\xfe.png\n/dev/zero\n")
+    out = tmp_path / "p.csv"
+    result = predict_files(Predictor.from_file(tmp_path / "model.pt"), [folder, tmp_path / "list.csv"], out)
+    assert (result["predicted"], result["unreadable"]) == (2, 1)
+    text = out.read_text(encoding="utf-8")  # valid UTF-8
+    assert text.count("\\udcff\\udcfe.png,") == 2 and "/dev/zero,,,,'/dev/zero': not a regular file" in text

@@ -13,9 +13,11 @@ from cnnpipe.config import TrackingConfig, sqlite_path
 from cnnpipe.engine.checkpoint import save_model
 from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsio import atomic_file
+from cnnpipe.fsio import atomic_file, read_regular_file
 from cnnpipe.imaging import IMAGE_SUFFIXES
 from cnnpipe.serving.contract import RequestError, with_box
+
+MAX_FILE_BYTES = 64 * 2**20  # an image file `predict` reads (a 4096 x 4096 RGB image uncompressed is 48 MiB)
 
 
 def load_registered(tracking: TrackingConfig, model_uri: str, calibration_file: Path | None = None,
@@ -50,7 +52,7 @@ def served_model_file(predictor: Predictor, top_k: int, backend: str, folder: Pa
 def _listed(csv_path: Path) -> list[tuple[Path, str | None]]:
     """The rows of a CSV of images: a `path` column (relative to the CSV's folder) and an optional `box`
     column ("x1 y1 x2 y2", pixel edges; empty = the whole image)."""
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", errors="surrogateescape") as f:  # file names need not be UTF-8
         reader = csv.DictReader(f)
         if "path" not in (reader.fieldnames or []):
             raise CnnpipeError(f"'{csv_path}': expected a column 'path' (and optionally 'box'), got {reader.fieldnames}")
@@ -95,7 +97,7 @@ def predict_files(predictor: Predictor, paths: list[Path], output: Path, batch_s
         for i in range(start, min(start + batch_size, len(files))):
             f, box = files[i]
             try:
-                image = with_box(f.read_bytes(), _box(box, str(f)), 0)
+                image = with_box(read_regular_file(f, MAX_FILE_BYTES), _box(box, str(f)), 0)
                 images.append(predictor.preprocess([image])[0])
                 good.append(i)
             except (CnnpipeError, RequestError, OSError) as e:
@@ -104,7 +106,8 @@ def predict_files(predictor: Predictor, paths: list[Path], output: Path, batch_s
         if good:
             for i, p in zip(good, predictor.predict(np.stack(images), top_k=1)):
                 rows[i] = [str(files[i][0]), p["predicted_class"], p["predicted_class_index"], f"{p['confidence']:.6f}", ""]
-    with atomic_file(output) as tmp, open(tmp, "w", newline="") as fh:
+    # a file name that is not UTF-8 (its bytes decoded with surrogates) is written backslash-escaped
+    with atomic_file(output) as tmp, open(tmp, "w", newline="", errors="backslashreplace") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "predicted_class", "predicted_class_index", "confidence", "error"])
         writer.writerows(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from cnnpipe.config import IngestConfig
@@ -38,7 +39,8 @@ def input_record(path: Path) -> dict:
         return {"path": str(path), "sha256": file_digest(path)}
     h = hashlib.sha256()
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(f"{p.relative_to(path).as_posix()}\0{file_digest(p)}\n".encode())
+        # os.fsencode: a name that is not UTF-8 hashes as its bytes (UTF-8 names as before)
+        h.update(os.fsencode(p.relative_to(path).as_posix()) + f"\0{file_digest(p)}\n".encode())
     return {"path": str(path), "sha256": h.hexdigest(), "kind": "folder"}
 
 
