@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +67,23 @@ def test_code_added_to_a_copied_model_folder_never_runs(workspace, tmp_path, tar
     assert not marker.exists(), f"code from {target} ran on load"
 
 
-def test_tampered_weights_in_the_store_are_refused(workspace, tmp_path):
-    ws, record = workspace
+@contextlib.contextmanager
+def flipped_weights(ws: Path) -> Iterator[None]:
+    """The registered version's weights in the store with one bit flipped, for the block."""
     weights = next(model_folder(ws).rglob("model.pt"))
     original = weights.read_bytes()
+    tampered = bytearray(original)
+    tampered[-10] ^= 0x01
+    weights.write_bytes(bytes(tampered))
     try:
-        tampered = bytearray(original)
-        tampered[-10] ^= 0x01
-        weights.write_bytes(bytes(tampered))
+        yield
+    finally:
+        weights.write_bytes(original)
+
+
+def test_tampered_weights_in_the_store_are_refused(workspace, tmp_path):
+    ws, record = workspace
+    with flipped_weights(ws):
         for args in (["predict", str(images(tmp_path)), "--model", f"models:/{MODEL_NAME}/{record['version']}",
                       "--output", str(tmp_path / "p.csv")],
                      ["promote", "--version", record["version"], "--force"]):
@@ -81,8 +92,6 @@ def test_tampered_weights_in_the_store_are_refused(workspace, tmp_path):
             lines = proc.stderr.strip().splitlines()
             assert len(lines) == 1 and "sha256" in lines[0] and "weights" in lines[0], proc.stderr
         assert not (tmp_path / "p.csv").exists()
-    finally:
-        weights.write_bytes(original)
     proc = cnnpipe("predict", str(images(tmp_path)), "--output", str(tmp_path / "p.csv"), cwd=ws)
     assert proc.returncode == 0, proc.stderr
 
@@ -115,7 +124,7 @@ def test_every_model_address_resolves_to_its_version_and_is_verified(workspace, 
     whichever address names them, by serving and by `train.pretrained` alike."""
     from cnnpipe.config import TrackingConfig
     from cnnpipe.errors import CnnpipeError
-    from cnnpipe.models.pretrained import load_pretrained
+    from cnnpipe.engine.pretrained import load_pretrained
     from cnnpipe.serving import trusted
     from cnnpipe.tracking import Registry
 
@@ -124,12 +133,7 @@ def test_every_model_address_resolves_to_its_version_and_is_verified(workspace, 
     for uri in every_address(ws, record):
         assert str(registry.resolve(uri).version) == record["version"], uri
         trusted.load(registry, uri)
-    weights = next(model_folder(ws).rglob("model.pt"))
-    original = weights.read_bytes()
-    try:
-        tampered = bytearray(original)
-        tampered[-10] ^= 0x01
-        weights.write_bytes(bytes(tampered))
+    with flipped_weights(ws):
         for uri in every_address(ws, record):
             with pytest.raises(CnnpipeError, match="weights sha256 .* does not match"):
                 trusted.load(registry, uri, allow_unverified=True)  # a mismatch is never allowed
@@ -139,8 +143,6 @@ def test_every_model_address_resolves_to_its_version_and_is_verified(workspace, 
                        "--output", str(tmp_path / "p.csv"), cwd=ws)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "weights sha256" in proc.stderr
-    finally:
-        weights.write_bytes(original)
 
 
 def test_a_version_missing_a_digest_tag_is_refused_unless_allowed(workspace, tmp_path):
