@@ -7,6 +7,7 @@ Artifacts of each stage go under a folder named after the stage.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import hashlib
@@ -24,10 +25,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnpipe.config import TrackingConfig, sqlite_path
+from cnnpipe.config import DEFAULT_PARAMS, TrackingConfig, load_block, sqlite_path
 from cnnpipe.engine.model_folder import RUN_FILE
 from cnnpipe.errors import CnnpipeError, ServiceUnavailable
 from cnnpipe.fsio import read_json, write_json
+
+
+def tracking_config(params: dict[str, Any], args: argparse.Namespace, params_path: Path) -> TrackingConfig:
+    """The tracking block of a command: its --tracking-uri / --tracking-experiment flags win."""
+    return tracking_settings(params, getattr(args, "tracking_uri", None), getattr(args, "tracking_experiment", None),
+                             params_path)
+
+
+def tracking_settings(params: dict[str, Any], uri: str | None = None, experiment: str | None = None,
+                      params_path: Path = DEFAULT_PARAMS) -> TrackingConfig:
+    """The tracking block; precedence: `uri` / `experiment` given, then MLFLOW_TRACKING_URI, then params."""
+    overrides = {"uri": uri or os.environ.get("MLFLOW_TRACKING_URI") or None, "experiment": experiment}
+    block = params if "tracking" in params else {**params, "tracking": {}}
+    return load_block(TrackingConfig, "tracking", block, overrides, params_path)
 
 
 def _check_reachable(uri: str) -> None:

@@ -15,7 +15,7 @@ from cnnpipe.config import AugmentConfig, EvaluateConfig, TrainConfig
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.metrics import calibration_bins, classification_metrics, expected_calibration_error
 from cnnpipe.stages import augment, evaluate, train
-from tests.conftest import write_tiny_dataset
+from tests.helpers import write_tiny_dataset
 
 PNGS = ["confusion_matrix.png", "training_curves.png", "misclassified.png", "correct.png", "confidence_histogram.png",
         "reliability_diagram.png", "first_layer_filters.png", "feature_maps.png", "tsne.png"]

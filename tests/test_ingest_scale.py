@@ -21,7 +21,7 @@ from PIL import Image
 from cnnpipe.config import IngestConfig
 from cnnpipe.data.store import DatasetWriter, read_dataset
 from cnnpipe.stages import ingest
-from tests.conftest import user_env
+from tests.helpers import user_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

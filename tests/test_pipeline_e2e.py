@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO, free_port, make_workspace, run, user_env, wait_for_http
+from tests.helpers import REPO, free_port, make_workspace, run, user_env, wait_for_http
 
 pytestmark = pytest.mark.e2e
 MODEL_NAME = "cnnpipe-digits"

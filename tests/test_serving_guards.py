@@ -30,7 +30,7 @@ from PIL import Image
 from cnnpipe.engine.checkpoint import ModelSpec, save_model
 from cnnpipe.models import build_model
 from cnnpipe.serving.contract import RequestError, to_array
-from tests.conftest import REPO, user_env
+from tests.helpers import REPO, user_env
 
 CLASSES = ["stop", "yield", "left", "right"]
 BUDGET = 1_000_000  # the fuzzed server's pixel budget: small, so that bombs are cheap to build here

@@ -16,7 +16,7 @@ import yaml
 from cnnpipe.errors import CnnpipeError
 from pipeline import trainjob
 from pipeline.training import Topology, arguments, compile_pipeline, as_parameter
-from tests.conftest import REPO, free_port, user_env
+from tests.helpers import REPO, free_port, user_env
 
 
 def compiled(tmp_path: Path, topology: Topology) -> tuple[dict, dict]:

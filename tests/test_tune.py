@@ -10,10 +10,11 @@ import optuna
 import pytest
 import yaml
 
-from cnnpipe.config import TrackingConfig, load_tune
+from cnnpipe.config import TrackingConfig
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.search import tune
-from tests.conftest import REPO, cnnpipe, make_workspace, run, write_tiny_dataset
+from cnnpipe.search.space import load_tune
+from tests.helpers import REPO, cnnpipe, make_workspace, run, write_tiny_dataset
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnpipe.config import (AugmentConfig, EvaluateConfig, IngestConfig, RegisterConfig, TrainConfig, apply_overrides,
-                            load_block, parse_assignments, tracking_settings)
+                            load_block, parse_assignments)
+from cnnpipe.tracking import tracking_settings
 
 
 @dataclass(frozen=True)
