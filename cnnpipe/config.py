@@ -124,10 +124,11 @@ class TrainConfig:
                                       choices=("val/accuracy", "val/loss"))
     keep: str = knob("best", "the weights saved: best = the epoch with the best early_stopping_metric, last = the "
                               "final epoch", choices=("best", "last"))
-    channels_last: bool = knob(True, "NHWC memory layout (measured 1.4-1.8x faster on CPU, faster on tensor cores)")
+    channels_last: bool = knob(True, "NHWC memory layout (faster convolutions on CPU and on tensor cores: "
+                                              "benchmarks/results/train_throughput.json)")
     precision: str = knob("auto", "training arithmetic: auto (bf16 autocast on CUDA, fp32 on CPU: CPU runs repeat "
                                   "exactly), fp32, or bf16 (autocast where the hardware has bf16: CUDA, CPUs with "
-                                  "AVX512-BF16/AMX, ~1.6x faster for fastnet there; fp32 elsewhere)",
+                                  "AVX512-BF16/AMX, faster there: benchmarks/results/precision_cpu.json; fp32 elsewhere)",
                           choices=("auto", "fp32", "bf16"))
     compile: bool = knob(False, "torch.compile the model (pays a compile time up front; worth it on long GPU runs)")
     data_mode: str = knob("auto", "where training batches come from: device = the whole decoded training split held on the "
