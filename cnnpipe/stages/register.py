@@ -29,7 +29,7 @@ from cnnpipe.promotion import promote
 from cnnpipe.serving import calibration, trusted
 from cnnpipe.serving.calibration import Calibration
 from cnnpipe.serving.predictor import Predictor
-from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags
+from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags, quiet_mlflow
 
 
 def _png_base64(image: np.ndarray) -> str:
@@ -57,6 +57,7 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     """Log the model folder `model` as a pyfunc into its pipeline run, with the calibration `evaluation` holds,
     register it (alias challenger), promote when asked; the registration is written to `record`."""
     model_dir, out = model, record
+    quiet_mlflow()  # before MLflow sees the pyfunc's class
     from cnnpipe.serving import pyfunc_model
     from cnnpipe.serving.pyfunc import predict_frame
 
