@@ -49,12 +49,33 @@ EXPERIMENT_TAGS = {
 MODEL_DIGEST_TAG = "cnnpipe.model_sha256"  # of the model file a run trained: finds the run of a restored model folder
 
 
-def quiet_mlflow() -> None:
-    """Keep MLflow's chatter off a user's terminal: the INFO lines of a new SQLite store's tables, and the
-    warning that our pyfunc's predict has no type hints (it takes images of any form: none would fit)."""
+def _quiet_logs() -> None:
+    """No INFO lines about a new SQLite store's tables on a user's terminal."""
     for name in ("mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
+
+
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """MLflow's chatter kept off a user's terminal while our pyfunc model is defined or logged: its warning that
+    predict has no type hints (it takes images in any form: no hint fits), and the INFO line of its input example
+    check. MLflow sets its own warning filters around the type check, so that warning is dropped where it is shown."""
+    _quiet_logs()
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202 - showwarning's
+            if "Add type hints to the `predict` method" not in str(message):
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        pyfunc_log.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            pyfunc_log.setLevel(level)
 
 
 def tracking_config(params: dict[str, Any], args: argparse.Namespace, params_path: Path) -> TrackingConfig:
@@ -254,7 +275,7 @@ class Tracker:
 
         # log_model works on the fluent API's active run; scope it to this run and store
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():
+        with mlflow.start_run(run_id=self.run_id), quiet_mlflow(), warnings.catch_warnings():
             # MLflow warns that integer columns cannot hold missing values: ours never miss
             warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
             inferred = infer_signature(input_example, output_example, params=params)
@@ -317,7 +338,7 @@ def _store_lock(uri: str, purpose: str = "init", holder: str = "") -> Iterator[N
 
 def _connect(uri: str):  # noqa: ANN202 - MlflowClient, imported lazily
     _check_reachable(uri)
-    quiet_mlflow()
+    _quiet_logs()
     from mlflow import MlflowClient
 
     try:

@@ -57,9 +57,9 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     """Log the model folder `model` as a pyfunc into its pipeline run, with the calibration `evaluation` holds,
     register it (alias challenger), promote when asked; the registration is written to `record`."""
     model_dir, out = model, record
-    quiet_mlflow()  # before MLflow sees the pyfunc's class
-    from cnnpipe.serving import pyfunc_model
-    from cnnpipe.serving.pyfunc import predict_frame
+    with quiet_mlflow():  # MLflow checks the pyfunc's class as it is defined
+        from cnnpipe.serving import pyfunc_model
+        from cnnpipe.serving.pyfunc import predict_frame
 
     ensure_writable_parent(out)
     calibrated = Calibration.read(evaluation / CALIBRATION_FILE)  # served with the model: softmax(logits / T)
