@@ -204,7 +204,7 @@ def lock_held_elsewhere(out):  # noqa: ANN001, ANN201 - a path; yields the holde
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, cwd=REPO)
@@ -235,7 +235,7 @@ def test_a_write_error_of_the_medium_is_one_line_naming_the_output(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     out = tmp_path / "out"
     out.mkdir()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cnnpipe
+from tests.helpers import REPO, cnnpipe
 from tests.test_integrity import lock_held_elsewhere
 
 pytestmark = pytest.mark.e2e

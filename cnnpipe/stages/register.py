@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import cnnpipe
-from cnnpipe import calibration
+from cnnpipe import calibration, verified_model
 from cnnpipe.calibration import Calibration
 from cnnpipe.config import RegisterConfig, TrackingConfig
 from cnnpipe.data.store import read_dataset
@@ -29,8 +29,7 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.folder import CALIBRATION_FILE, METRICS_FILE
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.promotion import promote
-from cnnpipe import verified_model
-from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags
+from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags, quiet_mlflow
 
 
 def _png_base64(image: np.ndarray) -> str:
@@ -58,8 +57,9 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     """Log the model folder `model` as a pyfunc into its pipeline run, with the calibration `evaluation` holds,
     register it (alias challenger), promote when asked; the registration is written to `record`."""
     model_dir, out = model, record
-    from cnnpipe.serving import pyfunc_model
-    from cnnpipe.serving.pyfunc import predict_frame
+    with quiet_mlflow():  # MLflow checks the pyfunc's class as it is defined
+        from cnnpipe.serving import pyfunc_model
+        from cnnpipe.serving.pyfunc import predict_frame
 
     ensure_writable_parent(out)
     calibrated = Calibration.read(evaluation / CALIBRATION_FILE)  # served with the model: softmax(logits / T)
@@ -101,7 +101,9 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     registry.set_alias(cfg.model_name, CHALLENGER, version)
     registry.tag_version(cfg.model_name, version, {STATE_TAG: "registered"})  # killed before this: `gc` deletes it
     print(f"registered {cfg.model_name} version {version} as {CHALLENGER} "
-          f"(test accuracy {test.get('accuracy', float('nan')):.4f})", file=sys.stderr)
+          f"(test accuracy {test.get('accuracy', float('nan')):.4f}); the runs in MLflow's UI: "
+          f"{tracking.uri.rstrip('/') if tracking.uri.startswith('http') else '<mlflow ui>'}{tracker.view_page()}",
+          file=sys.stderr)
     promotion = promote(cfg, tracking, cfg.model_name, version, data) if cfg.auto_promote else None
     registration = {"name": cfg.model_name, "version": version, "model_uri": f"models:/{cfg.model_name}/{version}",
               "logged_model_uri": model_uri, "run_id": tracker.run_id, "tracking_uri": tracking.uri,
