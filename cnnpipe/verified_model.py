@@ -106,9 +106,9 @@ class Fetched:
 
 def fetch(registry: Registry, model_uri: str, dst: Path, *, allow_unverified: bool = False) -> Fetched:
     """The folder of `model_uri` (any model or run URI, or an MLflow model folder), downloaded into `dst` and
-    verified against the version that holds it (see `_verify`). A local folder is the caller's own file and loads
-    as it is."""
+    verified against the version that holds it (see `_verify`). A local path (folder or file) is the caller's own
+    and loads as it is."""
     folder, version, where = registry.model_files(model_uri, dst)
-    if version is not None or not Path(model_uri).is_dir():
+    if version is not None or not Path(model_uri).exists():
         _verify(folder, version, where, allow_unverified)
     return Fetched(folder, version, where)

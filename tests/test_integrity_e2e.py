@@ -83,3 +83,15 @@ def test_a_full_tracking_store_is_one_line(tmp_path):
             for i in range(200):
                 client.log_batch(run.info.run_id, params=[Param(f"p{i}-{j}", "v" * 400) for j in range(50)])
         assert "database or disk is full" in _medium_error(caught.value)
+
+
+def test_an_archive_of_too_many_entries_is_one_line(tmp_path):
+    from tests.test_integrity import empty_members_tar_gz
+
+    ws = workspace(tmp_path)
+    archive = empty_members_tar_gz(tmp_path / "many.tar.gz", 2001)
+    proc = cnnpipe("ingest", "--source", "imagefolder", "--path", str(archive), "--max-members", "2000",
+                   "--out", str(ws / "processed"), cwd=ws)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "more than ingest.max_members=2,000 entries" in lines[0], proc.stderr
