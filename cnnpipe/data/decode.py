@@ -9,9 +9,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.serving.contract import reduce_on_decode, to_mode, to_pixels
+from cnnpipe.serving.contract import IMAGE_FORMATS, reduce_on_decode, to_mode, to_pixels
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".webp")
+# the file names of the formats serving accepts (GIF, PGM, ... too): ingest reads what a server would
+IMAGE_SUFFIXES = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in IMAGE_FORMATS))
 
 
 class BadImage(Exception):
@@ -34,7 +35,7 @@ def decode(data: bytes, name: str, size: int, channels: int,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             if roi is None:  # the ROI's coordinates need the full resolution
                 reduce_on_decode(img, size)
             img.load()
