@@ -129,6 +129,12 @@ def _explain(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     return explain_image(predictor, args.image, args.output or default_output(args.image), args.class_name)
 
 
+def _init(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe import init_params
+
+    return init_params.run(path=args.path, params_file=pp, force=args.force, overrides=parse_assignments(args.set))
+
+
 def _sweep(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.search import sweep
 
@@ -295,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                "never beside the image: a data folder would take it as a photo)")
     add_flags(p, TrackingConfig, prefix="tracking-")
 
+    p = command("init", "write a complete, commented params.yaml for a dataset (a folder of photos, GTSRB, CIFAR-10, "
+                        "pickles): its source, image size, the photo recipe for photos, its own model name; then "
+                        "`dvc repro`", _init, None)
+    p.set_defaults(reads_params=False)  # it writes --params (with -S values applied)
+    p.add_argument("path", type=Path, help="the dataset: class folders, split folders (train/ val/ test/ of class "
+                                           "folders), or an archive; see docs/photos.md")
+    p.add_argument("--force", action="store_true", help="overwrite --params even when git does not hold it as it is")
+
     p = command("sweep", "train and evaluate a grid of train params as child runs of one MLflow run, "
                          "with a comparison table", _sweep, TrainConfig)
     p.add_argument("--grid", action="append", default=[], metavar="train.NAME=V1,V2",
@@ -396,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     try:
-        params = apply_overrides(read_params(args.params), parse_assignments(args.set))
+        params = apply_overrides(read_params(args.params), parse_assignments(args.set)) \
+            if getattr(args, "reads_params", True) else {}
         result = args.handler(args, params, args.params)
     except CnnpipeError as e:
         print(f"cnnpipe {args.command}: error: {e}", file=sys.stderr)

@@ -47,7 +47,8 @@ def detect(path: Path) -> tuple[str, str]:
     """(source, why) for the files at `path`, or a one-line CnnpipeError saying what was expected."""
     if path.is_file() and path.suffix.lower() in (".p", ".pkl", ".pickle"):
         return "pickle", f"'{path.name}' is a pickle file"
-    bases = {PurePosixPath(n).name: n for n in _names(path)}
+    names = _names(path)
+    bases = {PurePosixPath(n).name: n for n in names}
     if "train.p" in bases:
         return "pickle", f"'{bases['train.p']}' (a tutorial's pickled traffic signs)"
     if "batches.meta" in bases and "data_batch_1" in bases:
@@ -55,7 +56,7 @@ def detect(path: Path) -> tuple[str, str]:
     annotations = sorted(b for b in bases if b.startswith("GT-0") and b.endswith(".csv"))
     if annotations:
         return "gtsrb", f"GTSRB annotations ('{bases[annotations[0]]}', {len(annotations)} in all)"
-    images = sum(b.lower().endswith(IMAGE_SUFFIXES) for b in bases)
+    images = sum(n.lower().endswith(IMAGE_SUFFIXES) for n in names)
     if images:
         return "imagefolder", f"{images} image files"
     raise CnnpipeError(f"ingest.path '{path}': cannot tell the dataset: expected an image folder, a GTSRB layout "
