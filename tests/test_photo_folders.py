@@ -47,9 +47,16 @@ def tree(path: Path) -> FileTree:
     return FileTree(path, ArchiveLimits(256, 100, 8192))
 
 
-def test_ingest_reads_every_format_serving_accepts():
-    assert {".gif", ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm"} <= set(IMAGE_SUFFIXES)
+def test_ingest_reads_every_format_serving_accepts(tmp_path):
+    from cnnpipe.data.decode import decode
+    from cnnpipe.serving.contract import parse_body, to_array
+
+    assert {".gif", ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm", ".pgm"} <= set(IMAGE_SUFFIXES)
     assert set(IMAGE_FORMATS) == {Image.registered_extensions()[s] for s in IMAGE_SUFFIXES}
+    photo(tmp_path / "a.gif", (200, 30, 30))
+    data = (tmp_path / "a.gif").read_bytes()
+    assert parse_body(data, "image/gif")[0] == [data]  # a server takes it as ingest does
+    assert np.array_equal(decode(data, "a.gif", 8, 3), to_array(data, 8, 3))
 
 
 def test_split_folders_are_the_splits_and_a_missing_class_is_named(tmp_path):

@@ -32,8 +32,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PAYLOAD = 6 * 1024 * 1024  # SageMaker's real-time invocation limit
 MAX_PIXELS = 4096 * 4096  # per image, checked from its header before decoding: a decode costs ~3-4 bytes a pixel
 IMAGE_FORMATS = ("PNG", "JPEG", "PPM", "BMP", "WEBP", "GIF")  # what Pillow may open: not its every parser
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/x-portable-pixmap", "image/bmp", "image/webp",
-               "application/x-image")
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/gif", "image/x-portable-pixmap", "image/x-portable-graymap",
+               "image/x-portable-anymap", "image/bmp", "image/webp", "application/x-image")
 RESIZE_MODES = ("squash", "center_crop", "letterbox")  # ingest.resize
 JSON_KEYS = ("image", "images", "instances", "dataframe_split", "dataframe_records", "inputs")
 
