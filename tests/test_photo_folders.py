@@ -17,13 +17,12 @@ from PIL import Image
 
 from cnnpipe.config import BLOCKS, IngestConfig, load_block, read_params
 from cnnpipe.data.archive import ArchiveLimits, FileTree
-from cnnpipe.data.decode import IMAGE_SUFFIXES
 from cnnpipe.data.sources import resolve_source
 from cnnpipe.data.sources.imagefolder import read_layout
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.init_params import model_name_for
 from cnnpipe.init_params import run as init
-from cnnpipe.serving.contract import IMAGE_FORMATS
+from cnnpipe.imaging import IMAGE_FORMATS, IMAGE_SUFFIXES
 
 COLORS = {"cat": (220, 40, 40), "dog": (40, 40, 220), "owl": (40, 200, 40)}
 
@@ -48,8 +47,8 @@ def tree(path: Path) -> FileTree:
 
 
 def test_ingest_reads_every_format_serving_accepts(tmp_path):
-    from cnnpipe.data.decode import decode
-    from cnnpipe.serving.contract import parse_body, to_array
+    from cnnpipe.imaging import decode, to_array
+    from cnnpipe.serving.contract import parse_body
 
     assert {".gif", ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm", ".pgm"} <= set(IMAGE_SUFFIXES)
     assert set(IMAGE_FORMATS) == {Image.registered_extensions()[s] for s in IMAGE_SUFFIXES}

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from cnnpipe.config import IngestConfig
-from cnnpipe.data.decode import IMAGE_SUFFIXES
 from cnnpipe.data.raw import RawDataset
 from cnnpipe.data.sources import cifar10, digits, gtsrb, imagefolder, pickle_files
 from cnnpipe.data.sources.common import resolve
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.imaging import IMAGE_SUFFIXES
 
 SOURCES: dict[str, Callable[[IngestConfig], RawDataset]] = {
     "digits": digits.load,

@@ -20,9 +20,9 @@ from pathlib import PurePosixPath
 
 from cnnpipe.config import IngestConfig
 from cnnpipe.data.archive import FileTree
-from cnnpipe.data.decode import IMAGE_SUFFIXES
 from cnnpipe.data.raw import Entries, Entry, RawDataset
 from cnnpipe.data.sources.common import input_record, open_tree, pending, resolve
+from cnnpipe.imaging import IMAGE_SUFFIXES
 from cnnpipe.errors import CnnpipeError
 
 # folder name -> the split it holds
