@@ -99,10 +99,28 @@ def survey(path: Path) -> Survey:
     return found
 
 
+def value_comments(text: str) -> dict[str, str]:
+    """{block.key: the comment beside its value} of a params file's text (a recipe's reasons)."""
+    comments, block, key = {}, None, None
+    for line in text.splitlines():
+        if m := re.match(r"^(\w+):", line):
+            block, key = m.group(1), None
+        elif block and (m := re.match(r"^  (\w+):[^#]*#\s?(.*)$", line)):
+            key = f"{block}.{m.group(1)}"
+            comments[key] = m.group(2).strip()
+        elif key and (m := re.match(r"^ {4,}#\s?(.*)$", line)):  # the comment goes on under the value
+            comments[key] += f" {m.group(1).strip()}"
+        else:
+            key = None
+    return comments
+
+
 def settings(found: Survey, path: Path, project: Path) -> tuple[dict[str, Any], dict[str, str], str | None]:
-    """(the params, {block.key: why} of the values init chose, the recipe file used)."""
+    """(the params, {block.key: the comment beside it} with the reasons of the values init chose, the recipe
+    file used)."""
     recipe = project / PHOTO_RECIPE_FILE
     base = read_params(recipe) if found.photos and recipe.is_file() else {}
+    recipe_comments = value_comments(recipe.read_text()) if base else {}
     params = {block: {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)} | base.get(block, {})
               for block, cls in BLOCKS.items()}
     name = model_name_for(path)
@@ -114,27 +132,28 @@ def settings(found: Survey, path: Path, project: Path) -> tuple[dict[str, Any], 
     why = {"ingest.source": found.why, "ingest.path": "the dataset init was given",
            "register.model_name": "from the dataset's name: its own registered model",
            "tracking.experiment": "from the dataset's name"}
+    why = {key: f"init: {reason}" for key, reason in why.items()}
     if found.photos:
         if not base:
             chosen |= PHOTO_SETTINGS
         size = f"{found.median_size[0]}x{found.median_size[1]}"
-        why |= {"ingest.image_size": f"photos (median {size}): the photo recipe"
+        why |= {"ingest.image_size": f"init: photos (median {size}): the photo recipe"
                 + (f" ({PHOTO_RECIPE_FILE})" if base else ""),
-                "train.arch": "photos: an ImageNet backbone, fine-tuned"}
+                "train.arch": "init: photos: an ImageNet backbone, fine-tuned"}
     elif found.source in KNOWN_SIZES:
         chosen["ingest.image_size"], chosen["ingest.channels"] = KNOWN_SIZES[found.source]
-        why["ingest.image_size"] = f"{found.source}'s own size"
+        why["ingest.image_size"] = f"init: {found.source}'s own size"
     elif found.median_size is not None:  # small images: trained from scratch at about their size
         side = min(64, max(16, round(min(found.median_size) / 8) * 8))
         chosen |= {"ingest.image_size": side, "ingest.channels": 1 if found.gray else 3, "ingest.resize": "squash"}
-        why["ingest.image_size"] = (f"small {'grayscale ' if found.gray else ''}images (median "
+        why["ingest.image_size"] = (f"init: small {'grayscale ' if found.gray else ''}images (median "
                                     f"{found.median_size[0]}x{found.median_size[1]}): from scratch at about their size")
-    return apply_overrides(params, chosen), why, str(PHOTO_RECIPE_FILE) if base else None
+    return apply_overrides(params, chosen), recipe_comments | why, str(PHOTO_RECIPE_FILE) if base else None
 
 
-def render(params: dict[str, Any], why: dict[str, str], header: list[str]) -> str:
-    """params.yaml text: every field of every block, its help text as a comment above it, init's reasons
-    beside the values it chose."""
+def render(params: dict[str, Any], comments: dict[str, str], header: list[str]) -> str:
+    """params.yaml text: every field of every block, its help text as a comment above it, `comments` (init's
+    reasons, the recipe's) beside the values."""
     def scalar(value: Any) -> str:
         return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()
 
@@ -143,8 +162,8 @@ def render(params: dict[str, Any], why: dict[str, str], header: list[str]) -> st
         lines.append(f"\n{block}:")
         for f in dataclasses.fields(cls):
             lines += textwrap.wrap(f.metadata["help"], 116, initial_indent="  # ", subsequent_indent="  # ")
-            reason = why.get(f"{block}.{f.name}")
-            lines.append(f"  {f.name}: {scalar(params[block][f.name])}" + (f"  # init: {reason}" if reason else ""))
+            comment = comments.get(f"{block}.{f.name}")
+            lines.append(f"  {f.name}: {scalar(params[block][f.name])}" + (f"  # {comment}" if comment else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -168,7 +187,7 @@ def run(*, path: Path, params_file: Path, force: bool, overrides: dict[str, Any]
     found = survey(path)
     params, why, recipe = settings(found, path, params_file.resolve().parent)
     params = apply_overrides(params, overrides)
-    why |= {key: "set with -S" for key in overrides}
+    why |= {key: "init: set with -S" for key in overrides}
     for block, cls in BLOCKS.items():  # what is written must load: an override is checked as params.yaml's values
         load_block(cls, block, params, {}, params_file)
     kind = "photos" if found.photos else found.source

@@ -190,3 +190,19 @@ def test_init_replaces_a_params_file_git_holds_unchanged(tmp_path):
 def test_model_names_from_folder_and_archive_names():
     assert model_name_for(Path("/data/Flowers_102")) == "flowers-102"
     assert model_name_for(Path("pets.tar.gz")) == "pets"
+
+
+def test_init_takes_the_photo_recipe_and_its_reasons_from_the_project(tmp_path):
+    root = photo_folder(tmp_path / "pets", {"": {"cat": 2, "dog": 2}}, size=(100, 80))
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/photos.yaml").write_text(
+        "ingest:\n  source: imagefolder\n  path: data/raw/photos\n  image_size: 160  # measured: 160 px is enough\n"
+        "  resize: center_crop\n  channels: 3\ntrain:\n  arch: timm/efficientnet_lite0\n  pretrained: imagenet\n"
+        "  backbone_lr: 0.1     # the backbone fine-tunes at a tenth\n                        # of the head's rate\n")
+    result = init(path=root, params_file=tmp_path / "params.yaml", force=False, overrides={})
+    assert result["recipe"] == "configs/photos.yaml" and result["image_size"] == 160
+    params = read_params(tmp_path / "params.yaml")
+    assert params["train"]["backbone_lr"] == 0.1 and params["ingest"]["path"] == "pets"
+    text = (tmp_path / "params.yaml").read_text()
+    assert "backbone_lr: 0.1  # the backbone fine-tunes at a tenth of the head's rate" in text
+    assert "image_size: 160  # init: photos (median 100x80): the photo recipe (configs/photos.yaml)" in text
