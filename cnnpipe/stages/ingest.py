@@ -164,8 +164,8 @@ def run(*, cfg: IngestConfig, data: Path, report: Path) -> dict:
     if bad_files:
         print(f"ingest: skipped {len(bad_files)} unusable file(s) of {raw.files}; listed in '{report}'", file=sys.stderr)
     if raw.skipped_files:
-        print(f"ingest: skipped {len(raw.skipped_files)} file(s) that are not images; listed in '{report}'",
-              file=sys.stderr)
+        print(f"ingest: skipped {len(raw.skipped_files)} file(s) outside the dataset (not images, or images outside "
+              f"class folders); listed in '{report}'", file=sys.stderr)
     seconds = time.monotonic() - started
     return {**summary, "workers": workers, "chunks": len(chunks), "chunks_reused": len(reused),
             "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1)}
