@@ -95,7 +95,10 @@ def test_class_folders_as_before_and_an_archive_of_split_folders(tmp_path):
     with zipfile.ZipFile(tmp_path / "b.zip", "w") as z:
         for p in sorted(root.rglob("*.png")):
             z.write(p, f"photos/{p.relative_to(root).as_posix()}")  # one top folder, looked through
+        z.writestr("__MACOSX/photos/train/cat/._0.png", b"AppleDouble")  # a Mac's zip: no photo, no class
+        z.writestr("photos/.DS_Store", b"Finder")
     layout = read_layout(tree(tmp_path / "b.zip"), "b.zip")
+    assert [s["reason"] for s in layout.skipped] == ["a hidden file or macOS metadata"] * 2
     assert layout.kind == "splits" and layout.files["test"] == {"cat": ["photos/test/cat/0.png"],
                                                                 "dog": ["photos/test/dog/0.png"]}
 

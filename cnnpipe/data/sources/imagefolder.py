@@ -50,26 +50,33 @@ def is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _relative(tree: FileTree) -> tuple[list[tuple[str, tuple[str, ...]]], list[tuple[str, ...]]]:
-    """(name, parts below the root) of every file, and every folder below the root (parts) — an archive's
-    single top folder looked through."""
-    names = tree.names()
+def hidden(parts: tuple[str, ...]) -> bool:
+    """A hidden file or folder, or a zip's macOS metadata (__MACOSX/._photo.jpg is no photo)."""
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def _relative(tree: FileTree) -> tuple[list[tuple[str, tuple[str, ...]]], list[tuple[str, ...]], list[str]]:
+    """(name, parts below the root) of every file, every folder below the root (parts) — an archive's single
+    top folder looked through — and the hidden files, left out."""
+    every = tree.names()
+    names = [n for n in every if not hidden(PurePosixPath(n).parts)]
     parts = [PurePosixPath(n).parts for n in names]
     top = parts[0][0] if tree.path.is_file() and parts and all(len(p) >= 2 and p[0] == parts[0][0] for p in parts) \
         else None
     rel = [(n, p[1:] if top else p) for n, p in zip(names, parts)]
     if tree.path.is_dir():  # a folder also shows folders holding no file at all
-        folders = [p.relative_to(tree.path).parts for p in tree.path.rglob("*") if p.is_dir()]
+        folders = [f for p in tree.path.rglob("*") if p.is_dir() and not hidden(f := p.relative_to(tree.path).parts)]
     else:
         folders = sorted({r[:i] for _, r in rel for i in range(1, len(r))})
-    return rel, folders
+    return rel, folders, sorted(set(every) - set(names))
 
 
 def read_layout(tree: FileTree, where: str) -> Layout:
     """The layout of `tree`, or a one-line CnnpipeError naming `where` and the layout expected."""
-    rel, folders = _relative(tree)
+    rel, folders, hidden_files = _relative(tree)
     skipped = [{"path": f"{where}:{n}", "reason": f"not an image file ({', '.join(IMAGE_SUFFIXES)})"}
                for n, r in rel if not is_image(n)]
+    skipped += [{"path": f"{where}:{n}", "reason": "a hidden file or macOS metadata"} for n in hidden_files]
     images = [(n, r) for n, r in rel if is_image(n)]
     top_folders = sorted({f[0] for f in folders if len(f) == 1})
     splits = [f for f in top_folders if f.lower() in SPLIT_FOLDERS]
