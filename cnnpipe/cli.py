@@ -25,15 +25,15 @@ from cnnpipe.config import (
     add_flags,
     apply_overrides,
     load_block,
-    load_tune,
     parse_assignments,
     read_params,
     sqlite_path,
-    tracking_config,
 )
 from cnnpipe.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, CnnpipeError
 from cnnpipe.remote import location_arg
+from cnnpipe.search.space import load_tune
 from cnnpipe.stages.spec import STAGES, run_stage
+from cnnpipe.tracking import tracking_config
 
 Handler = Callable[[argparse.Namespace, dict, Path], dict]
 MODEL_HELP = "model URI, MLflow model folder or train folder (default: models:/<register.model_name>@champion)"
@@ -220,7 +220,7 @@ def _deploy(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnpipe", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="cnnpipe", description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Exit codes: 0 ok, 1 internal error, 2 bad input, "
                                             "3 tracking store unreachable, 130 interrupted.")
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
 
     def command(name: str, help: str, handler: Handler, cls: type | None) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)  # `--epoch 5` is no `--epochs`
         p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
         p.add_argument("-S", "--set", action="append", default=[], metavar="BLOCK.KEY=VALUE",
                        help="override any param for this run, as `dvc exp run -S` does (repeatable; one value may "

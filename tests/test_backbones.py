@@ -15,7 +15,7 @@ from cnnpipe.engine.loop import TrainData, fit
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import build_model, check_input_size, head, is_library_arch
 from cnnpipe.engine.pretrained import Pretrained, adapt_stats, fit_weights, load_pretrained
-from tests.conftest import cnnpipe, make_images, write_tiny_dataset
+from tests.helpers import cnnpipe, make_images, write_tiny_dataset
 
 torch.set_num_threads(1)
 
@@ -131,7 +131,7 @@ def test_backbone_lr_multiplier_scales_every_layer_but_the_head():
 def _workdir(tmp_path: Path, size: int = 16, channels: int = 3) -> Path:
     import yaml
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"

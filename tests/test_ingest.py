@@ -25,7 +25,7 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import file_digest
 from cnnpipe.stages import ingest
 from tests import formats
-from tests.conftest import run
+from tests.helpers import run
 
 GTSRB_ZIP = Path(__file__).resolve().parents[2] / "shared/data/GTSRB_Final_Training_Images.zip"
 

@@ -32,7 +32,7 @@ from cnnpipe.models import build_model
 from cnnpipe.serving.contract import MAX_PAYLOAD, input_fn, parse_body
 from cnnpipe.serving.local import predict_files
 from cnnpipe.serving.server import ServingApp, cnnpipe_invoke, run_in_thread
-from tests.conftest import REPO, cnnpipe, make_images
+from tests.helpers import REPO, cnnpipe, make_images
 from tests.formats import gtsrb_zip, sign_image
 
 # --- the dataset: whole frames and their boxes -----------------------------------------------------

@@ -32,7 +32,7 @@ from cnnpipe.evaluation.folder import CALIBRATION_FILE, METRICS_FILE
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.promotion import promote
 from cnnpipe.serving import trusted
-from cnnpipe.tracking import CHALLENGER, CHAMPION, STATE_TAG, Registry, Tracker, owner_tags
+from cnnpipe.tracking import CHALLENGER, CHAMPION, STATE_TAG, Registry, Tracker, owner_tags, quiet_mlflow
 
 CLASSES_TAG = "classes_sha256"  # on every version: the next registration compares its classes without a download
 
@@ -90,6 +90,10 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     """Log the model folder `model` as a pyfunc into its pipeline run, with the calibration `evaluation` holds,
     register it (alias challenger), promote when asked; the registration is written to `record`."""
     model_dir, out = model, record
+    with quiet_mlflow():  # MLflow checks the pyfunc's class as it is defined
+        from cnnpipe.serving import pyfunc_model
+        from cnnpipe.serving.pyfunc import predict_frame
+
     ensure_writable_parent(out)
     calibrated = Calibration.read(evaluation / CALIBRATION_FILE)  # served with the model: softmax(logits / T)
     # fail here, not inside MLflow, on a bad model file
@@ -109,9 +113,6 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
               file=sys.stderr)
         model_uri = registry.version(cfg.model_name, version).source
     else:
-        from cnnpipe.serving import pyfunc_model  # imported once a version is due: MLflow warns as it loads
-        from cnnpipe.serving.pyfunc import predict_frame
-
         example = pd.DataFrame({"image": [_png_base64(np.asarray(img)) for img in ds.splits["test"].images[:2]]})
         model_uri = tracker.log_pyfunc_model(
             "model", example, predict_frame(predictor, example, cfg.top_k), {"top_k": cfg.top_k},
