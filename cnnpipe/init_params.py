@@ -157,7 +157,7 @@ def render(params: dict[str, Any], comments: dict[str, str], header: list[str]) 
     def scalar(value: Any) -> str:
         return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()
 
-    lines = [f"# {h}" for h in header]
+    lines = ["# yaml-language-server: $schema=params.schema.json", *(f"# {h}" for h in header)]  # editors check it
     for block, cls in BLOCKS.items():
         lines.append(f"\n{block}:")
         for f in dataclasses.fields(cls):

@@ -165,6 +165,12 @@ def test_init_writes_a_complete_commented_params_file_for_photos(tmp_path):
     assert params["train"]["epochs"] == 3 and params["tracking"]["experiment"] == "my-holiday-photos"
     text = params_file.read_text()
     assert "# images are resized to image_size x image_size" in text and "next: dvc repro" in text
+    import jsonschema
+
+    from tests.conftest import REPO
+
+    assert text.startswith("# yaml-language-server: $schema=params.schema.json\n")  # what editors check it against
+    jsonschema.validate(params, json.loads((REPO / "params.schema.json").read_text()))
     with pytest.raises(CnnpipeError, match="exists with changes git does not hold; expected --force"):
         init(path=root, params_file=params_file, force=False, overrides={})
     init(path=root, params_file=params_file, force=True, overrides={})
