@@ -167,7 +167,7 @@ def test_init_writes_a_complete_commented_params_file_for_photos(tmp_path):
     assert "# images are resized to image_size x image_size" in text and "next: dvc repro" in text
     import jsonschema
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     assert text.startswith("# yaml-language-server: $schema=params.schema.json\n")  # what editors check it against
     jsonschema.validate(params, json.loads((REPO / "params.schema.json").read_text()))

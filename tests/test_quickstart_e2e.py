@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import cnnpipe, free_port, make_workspace, run, user_env, wait_for_http
+from tests.helpers import cnnpipe, free_port, make_workspace, run, user_env, wait_for_http
 
 pytestmark = pytest.mark.e2e
 COLORS = {"daisy": (230, 210, 40), "rose": (220, 40, 40), "violet": (90, 50, 200)}
