@@ -148,6 +148,8 @@ def test_auto_source_is_told_from_the_path(tmp_path):
 def test_a_path_with_digits_is_an_error(tmp_path):
     with pytest.raises(CnnpipeError, match="ingest.path 'x' given with ingest.source digits, which reads no files"):
         resolve_source(IngestConfig(source="digits", path="x"))
+    with pytest.raises(CnnpipeError, match="ingest.test_path 't' given without ingest.path"):
+        resolve_source(IngestConfig(test_path="t"))
 
 
 def test_init_writes_a_complete_commented_params_file_for_photos(tmp_path):

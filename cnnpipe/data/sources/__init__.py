@@ -76,6 +76,9 @@ def resolve_source(cfg: IngestConfig) -> tuple[IngestConfig, str | None]:
                                f"{', '.join([AUTO, *SOURCES])})")
         return cfg, None
     if cfg.path is None:
+        if cfg.test_path:
+            raise CnnpipeError(f"ingest.test_path '{cfg.test_path}' given without ingest.path; expected both (or neither: "
+                               "the embedded digits)")
         return dataclasses.replace(cfg, source="digits"), "no ingest.path: the embedded digits"
     source, why = detect(resolve(cfg.path, cfg, "path"))
     return dataclasses.replace(cfg, source=source), why
