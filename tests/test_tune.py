@@ -228,6 +228,7 @@ def test_katib_grid_uses_the_same_values_and_rejects_what_katib_lacks(tmp_path):
         katib.check(manifest)
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_pipeline_compile_tune_writes_the_experiment(tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     proc = cnnpipe("pipeline", "compile", "--tune", cwd=tmp_path)
