@@ -137,7 +137,9 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     registry.set_alias(cfg.model_name, CHALLENGER, version)
     registry.tag_version(cfg.model_name, version, {STATE_TAG: "registered"})  # killed before this: `gc` deletes it
     print(f"registered {cfg.model_name} version {version} as {CHALLENGER} "
-          f"(test accuracy {test.get('accuracy', float('nan')):.4f})", file=sys.stderr)
+          f"(test accuracy {test.get('accuracy', float('nan')):.4f}); the runs in MLflow's UI: "
+          f"{tracking.uri.rstrip('/') if tracking.uri.startswith('http') else '<mlflow ui>'}{tracker.view_page()}",
+          file=sys.stderr)
     promotion = promote(cfg, tracking, cfg.model_name, version, data) if cfg.auto_promote else None
     registration = {"name": cfg.model_name, "version": version, "model_uri": f"models:/{cfg.model_name}/{version}",
               "logged_model_uri": model_uri, "run_id": tracker.run_id, "tracking_uri": tracking.uri,
