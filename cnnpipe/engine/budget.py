@@ -21,6 +21,7 @@ from cnnpipe.engine.distributed import Dist, broadcast_ints
 
 WARMUP_STEPS = 3  # steps not timed at each resolution: first calls create the kernels (oneDNN primitives, cuDNN plans)
 MEASURE_STEPS = 10  # steps timed after them; a fixed count, so every DDP rank plans at the same step
+MEASURE_SHARE = 0.1  # of the budget the first measurements may take before the first plan
 PLAN_SHARE = 0.97  # of the remaining time a plan fills: room for the measurements' noise
 DRIFT = 0.1  # re-plan when the rest of the plan would overrun, or finish this share of the remaining time early
 SMOOTHING = 0.3  # weight of the latest window in a step cost's moving average: follows a drift, not every hiccup
@@ -211,10 +212,15 @@ class BudgetKeeper:
         returns the new plan when it plans or re-plans here. `time_val()` measures a validation pass (seconds)."""
         self.window_steps += 1
         if self.state.plan is None:
-            if epoch != 1 or step % (WARMUP_STEPS + MEASURE_STEPS) != 0:
+            if epoch != 1:
                 return None
-            self.measured[low_res] = (self.now() - self.window_start) / MEASURE_STEPS
-            if self.low_res_share < 1 and low_res and False not in self.measured:
+            # steps so slow that measuring them all would spend the budget: plan from those done
+            late = bool(broadcast_ints([self.elapsed() > MEASURE_SHARE * self.state.budget_s], self.dist,
+                                       self.device)[0])
+            if step % (WARMUP_STEPS + MEASURE_STEPS) != 0 and not late:
+                return None
+            self.measured[low_res] = (self.now() - self.window_start) / max(self.window_steps, 1)
+            if self.low_res_share < 1 and low_res and False not in self.measured and not late:
                 return None  # next: the full-resolution probe
             self.val_s = time_val()
             return self._first_plan(Position(epoch, step, int(epoch_low_res), not epoch_low_res), steps_per_epoch)
@@ -261,8 +267,10 @@ class BudgetKeeper:
                     "low_res_epochs": s.plan.low_res_epochs, "fits": s.plan.fits,
                     "first_plan_epochs": s.first_plan.epochs if s.first_plan else s.plan.epochs}
         if s.costs is not None:
-            out |= {"step_s": round(s.costs.step_s, 5), "low_res_step_s": round(s.costs.low_res_step_s, 5),
-                    "val_s": round(s.costs.val_s, 4), "epoch_overhead_s": round(s.costs.epoch_overhead_s, 4)}
+            out |= {"step_s": round(s.costs.step_s, 5), "val_s": round(s.costs.val_s, 4),
+                    "epoch_overhead_s": round(s.costs.epoch_overhead_s, 4)}
+            if self.low_res_share:
+                out["low_res_step_s"] = round(s.costs.low_res_step_s, 5)
         return out
 
     def _measure(self, low_res: bool, step_s: float) -> None:

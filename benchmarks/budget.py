@@ -1,0 +1,181 @@
+"""Benchmark: GTSRB test accuracy against a wall-clock training budget (train.budget_s), on this CPU as it is and
+emulating an AVX2-only CPU.
+
+Per budget B, CPU mode and seed: configs/gtsrb-fast.yaml with train.budget_s = B (train.epochs a cap that grows
+with B, the low-resolution share of its epochs kept) trains in its own process: benchmarks/recipes.py's worker
+(augment + train on one ingest of the real GTSRB training set, whole frames + boxes, val and test held out by
+track; test accuracy on whole frames, the served protocol). The fixed recipes (configs/gtsrb-fast.yaml,
+configs/gtsrb.yaml) run as they are, their own epochs, once per mode and seed: their test accuracy at their own
+training time, and the validation accuracy they had reached by each budget.
+
+The AVX2 emulation: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 in the worker's environment. oneDNN's
+verbose output then names avx2 kernels (brg_conv_fwd:avx2, jit:avx2) where it named avx512_core(_bf16), and
+train.precision bf16 falls back to fp32, as on a real AVX2 CPU (docs/budget.md).
+
+    flock /tmp/cnnpipe-bench.lock .venv/bin/python benchmarks/budget.py [--budgets 30 60 120 300 600] \\
+        [--seeds 3] [--modes native avx2] [--fixed fast default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import record  # noqa: E402
+from recipes import GTSRB_ZIP, RECIPES, prepare, spawn  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES_SCRIPT = Path(__file__).resolve().parent / "recipes.py"
+MODES = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+SECONDS_PER_EPOCH_CAP = 8  # train.epochs = B / 8: a cap the budget reaches first (an epoch takes ~9-14 s here)
+
+
+def budgeted_params(budget: float, work: Path) -> Path:
+    """configs/gtsrb-fast.yaml with train.budget_s = budget, its epochs a cap scaled to the budget."""
+    params = yaml.safe_load(RECIPES["fast"].read_text())
+    train = params["train"]
+    cap = max(train["epochs"], math.ceil(budget / SECONDS_PER_EPOCH_CAP))
+    share = train["low_res_epochs"] / train["epochs"]
+    train.update(budget_s=float(budget), epochs=cap, low_res_epochs=round(share * cap))
+    path = work / f"params-budget-{budget:g}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def cpu_flags() -> dict[str, bool]:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    return {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
+
+
+def val_by(epochs: list[dict], seconds: float) -> float | None:
+    """The best validation accuracy a run had reached `seconds` into its training (None: no epoch by then)."""
+    reached = [e["val_accuracy"] for e in epochs if e["elapsed_s"] <= seconds]
+    return max(reached) if reached else None
+
+
+def stat(values: list[float]) -> dict:
+    return {"mean": round(statistics.mean(values), 5), "std": round(statistics.stdev(values), 5) if len(values) > 1
+            else None, "n": len(values)}
+
+
+def plot(results: dict, budgets: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (mode, res), color in zip(results.items(), ("tab:blue", "tab:orange")):
+        xs = [b for b in budgets if str(b) in res["budgeted"]]
+        ys = [100 * res["budgeted"][str(b)]["test_accuracy"]["mean"] for b in xs]
+        actual = [res["budgeted"][str(b)]["actual_s"]["mean"] for b in xs]
+        ax.plot(xs, ys, "o-", color=color, label=f"budgeted ({mode})")
+        for x, y, a in zip(xs, ys, actual):
+            ax.annotate(f"{a:.0f} s", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=7, color=color)
+        for name, fixed in res["fixed"].items():
+            ax.plot(fixed["train_s"]["mean"], 100 * fixed["test_accuracy"]["mean"], "s" if name == "fast" else "^",
+                    color=color, markerfacecolor="none", markersize=9, label=f"{name} recipe, fixed epochs ({mode})")
+    ax.axhline(98.84, color="grey", linestyle=":", linewidth=1, label="human (98.84 %)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training + validation wall-clock (s): the budget, or a fixed recipe's time")
+    ax.set_ylabel("test accuracy, whole frames (%)")
+    ax.set_title("GTSRB: accuracy against a training budget (2 cores)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--zip", type=Path, default=GTSRB_ZIP)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[30, 60, 120, 300, 600])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--fixed", nargs="*", default=["fast", "default"], choices=sorted(RECIPES),
+                        help="fixed-epoch recipes to compare (none: only the budgeted trainer)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-recipes"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/budget_gtsrb.json")
+    args = parser.parse_args()
+    if not args.zip.exists():
+        sys.exit(f"GTSRB zip not found: {args.zip}")
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    processed = prepare(args.zip, args.work)
+    threads = len(os.sched_getaffinity(0))
+    results: dict = {}
+    for mode in args.modes:
+        env = {**MODES[mode], "CNNPIPE_BENCH_THREADS": str(threads)}
+        res: dict = {"env": MODES[mode], "budgeted": {}, "fixed": {}}
+        for budget in args.budgets:
+            params = budgeted_params(budget, args.work)
+            runs = []
+            for seed in range(args.seeds):
+                print(f"{mode}: budget {budget:g} s, seed {seed}", file=sys.stderr, flush=True)
+                load = os.getloadavg()[0]
+                run = spawn([sys.executable, str(RECIPES_SCRIPT), "--worker", str(params), str(processed),
+                             str(args.work / f"budget-{mode}-{budget:g}-{seed}"), str(seed)], env=env)
+                runs.append({"seed": seed, "load_1min_before": round(load, 2), **run})
+            res["budgeted"][f"{budget:g}"] = {
+                "params": f"configs/gtsrb-fast.yaml with train.budget_s {budget:g}, "
+                          f"epochs {yaml.safe_load(params.read_text())['train']['epochs']} (cap)",
+                "test_accuracy": stat([r["test_accuracy"] for r in runs]),
+                "actual_s": stat([r["budget"]["actual_s"] for r in runs]),
+                "within_5_percent": sum(r["budget"]["actual_s"] <= 1.05 * budget for r in runs),
+                "runs": runs}
+        for name in args.fixed:
+            runs = []
+            for seed in range(args.seeds):
+                print(f"{mode}: fixed recipe {name}, seed {seed}", file=sys.stderr, flush=True)
+                load = os.getloadavg()[0]
+                run = spawn([sys.executable, str(RECIPES_SCRIPT), "--worker", str(RECIPES[name]), str(processed),
+                             str(args.work / f"fixed-{mode}-{name}-{seed}"), str(seed)], env=env)
+                runs.append({"seed": seed, "load_1min_before": round(load, 2), **run})
+            res["fixed"][name] = {
+                "params": str(RECIPES[name].relative_to(ROOT)),
+                "test_accuracy": stat([r["test_accuracy"] for r in runs]),
+                "train_s": stat([r["train_s"] for r in runs]),
+                "val_accuracy_by_budget": {f"{b:g}": [val_by(r["epochs"], b) for r in runs] for b in args.budgets},
+                "runs": runs}
+        results[mode] = res
+    header = ["CPU mode", "budget", "budgeted: test accuracy", "actual time", "within 5 %",
+              *(f"{n} recipe: val reached by then" for n in args.fixed)]
+    rows = [header, ["---"] + ["---:"] * (len(header) - 1)]
+    for mode, res in results.items():
+        for b, r in res["budgeted"].items():
+            acc, actual = r["test_accuracy"], r["actual_s"]
+            spread = f" ± {100 * acc['std']:.2f}" if acc["std"] is not None else ""
+            rows.append([mode, f"{b} s", f"{100 * acc['mean']:.2f}{spread} %", f"{actual['mean']:.1f} s",
+                         f"{r['within_5_percent']}/{acc['n']}",
+                         *(" / ".join("—" if v is None else f"{100 * v:.2f} %"
+                                      for v in res["fixed"][n]["val_accuracy_by_budget"][b]) for n in args.fixed)])
+        for n, f in res["fixed"].items():
+            rows.append([mode, f"{n} recipe as is", f"(test) {100 * f['test_accuracy']['mean']:.2f} %",
+                         f"{f['train_s']['mean']:.1f} s", "—", *("" for _ in args.fixed)])
+    table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    plot(results, args.budgets, args.out.with_suffix(".png"))
+    record(args.out, {
+        "benchmark": "GTSRB test accuracy (whole frames, track-held-out split) against train.budget_s; the fixed "
+                     "recipes as they are; actual_s = the trainer's own count of training + validation seconds, "
+                     "train_s = the worker's from the start of the train stage (data loading included)",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "budgets": args.budgets, "seeds": args.seeds,
+        "threads_per_run": threads, "cpu_flags": cpu_flags(), "results": results,
+        "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    })
+
+
+if __name__ == "__main__":
+    main()
