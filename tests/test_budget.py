@@ -17,6 +17,7 @@ from cnnpipe.config import AugmentConfig, TrainConfig
 from cnnpipe.engine.budget import (PLAN_SHARE, BudgetState, Costs, Plan, Position, Progress, plan_budget, remaining_cost,
                                    replan)
 from cnnpipe.engine.loop import fit
+from cnnpipe.engine.model_folder import CONFIG_FILE
 from cnnpipe.models import build_model
 from tests.conftest import REPO, cnnpipe, write_tiny_dataset
 from tests.test_engine import tiny_data
@@ -151,7 +152,7 @@ def test_train_with_a_budget_ends_within_it(tmp_path):
     assert 1 <= result["epochs"] == record["planned_epochs"] < 500 and record["low_res_epochs"] >= 1
     assert record["step_s"] > 0 and record["val_s"] > 0
     assert "train.budget_s 8: planned in epoch 1" in proc.stderr
-    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    saved = json.loads((tmp_path / "model" / CONFIG_FILE).read_text())
     assert saved["budget"]["planned_epochs"] == record["planned_epochs"]
 
 
