@@ -78,9 +78,9 @@ def plot(results: dict, budgets: list[float], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (mode, res), color in zip(results.items(), ("tab:blue", "tab:orange")):
-        xs = [b for b in budgets if str(b) in res["budgeted"]]
-        ys = [100 * res["budgeted"][str(b)]["test_accuracy"]["mean"] for b in xs]
-        actual = [res["budgeted"][str(b)]["actual_s"]["mean"] for b in xs]
+        xs = [b for b in budgets if f"{b:g}" in res["budgeted"]]
+        ys = [100 * res["budgeted"][f"{b:g}"]["test_accuracy"]["mean"] for b in xs]
+        actual = [res["budgeted"][f"{b:g}"]["actual_s"]["mean"] for b in xs]
         ax.plot(xs, ys, "o-", color=color, label=f"budgeted ({mode})")
         for x, y, a in zip(xs, ys, actual):
             ax.annotate(f"{a:.0f} s", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=7, color=color)
@@ -114,41 +114,42 @@ def main() -> None:
     load_before = [round(x, 2) for x in os.getloadavg()]
     processed = prepare(args.zip, args.work)
     threads = len(os.sched_getaffinity(0))
-    results: dict = {}
-    for mode in args.modes:
-        env = {**MODES[mode], "CNNPIPE_BENCH_THREADS": str(threads)}
-        res: dict = {"env": MODES[mode], "budgeted": {}, "fixed": {}}
-        for budget in args.budgets:
-            params = budgeted_params(budget, args.work)
-            runs = []
-            for seed in range(args.seeds):
-                print(f"{mode}: budget {budget:g} s, seed {seed}", file=sys.stderr, flush=True)
-                load = os.getloadavg()[0]
-                run = spawn([sys.executable, str(RECIPES_SCRIPT), "--worker", str(params), str(processed),
-                             str(args.work / f"budget-{mode}-{budget:g}-{seed}"), str(seed)], env=env)
-                runs.append({"seed": seed, "load_1min_before": round(load, 2), **run})
-            res["budgeted"][f"{budget:g}"] = {
+    results: dict = {mode: {"env": MODES[mode], "budgeted": {}, "fixed": {}} for mode in args.modes}
+
+    def worker(mode: str, params: Path, name: str, seed: int) -> dict:
+        print(f"{mode}: {name}, seed {seed}", file=sys.stderr, flush=True)
+        load = os.getloadavg()[0]
+        run = spawn([sys.executable, str(RECIPES_SCRIPT), "--worker", str(params), str(processed),
+                     str(args.work / f"{name}-{mode}-{seed}"), str(seed)],
+                    env={**MODES[mode], "CNNPIPE_BENCH_THREADS": str(threads)})
+        return {"seed": seed, "load_1min_before": round(load, 2), **run}
+
+    for budget in args.budgets:  # both modes at each budget before the next: a cut-short run still compares them
+        params = budgeted_params(budget, args.work)
+        for mode in args.modes:
+            runs = [worker(mode, params, f"budget-{budget:g}", seed) for seed in range(args.seeds)]
+            results[mode]["budgeted"][f"{budget:g}"] = {
                 "params": f"configs/gtsrb-fast.yaml with train.budget_s {budget:g}, "
                           f"epochs {yaml.safe_load(params.read_text())['train']['epochs']} (cap)",
                 "test_accuracy": stat([r["test_accuracy"] for r in runs]),
                 "actual_s": stat([r["budget"]["actual_s"] for r in runs]),
                 "within_5_percent": sum(r["budget"]["actual_s"] <= 1.05 * budget for r in runs),
                 "runs": runs}
-        for name in args.fixed:
-            runs = []
-            for seed in range(args.seeds):
-                print(f"{mode}: fixed recipe {name}, seed {seed}", file=sys.stderr, flush=True)
-                load = os.getloadavg()[0]
-                run = spawn([sys.executable, str(RECIPES_SCRIPT), "--worker", str(RECIPES[name]), str(processed),
-                             str(args.work / f"fixed-{mode}-{name}-{seed}"), str(seed)], env=env)
-                runs.append({"seed": seed, "load_1min_before": round(load, 2), **run})
-            res["fixed"][name] = {
+            save(args, results, threads, load_before)
+    for name in args.fixed:
+        for mode in args.modes:
+            runs = [worker(mode, RECIPES[name], f"fixed-{name}", seed) for seed in range(args.seeds)]
+            results[mode]["fixed"][name] = {
                 "params": str(RECIPES[name].relative_to(ROOT)),
                 "test_accuracy": stat([r["test_accuracy"] for r in runs]),
                 "train_s": stat([r["train_s"] for r in runs]),
                 "val_accuracy_by_budget": {f"{b:g}": [val_by(r["epochs"], b) for r in runs] for b in args.budgets},
                 "runs": runs}
-        results[mode] = res
+            save(args, results, threads, load_before)
+
+
+def save(args: argparse.Namespace, results: dict, threads: int, load_before: list[float]) -> None:
+    """The results so far: JSON, markdown table, plot (written after every point: a long run cut short keeps them)."""
     header = ["CPU mode", "budget", "budgeted: test accuracy", "actual time", "within 5 %",
               *(f"{n} recipe: val reached by then" for n in args.fixed)]
     rows = [header, ["---"] + ["---:"] * (len(header) - 1)]
@@ -159,12 +160,13 @@ def main() -> None:
             rows.append([mode, f"{b} s", f"{100 * acc['mean']:.2f}{spread} %", f"{actual['mean']:.1f} s",
                          f"{r['within_5_percent']}/{acc['n']}",
                          *(" / ".join("—" if v is None else f"{100 * v:.2f} %"
-                                      for v in res["fixed"][n]["val_accuracy_by_budget"][b]) for n in args.fixed)])
+                                      for v in res["fixed"][n]["val_accuracy_by_budget"][b])
+                           if n in res["fixed"] else "not run" for n in args.fixed)])
         for n, f in res["fixed"].items():
             rows.append([mode, f"{n} recipe as is", f"(test) {100 * f['test_accuracy']['mean']:.2f} %",
                          f"{f['train_s']['mean']:.1f} s", "—", *("" for _ in args.fixed)])
-    table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
-    args.out.with_suffix(".md").write_text(table + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text("\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n")
     plot(results, args.budgets, args.out.with_suffix(".png"))
     record(args.out, {
         "benchmark": "GTSRB test accuracy (whole frames, track-held-out split) against train.budget_s; the fixed "
@@ -175,7 +177,6 @@ def main() -> None:
         "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     })
-
 
 if __name__ == "__main__":
     main()
