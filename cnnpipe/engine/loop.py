@@ -277,15 +277,16 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
                      f" (the last {new.last_epoch_steps} of its {source.steps(new.epochs)} steps)")
                   + ("" if new.fits else ": the budget is spent, stopping as soon as possible"),
                   file=sys.stderr, flush=True)
-    g_aug = torch.Generator(device=device)
-    tty = sys.stderr.isatty() and dist.is_main
-    stopped_early = False
+
     def time_validation(epoch: int) -> float:
         seconds = _validation_seconds(ema.model if ema is not None else model, data, mixed, keeper.now)
         if cfg.freeze_epochs:  # predict_logits put every layer back in training mode
             freeze_backbone(model, epoch <= cfg.freeze_epochs, cfg.frozen_bn_eval)
         return seconds
 
+    g_aug = torch.Generator(device=device)
+    tty = sys.stderr.isatty() and dist.is_main
+    stopped_early = False
     epoch = start_epoch
     while epoch <= plan.epochs:
         torch.manual_seed(epoch_seed(cfg.seed, dist.rank, epoch, 0))  # dropout and the like
