@@ -181,7 +181,7 @@ def test_study_on_digits_prunes_logs_applies_and_dvc_repro_trains_the_winner(tmp
 def test_katib_experiment_serializes_and_reads_back_through_katib_models(tmp_path):
     from kubeflow.katib import ApiClient, models
 
-    from pipeline import katib
+    from cnnpipe.pipeline import katib
 
     params = with_tune(**{**PARAMS["tune"], "jobs": 2, "n_trials": 12})
     cfg, space = load_tune(params, {})
@@ -213,7 +213,7 @@ def test_katib_experiment_serializes_and_reads_back_through_katib_models(tmp_pat
 
 
 def test_katib_grid_uses_the_same_values_and_rejects_what_katib_lacks(tmp_path):
-    from pipeline import katib
+    from cnnpipe.pipeline import katib
 
     cfg, space = load_tune(with_tune(**{**PARAMS["tune"], "sampler": "grid"}), {})
     manifest = yaml.safe_load(katib.write_experiment(tmp_path / "g.yaml", cfg, space, PARAMS, "x").read_text())
@@ -245,7 +245,7 @@ def test_katib_trial_command_runs_and_its_metric_line_is_collected(tmp_path):
 
     from kubeflow.katib import ApiClient
 
-    from pipeline import katib
+    from cnnpipe.pipeline import katib
 
     params = {**PARAMS, "train": {**PARAMS["train"], "epochs": 1}}
     cfg, space = load_tune(params, {})
