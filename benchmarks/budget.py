@@ -107,6 +107,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--fixed", nargs="*", default=["fast", "default"], choices=sorted(RECIPES),
                         help="fixed-epoch recipes to compare (none: only the budgeted trainer)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run (0 = the cores; 1 on a crowded machine: a 2-thread step waits "
+                             "for whichever of its threads is descheduled)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-recipes"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/budget_gtsrb.json")
     args = parser.parse_args()
@@ -114,7 +117,7 @@ def main() -> None:
         sys.exit(f"GTSRB zip not found: {args.zip}")
     load_before = [round(x, 2) for x in os.getloadavg()]
     processed = prepare(args.zip, args.work)
-    threads = len(os.sched_getaffinity(0))
+    threads = args.threads or len(os.sched_getaffinity(0))
     results: dict = {mode: {"env": MODES[mode], "budgeted": {}, "fixed": {}} for mode in args.modes}
 
     def worker(mode: str, params: Path, name: str, seed: int) -> dict:
