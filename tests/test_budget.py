@@ -41,6 +41,14 @@ def test_epochs_are_a_cap_and_a_single_partial_epoch_when_one_does_not_fit():
     assert not spent.fits and spent.epochs == 1 and spent.last_epoch_steps == 1
 
 
+def test_a_new_last_epoch_is_not_shorter_than_its_validation():
+    # 9 epochs would leave a 10th of 3 steps (0.3 s) that pays a 5 s validation: the plan stops at 9 instead
+    costs = Costs(step_s=0.1, low_res_step_s=0.1, val_s=5.0)
+    plan = plan_budget(remaining_s=(9 * 10 + 9 * 5 + 5.3) / PLAN_SHARE, costs=costs, steps_per_epoch=100,
+                       max_epochs=50, low_res_share=0)
+    assert plan == Plan(9, 100, 0)
+
+
 def test_budget_spent_between_epochs_ends_after_the_last_one():
     at = Position(epoch=4, steps_done=0, low_res_done=0, low_res_over=True)
     plan = plan_budget(remaining_s=0.2, costs=FLAT, steps_per_epoch=100, max_epochs=10, low_res_share=0, at=at)
@@ -97,6 +105,9 @@ def test_a_plan_that_fits_fits_and_could_not_take_one_more_step(remaining, step,
         return
     assert remaining_cost(plan, costs, per, at) <= remaining * PLAN_SHARE + 1e-9
     assert plan.epochs <= max(cap, at.epoch) and 1 <= plan.last_epoch_steps <= per
+    last_s = costs.low_res_step_s if plan.epochs <= plan.low_res_epochs else costs.step_s
+    if plan.epochs > at.epoch and plan.last_epoch_steps < per:  # a new partial epoch: at least its validation's time
+        assert plan.last_epoch_steps * last_s >= costs.val_s - 1e-9
     if plan.last_epoch_steps < per:  # partial: one more step would not have fitted
         bigger = Plan(plan.epochs, plan.last_epoch_steps + 1, plan.low_res_epochs)
         assert remaining_cost(bigger, costs, per, at) > remaining * PLAN_SHARE - 1e-9

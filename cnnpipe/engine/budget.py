@@ -86,7 +86,8 @@ def remaining_cost(plan: Plan, costs: Costs, steps_per_epoch: int, at: Position)
 def plan_budget(*, remaining_s: float, costs: Costs, steps_per_epoch: int, max_epochs: int, low_res_share: float,
                 at: Position = Position()) -> Plan:
     """The plan that trains the most steps within PLAN_SHARE of `remaining_s` from `at`, in at most `max_epochs`
-    epochs, the last one possibly partial (fewer epochs on a tie: fewer validation passes). When nothing more
+    epochs, the last one possibly partial but, when it is a new epoch, no shorter than its validation (fewer
+    epochs on a tie: fewer validation passes). When nothing more
     fits, a plan that stops as soon as it can (fits=False): the current epoch ends after its steps done
     (at least one step)."""
     usable = remaining_s * PLAN_SHARE
@@ -102,7 +103,9 @@ def plan_budget(*, remaining_s: float, costs: Costs, steps_per_epoch: int, max_e
         last_step_s = costs.low_res_step_s if n <= low else costs.step_s
         last = min(steps_per_epoch, (at.steps_done if n == at.epoch else 0)
                    + math.floor(max(spare, -1.0) / max(last_step_s, 1e-9)))
-        if spare < 0 or last < max(1, at.steps_done if n == at.epoch else 1):
+        # a new last epoch must train at least as long as its validation takes: a few steps are not worth a pass
+        least = 1 if n == at.epoch else math.ceil((costs.val_s + costs.epoch_overhead_s) / max(last_step_s, 1e-9))
+        if spare < 0 or last < max(least, at.steps_done if n == at.epoch else 1, 1):
             continue
         total = (n - 1) * steps_per_epoch + last
         if total > best_steps:
