@@ -5,20 +5,20 @@ ONEDNN_VERBOSE=1; records oneDNN's ISA line, the implementation of every convolu
 brg_conv_fwd:avx512_core_bf16 vs brg_conv_fwd:avx2), torch's CPU capability, and what cnnpipe's trainer would
 do with train.precision bf16 (native bf16, or the fp32 fallback). Writes benchmarks/results/avx2_emulation.json.
 
-    .venv/bin/python benchmarks/avx2_emulation.py
+    .venv/bin/python -m benchmarks.avx2_emulation
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from budget import MODES, cpu_flags  # noqa: E402
-from machine import record  # noqa: E402
+from benchmarks.budget import MODES
+from benchmarks.harness import machine_info, record
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
@@ -47,11 +47,12 @@ def probe(env: dict[str, str]) -> dict:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     modes = {mode: probe(env) for mode, env in MODES.items()}
     record(ROOT / "benchmarks/results/avx2_emulation.json", {
         "check": "oneDNN kernels and the trainer's bf16 decision, as the machine is and with the AVX2 emulation "
                  "(a conv forward + backward in fp32, then under bf16 autocast; ONEDNN_VERBOSE=1)",
-        "command": "python benchmarks/avx2_emulation.py", "cpu_flags": cpu_flags(), "modes": modes})
+        "command": "python -m benchmarks.avx2_emulation", "cpu_flags": machine_info()["cpu_flags"], "modes": modes})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ The AVX2 emulation: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 in the work
 verbose output then names avx2 kernels (brg_conv_fwd:avx2, jit:avx2) where it named avx512_core(_bf16), and
 train.precision bf16 falls back to fp32, as on a real AVX2 CPU (docs/budget.md).
 
-    flock /tmp/cnnpipe-bench.lock .venv/bin/python benchmarks/budget.py [--budgets 30 60 120 300 600] \\
+    flock /tmp/cnnpipe-bench.lock .venv/bin/python -m benchmarks.budget [--budgets 30 60 120 300 600] \\
         [--seeds 3] [--modes native avx2] [--fixed fast default]
 """
 
@@ -28,12 +28,10 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
-from recipes import GTSRB_ZIP, RECIPES, prepare, spawn  # noqa: E402
+from benchmarks.harness import machine_info, record
+from benchmarks.recipes import GTSRB_ZIP, RECIPES, prepare, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES_SCRIPT = Path(__file__).resolve().parent / "recipes.py"
 MODES = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 SECONDS_PER_EPOCH_CAP = 8  # train.epochs = B / 8: a cap the budget reaches first (an epoch takes ~9-14 s here)
 
@@ -50,14 +48,6 @@ def derived_params(recipe: str, budget: float, cap: int | None, work: Path) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
-
-
-def cpu_flags() -> dict[str, bool]:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        flags = []
-    return {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
 
 
 def val_by(epochs: list[dict], seconds: float) -> float | None:
@@ -123,7 +113,7 @@ def main() -> None:
     def worker(mode: str, params: Path, name: str, seed: int) -> dict:
         print(f"{mode}: {name}, seed {seed}", file=sys.stderr, flush=True)
         load = os.getloadavg()[0]
-        run = spawn([sys.executable, str(RECIPES_SCRIPT), "--worker", str(params), str(processed),
+        run = spawn([sys.executable, "-m", "benchmarks.recipes", "--worker", str(params), str(processed),
                      str(args.work / f"{name}-{mode}-{seed}"), str(seed)],
                     env={**MODES[mode], "CNNPIPE_BENCH_THREADS": str(threads)})
         return {"seed": seed, "load_1min_before": round(load, 2), **run}
@@ -179,8 +169,8 @@ def save(args: argparse.Namespace, results: dict, threads: int, load_before: lis
         "benchmark": "GTSRB test accuracy (whole frames, track-held-out split) against train.budget_s; the fixed "
                      "recipes as they are; actual_s = the trainer's own count of training + validation seconds, "
                      "train_s = the worker's from the start of the train stage (data loading included)",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "budgets": args.budgets, "seeds": args.seeds,
-        "threads_per_run": threads, "cpu_flags": cpu_flags(), "results": results,
+        "command": " ".join(["python -m benchmarks.budget", *sys.argv[1:]]), "budgets": args.budgets, "seeds": args.seeds,
+        "threads_per_run": threads, "cpu_flags": machine_info()["cpu_flags"], "results": results,
         "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     })

@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 from kubeflow.katib import ApiClient, models
 
-from cnnpipe.config import Dimension, TuneConfig
+from cnnpipe.config import TuneConfig
+from cnnpipe.search.space import Dimension
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
 from cnnpipe.search.tune import grid_values

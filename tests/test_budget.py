@@ -19,7 +19,7 @@ from cnnpipe.engine.budget import (PLAN_SHARE, BudgetState, Costs, Plan, Positio
 from cnnpipe.engine.loop import fit
 from cnnpipe.engine.model_folder import CONFIG_FILE
 from cnnpipe.models import build_model
-from tests.conftest import REPO, cnnpipe, write_tiny_dataset
+from tests.helpers import REPO, cnnpipe, write_tiny_dataset
 from tests.test_engine import tiny_data
 
 FLAT = Costs(step_s=0.1, low_res_step_s=0.1, val_s=1.0)

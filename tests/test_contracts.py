@@ -15,7 +15,7 @@ import yaml
 from cnnpipe.cli import build_parser
 from cnnpipe.config import result_keys
 from cnnpipe.stages.spec import STAGES
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]

@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def nav_pages(nav: list) -> list[str]:  # noqa: ANN001

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def load_readme_script():  # noqa: ANN201 - the module

@@ -17,7 +17,7 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.pipeline import trainjob
 from cnnpipe.pipeline.topology import Topology
 from cnnpipe.pipeline.training import arguments, as_parameter, compile_pipeline
-from tests.conftest import REPO, free_port, user_env
+from tests.helpers import REPO, free_port, user_env
 
 
 def compiled(tmp_path: Path, topology: Topology) -> tuple[dict, dict]:

@@ -199,8 +199,8 @@ class BudgetKeeper:
 
     # the first epoch: which steps are timed, and at which resolution
     def probing_full_res(self, epoch: int, step: int, low_res: bool) -> bool:
-        """In a fresh run's first epoch at low resolution, the second (warm-up + measured) steps (0-based `step`)
-        train at full resolution, to measure that cost too: real training steps, a few among hundreds."""
+        """In a fresh run's first epoch at low resolution, the block of steps after the timed low-resolution ones
+        (warm-up, then timed; `step` 0-based) trains at full resolution to time that cost too: real steps."""
         per = WARMUP_STEPS + MEASURE_STEPS
         return self.state.plan is None and epoch == 1 and low_res and self.low_res_share < 1 and per <= step < 2 * per
 

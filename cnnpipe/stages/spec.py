@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from cnnpipe.config import (AugmentConfig, EvaluateConfig, IngestConfig, RegisterConfig, TrainConfig, apply_overrides,
-                            load_block, parse_assignments, tracking_settings)
+                            load_block, parse_assignments)
 from cnnpipe.remote import location_arg
+from cnnpipe.tracking import tracking_settings
 
 
 @dataclass(frozen=True)
