@@ -105,7 +105,7 @@ def run_worker(params: Path, processed: Path, work: Path, seed: int) -> None:
     acc = (logits.argmax(1).numpy() == test.labels).mean()
     print(json.dumps({"test_accuracy": round(float(acc), 5), "val_accuracy_kept": round(out["val_accuracy"], 5),
                       "kept_epoch": out["kept_epoch"], "epochs_run": out["epochs"], "train_s": round(train_s, 1),
-                      "augment_s": round(t_train - t0, 1)}), flush=True)
+                      "augment_s": round(t_train - t0, 1), "budget": out.get("budget")}), flush=True)
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -110,7 +110,11 @@ class TrainConfig:
                                    "fine-tuning)", minimum=0.0)
     frozen_bn_eval: bool = knob(True, "keep BatchNorm statistics fixed (eval mode) while the backbone is frozen")
     width: int = knob(16, "base width (channels of the first conv layer; hidden units for mlp)", minimum=1)
-    epochs: int = knob(12, "training epochs", minimum=1)
+    epochs: int = knob(12, "training epochs (with budget_s: the most epochs the plan may have)", minimum=1)
+    budget_s: float = knob(0.0, "wall-clock budget of training + validation in seconds (0 = off: train.epochs epochs): "
+                                "the step and validation costs measured on the first steps plan the epochs, the "
+                                "low-res epochs and the schedule to end within it, re-planned when the speed drifts",
+                           minimum=0.0)
     batch_size: int = knob(64, "images per step", minimum=1)
     optimizer: str = knob("sgd", "sgd (Nesterov), adamw or adam", choices=("sgd", "adamw", "adam"))
     lr: float = knob(0.05, "peak learning rate", minimum=0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 
 import torch
@@ -24,11 +25,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# ONEDNN_MAX_CPU_ISA values that keep oneDNN's bf16 kernels (ALL: no limit)
+BF16_ISAS = ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
+             "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16")
+
+
 def native_bf16(device: torch.device) -> bool:
-    """bf16 in hardware: CUDA, or a CPU with AVX512-BF16 or AMX (elsewhere torch emulates it, slower than fp32)."""
+    """bf16 in hardware: CUDA, or a CPU with AVX512-BF16 or AMX (elsewhere torch emulates it, slower than fp32).
+    ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2-only CPU emulated) count as no bf16: the CPU
+    flags still say bf16, but oneDNN's bf16 kernels are then off and bf16 convolutions take aten's slow path."""
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    limited = (torch.backends.cpu.get_cpu_capability() != "AVX512"
+               or os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() not in BF16_ISAS)
+    return device.type == "cpu" and not limited and (torch.cpu._is_avx512_bf16_supported()
+                                                     or torch.cpu._is_amx_tile_supported())
 
 
 def autocast(device: torch.device, precision: str) -> tuple[Callable[[], contextlib.AbstractContextManager], str]:

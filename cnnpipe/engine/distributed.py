@@ -42,6 +42,15 @@ def all_sum(values: torch.Tensor, d: Dist) -> torch.Tensor:
     return values
 
 
+def broadcast_ints(values: list[int], d: Dist, device: torch.device) -> list[int]:
+    """Rank 0's `values` on every rank (`device`: where the backend takes tensors, CUDA for nccl)."""
+    if d.world <= 1:
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return t.tolist()
+
+
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()

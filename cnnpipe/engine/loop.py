@@ -12,6 +12,7 @@ from a checkpoint repeats the uninterrupted run exactly on CPU.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 import time
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from cnnpipe.augment import AugmentPolicy, apply_policy
 from cnnpipe.config import TrainConfig
+from cnnpipe.engine.budget import BudgetKeeper, BudgetState, Plan, Progress
 from cnnpipe.engine.device import autocast
 from cnnpipe.engine.distributed import Dist, all_sum
 from cnnpipe.engine.inference import normalize, predict_logits
@@ -91,6 +93,7 @@ class FitResult:
     best_epoch: int
     kept_epoch: int
     stopped_early: bool
+    budget: dict | None = None  # a budgeted run's plan, costs, re-plans and actual seconds (BudgetKeeper.record)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -178,6 +181,19 @@ def _check_low_res(model: nn.Module, size: int, channels: int, device: torch.dev
         model.train(was_training)
 
 
+def _validation_seconds(model: nn.Module, data: TrainData, mixed: Callable, now: Callable[[], float]) -> float:
+    """A validation pass's seconds: a slice of the split timed after a warm-up batch, scaled to the whole."""
+    n = len(data.val_labels)
+    if n == 0:
+        return 0.0
+    part = min(n, 2048)
+    with mixed():
+        predict_logits(model, data.val_images[:512], data.mean, data.std)
+        start = now()
+        predict_logits(model, data.val_images[:part], data.mean, data.std)
+        return (now() - start) * n / part
+
+
 def _better(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
@@ -192,6 +208,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
 
     `checkpoint(state)` is called after every epoch with everything `resume` needs to continue.
     """
+    started = time.perf_counter()  # a budget's clock
     dist = dist or Dist()  # one process
     device = data.val_images.device
     source = data.train_stream if data.train_stream is not None else DeviceBatches(data, cfg.batch_size, cfg.seed, dist)
@@ -203,14 +220,16 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
     if cfg.compile:
         net = torch.compile(net)
     mixed, precision = autocast(device, cfg.precision)
+    low_res_active = bool(cfg.low_res and cfg.low_res_epochs and cfg.low_res < data.val_images.shape[-1])
     if cfg.low_res and cfg.low_res_epochs:
         _check_low_res(model, cfg.low_res, data.val_images.shape[1], device)
     if precision != cfg.precision != "auto" and dist.is_main:
         print(f"train.precision: {cfg.precision} asked for, but {device} has no native bf16: training in fp32",
               file=sys.stderr)
-    total = sum(source.steps(epoch) for epoch in range(1, cfg.epochs + 1))
+    plan = Plan(cfg.epochs, source.steps(cfg.epochs), cfg.low_res_epochs)  # a budget re-plans it
+    progress = Progress(sum(source.steps(epoch) for epoch in range(1, cfg.epochs + 1)))
     opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, progress.at(s), 1))
     ema = EMA(model, cfg.ema) if cfg.ema else None
     history: list[dict[str, float]] = []
     best_value, best_epoch, best_state = None, 0, None
@@ -224,27 +243,76 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         history = resume["history"]
         best_value, best_epoch, best_state = resume["best_value"], resume["best_epoch"], resume["best_state"]
         start_epoch = resume["epoch"] + 1
+    keeper = None
+    if cfg.budget_s:
+        budget = BudgetState.from_dict(resume["budget"]) if resume is not None else BudgetState(cfg.budget_s)
+        if budget.plan is not None:  # a resumed run keeps its plan and the schedule's progress along it
+            plan = budget.plan
+            progress.__dict__.update(budget.schedule.__dict__)
+        budget.schedule = progress
+        keeper = BudgetKeeper(budget, max_epochs=cfg.epochs,
+                              low_res_share=min(cfg.low_res_epochs / cfg.epochs, 1.0) if low_res_active else 0.0,
+                              full_over_low_pixels=(data.val_images.shape[-1] / cfg.low_res) ** 2 if low_res_active
+                              else 1.0, dist=dist, device=device, started=started)
+
+    def adopt(new: Plan, where: str) -> None:
+        """Follow `new` from here: the schedule's remaining progress spread over its remaining steps."""
+        nonlocal plan
+        first, old = keeper.state.replans == 0, plan
+        plan = new
+        progress.retarget(sched.last_epoch, sum(source.steps(e) for e in range(1, new.epochs))
+                          + new.steps_in(new.epochs, source.steps(new.epochs)))
+        # every plan is counted (the record); a re-plan is said when it changes the epochs
+        if dist.is_main and (first or (old.epochs, old.low_res_epochs, old.fits) != (new.epochs, new.low_res_epochs,
+                                                                                      new.fits)):
+            c = keeper.state.costs
+            low = f", {new.low_res_epochs} at {cfg.low_res} px ({c.low_res_step_s * 1000:.0f} ms a step)" \
+                if low_res_active else ""
+            print(f"train.budget_s {cfg.budget_s:g}: {'planned' if first else 're-planned'} {where} at "
+                  f"{keeper.elapsed():.1f} s: {c.step_s * 1000:.0f} ms a step, {c.val_s:.1f} s a validation -> "
+                  f"{new.epochs} epoch{'s' if new.epochs > 1 else ''}{low}, {progress.total} steps"
+                  + ("" if new.last_epoch_steps >= source.steps(new.epochs)
+                     else f" (one epoch does not fit: {new.last_epoch_steps} of its {source.steps(1)} steps)"
+                     if new.epochs == 1 else
+                     f" (the last {new.last_epoch_steps} of its {source.steps(new.epochs)} steps)")
+                  + ("" if new.fits else ": the budget is spent, stopping as soon as possible"),
+                  file=sys.stderr, flush=True)
+
+    def time_validation(epoch: int) -> float:
+        seconds = _validation_seconds(ema.model if ema is not None else model, data, mixed, keeper.now)
+        if cfg.freeze_epochs:  # predict_logits put every layer back in training mode
+            freeze_backbone(model, epoch <= cfg.freeze_epochs, cfg.frozen_bn_eval)
+        return seconds
+
     g_aug = torch.Generator(device=device)
     tty = sys.stderr.isatty() and dist.is_main
     stopped_early = False
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    epoch = start_epoch
+    while epoch <= plan.epochs:
         torch.manual_seed(epoch_seed(cfg.seed, dist.rank, epoch, 0))  # dropout and the like
         g_aug.manual_seed(epoch_seed(cfg.seed, dist.rank, epoch, 2))
         model.train()
         if cfg.freeze_epochs:
             freeze_backbone(model, epoch <= cfg.freeze_epochs, cfg.frozen_bn_eval)
-        low_res = cfg.low_res if epoch <= cfg.low_res_epochs and 0 < cfg.low_res < data.val_images.shape[-1] else 0
+        low_res = cfg.low_res if low_res_active and epoch <= plan.low_res_epochs else 0
+        steps_per_epoch = source.steps(epoch)
+        if keeper is not None:
+            keeper.epoch_started()
         start = time.perf_counter()
-        n = source.seen(epoch)
-        sums = torch.zeros(2, device=device)  # loss * count, correct (the ranks' counts add up to n)
-        bar = tqdm(source.epoch(epoch), total=source.steps(epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
+        sums = torch.zeros(3, device=device)  # loss * count, correct, count (the ranks' counts add up)
+        bar = tqdm(source.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch}/{plan.epochs}", unit="step",
                    disable=not tty, leave=False, file=sys.stderr)
+        steps = 0
         for i, (images, y, boxes) in enumerate(bar):
+            size = low_res
+            if keeper is not None:
+                keeper.before_step(epoch, i)
+                size = 0 if keeper.probing_full_res(epoch, i, bool(low_res)) else low_res
             x = images.float().div_(255.0)
             if policy is not None and not policy.is_identity:
                 x, y = apply_policy(x, y, policy, g_aug, boxes)
-            if low_res:
-                x = F.interpolate(x, size=(low_res, low_res), mode="bilinear", antialias=True, align_corners=False)
+            if size:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             x = normalize(x, data.mean, data.std).contiguous(memory_format=memory)
             with mixed():
                 logits = net(x)
@@ -255,16 +323,31 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             sched.step()
             if ema is not None:
                 ema.update(model)
-            sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])  # no host sync per step
+            # no host sync per step
+            sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
+            steps = i + 1
             if tty and i % 10 == 0:
                 done = (i + 1) * cfg.batch_size
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{done / (time.perf_counter() - start):.0f}")
+            if keeper is not None:
+                new = keeper.after_step(epoch=epoch, step=steps, low_res=bool(size), epoch_low_res=bool(low_res),
+                                        steps_per_epoch=steps_per_epoch, time_val=functools.partial(time_validation, epoch))
+                if new is not None:
+                    adopt(new, f"in epoch {epoch} after step {steps}")
+            if steps >= plan.steps_in(epoch, steps_per_epoch):
+                break  # a planned partial last epoch
         bar.close()
         seconds = time.perf_counter() - start
-        loss_sum, correct = all_sum(sums, dist).tolist()
+        loss_sum, correct, counted = all_sum(sums, dist).tolist()
+        n = source.seen(epoch) if steps == steps_per_epoch else counted
         evaluated = ema.model if ema is not None else model
+        if keeper is not None:
+            keeper.after_training_steps(steps=steps, low_res=bool(low_res))
+        val_start = time.perf_counter()
         with mixed():  # validation in the training's precision (bf16: half its time here); evaluate scores in fp32
             val_loss, val_acc = evaluate_split(evaluated, data.val_images, data.val_labels, data.mean, data.std)
+        if keeper is not None:
+            keeper.after_validation(keeper.now() - val_start)
         # checked once per epoch (a check per step would sync the device); the last step's update only shows
         # in the validation loss
         diverged = next((v for v in (loss_sum, val_loss if len(data.val_labels) else 0.0) if not math.isfinite(v)), None)
@@ -288,25 +371,32 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             if cfg.keep == "best":
                 best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
         if dist.is_main:
-            print(f"epoch {epoch}/{cfg.epochs}  train loss {stats['train/loss']:.4f} acc {stats['train/accuracy']:.4f}  "
+            print(f"epoch {epoch}/{plan.epochs}  train loss {stats['train/loss']:.4f} acc {stats['train/accuracy']:.4f}  "
                   f"val loss {val_loss:.4f} acc {val_acc:.4f}  {stats['train/images_per_s']:.0f} img/s "
                   f"({seconds:.1f} s)", file=sys.stderr, flush=True)
             if on_epoch is not None:
                 on_epoch(stats)
-            if checkpoint is not None:
-                checkpoint({"epoch": epoch, "config": asdict(cfg), "model": model.state_dict(),
-                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "ema": ema.model.state_dict() if ema is not None else None, "history": history,
-                            "best_value": best_value, "best_epoch": best_epoch, "best_state": best_state})
+        if keeper is not None:  # before the checkpoint, which keeps the plan the rest of the run follows
+            new = keeper.after_epoch(epoch=epoch, low_res=bool(low_res), steps_per_epoch=source.steps(epoch + 1))
+            if new is not None:
+                adopt(new, f"after epoch {epoch}")
+        if dist.is_main and checkpoint is not None:
+            checkpoint({"epoch": epoch, "config": asdict(cfg), "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "ema": ema.model.state_dict() if ema is not None else None, "history": history,
+                        "best_value": best_value, "best_epoch": best_epoch, "best_state": best_state,
+                        "budget": {**keeper.state.to_dict(), "used_s": keeper.elapsed()} if keeper else None})
         if cfg.early_stopping_patience and epoch - best_epoch >= cfg.early_stopping_patience:
-            stopped_early = epoch < cfg.epochs
+            stopped_early = epoch < plan.epochs
             if dist.is_main:
                 print(f"early stopping: {cfg.early_stopping_metric} has not improved for "
                       f"{cfg.early_stopping_patience} epochs (best: epoch {best_epoch})", file=sys.stderr)
             break
+        epoch += 1
     kept = ema.model if ema is not None else model
     kept_epoch = len(history)
     if cfg.keep == "best" and best_state is not None:
         kept.load_state_dict(best_state)
         kept_epoch = best_epoch
-    return FitResult(history, kept.to(memory_format=torch.contiguous_format), best_epoch, kept_epoch, stopped_early)
+    return FitResult(history, kept.to(memory_format=torch.contiguous_format), best_epoch, kept_epoch, stopped_early,
+                     keeper.record() if keeper is not None else None)

@@ -169,12 +169,14 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
                 (tmp / CONFIG_FILE).write_text(json.dumps({"train": dataclasses.asdict(cfg), "parameters": n_params,
                                                            "best_epoch": result.best_epoch,
                                                            "kept_epoch": result.kept_epoch, "lineage": lineage,
+                                                           "budget": result.budget,
                                                            # what test-time augmentation may average over
                                                            "flips": policy.flips() if policy else None},
                                                           indent=2) + "\n")
                 if tracker is not None:
                     tracker.write_run_file(tmp)
-                    tracker.log_metrics({"train/best_epoch": result.best_epoch, "train/kept_epoch": result.kept_epoch})
+                    tracker.log_metrics({"train/best_epoch": result.best_epoch, "train/kept_epoch": result.kept_epoch,
+                                         **{f"budget/{k}": float(v) for k, v in (result.budget or {}).items()}})
                     tracker.log_artifact(tmp / HISTORY_FILE, "train")
                     tracker.log_artifact(data / MANIFEST_FILE, "data")
                     if (data / FIGURES_DIR).is_dir():  # written by ingest; a hand-made dataset may lack them
@@ -193,4 +195,4 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
     kept = result.history[result.kept_epoch - 1]
     return {"epochs": len(result.history), "best_epoch": result.best_epoch, "kept_epoch": result.kept_epoch,
             "stopped_early": result.stopped_early, "val_accuracy": kept["val/accuracy"], "val_loss": kept["val/loss"],
-            "parameters": n_params, "run_id": run_id}
+            "parameters": n_params, "run_id": run_id, **({"budget": result.budget} if result.budget else {})}

@@ -1,0 +1,317 @@
+"""Training to a wall-clock budget (train.budget_s): how many epochs and steps fit, re-planned as the speed drifts.
+
+The training loop measures the real cost of a step (at each resolution it trains at) and of a validation pass
+on its first steps, after a few steps of warm-up; `plan_budget` turns those costs into a plan (epochs, the steps
+of the last one, the low-resolution epochs) that ends inside the budget, train.epochs being a cap. Every few
+steps and after every epoch the loop measures again; `replan` changes the rest of the plan when the costs
+have drifted so that the plan would overrun or leave time unused. The learning-rate schedule follows the plan
+(`Progress`): it ends exactly at the planned last step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from cnnpipe.engine.distributed import Dist, broadcast_ints
+
+WARMUP_STEPS = 3  # steps not timed at each resolution: first calls create the kernels (oneDNN primitives, cuDNN plans)
+MEASURE_STEPS = 10  # steps timed after them; a fixed count, so every DDP rank plans at the same step
+MEASURE_SHARE = 0.1  # of the budget the first measurements may take before the first plan
+PLAN_SHARE = 0.97  # of the remaining time a plan fills: room for the measurements' noise
+DRIFT = 0.1  # re-plan when the rest of the plan would overrun, or finish this share of the remaining time early
+SMOOTHING = 0.3  # weight of the latest window in a step cost's moving average: follows a drift, not every hiccup
+CHECKS_PER_RUN = 25  # mid-epoch checks of the clock over a run (and one after every epoch)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Measured seconds."""
+
+    step_s: float  # one training step at full resolution: batch, augmentation, forward, backward, update
+    low_res_step_s: float  # one step at train.low_res (= step_s without a low-resolution phase)
+    val_s: float  # one validation pass
+    epoch_overhead_s: float = 0.0  # per epoch besides its steps and validation: checkpoint, tracking
+
+
+@dataclass(frozen=True)
+class Plan:
+    epochs: int
+    last_epoch_steps: int  # the last epoch may be partial
+    low_res_epochs: int
+    fits: bool = True  # False: not even one step more fits in the remaining time; the run ends as soon as it can
+
+    def steps_in(self, epoch: int, steps_per_epoch: int) -> int:
+        return steps_per_epoch if epoch < self.epochs else min(self.last_epoch_steps, steps_per_epoch)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return (self.epochs - 1) * steps_per_epoch + min(self.last_epoch_steps, steps_per_epoch)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the run is when it plans: in `epoch` (1-based) after `steps_done` of its steps."""
+
+    epoch: int = 1
+    steps_done: int = 0
+    low_res_done: int = 0  # epochs up to `epoch` already started at low resolution
+    low_res_over: bool = False  # a full-resolution epoch has started (or there is no low-resolution phase)
+
+
+def _low_res_epochs(n: int, share: float, at: Position) -> int:
+    """Low-resolution epochs of an n-epoch plan: the configured share of them (never the last one unless all
+    are), never fewer than those already started at low resolution, no more once the phase is over."""
+    if at.low_res_over:
+        return at.low_res_done
+    target = round(share * n) if share < 1 else n
+    if share < 1:
+        target = min(target, n - 1)
+    return min(n, max(target, at.low_res_done))
+
+
+def remaining_cost(plan: Plan, costs: Costs, steps_per_epoch: int, at: Position) -> float:
+    """Seconds the rest of `plan` takes from `at` (the current epoch's validation included)."""
+    seconds = 0.0
+    for epoch in range(at.epoch, plan.epochs + 1):
+        steps = plan.steps_in(epoch, steps_per_epoch) - (at.steps_done if epoch == at.epoch else 0)
+        step_s = costs.low_res_step_s if epoch <= plan.low_res_epochs else costs.step_s
+        seconds += max(steps, 0) * step_s + costs.val_s + costs.epoch_overhead_s
+    return seconds
+
+
+def plan_budget(*, remaining_s: float, costs: Costs, steps_per_epoch: int, max_epochs: int, low_res_share: float,
+                at: Position = Position()) -> Plan:
+    """The plan that trains the most steps within PLAN_SHARE of `remaining_s` from `at`, in at most `max_epochs`
+    epochs, the last one possibly partial but, when it is a new epoch, no shorter than its validation (fewer
+    epochs on a tie: fewer validation passes). When nothing more
+    fits, a plan that stops as soon as it can (fits=False): the current epoch ends after its steps done
+    (at least one step)."""
+    usable = remaining_s * PLAN_SHARE
+    best: Plan | None = None
+    best_steps = -1
+    for n in range(at.epoch, max(max_epochs, at.epoch) + 1):
+        low = _low_res_epochs(n, low_res_share, at)
+        whole = Plan(n, steps_per_epoch, low)
+        # what the epochs before the last cost, and the last's validation: the rest buys its steps
+        spare = usable - (remaining_cost(whole, costs, steps_per_epoch, at)
+                          - (steps_per_epoch - (at.steps_done if n == at.epoch else 0))
+                          * (costs.low_res_step_s if n <= low else costs.step_s))
+        last_step_s = costs.low_res_step_s if n <= low else costs.step_s
+        last = min(steps_per_epoch, (at.steps_done if n == at.epoch else 0)
+                   + math.floor(max(spare, -1.0) / max(last_step_s, 1e-9)))
+        # a new last epoch must train at least as long as its validation takes: a few steps are not worth a pass
+        least = 1 if n == at.epoch else math.ceil((costs.val_s + costs.epoch_overhead_s) / max(last_step_s, 1e-9))
+        if spare < 0 or last < max(least, at.steps_done if n == at.epoch else 1, 1):
+            continue
+        total = (n - 1) * steps_per_epoch + last
+        if total > best_steps:
+            best, best_steps = Plan(n, last, low), total
+    if best is None:  # stop: between epochs, after the one before; in an epoch, after its steps done (>= 1)
+        if at.steps_done == 0 and at.epoch > 1:
+            return Plan(at.epoch - 1, steps_per_epoch, min(at.low_res_done, at.epoch - 1), fits=False)
+        return Plan(at.epoch, max(at.steps_done, 1), _low_res_epochs(at.epoch, low_res_share, at), fits=False)
+    return best
+
+
+def replan(plan: Plan, *, remaining_s: float, costs: Costs, steps_per_epoch: int, max_epochs: int,
+           low_res_share: float, at: Position) -> Plan:
+    """`plan`, or a new plan from `at` when the rest of `plan` at `costs` would overrun `remaining_s` or end
+    more than DRIFT of it early (and a new plan could use that time)."""
+    needed = remaining_cost(plan, costs, steps_per_epoch, at)
+    if needed <= remaining_s and (needed >= remaining_s * (1 - DRIFT) or not plan.fits):
+        return plan
+    new = plan_budget(remaining_s=remaining_s, costs=costs, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs,
+                      low_res_share=low_res_share, at=at)
+    return plan if new == plan else new
+
+
+@dataclass
+class Progress:
+    """The learning-rate schedule's progress, 0 at the first step and 1 at `total`. Re-targeting to a new total
+    keeps the progress reached and spreads the rest over the new remaining steps: the rate never jumps and the
+    schedule ends at the plan's last step."""
+
+    total: int
+    anchor_step: int = 0
+    anchor_progress: float = 0.0
+
+    def at(self, step: int) -> float:
+        if self.anchor_step == 0 and self.anchor_progress == 0.0:
+            return step / max(self.total, 1)  # as without a budget, to the last bit
+        left = max(self.total - self.anchor_step, 1)
+        return min(1.0, self.anchor_progress + (step - self.anchor_step) * (1 - self.anchor_progress) / left)
+
+    def retarget(self, step: int, total: int) -> None:
+        self.anchor_progress, self.anchor_step, self.total = self.at(step), step, max(total, step)
+
+
+@dataclass
+class BudgetState:
+    """What a budgeted run knows; saved in checkpoints, so a resumed run keeps its plan and its clock."""
+
+    budget_s: float
+    plan: Plan | None = None  # None until the first measurements
+    costs: Costs | None = None
+    used_s: float = 0.0  # by the epochs before the last checkpoint (a resumed run's earlier processes)
+    replans: int = 0
+    first_plan: Plan | None = None
+    schedule: Progress | None = None  # the learning-rate schedule's progress, re-targeted with the plan
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BudgetState:
+        plan = lambda p: Plan(**p) if p else None  # noqa: E731
+        return cls(d["budget_s"], plan(d["plan"]), Costs(**d["costs"]) if d["costs"] else None, d["used_s"],
+                   d["replans"], plan(d["first_plan"]), Progress(**d["schedule"]) if d["schedule"] else None)
+
+
+class BudgetKeeper:
+    """The clock, the measurements and the plan of one budgeted run. Every rank measures; rank 0's plan is the
+    one all ranks follow (broadcast at each planning point, which all ranks reach at the same step)."""
+
+    def __init__(self, state: BudgetState, *, max_epochs: int, low_res_share: float, full_over_low_pixels: float,
+                 dist: Dist, device: torch.device, started: float | None = None):
+        self.state, self.max_epochs, self.low_res_share = state, max_epochs, low_res_share
+        self.pixel_ratio = full_over_low_pixels  # estimates a full-resolution step when none was measured yet
+        self.dist, self.device = dist, device
+        self.started = started if started is not None else self.now()  # perf_counter() when training began
+        self.window_start, self.window_steps = self.started, 0
+        self.val_s: float | None = None
+        self.overhead_s: float | None = None
+        self.val_end = self.started
+        self.measured: dict[bool, float] = {}  # low resolution? -> seconds per step
+        self.epoch_start = self.started
+        self.planned_at_epoch_start = False
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.state.used_s + time.perf_counter() - self.started
+
+    # the first epoch: which steps are timed, and at which resolution
+    def probing_full_res(self, epoch: int, step: int, low_res: bool) -> bool:
+        """In a fresh run's first epoch at low resolution, the block of steps after the timed low-resolution ones
+        (warm-up, then timed; `step` 0-based) trains at full resolution to time that cost too: real steps."""
+        per = WARMUP_STEPS + MEASURE_STEPS
+        return self.state.plan is None and epoch == 1 and low_res and self.low_res_share < 1 and per <= step < 2 * per
+
+    def before_step(self, epoch: int, step: int) -> None:
+        """Call before step `step` (0-based) of `epoch`: opens a timing window after the warm-up steps."""
+        if epoch == 1 and self.state.plan is None and step % (WARMUP_STEPS + MEASURE_STEPS) == WARMUP_STEPS:
+            self.window_start, self.window_steps = self.now(), 0
+
+    def after_step(self, *, epoch: int, step: int, low_res: bool, epoch_low_res: bool, steps_per_epoch: int,
+                   time_val: Callable[[], float]) -> Plan | None:
+        """Call after step `step` (1-based count in `epoch`, an epoch at `epoch_low_res`) trained at `low_res`;
+        returns the new plan when it plans or re-plans here. `time_val()` measures a validation pass (seconds)."""
+        self.window_steps += 1
+        if self.state.plan is None:
+            if epoch != 1:
+                return None
+            # steps so slow that measuring them all would spend the budget: plan from those done
+            late = bool(broadcast_ints([self.elapsed() > MEASURE_SHARE * self.state.budget_s], self.dist,
+                                       self.device)[0])
+            if step % (WARMUP_STEPS + MEASURE_STEPS) != 0 and not late:
+                return None
+            self.measured[low_res] = (self.now() - self.window_start) / max(self.window_steps, 1)
+            if self.low_res_share < 1 and low_res and False not in self.measured and not late:
+                return None  # next: the full-resolution probe
+            self.val_s = time_val()
+            return self._first_plan(Position(epoch, step, int(epoch_low_res), not epoch_low_res), steps_per_epoch)
+        if self.window_steps < self._check_every(steps_per_epoch):
+            return None
+        self._measure(low_res, (self.now() - self.window_start) / self.window_steps)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        low_done = epoch if epoch_low_res else min(self.state.plan.low_res_epochs, epoch - 1)
+        return self._replan(Position(epoch, step, low_done, not epoch_low_res), steps_per_epoch)
+
+    def epoch_started(self) -> None:
+        now = self.now()
+        if self.val_s is not None:  # since the last validation: the checkpoint, tracking, the callbacks
+            self.overhead_s = now - self.val_end
+        self.epoch_start = self.window_start = now
+        self.window_steps = 0
+        self.planned_at_epoch_start = self.state.plan is not None
+
+    def after_training_steps(self, *, steps: int, low_res: bool) -> None:
+        """Call after an epoch's last step: the epoch's average step cost is the latest measure (not in the epoch
+        the first plan was made in, whose warm-up and probe steps it would count)."""
+        if steps and (self.planned_at_epoch_start or low_res not in self.measured):
+            self._measure(low_res, (self.now() - self.epoch_start) / steps)
+
+    def after_validation(self, seconds: float) -> None:
+        self.val_s, self.val_end = seconds, self.now()
+
+    def after_epoch(self, *, epoch: int, low_res: bool, steps_per_epoch: int) -> Plan | None:
+        """Call after an epoch's validation and logging, before its checkpoint; after the planned last epoch the
+        run ends."""
+        if self.state.plan is not None and epoch >= self.state.plan.epochs:
+            return None
+        at = Position(epoch + 1, 0, min(epoch, self.state.plan.low_res_epochs) if self.state.plan else int(low_res),
+                      not low_res)
+        if self.state.plan is None:
+            return self._first_plan(at, steps_per_epoch)
+        return self._replan(at, steps_per_epoch)
+
+    def record(self) -> dict:
+        s = self.state
+        out = {"budget_s": s.budget_s, "actual_s": round(self.elapsed(), 2), "replans": s.replans}
+        if s.plan is not None:
+            out |= {"planned_epochs": s.plan.epochs, "last_epoch_steps": s.plan.last_epoch_steps,
+                    "low_res_epochs": s.plan.low_res_epochs, "fits": s.plan.fits,
+                    "first_plan_epochs": s.first_plan.epochs if s.first_plan else s.plan.epochs}
+        if s.costs is not None:
+            out |= {"step_s": round(s.costs.step_s, 5), "val_s": round(s.costs.val_s, 4),
+                    "epoch_overhead_s": round(s.costs.epoch_overhead_s, 4)}
+            if self.low_res_share:
+                out["low_res_step_s"] = round(s.costs.low_res_step_s, 5)
+        return out
+
+    def _measure(self, low_res: bool, step_s: float) -> None:
+        old = self.measured.get(low_res)
+        self.measured[low_res] = step_s if old is None else SMOOTHING * step_s + (1 - SMOOTHING) * old
+
+    def _check_every(self, steps_per_epoch: int) -> int:
+        return max(MEASURE_STEPS, self.state.plan.total_steps(steps_per_epoch) // CHECKS_PER_RUN)
+
+    def _costs(self) -> Costs:
+        old = self.state.costs  # a resumed run's, until it measures again
+        low = self.measured.get(True, old.low_res_step_s if old else None)
+        full = self.measured.get(False, old.step_s if old else (low or 0.0) * self.pixel_ratio)
+        return Costs(full, low if low is not None else full,
+                     self.val_s if self.val_s is not None else (old.val_s if old else 0.0),
+                     self.overhead_s if self.overhead_s is not None else (old.epoch_overhead_s if old else 0.0))
+
+    def _agree(self, plan: Plan) -> Plan:
+        epochs, last, low, fits = broadcast_ints([plan.epochs, plan.last_epoch_steps, plan.low_res_epochs,
+                                                  int(plan.fits)], self.dist, self.device)
+        return Plan(epochs, last, low, bool(fits))
+
+    def _first_plan(self, at: Position, steps_per_epoch: int) -> Plan:
+        self.state.costs = self._costs()
+        plan = self._agree(plan_budget(remaining_s=self.state.budget_s - self.elapsed(), costs=self.state.costs,
+                                       steps_per_epoch=steps_per_epoch, max_epochs=self.max_epochs,
+                                       low_res_share=self.low_res_share, at=at))
+        self.state.plan = self.state.first_plan = plan
+        self.window_start, self.window_steps = self.now(), 0
+        return plan
+
+    def _replan(self, at: Position, steps_per_epoch: int) -> Plan | None:
+        self.state.costs = self._costs()
+        plan = self._agree(replan(self.state.plan, remaining_s=self.state.budget_s - self.elapsed(),
+                                  costs=self.state.costs, steps_per_epoch=steps_per_epoch, max_epochs=self.max_epochs,
+                                  low_res_share=self.low_res_share, at=at))
+        if plan == self.state.plan:
+            return None
+        self.state.plan = plan
+        self.state.replans += 1
+        return plan

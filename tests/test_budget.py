@@ -1,0 +1,204 @@
+"""train.budget_s: the planner (pure: costs -> plan, re-plan on drift), the schedule's progress along a plan, the
+state a checkpoint keeps; the end-to-end test runs `cnnpipe train --budget-s` and checks the wall time."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cnnpipe.config import AugmentConfig, TrainConfig
+from cnnpipe.engine.budget import (PLAN_SHARE, BudgetState, Costs, Plan, Position, Progress, plan_budget, remaining_cost,
+                                   replan)
+from cnnpipe.engine.loop import fit
+from cnnpipe.engine.model_folder import CONFIG_FILE
+from cnnpipe.models import build_model
+from tests.helpers import REPO, cnnpipe, write_tiny_dataset
+from tests.test_engine import tiny_data
+
+FLAT = Costs(step_s=0.1, low_res_step_s=0.1, val_s=1.0)
+
+
+def test_plan_trains_the_most_steps_that_fit_with_a_partial_last_epoch():
+    # 97 s usable: n epochs of 100 steps fit 970 - 10 n steps; 9 epochs give 880 (the last one 80 steps)
+    plan = plan_budget(remaining_s=100, costs=FLAT, steps_per_epoch=100, max_epochs=50, low_res_share=0)
+    assert plan == Plan(epochs=9, last_epoch_steps=80, low_res_epochs=0)
+    assert remaining_cost(plan, FLAT, 100, Position()) <= 100 * PLAN_SHARE
+    assert plan.total_steps(100) == 880 and plan.steps_in(8, 100) == 100 and plan.steps_in(9, 100) == 80
+
+
+def test_epochs_are_a_cap_and_a_single_partial_epoch_when_one_does_not_fit():
+    assert plan_budget(remaining_s=1e6, costs=FLAT, steps_per_epoch=100, max_epochs=5, low_res_share=0) == Plan(5, 100, 0)
+    one = plan_budget(remaining_s=4, costs=FLAT, steps_per_epoch=100, max_epochs=5, low_res_share=0)
+    assert one == Plan(1, 28, 0)  # 3.88 s usable: a validation and 28 steps
+    spent = plan_budget(remaining_s=0.5, costs=FLAT, steps_per_epoch=100, max_epochs=5, low_res_share=0)
+    assert not spent.fits and spent.epochs == 1 and spent.last_epoch_steps == 1
+
+
+def test_a_new_last_epoch_is_not_shorter_than_its_validation():
+    # 9 epochs would leave a 10th of 3 steps (0.3 s) that pays a 5 s validation: the plan stops at 9 instead
+    costs = Costs(step_s=0.1, low_res_step_s=0.1, val_s=5.0)
+    plan = plan_budget(remaining_s=(9 * 10 + 9 * 5 + 5.3) / PLAN_SHARE, costs=costs, steps_per_epoch=100,
+                       max_epochs=50, low_res_share=0)
+    assert plan == Plan(9, 100, 0)
+
+
+def test_budget_spent_between_epochs_ends_after_the_last_one():
+    at = Position(epoch=4, steps_done=0, low_res_done=0, low_res_over=True)
+    plan = plan_budget(remaining_s=0.2, costs=FLAT, steps_per_epoch=100, max_epochs=10, low_res_share=0, at=at)
+    assert plan == Plan(3, 100, 0, fits=False)
+
+
+def test_low_res_phase_keeps_its_share_and_leaves_the_last_epoch_at_full_size():
+    costs = Costs(step_s=1.0, low_res_step_s=0.7, val_s=5.0)
+    # the fast recipe's shape: 3 of 5 epochs at low resolution when all 5 fit
+    assert plan_budget(remaining_s=1e6, costs=costs, steps_per_epoch=10, max_epochs=5, low_res_share=0.6) == Plan(5, 10, 3)
+    for budget in (20, 40, 60, 80):
+        plan = plan_budget(remaining_s=budget, costs=costs, steps_per_epoch=10, max_epochs=5, low_res_share=0.6)
+        assert plan.low_res_epochs == min(round(0.6 * plan.epochs), plan.epochs - 1)
+        assert remaining_cost(plan, costs, 10, Position()) <= budget * PLAN_SHARE
+
+
+def test_replan_keeps_the_plan_without_drift_and_changes_it_with_drift():
+    at = Position(epoch=3, steps_done=40, low_res_done=0, low_res_over=True)
+    plan = plan_budget(remaining_s=60, costs=FLAT, steps_per_epoch=100, max_epochs=50, low_res_share=0, at=at)
+    kwargs = dict(remaining_s=60, steps_per_epoch=100, max_epochs=50, low_res_share=0, at=at)
+    assert replan(plan, costs=FLAT, **kwargs) is plan
+    slower = Costs(step_s=0.13, low_res_step_s=0.13, val_s=1.0)  # a neighbour took a core
+    fewer = replan(plan, costs=slower, **kwargs)
+    assert fewer.total_steps(100) < plan.total_steps(100) and remaining_cost(fewer, slower, 100, at) <= 60
+    faster = Costs(step_s=0.07, low_res_step_s=0.07, val_s=1.0)
+    more = replan(plan, costs=faster, **kwargs)
+    assert more.total_steps(100) > plan.total_steps(100) and remaining_cost(more, faster, 100, at) <= 60
+    capped = Plan(4, 100, 0)  # already at train.epochs: time to spare changes nothing
+    assert replan(capped, costs=faster, remaining_s=600, steps_per_epoch=100, max_epochs=4, low_res_share=0,
+                  at=at) is capped
+
+
+def test_replan_never_undoes_low_res_epochs_already_trained():
+    costs = Costs(step_s=1.0, low_res_step_s=0.5, val_s=1.0)
+    in_phase = Position(epoch=3, steps_done=5, low_res_done=3, low_res_over=False)
+    plan = plan_budget(remaining_s=10, costs=costs, steps_per_epoch=10, max_epochs=10, low_res_share=0.5, at=in_phase)
+    assert plan.low_res_epochs >= 3 and plan.epochs >= 3
+    over = Position(epoch=3, steps_done=5, low_res_done=2, low_res_over=True)
+    plan = plan_budget(remaining_s=500, costs=costs, steps_per_epoch=10, max_epochs=10, low_res_share=0.5, at=over)
+    assert plan == Plan(10, 10, 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(remaining=st.floats(0.01, 5000), step=st.floats(1e-3, 2), low=st.floats(0.3, 1.0), val=st.floats(0, 30),
+       per=st.integers(1, 400), cap=st.integers(1, 40), share=st.sampled_from([0, 0.25, 0.6, 1.0]),
+       epoch=st.integers(1, 5), done=st.integers(0, 400))
+def test_a_plan_that_fits_fits_and_could_not_take_one_more_step(remaining, step, low, val, per, cap, share, epoch, done):
+    costs = Costs(step_s=step, low_res_step_s=step * low, val_s=val)
+    at = Position(epoch=epoch, steps_done=min(done, per - 1), low_res_done=0, low_res_over=share == 0)
+    plan = plan_budget(remaining_s=remaining, costs=costs, steps_per_epoch=per, max_epochs=cap, low_res_share=share,
+                       at=at)
+    assert plan.epochs >= (at.epoch if plan.fits or at.steps_done else at.epoch - 1)
+    if not plan.fits:
+        return
+    assert remaining_cost(plan, costs, per, at) <= remaining * PLAN_SHARE + 1e-9
+    assert plan.epochs <= max(cap, at.epoch) and 1 <= plan.last_epoch_steps <= per
+    last_s = costs.low_res_step_s if plan.epochs <= plan.low_res_epochs else costs.step_s
+    if plan.epochs > at.epoch and plan.last_epoch_steps < per:  # a new partial epoch: at least its validation's time
+        assert plan.last_epoch_steps * last_s >= costs.val_s - 1e-9
+    if plan.last_epoch_steps < per:  # partial: one more step would not have fitted
+        bigger = Plan(plan.epochs, plan.last_epoch_steps + 1, plan.low_res_epochs)
+        assert remaining_cost(bigger, costs, per, at) > remaining * PLAN_SHARE - 1e-9
+
+
+def test_progress_is_step_over_total_until_retargeted_then_continuous_to_the_new_end():
+    p = Progress(total=100)
+    assert [p.at(s) for s in (0, 50, 100)] == [0.0, 0.5, 1.0]
+    p.retarget(40, 60)  # re-planned at step 40: 60 steps in all now
+    assert p.at(40) == pytest.approx(0.4) and p.at(60) == pytest.approx(1.0)
+    p.retarget(50, 200)
+    assert p.at(50) == pytest.approx(0.7) and p.at(200) == pytest.approx(1.0) and p.at(125) == pytest.approx(0.85)
+
+
+def test_budget_state_round_trips_through_a_checkpoint_dict():
+    state = BudgetState(60.0, Plan(5, 100, 3), Costs(0.1, 0.07, 1.5, 0.2), 12.5, 2, Plan(6, 30, 3), Progress(520, 40, 0.1))
+    assert BudgetState.from_dict(copy.deepcopy(state.to_dict())) == state
+
+
+def test_resume_keeps_the_plan_and_the_clock_of_the_checkpoint():
+    cfg = TrainConfig(arch="cnn3", width=8, epochs=2, batch_size=16, lr=0.05, budget_s=60)
+    states = []
+    torch.manual_seed(0)
+    first = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, None,
+                checkpoint=lambda s: states.append(copy.deepcopy(s)))
+    assert first.budget["planned_epochs"] == 2 and first.budget["fits"]  # a tiny run: the cap
+    saved = states[0]["budget"]  # planned after epoch 1 (shorter than the measured steps): its average step
+    assert saved["plan"] == {"epochs": 2, "last_epoch_steps": 4, "low_res_epochs": 0, "fits": True}
+    assert saved["used_s"] > 0 and saved["schedule"]["total"] == 8 and saved["costs"]["val_s"] > 0
+    resumed = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, None, resume=states[0])
+    assert [e["epoch"] for e in resumed.history] == [1, 2]
+    assert resumed.budget["first_plan_epochs"] == 2 and resumed.budget["actual_s"] >= saved["used_s"]
+
+
+@pytest.mark.e2e
+def test_train_with_a_budget_ends_within_it(tmp_path):
+    """`cnnpipe train --budget-s 8`, with train.epochs far more than fit: the recorded training + validation
+    time is within 5 % of the budget, and the result line and the model folder record the plan."""
+    write_tiny_dataset(tmp_path / "processed", classes=4, size=16, n=400)
+    from cnnpipe.stages import augment
+
+    augment.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
+    budget = 8.0
+    proc = cnnpipe("train", "--params", str(REPO / "params.yaml"), "--no-tracking", "--budget-s", str(budget),
+                   "--epochs", "500", "--threads", "1", "--arch", "fastnet", "--width", "8", "--batch-size", "32",
+                   "--low-res", "8", "--low-res-epochs", "200", "--data", str(tmp_path / "processed"),
+                   "--augmented", str(tmp_path / "augmented"), "--out", str(tmp_path / "model"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    record = result["budget"]
+    assert record["actual_s"] <= budget * 1.05, proc.stderr[-3000:]
+    assert record["actual_s"] >= budget * 0.8  # the budget is used, not left
+    assert 1 <= result["epochs"] == record["planned_epochs"] < 500 and record["low_res_epochs"] >= 1
+    assert record["step_s"] > 0 and record["val_s"] > 0
+    assert "train.budget_s 8: planned in epoch 1" in proc.stderr
+    saved = json.loads((tmp_path / "model" / CONFIG_FILE).read_text())
+    assert saved["budget"]["planned_epochs"] == record["planned_epochs"]
+
+
+@pytest.mark.e2e
+def test_ddp_ranks_follow_one_budget_plan(tmp_path):
+    """Two processes under torchrun with a budget: they step together (a disagreement would hang or fail in
+    the gradient all-reduce) and end within it."""
+    write_tiny_dataset(tmp_path / "processed", n=200)
+    from cnnpipe.stages import augment
+
+    augment.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
+    proc = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "cnnpipe", "train", "--params",
+         str(REPO / "params.yaml"), "--no-tracking", "--budget-s", "6", "--epochs", "300", "--width", "4", "--threads", "1",
+         "--batch-size", "16", "--data", str(tmp_path / "processed"), "--augmented", str(tmp_path / "augmented"),
+         "--out", str(tmp_path / "model")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])["budget"]
+    assert record["actual_s"] <= 6 * 1.05 and record["planned_epochs"] < 300
+    assert proc.stderr.count("train.budget_s 6: planned") == 1  # rank 0 speaks for both
+
+
+def test_an_emulated_avx2_cpu_has_no_native_bf16(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on a bf16 CPU: train.precision bf16 falls back to fp32,
+    as on a real AVX2-only CPU (the CPU flags alone still say bf16)."""
+    from cnnpipe.engine.device import native_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not native_bf16(cpu)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
+    assert native_bf16(cpu)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not native_bf16(cpu)
