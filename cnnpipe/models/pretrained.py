@@ -19,6 +19,7 @@ from cnnpipe.config import TrackingConfig
 from cnnpipe.engine.checkpoint import FORMAT as MODEL_FORMAT
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import backbones, head, is_library_arch
+from cnnpipe.models.imagenet import imagenet_weights
 
 
 
@@ -100,8 +101,9 @@ def load_pretrained(source: str, arch: str, tracking: TrackingConfig | None) -> 
         if not is_library_arch(arch):
             raise CnnpipeError(f"train.pretrained imagenet: {arch} is cnnpipe's own network, with no ImageNet "
                                f"weights (use a torchvision or timm arch, e.g. torchvision/{arch})")
-        state, mean, std = backbones.imagenet_weights(arch)
-        return Pretrained(source, state, mean, std, lineage={"cnnpipe.pretrained": "imagenet"})
+        weights = imagenet_weights(arch)
+        return Pretrained(source, weights.state, weights.mean, weights.std,
+                          lineage={"cnnpipe.pretrained": "imagenet", "cnnpipe.pretrained.origin": weights.origin})
     if source.startswith("models:/"):
         return _from_registry(source, arch, tracking)
     pre = _from_file(Path(source), arch, "train.pretrained")
