@@ -221,3 +221,23 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_res():
     assert len(result.history) == 3
     with pytest.raises(CnnpipeError, match="train.low_res 4: this net takes only its own image size"):
         fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), dataclasses.replace(cfg, arch="cnn3", low_res=4), policy=None)
+
+
+def test_training_warns_once_when_validation_stays_at_chance(capsys):
+    """lr 0: the network never learns; the warning comes after CHANCE_EPOCHS epochs, once, and a learning run has none."""
+    from cnnpipe.engine.loop import CHANCE_EPOCHS, chance_ceiling, few_val_images
+
+    cfg = TrainConfig(arch="cnn3", width=8, epochs=CHANCE_EPOCHS + 1, batch_size=16, lr=0.0)
+    torch.manual_seed(0)
+    result = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, policy=None)
+    assert len(result.warnings) == 1
+    assert result.warnings[0].startswith(f"train: validation accuracy has stayed at chance (<= 0.")
+    assert f"for {CHANCE_EPOCHS} epochs (1-{CHANCE_EPOCHS})" in result.warnings[0]
+    assert capsys.readouterr().err.count("stayed at chance") == 1
+    torch.manual_seed(0)
+    learned = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), dataclasses.replace(cfg, lr=0.05, epochs=6), policy=None)
+    assert learned.warnings == []
+    # 3 balanced classes on 6 images: 1/3 + 2 standard errors; one class of 9 in 10: the majority answer
+    assert chance_ceiling(torch.tensor([0, 1, 2] * 2), 3) == pytest.approx(1 / 3 + 2 * (2 / 9 / 6) ** 0.5)
+    assert chance_ceiling(torch.tensor([0] * 9 + [1]), 2) == pytest.approx(0.9 + 2 * (0.09 / 10) ** 0.5)
+    assert few_val_images(100) is None and "holds 24 images (< 100)" in few_val_images(24)

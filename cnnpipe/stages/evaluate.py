@@ -39,6 +39,7 @@ from cnnpipe.data.store import Dataset, read_dataset
 from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.device import resolve_device
 from cnnpipe.engine.inference import normalize, predict_logits, stats_tensors, to_nchw_uint8
+from cnnpipe.engine.loop import few_val_images
 from cnnpipe.engine.model_folder import MODEL_FILE, read_history, read_train_config
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation import explain, figures, introspect
@@ -172,9 +173,10 @@ def _report(folder: Path, ds: Dataset, spec: ModelSpec, n_params: int, train_cfg
     names = list(next(iter(metrics.values())))
     r.table(["split", *names], [[split, *m.values()] for split, m in metrics.items()])
     r.heading("Calibration")
-    r.text(f"Temperature T = {temperature:.4f}, fitted on the val split (NLL): the registered and served model answers "
-           f"softmax(logits / T); accuracy is unchanged." if calibrate else
-           "Not calibrated (evaluate.calibrate: false): T = 1.")
+    few = few_val_images(ds.manifest["counts"]["val"]["total"])
+    r.text((f"Temperature T = {temperature:.4f}, fitted on the val split (NLL): the registered and served model answers "
+            f"softmax(logits / T); accuracy is unchanged." if calibrate else
+            "Not calibrated (evaluate.calibrate: false): T = 1.") + (f" Note: {few}." if few else ""))
     r.table(["split", "ECE before", "ECE after", "NLL before", "NLL after"],
             [[split, m["ece_uncalibrated"], m["ece"], m["loss_uncalibrated"], m["loss"]] for split, m in metrics.items()])
     r.heading("Test-time augmentation")

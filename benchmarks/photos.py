@@ -1,0 +1,124 @@
+"""Benchmark: your own photos, from scratch vs the offline pretrained photo recipe (configs/photos.yaml).
+
+Takes photo folders (a root of class folders, e.g. a cats-vs-dogs sample: cats/*.jpg, dogs/*.jpg; never
+committed) and runs the real CLI on each: `cnnpipe ingest` (the recipe's carve: 70/15/15 % train/val/test
+per class), `augment`, `train --no-tracking`, `evaluate --no-tracking`, once per recipe:
+
+- `photos`: configs/photos.yaml as shipped (EfficientNet-Lite0, ImageNet weights from the package, 160 px);
+- `scratch`: cnnpipe's fastnet at 128 px from random weights (what worked offline before the recipe);
+- `photos-224`: the recipe at 224 px (the size measurement).
+
+Records test accuracy (with and without TTA), ECE, the training time (the train stage's wall time, startup
+and every epoch's validation included, and the epochs' own seconds), the kept epoch and the machine.
+
+    flock /tmp/cnnpipe-bench.lock .venv/bin/python benchmarks/photos.py /tmp/photos/cats-vs-dogs [...] \
+        [--recipes photos,scratch,photos-224] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import record  # noqa: E402
+from train_gtsrb import stage  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from cnnpipe.engine.model_folder import read_history, read_train_config  # noqa: E402
+
+PARAMS = ROOT / "configs/photos.yaml"
+# per recipe: -S overrides of configs/photos.yaml
+RECIPES = {
+    "photos": [],
+    "scratch": ["ingest.image_size=128", "train.arch=fastnet", "train.pretrained=null", "train.width=32",
+                "train.freeze_epochs=0", "train.backbone_lr=1.0", "train.epochs=15", "train.batch_size=64",
+                "train.optimizer=sgd", "train.lr=0.2", "train.weight_decay=0.0005", "train.precision=bf16"],
+    "photos-224": ["ingest.image_size=224"],
+}
+
+
+def run_recipe(photos: Path, recipe: str, work: Path) -> dict:
+    sets = [a for s in RECIPES[recipe] for a in ("-S", s)]
+    p = ["--params", str(PARAMS), *sets]
+    d = work / recipe
+    stage(["ingest", *p, "--source", "imagefolder", "--path", str(photos), "--out", f"{d}/processed",
+           "--report", f"{d}/ingest_report.json"])
+    stage(["augment", *p, "--data", f"{d}/processed", "--out", f"{d}/augmented"])
+    train_wall, train_rss = stage(["train", *p, "--no-tracking", "--data", f"{d}/processed", "--augmented",
+                                   f"{d}/augmented", "--out", f"{d}/model"])
+    stage(["evaluate", *p, "--no-tracking", "--model", f"{d}/model", "--data", f"{d}/processed",
+           "--out", f"{d}/evaluation"])
+    metrics = json.loads((d / "evaluation/metrics.json").read_text())
+    counts = json.loads((d / "processed/manifest.json").read_text())["counts"]
+    history = read_history(d / "model")
+    config = read_train_config(d / "model")
+    test = metrics["test"]
+    return {
+        "recipe": recipe, "overrides": RECIPES[recipe], "images": {k: v["total"] for k, v in counts.items()},
+        "test_accuracy": test["accuracy"], "test_accuracy_tta": test.get("accuracy_tta"),
+        "test_ece": test["ece"], "val_accuracy": metrics["val"]["accuracy"],
+        "train_wall_s": round(train_wall, 1), "train_peak_rss_mib": train_rss,
+        "epochs_s": round(sum(float(h["train/epoch_seconds"]) for h in history), 1),
+        "epochs": len(history), "kept_epoch": config["kept_epoch"],
+        "val_accuracy_per_epoch": [round(float(h["val/accuracy"]), 4) for h in history],
+    }
+
+
+def write_table(result: dict, path: Path) -> None:
+    lines = ["| photo set | recipe | train / val / test images | test accuracy | with TTA | train wall (epochs) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        i = r["images"]
+        tta = f"{r['test_accuracy_tta']:.2%}" if r["test_accuracy_tta"] is not None else "-"
+        lines.append(f"| {r['dataset']} | {r['recipe']} | {i['train']} / {i['val']} / {i['test']} | "
+                     f"{r['test_accuracy']:.2%} | {tta} | {r['train_wall_s']:.0f} s ({r['epochs_s']:.0f} s) |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("photos", type=Path, nargs="+", help="photo folders: each a root of class folders")
+    parser.add_argument("--recipes", default="photos,scratch,photos-224")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-photos-benchmark"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/photos.json")
+    args = parser.parse_args()
+    recipes = args.recipes.split(",")
+    unknown = set(recipes) - set(RECIPES)
+    if unknown:
+        sys.exit(f"--recipes: unknown {sorted(unknown)} (expected some of {', '.join(RECIPES)})")
+    load_before = os.getloadavg()
+    rows = []
+    for photos in args.photos:
+        for recipe in recipes:
+            work = args.work / photos.name
+            shutil.rmtree(work / recipe, ignore_errors=True)
+            rows.append({"dataset": photos.name, **run_recipe(photos, recipe, work)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            write(args, rows, load_before)  # after every row: a long run stopped midway keeps what it measured
+
+
+def write(args: argparse.Namespace, rows: list[dict], load_before: tuple[float, ...]) -> None:
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    result = {
+        "benchmark": "photo folders: from scratch vs the offline pretrained recipe (configs/photos.yaml), real CLI, CPU",
+        "command": "flock /tmp/cnnpipe-bench.lock .venv/bin/python benchmarks/photos.py " + " ".join(sys.argv[1:]),
+        "rows": rows,
+        "cpu_flags": sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & set(flags)),
+        "threads": "train.threads 0: the cores available (2)",
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "note": "shared 2-core machine: other jobs ran meanwhile (see the load averages); times are upper bounds",
+    }
+    record(args.out, result)
+    write_table(result, args.out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
