@@ -225,7 +225,8 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_res():
 
 def test_training_warns_once_when_validation_stays_at_chance(capsys):
     """lr 0: the network never learns; the warning comes after CHANCE_EPOCHS epochs, once, and a learning run has none."""
-    from cnnpipe.engine.loop import CHANCE_EPOCHS, chance_ceiling, few_val_images
+    from cnnpipe.data.store import few_val_images
+    from cnnpipe.engine.loop import CHANCE_EPOCHS, chance_ceiling
 
     cfg = TrainConfig(arch="cnn3", width=8, epochs=CHANCE_EPOCHS + 1, batch_size=16, lr=0.0)
     torch.manual_seed(0)

@@ -95,7 +95,6 @@ class FitResult:
 
 
 CHANCE_EPOCHS = 3  # epochs in a row with validation accuracy at chance before training warns
-FEW_VAL_IMAGES = 100  # below this, one validation image moves accuracy by more than a point
 
 
 def chance_ceiling(labels: torch.Tensor, num_classes: int) -> float:
@@ -104,15 +103,6 @@ def chance_ceiling(labels: torch.Tensor, num_classes: int) -> float:
     n = len(labels)
     chance = max(torch.bincount(labels, minlength=num_classes).max().item() / n, 1 / num_classes)
     return chance + 2 * math.sqrt(chance * (1 - chance) / n)
-
-
-def few_val_images(n: int) -> str | None:
-    """A note when the validation split is too small to choose the kept epoch and the temperature reliably."""
-    if n >= FEW_VAL_IMAGES:
-        return None
-    return (f"the validation split holds {n} images (< {FEW_VAL_IMAGES}): the kept epoch and the calibration temperature "
-            f"rest on few images (one image = {100 / n:.1f} accuracy points); raise ingest.val_fraction or give more "
-            f"val images")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

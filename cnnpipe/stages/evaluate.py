@@ -35,11 +35,10 @@ import torch
 
 from cnnpipe.config import EvaluateConfig, TrackingConfig
 from cnnpipe.data.split import stratified_split
-from cnnpipe.data.store import Dataset, read_dataset
+from cnnpipe.data.store import Dataset, few_val_images, read_dataset
 from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.device import resolve_device
 from cnnpipe.engine.inference import normalize, predict_logits, stats_tensors, to_nchw_uint8
-from cnnpipe.engine.loop import few_val_images
 from cnnpipe.engine.model_folder import MODEL_FILE, read_history, read_train_config
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation import explain, figures, introspect

@@ -22,12 +22,13 @@ import torch
 
 from cnnpipe.augment import POLICY_FILE, PREVIEW_FILE, AugmentPolicy
 from cnnpipe.config import TrackingConfig, TrainConfig
-from cnnpipe.data.store import FIGURES_DIR, MANIFEST_FILE, Dataset, decoded_mb, fetch_dataset, read_dataset
+from cnnpipe.data.store import (FIGURES_DIR, MANIFEST_FILE, Dataset, decoded_mb, fetch_dataset, few_val_images,
+                                 read_dataset)
 from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_model
 from cnnpipe.engine.device import resolve_device, set_threads
 from cnnpipe.engine.distributed import barrier, init_distributed
 from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
-from cnnpipe.engine.loop import TrainData, few_val_images, fit
+from cnnpipe.engine.loop import TrainData, fit
 from cnnpipe.engine.model_folder import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, write_history
 from cnnpipe.engine.stream import StreamBatches
 from cnnpipe.errors import CnnpipeError
