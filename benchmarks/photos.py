@@ -41,7 +41,7 @@ PARAMS = ROOT / "configs/photos.yaml"
 RECIPES = {
     "photos": [],
     "scratch": ["ingest.image_size=128", "train.arch=fastnet", "train.pretrained=null", "train.width=32",
-                "train.freeze_epochs=0", "train.backbone_lr=1.0", "train.epochs=15", "train.batch_size=64",
+                "train.freeze_epochs=0", "train.backbone_lr=1.0", "train.epochs=12", "train.batch_size=64",
                 "train.optimizer=sgd", "train.lr=0.2", "train.weight_decay=0.0005", "train.precision=bf16"],
     "photos-224": ["ingest.image_size=224"],
 }

@@ -137,7 +137,13 @@ def fit_weights(model: nn.Module, pre: Pretrained, classes: list[str]) -> dict[s
         raise CnnpipeError(f"train.pretrained '{pre.source}': the weights do not fit this network: "
                            f"{len(problems)} of {len(target)} tensors wrong ({problems[0]})")
     model.load_state_dict(merged, strict=False)
-    return {"tensors_loaded": len(merged), "head_loaded": all(k in merged for k in head_keys)}
+    head_loaded = all(k in merged for k in head_keys)
+    if not head_loaded:  # a fresh head starts at zero: uniform answers, not the large random logits some libraries'
+        # initializations give on pretrained features (timm's EfficientNet head: U(+-1/sqrt(classes)), loss ~4 on 2 classes)
+        nn.init.zeros_(head_module.weight)
+        if head_module.bias is not None:
+            nn.init.zeros_(head_module.bias)
+    return {"tensors_loaded": len(merged), "head_loaded": head_loaded}
 
 
 def _adapt_stem(weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
