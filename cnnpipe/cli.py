@@ -7,7 +7,6 @@ Each command prints its small result as JSON on stdout and progress on stderr. E
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -16,12 +15,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cnnpipe import __version__
-from cnnpipe.config import (EvaluateConfig, RegisterConfig, ServeConfig, TrackingConfig, TrainConfig, TuneConfig,
-                            add_flags, apply_overrides, load_block, load_tune, parse_assignments, read_params,
-                            sqlite_path, tracking_config)
+from cnnpipe.config import (
+    EvaluateConfig,
+    RegisterConfig,
+    ServeConfig,
+    TrackingConfig,
+    TrainConfig,
+    TuneConfig,
+    add_flags,
+    apply_overrides,
+    load_block,
+    parse_assignments,
+    read_params,
+    sqlite_path,
+)
 from cnnpipe.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, CnnpipeError
 from cnnpipe.remote import location_arg
-from cnnpipe.stages.spec import STAGES
+from cnnpipe.search.space import load_tune
+from cnnpipe.stages.spec import STAGES, run_stage
+from cnnpipe.tracking import tracking_config
 
 Handler = Callable[[argparse.Namespace, dict, Path], dict]
 MODEL_HELP = "model URI, MLflow model folder or train folder (default: models:/<register.model_name>@champion)"
@@ -42,22 +54,13 @@ def _cfg(cls: type, block: str, args: argparse.Namespace, params: dict, params_p
     return load_block(cls, block, params, vars(args), params_path)
 
 
-def _tracking(args: argparse.Namespace, params: dict, params_path: Path) -> TrackingConfig | None:
-    if getattr(args, "no_tracking", False):
-        return None
-    return tracking_config(params, args, params_path)
-
-
 def _stage(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    """Any pipeline stage: its block (flags win), its paths, its tracking, as cnnpipe.stages.spec declares."""
+    """Any pipeline stage, as cnnpipe.stages.spec declares it: flags win over its block."""
     stage = STAGES[args.command]
-    kwargs = {port.name: getattr(args, port.name) for port in stage.ports}
-    if stage.tracking != "none":
-        kwargs["tracking"] = _tracking(args, params, pp)
-    if stage.name == "train":
-        kwargs |= {"checkpoint": args.checkpoint, "resume": args.resume}
-    cfg = _cfg(stage.config, stage.name, args, params, pp)
-    return importlib.import_module(stage.module).run(cfg=cfg, **kwargs)
+    return run_stage(stage.name, params, flags=vars(args), tracking_uri=getattr(args, "tracking_uri", None),
+                     tracking_experiment=getattr(args, "tracking_experiment", None),
+                     no_tracking=getattr(args, "no_tracking", False), params_path=pp,
+                     **{p.name: getattr(args, p.name) for p in (*stage.ports, *stage.options)})
 
 
 def _promote(args: argparse.Namespace, params: dict, pp: Path) -> dict:
@@ -115,8 +118,8 @@ def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
 def _explain(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.engine.model_folder import MODEL_FILE
+    from cnnpipe.engine.predictor import Predictor
     from cnnpipe.evaluation.explain import explain_image
-    from cnnpipe.serving.predictor import Predictor
 
     if args.model.startswith("models:/"):
         from cnnpipe.serving.local import load_registered
@@ -152,10 +155,10 @@ def _tune(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
 
 def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    from pipeline import training
+    from cnnpipe.pipeline import training
 
     if args.action == "compile" and args.tune:
-        from pipeline import katib
+        from cnnpipe.pipeline import katib
 
         cfg, space = load_tune(params, {}, pp)
         return {"compiled": str(katib.write_experiment(args.output or Path("katib-experiment.yaml"), cfg, space,
@@ -211,7 +214,7 @@ def _deploy(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnpipe", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="cnnpipe", description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Exit codes: 0 ok, 1 internal error, 2 bad input, "
                                             "3 tracking store unreachable, 130 interrupted.")
@@ -219,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
 
     def command(name: str, help: str, handler: Handler, cls: type | None) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)  # `--epoch 5` is no `--epochs`
         p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
         p.add_argument("-S", "--set", action="append", default=[], metavar="BLOCK.KEY=VALUE",
                        help="override any param for this run, as `dvc exp run -S` does (repeatable; one value may "
@@ -237,14 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES.values():
         p = command(stage.name, stage.help, _stage, stage.config)
         for port in stage.ports:
-            remote_ok = stage.name == "train" and port in stage.inputs  # train reads datasets from object storage
-            p.add_argument(port.flag, dest=port.name, type=location_arg if remote_ok else Path, default=Path(port.path),
-                           help=f"{port.help}" + (", or its s3:// gs:// http(s):// URL" if remote_ok else "")
+            p.add_argument(port.flag, dest=port.name, type=location_arg if port.remote else Path, default=Path(port.path),
+                           help=f"{port.help}" + (", or its s3:// gs:// http(s):// URL" if port.remote else "")
                                 + f" (default: {port.path})")
-        if stage.name == "train":
-            p.add_argument("--checkpoint", type=Path, default=Path("data/checkpoints/train.pt"),
-                           help="training state saved after every epoch (removed when training succeeds)")
-            p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint")
+        for option in stage.options:
+            kind = {"action": "store_true"} if isinstance(option.default, bool) else {"type": type(option.default)}
+            p.add_argument(option.flag, dest=option.name, default=option.default, **kind,
+                           help=option.help + ("" if isinstance(option.default, bool) else f" (default: {option.default})"))
         if stage.tracking != "none":
             with_tracking(p, optional=stage.tracking == "optional")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, cnnpipe, free_port, user_env, write_tiny_dataset
+from tests.helpers import REPO, cnnpipe, free_port, user_env, write_tiny_dataset
 
 pytestmark = pytest.mark.e2e  # every test runs the real executable
 STAGES = ["ingest", "augment", "train", "evaluate", "register"]

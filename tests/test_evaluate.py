@@ -15,7 +15,7 @@ from cnnpipe.config import AugmentConfig, EvaluateConfig, TrainConfig
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.metrics import calibration_bins, classification_metrics, expected_calibration_error
 from cnnpipe.stages import augment, evaluate, train
-from tests.conftest import write_tiny_dataset
+from tests.helpers import write_tiny_dataset
 
 PNGS = ["confusion_matrix.png", "training_curves.png", "misclassified.png", "correct.png", "confidence_histogram.png",
         "reliability_diagram.png", "first_layer_filters.png", "feature_maps.png", "tsne.png"]
@@ -86,12 +86,25 @@ def test_tables_report_and_kfp_matrix(evaluated):
     for png in PNGS:
         assert f"]({png})" in md
     assert "| test |" in md and "## Per class (test)" in md
+    # top-down: the headline, calibration, the confusion matrix and the worst classes before any detail; params last
+    order = ["## Headline", "## Calibration", "## Confusion matrix (test)", "## Worst classes (test)",
+             "## Every metric", "## Data", "## Model", "| train param | value |"]
+    assert [md.index(h) for h in order] == sorted(md.index(h) for h in order)
+    worst = md.split("## Worst classes (test)")[1].split("##")[0]
+    f1s = [float(line.split("|")[2]) for line in worst.splitlines() if line.startswith("| class") and "f1" not in line]
+    assert f1s == sorted(f1s) and len(f1s) == 4
     html = (evaluated / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(PNGS)
+    assert html.index("<h2>Headline</h2>") < html.index("<h2>Data</h2>")
+    assert "<details><summary>Training params</summary><table>" in html
+    # `dvc metrics show`: the headline only, nested as test.accuracy
+    headline = json.loads((evaluated / "headline.json").read_text())
+    assert headline["test"] == {k: metrics["test"][k] for k in ("accuracy", "f1_macro", "ece")}  # no flips: no TTA
+    assert headline["val"] == {"accuracy": metrics["val"]["accuracy"]} and headline["calibration"]["temperature"] > 0
 
 
 def test_calibration_is_fitted_reported_and_kept_out_of_the_model_folder(evaluated, tmp_path):
-    from cnnpipe.serving.calibration import Calibration
+    from cnnpipe.calibration import Calibration
 
     metrics = json.loads((evaluated / "metrics.json").read_text())
     calibration = Calibration.read(evaluated / "calibration.json")
@@ -113,7 +126,7 @@ def test_calibration_is_fitted_reported_and_kept_out_of_the_model_folder(evaluat
 
 def test_tta_is_measured_when_the_policy_has_flips(tmp_path):
     from cnnpipe.augment.policy import CIFAR10
-    from cnnpipe.serving.calibration import Calibration
+    from cnnpipe.calibration import Calibration
 
     # CIFAR-10's names: every class mirror-invariant; the bars of the tiny images are rows, which a mirror keeps
     write_tiny_dataset(tmp_path / "processed", classes=10, size=20, channels=3, n=12, names=CIFAR10)

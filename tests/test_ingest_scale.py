@@ -21,7 +21,7 @@ from PIL import Image
 from cnnpipe.config import IngestConfig
 from cnnpipe.data.store import DatasetWriter, read_dataset
 from cnnpipe.stages import ingest
-from tests.conftest import user_env
+from tests.helpers import user_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,9 +160,3 @@ def test_ingest_killed_mid_way_resumes_and_matches_an_uninterrupted_run(tmp_path
     assert json.loads(again.stdout)["chunks_reused"] == done  # the finished chunks were not decoded again
     assert hashes(out / "processed") == hashes(tmp_path / "whole/processed")
     assert not (out / ".processed.staging").exists()
-
-
-def test_the_benchmark_script_runs(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/ingest_scale.py"), "--help"],
-                          capture_output=True, text=True, env=user_env())
-    assert proc.returncode == 0 and "--images" in proc.stdout

@@ -28,7 +28,7 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import build_model
 from cnnpipe.stages import augment as augment_stage
 from cnnpipe.stages import train as train_stage
-from tests.conftest import REPO, cnnpipe, make_images, user_env
+from tests.helpers import REPO, cnnpipe, make_images, user_env
 
 CPU = torch.device("cpu")
 

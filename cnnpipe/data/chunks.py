@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from cnnpipe.data.archive import MemberRefused
-from cnnpipe.data.decode import BadImage, decode
+from cnnpipe.imaging import BadImage, decode
 from cnnpipe.data.raw import Entries, Images
 from cnnpipe.data.shards import encode_png
 
 DIGEST_BYTES = 16
-HIST_IMAGES = 256  # images per np.bincount call: its int64 copy of the pixels stays ~100 MB at 224 px
+HIST_IMAGES = 256  # images per np.bincount call: bounds its int64 copy of the pixels
 
 
 @dataclass(frozen=True)

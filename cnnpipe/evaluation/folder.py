@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-METRICS_FILE = "metrics.json"  # {"val": {...}, "test": {...}}: `dvc metrics show`, register's tags
-CALIBRATION_FILE = "calibration.json"  # {"temperature": T, ...}: serving.calibration; register packages it
+METRICS_FILE = "metrics.json"  # {"val": {...}, "test": {...}, ...}: every score; register's tags
+HEADLINE_FILE = "headline.json"  # tracking.HEADLINE_METRICS of metrics.json, nested: `dvc metrics show`
+CALIBRATION_FILE = "calibration.json"  # {"temperature": T, ...}: cnnpipe.calibration; register packages it
 CONFUSION_JSON = "confusion_matrix.json"  # {"categories", "matrix"}: KFP's ClassificationMetrics
 CONFUSION_CSV = "confusion_matrix.csv"
 CONFUSION_PNG = "confusion_matrix.png"

@@ -19,17 +19,18 @@ import torch
 from PIL import Image
 
 import cnnpipe
+from cnnpipe import calibration
+from cnnpipe.calibration import Calibration
 from cnnpipe.config import RegisterConfig, TrackingConfig
 from cnnpipe.data.store import read_dataset
 from cnnpipe.engine.model_folder import MODEL_FILE, read_train_config
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.folder import CALIBRATION_FILE, METRICS_FILE
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.promotion import promote
-from cnnpipe.serving import calibration, trusted
-from cnnpipe.serving.calibration import Calibration
-from cnnpipe.serving.predictor import Predictor
-from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags
+from cnnpipe.serving import trusted
+from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags, quiet_mlflow
 
 
 def _png_base64(image: np.ndarray) -> str:
@@ -57,8 +58,9 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     """Log the model folder `model` as a pyfunc into its pipeline run, with the calibration `evaluation` holds,
     register it (alias challenger), promote when asked; the registration is written to `record`."""
     model_dir, out = model, record
-    from cnnpipe.serving import pyfunc_model
-    from cnnpipe.serving.pyfunc import predict_frame
+    with quiet_mlflow():  # MLflow checks the pyfunc's class as it is defined
+        from cnnpipe.serving import pyfunc_model
+        from cnnpipe.serving.pyfunc import predict_frame
 
     ensure_writable_parent(out)
     calibrated = Calibration.read(evaluation / CALIBRATION_FILE)  # served with the model: softmax(logits / T)

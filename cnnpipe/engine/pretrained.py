@@ -22,7 +22,6 @@ from cnnpipe.models import backbones, head, is_library_arch
 from cnnpipe.models.imagenet import imagenet_weights
 
 
-
 @dataclass
 class Pretrained:
     source: str  # as the user wrote it
