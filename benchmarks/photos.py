@@ -13,7 +13,7 @@ and every epoch's validation included, the epochs' own seconds, and its CPU seco
 other jobs, CPU seconds / 2 is what two free cores would take), the kept epoch and the machine. Evaluate skips
 t-SNE (not timed, only slow).
 
-    flock /tmp/cnnpipe-bench.lock .venv/bin/python benchmarks/photos.py /tmp/photos/cats-vs-dogs [...] \
+    flock /tmp/cnnpipe-bench.lock nice -n 5 .venv/bin/python -m benchmarks.photos /tmp/photos/cats-vs-dogs [...] \
         [--recipes photos,scratch,photos-224] [--work DIR]
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -29,12 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
+from benchmarks.harness import load_average, record
+from cnnpipe.engine.model_folder import read_history, read_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from cnnpipe.engine.model_folder import read_history, read_train_config  # noqa: E402
 
 PARAMS = ROOT / "configs/photos.yaml"
 # per recipe: -S overrides of configs/photos.yaml
@@ -111,7 +108,7 @@ def main() -> None:
     unknown = set(recipes) - set(RECIPES)
     if unknown:
         sys.exit(f"--recipes: unknown {sorted(unknown)} (expected some of {', '.join(RECIPES)})")
-    load_before = os.getloadavg()
+    load_before = load_average()
     rows = []
     for photos in args.photos:
         for recipe in recipes:
@@ -122,17 +119,13 @@ def main() -> None:
             write(args, rows, load_before)  # after every row: a long run stopped midway keeps what it measured
 
 
-def write(args: argparse.Namespace, rows: list[dict], load_before: tuple[float, ...]) -> None:
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+def write(args: argparse.Namespace, rows: list[dict], load_before: list[float]) -> None:
     result = {
         "benchmark": "photo folders: from scratch vs the offline pretrained recipe (configs/photos.yaml), real CLI, CPU",
-        "command": "flock /tmp/cnnpipe-bench.lock .venv/bin/python benchmarks/photos.py " + " ".join(sys.argv[1:]),
         "rows": rows,
-        "cpu_flags": sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & set(flags)),
         "threads": "train.threads 0: the cores available (2)",
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
         "note": "shared 2-core machine: other jobs ran meanwhile (see the load averages); times are upper bounds",
     }
     record(args.out, result)
