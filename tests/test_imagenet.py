@@ -13,7 +13,7 @@ import torch
 
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import imagenet
-from cnnpipe.models.pretrained import load_pretrained
+from cnnpipe.engine.pretrained import load_pretrained
 
 timm = pytest.importorskip("timm")
 
