@@ -119,17 +119,23 @@ def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 def _explain(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.engine.model_folder import MODEL_FILE
     from cnnpipe.engine.predictor import Predictor
-    from cnnpipe.evaluation.explain import explain_image
+    from cnnpipe.evaluation.explain import default_output, explain_image
 
-    if args.model.startswith("models:/"):
+    uri = _model_uri(args, params, pp)
+    if uri.startswith("models:/"):
         from cnnpipe.serving.local import load_registered
 
-        predictor, _ = load_registered(tracking_config(params, args, pp), args.model)
+        predictor, _ = load_registered(tracking_config(params, args, pp), uri)
     else:
-        path = Path(args.model)
+        path = Path(uri)
         predictor = Predictor.from_file(path / MODEL_FILE if path.is_dir() else path)
-    out = args.output or args.image.with_name(f"{args.image.stem}.gradcam.png")
-    return explain_image(predictor, args.image, out, args.class_name)
+    return explain_image(predictor, args.image, args.output or default_output(args.image), args.class_name)
+
+
+def _init(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe import init_params
+
+    return init_params.run(path=args.path, params_file=pp, force=args.force, overrides=parse_assignments(args.set))
 
 
 def _sweep(args: argparse.Namespace, params: dict, pp: Path) -> dict:
@@ -289,11 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("explain", "Grad-CAM of one image: where the model looked for the class it predicted (a PNG)",
                 _explain, None)
     p.add_argument("image", type=Path, help="an image file (decoded and resized exactly as serving does)")
-    p.add_argument("--model", default="data/model", help="a model directory or file (from train), or a model URI "
-                                                         "models:/<name>@<alias> (default: data/model)")
+    p.add_argument("--model", help="a model URI models:/<name>@<alias>, or a model directory or file (from train) "
+                                    "(default: models:/<register.model_name>@champion, as serve and predict)")
+    p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--class", dest="class_name", help="explain this class instead of the predicted one")
-    p.add_argument("--output", type=Path, help="the PNG to write (default: IMAGE's name + .gradcam.png beside it)")
+    p.add_argument("--output", type=Path, help="the PNG to write (default: data/explain/<IMAGE's name>.gradcam.png, "
+                                               "never beside the image: a data folder would take it as a photo)")
     add_flags(p, TrackingConfig, prefix="tracking-")
+
+    p = command("init", "write a complete, commented params.yaml for a dataset (a folder of photos, GTSRB, CIFAR-10, "
+                        "pickles): its source, image size, the photo recipe for photos, its own model name; then "
+                        "`dvc repro`", _init, None)
+    p.set_defaults(reads_params=False)  # it writes --params (with -S values applied)
+    p.add_argument("path", type=Path, help="the dataset: class folders, split folders (train/ val/ test/ of class "
+                                           "folders), or an archive; see docs/photos.md")
+    p.add_argument("--force", action="store_true", help="overwrite --params even when git does not hold it as it is")
 
     p = command("sweep", "train and evaluate a grid of train params as child runs of one MLflow run, "
                          "with a comparison table", _sweep, TrainConfig)
@@ -396,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     try:
-        params = apply_overrides(read_params(args.params), parse_assignments(args.set))
+        params = apply_overrides(read_params(args.params), parse_assignments(args.set)) \
+            if getattr(args, "reads_params", True) else {}
         result = args.handler(args, params, args.params)
     except CnnpipeError as e:
         print(f"cnnpipe {args.command}: error: {e}", file=sys.stderr)

@@ -33,7 +33,8 @@ def knob(default: Any, help: str, choices: tuple | None = None, minimum: float |
 
 @dataclass
 class IngestConfig:
-    source: str = knob("digits", "dataset source: digits (embedded), gtsrb, cifar10, imagefolder, pickle")
+    source: str = knob("auto", "dataset source: auto (digits without a path, else told from what the path holds), "
+                               "digits (embedded), gtsrb, cifar10, imagefolder, pickle")
     path: str | None = knob(None, "the source's files: an archive, a folder or an http(s) URL (unused for digits)")
     test_path: str | None = knob(None, "official test images: GTSRB_Final_Test_Images.zip (gtsrb) or a test root (imagefolder)")
     test_labels: str | None = knob(None, "gtsrb: GT-final_test.csv or GTSRB_Final_Test_GT.zip, the test split's labels")

@@ -36,8 +36,9 @@ from cnnpipe.fsio import file_digest, read_json, write_json
 # `dvc metrics show` (evaluate writes them to the evaluation folder's headline file); the rest stay one click away
 HEADLINE_METRICS = ("test/accuracy", "test/f1_macro", "test/ece", "test/accuracy_tta", "test_roi/accuracy",
                     "val/accuracy", "calibration/temperature")
-VIEW_KEY = "cnnpipe"  # the experiment's runs page with the headline columns: #/experiments/<id>/runs?viewStateShareKey=cnnpipe
+VIEW_KEY = "cnnpipe"  # the experiment's saved runs view with the headline columns (Tracker.view_page)
 # MLflow 3 opens an experiment of unknown kind in its GenAI traces view; this kind opens the model-training view
+# (MLflow 3.17's UI decides by its GenAI / Model training switch instead: Tracker.view_page sets it in the link)
 EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
     # a saved view of the runs table (the UI's "share view"): its default columns plus the headline metrics
@@ -221,6 +222,12 @@ class Tracker:
         return cls.start(cfg, run_dir.name, {MODEL_DIGEST_TAG: digest, "mlflow.note.content":
                                              f"The model folder {run_dir} was restored by DVC; the run that trained "
                                              f"it is not in this tracking store."})
+
+    def view_page(self) -> str:
+        """Where the MLflow UI shows this run's experiment in the model-training view, headline metrics as
+        columns: the page's address under the tracking server (or `mlflow ui`) after its host."""
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        return f"/#/experiments/{experiment}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
 
     def write_run_file(self, run_dir: Path) -> None:
         """Name this run in `run_dir` (a model folder, its model file written): later stages log into it."""

@@ -23,6 +23,7 @@ torch.set_num_threads(1)
 @pytest.mark.parametrize("arch, channels", [("torchvision/resnet18", 1), ("resnet50", 3), ("mobilenet_v3_small", 1),
                                             ("mobilenet_v3_large", 3), ("efficientnet_b0", 1), ("convnext_tiny", 3),
                                             ("vgg11_bn", 1), ("alexnet", 3), ("googlenet", 1), ("timm/resnet18", 1)])
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_library_arch_takes_the_datasets_channels_and_classes(arch, channels):
     model = build_model(arch, channels, 7, 64, 16).eval()
     assert is_library_arch(arch) and head(model).out_features == 7
@@ -169,6 +170,7 @@ def test_cli_fine_tunes_a_file_and_records_it(tmp_path):
     assert json.loads((ws / "data/model/train_config.json").read_text())["lineage"] == {"cnnpipe.pretrained": "rgb.pt"}
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 @pytest.mark.parametrize("arch", ["torchvision/resnet18", "mobilenet_v3_small", "googlenet"])
 def test_sagemaker_export_of_a_library_net_answers_as_the_predictor(arch, tmp_path):
     import io

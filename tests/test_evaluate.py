@@ -67,6 +67,7 @@ def evaluated(tmp_path_factory) -> Path:
     return tmp / "evaluation"
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 @pytest.mark.parametrize("name", PNGS)
 def test_every_figure_is_a_valid_non_empty_image(evaluated, name):
     img = Image.open(evaluated / name)
@@ -76,6 +77,7 @@ def test_every_figure_is_a_valid_non_empty_image(evaluated, name):
     assert np.asarray(img).std() > 5  # not a blank canvas
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_tables_report_and_kfp_matrix(evaluated):
     metrics = json.loads((evaluated / "metrics.json").read_text())
     assert set(metrics) == {"val", "test"} and {"accuracy", "ece", "f1_macro", "top5_accuracy"} <= set(metrics["test"])
@@ -103,6 +105,7 @@ def test_tables_report_and_kfp_matrix(evaluated):
     assert headline["val"] == {"accuracy": metrics["val"]["accuracy"]} and headline["calibration"]["temperature"] > 0
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_calibration_is_fitted_reported_and_kept_out_of_the_model_folder(evaluated, tmp_path):
     from cnnpipe.calibration import Calibration
 
@@ -124,6 +127,7 @@ def test_calibration_is_fitted_reported_and_kept_out_of_the_model_folder(evaluat
         assert m["accuracy"] == metrics[split]["accuracy"]  # the temperature never moves a prediction
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_tta_is_measured_when_the_policy_has_flips(tmp_path):
     from cnnpipe.augment.policy import CIFAR10
     from cnnpipe.calibration import Calibration
@@ -145,6 +149,7 @@ def test_tta_is_measured_when_the_policy_has_flips(tmp_path):
     assert f"TTA temperature {calibration.tta_temperature:.4f}" in (tmp_path / "evaluation/report.md").read_text()
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_mismatched_model_and_empty_split_are_named(evaluated, tmp_path):
     model_dir = evaluated.parent / "model"
     write_tiny_dataset(tmp_path / "gray", classes=4, size=16, channels=1)

@@ -67,6 +67,7 @@ def test_the_output_does_not_depend_on_the_workers(tmp_path, archive):
     assert len(set(ds.splits["train"].labels[:7].tolist())) == 3  # a chunk (a shard) holds every class
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_memory_does_not_grow_with_the_dataset(tmp_path):
     """Peak traced allocation (numpy arrays included) of ingesting 200 and 400 images: a few chunks either way."""
     run_ingest(tmp_path / "warm", path=str(photos(tmp_path / "few", 30)))  # imports and font caches: not traced

@@ -48,6 +48,8 @@ def test_repro_runs_every_stage_and_registers_an_accurate_model(workspace, first
         assert f"Running stage '{stage}'" in first_repro
     # MLflow's chatter stays off the terminal (tracking.quiet_mlflow)
     assert "Add type hints" not in first_repro and "database tables" not in first_repro, first_repro
+    # and register says where the UI shows the runs: the model-training view, headline metrics as columns
+    assert "/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=cnnpipe" in first_repro
     metrics = json.loads((workspace / "data/evaluation/metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.95, metrics
     manifest = json.loads((workspace / "data/processed/manifest.json").read_text())

@@ -38,6 +38,7 @@ from tests.formats import gtsrb_zip, sign_image
 # --- the dataset: whole frames and their boxes -----------------------------------------------------
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_ingest_keeps_whole_frames_and_boxes_scaled_to_the_stored_image(tmp_path):
     z = gtsrb_zip(tmp_path / "g.zip", classes=3, tracks=4, frames=3)
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -78,7 +78,8 @@ def test_apply_writes_the_best_trial_and_keeps_comments(tmp_path):
     after = yaml.safe_load(params.read_text())
     assert (after["train"]["lr"], after["train"]["width"], after["augment"]["rotate"]) == (0.123, 32, 5.5)
     text = params.read_text()
-    assert "channels_last: true   # faster convolutions (benchmarks/results/train_throughput.json)" in text  # comments and layout survive
+    # comments and layout survive
+    assert "channels_last: true   # faster convolutions (benchmarks/results/train_throughput.json)" in text
     assert "  path: null            # the source's archive" in text
     before = (REPO / "params.yaml").read_text().splitlines()
     assert sum(a != b for a, b in zip(before, text.splitlines())) == 3 and len(before) == len(text.splitlines())
@@ -228,6 +229,7 @@ def test_katib_grid_uses_the_same_values_and_rejects_what_katib_lacks(tmp_path):
         katib.check(manifest)
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_pipeline_compile_tune_writes_the_experiment(tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     proc = cnnpipe("pipeline", "compile", "--tune", cwd=tmp_path)
