@@ -244,6 +244,7 @@ def test_training_warns_once_when_validation_stays_at_chance(capsys):
     assert few_val_images(100) is None and "holds 24 images (< 100)" in few_val_images(24)
 
 
+@pytest.mark.e2e  # a real MLflow store (~10 s to create)
 def test_the_train_stage_tags_its_run_with_its_warnings(tmp_path):
     """A network at chance and a 12-image val split: both said in the result and on the MLflow run."""
     import mlflow
