@@ -93,8 +93,13 @@ class AugmentConfig:
     box_crop: float = knob(0.0, "chance that a training image with a box (ingest.roi_crop: false) is cropped to a random "
                                 "box between its box and the whole frame, scale and offset jittered (0 = off)",
                            minimum=0.0, maximum=1.0)
-    flip: str = knob("auto", "auto: the dataset's class-aware flip tables (GTSRB, CIFAR-10; others never flip); none",
-                     choices=("auto", "none"))
+    crop_scale: float = knob(0.0, "random-resized crops (photos): each training image cropped to a random window of "
+                                  "this share of its area or more, aspect 3:4 to 4:3, resized back (0 = off)",
+                             minimum=0.0, maximum=1.0)
+    flip: str = knob("auto", "auto: the dataset's class-aware flip tables (GTSRB, CIFAR-10; others never flip); "
+                             "horizontal: every class is mirror-invariant (your choice: true of cats, flowers, cars; "
+                             "not of text, digits, left/right signs), each flips left-right into itself; none",
+                     choices=("auto", "horizontal", "none"))
     seed: int = knob(0, "seed of class balancing and of the preview")
 
 

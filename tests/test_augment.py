@@ -101,3 +101,28 @@ def test_rotation_by_half_turn_table():
     turned = (out != x).flatten(1).any(1)
     assert turned[y == 0].any() and not turned[y == 1].any()
     assert torch.equal(out[turned], x[turned].flip((-2, -1))) and torch.equal(labels, y)
+
+
+def test_horizontal_flips_every_class_into_itself():
+    from cnnpipe.augment import flip_tables
+
+    assert flip_tables(["cat", "dog", "fox"], "horizontal") == {"hflip": [0, 1, 2], "vflip": [-1] * 3, "rot180": [-1] * 3}
+    x = torch.arange(3 * 2 * 4, dtype=torch.float).view(3, 1, 2, 4).repeat(20, 1, 1, 1) / 24
+    y = torch.arange(3).repeat(20)
+    out, labels = apply_policy(x.clone(), y, policy(hflip=[0, 1, 2]), torch.Generator().manual_seed(0))
+    flipped = (out != x).flatten(1).any(1)
+    assert flipped[y == 0].any() and flipped[y == 2].any() and torch.equal(labels, y)
+    assert torch.equal(out[flipped], x[flipped].flip(-1))
+
+
+def test_random_resized_crops_zoom_into_a_window_of_at_least_the_asked_area():
+    """A gradient image: a crop spans less of the gradient (its range shrinks) by at most sqrt of the area share."""
+    ramp = torch.linspace(0, 1, 64).view(1, 1, 1, 64).repeat(200, 1, 64, 1)
+    labels = torch.zeros(200, dtype=torch.long)
+    out, _ = apply_policy(ramp.clone(), labels, policy(hflip=[-1], crop_scale=0.25), torch.Generator().manual_seed(0))
+    span = out[:, 0, 32].amax(1) - out[:, 0, 32].amin(1)  # the share of the width each crop kept (~)
+    assert span.max() <= 1.0 + 1e-6 and span.min() >= (0.25 * 3 / 4) ** 0.5 - 0.05
+    assert span.std() > 0.05  # the windows differ per image
+    a, _ = apply_policy(ramp[:4].clone(), labels[:4], policy(hflip=[-1], crop_scale=0.25), torch.Generator().manual_seed(1))
+    b, _ = apply_policy(ramp[:4].clone(), labels[:4], policy(hflip=[-1], crop_scale=0.25), torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not policy(crop_scale=0.25).is_identity

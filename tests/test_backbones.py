@@ -51,12 +51,12 @@ def test_weights_fit_with_a_new_head_and_a_grayscale_stem():
     source = build_model("torchvision/resnet18", 3, 1000, 32, 16)
     state = source.state_dict()
     model = build_model("torchvision/resnet18", 1, 3, 32, 16)
-    fresh_head = head(model).weight.detach().clone()
     loaded = fit_weights(model, Pretrained("src", state, None, None), ["a", "b", "c"])
     assert loaded == {"tensors_loaded": len(state) - 2, "head_loaded": False}
     assert torch.equal(model.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
     assert torch.equal(model.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
-    assert torch.equal(head(model).weight, fresh_head)
+    # the new head starts at zero: uniform answers on the pretrained features
+    assert not head(model).weight.any() and not head(model).bias.any()
 
 
 def test_a_registered_models_head_is_kept_only_for_the_same_classes():
@@ -194,15 +194,3 @@ def test_sagemaker_export_of_a_library_net_answers_as_the_predictor(arch, tmp_pa
     ours = predictor.predict(predictor.preprocess([buf.getvalue()]), top_k=2)[0]
     assert answer["predicted_class"] == ours["predicted_class"]
     assert answer["confidence"] == pytest.approx(ours["confidence"], abs=1e-4)
-
-
-def test_imagenet_weights_that_cannot_be_read_are_one_line(tmp_path, monkeypatch):
-    """The download itself needs the network (not here); a corrupt file in torch's cache takes the same path."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cached = tmp_path / "hub/checkpoints/resnet18-f37072fd.pth"  # where torchvision keeps ResNet18_Weights.DEFAULT
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"truncated")
-    with pytest.raises(CnnpipeError, match="train.pretrained imagenet: the weights of torchvision/resnet18 cannot be "
-                                           "fetched: ") as e:
-        load_pretrained("imagenet", "torchvision/resnet18", None)
-    assert "\n" not in str(e.value)

@@ -221,3 +221,44 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_res():
     assert len(result.history) == 3
     with pytest.raises(CnnpipeError, match="train.low_res 4: this net takes only its own image size"):
         fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), dataclasses.replace(cfg, arch="cnn3", low_res=4), policy=None)
+
+
+def test_training_warns_once_when_validation_stays_at_chance(capsys):
+    """lr 0: the network never learns; the warning comes after CHANCE_EPOCHS epochs, once, and a learning run has none."""
+    from cnnpipe.data.store import few_val_images
+    from cnnpipe.engine.loop import CHANCE_EPOCHS, chance_ceiling
+
+    cfg = TrainConfig(arch="cnn3", width=8, epochs=CHANCE_EPOCHS + 1, batch_size=16, lr=0.0)
+    torch.manual_seed(0)
+    result = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, policy=None)
+    assert len(result.warnings) == 1
+    assert result.warnings[0].startswith("train: validation accuracy has stayed at chance (<= 0.")
+    assert f"for {CHANCE_EPOCHS} epochs (1-{CHANCE_EPOCHS})" in result.warnings[0]
+    assert capsys.readouterr().err.count("stayed at chance") == 1
+    torch.manual_seed(0)
+    learned = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), dataclasses.replace(cfg, lr=0.05, epochs=6), policy=None)
+    assert learned.warnings == []
+    # 3 balanced classes on 6 images: 1/3 + 2 standard errors; one class of 9 in 10: the majority answer
+    assert chance_ceiling(torch.tensor([0, 1, 2] * 2), 3) == pytest.approx(1 / 3 + 2 * (2 / 9 / 6) ** 0.5)
+    assert chance_ceiling(torch.tensor([0] * 9 + [1]), 2) == pytest.approx(0.9 + 2 * (0.09 / 10) ** 0.5)
+    assert few_val_images(100) is None and "holds 24 images (< 100)" in few_val_images(24)
+
+
+@pytest.mark.e2e  # a real MLflow store (~10 s to create)
+def test_the_train_stage_tags_its_run_with_its_warnings(tmp_path):
+    """A network at chance and a 12-image val split: both said in the result and on the MLflow run."""
+    import mlflow
+
+    from cnnpipe.config import AugmentConfig, TrackingConfig
+    from cnnpipe.stages import augment, train
+
+    write_tiny_dataset(tmp_path / "processed")
+    augment.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
+    tracking = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="warnings")
+    r = train.run(cfg=TrainConfig(epochs=3, width=4, lr=0.0, augment=False), data=tmp_path / "processed",
+                  augmented=tmp_path / "augmented", model=tmp_path / "model", tracking=tracking)
+    assert len(r["warnings"]) == 2
+    assert r["warnings"][0].startswith("train: the validation split holds 12 images (< 100)")
+    assert "stayed at chance" in r["warnings"][1]
+    tags = mlflow.MlflowClient(tracking.uri).get_run(r["run_id"]).data.tags
+    assert tags["cnnpipe.warnings"] == " | ".join(r["warnings"])

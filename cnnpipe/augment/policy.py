@@ -40,15 +40,19 @@ GTSRB_ROT180_SAME = (12, 15, 17, 32, 40)  # also the diagonal bar and the rounda
 def flip_tables(classes: list[str], mode: str) -> dict[str, list[int]]:
     """Class-aware flip tables: entry i is the class an image of class i becomes, -1 = never flipped.
 
-    Known by their class names: GTSRB's 43 signs (and the tutorial pickles that use its names) and
+    `auto`: known by their class names: GTSRB's 43 signs (and the tutorial pickles that use its names) and
     CIFAR-10 (every class mirror-invariant horizontally). Anything else is never flipped: a flipped
-    digit or letter is not the same class.
+    digit or letter is not the same class. `horizontal`: the user says every class is mirror-invariant
+    (photos of animals, flowers, objects): each may flip left-right into itself.
     """
     from cnnpipe.data.sources.gtsrb import CLASSES as GTSRB
 
     n = len(classes)
     tables = {"hflip": no_flips(n), "vflip": no_flips(n), "rot180": no_flips(n)}
     if mode == "none":
+        return tables
+    if mode == "horizontal":
+        tables["hflip"] = list(range(n))
         return tables
     if classes == GTSRB:
         for c in GTSRB_HFLIP_SAME:
@@ -75,6 +79,7 @@ class AugmentPolicy:
     saturation: float
     cutout: float
     box_crop: float = 0.0  # chance of a random crop between an image's box and its whole frame
+    crop_scale: float = 0.0  # random-resized crops: the smallest share of the image's area kept (0 = off)
     hflip: list[int] = field(default_factory=list)  # class -> class after a horizontal flip, -1 = never
     vflip: list[int] = field(default_factory=list)  # ... after a vertical flip
     rot180: list[int] = field(default_factory=list)  # ... after a half turn
@@ -101,7 +106,7 @@ class AugmentPolicy:
     @classmethod
     def from_config(cls, cfg: AugmentConfig, tables: dict[str, list[int]]) -> AugmentPolicy:
         return cls(cfg.translate, cfg.rotate, cfg.scale, cfg.shear, cfg.brightness, cfg.contrast,
-                   cfg.saturation, cfg.cutout, cfg.box_crop, **tables)
+                   cfg.saturation, cfg.cutout, cfg.box_crop, cfg.crop_scale, **tables)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> AugmentPolicy:
@@ -119,7 +124,8 @@ class AugmentPolicy:
     def is_identity(self) -> bool:
         geometric = self.translate or self.rotate or self.scale or self.shear
         photometric = self.brightness or self.contrast or self.saturation or self.cutout
-        return not (self.box_crop or geometric or photometric or any(t >= 0 for t in (*self.hflip, *self.vflip, *self.rot180)))
+        flips = any(t >= 0 for t in (*self.hflip, *self.vflip, *self.rot180))
+        return not (self.box_crop or self.crop_scale or geometric or photometric or flips)
 
 
 def _uniform(n: int, bound: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -146,6 +152,27 @@ def box_crop_theta(boxes: torch.Tensor, h: int, w: int, p: float, g: torch.Gener
     zero = torch.zeros_like(x1)
     return torch.stack([torch.stack([(x2 - x1) / w, zero, (x1 + x2) / w - 1], 1),
                         torch.stack([zero, (y2 - y1) / h, (y1 + y2) / h - 1], 1)], 1)
+
+
+CROP_RATIO = (3 / 4, 4 / 3)  # random-resized crops' aspect ratios (torchvision's RandomResizedCrop default)
+
+
+def resized_crop_theta(n: int, min_area: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    """N x 2 x 3 affine maps (output -> input, normalized) of random-resized crops: an area share in
+    [min_area, 1] and an aspect ratio log-uniform in CROP_RATIO, anywhere inside the image."""
+    area = min_area + (1 - min_area) * torch.rand(n, generator=g, device=device)
+    low, high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    ratio = torch.exp(low + (high - low) * torch.rand(n, generator=g, device=device))
+    w, h = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # shares of the side
+    cx, cy = _uniform(n, 1, g, device) * (1 - w), _uniform(n, 1, g, device) * (1 - h)
+    zero = torch.zeros_like(w)
+    return torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+
+
+def _then_crop(theta: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
+    """`theta` applied inside the window `crop` (diagonal scale + offset): the crop's frame is theta's input."""
+    scale = torch.stack([crop[:, 0, 0], crop[:, 1, 1]], 1).unsqueeze(-1)
+    return theta * scale + F.pad(crop[:, :, 2:], (2, 0))
 
 
 def _flip_boxes(boxes: torch.Tensor, flip: torch.Tensor, dims: tuple[int, ...], h: int, w: int) -> torch.Tensor:
@@ -175,7 +202,7 @@ def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy, g
             boxes = _flip_boxes(boxes, flip, dims, h, w)
 
     crop = policy.box_crop and boxes is not None
-    if policy.translate or policy.rotate or policy.scale or policy.shear or crop:
+    if policy.translate or policy.rotate or policy.scale or policy.shear or crop or policy.crop_scale:
         angle = _uniform(n, math.radians(policy.rotate), g, dev)
         shear = _uniform(n, math.radians(policy.shear), g, dev)
         zoom = 1 + _uniform(n, policy.scale, g, dev)
@@ -187,9 +214,9 @@ def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy, g
             torch.stack([sin / zoom, (cos + torch.tan(shear) * sin) / zoom, ty], 1),
         ], 1)
         if crop:  # the crop's frame is the affine transform's input: crop after (compose) the affine map
-            box = box_crop_theta(boxes, h, w, policy.box_crop, g)
-            scale = torch.stack([box[:, 0, 0], box[:, 1, 1]], 1).unsqueeze(-1)
-            theta = theta * scale + F.pad(box[:, :, 2:], (2, 0))
+            theta = _then_crop(theta, box_crop_theta(boxes, h, w, policy.box_crop, g))
+        if policy.crop_scale:  # ... and a random-resized crop of whatever frame that leaves
+            theta = _then_crop(theta, resized_crop_theta(n, policy.crop_scale, g, dev))
         grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
         # border padding repeats the edge: no black wedges that a model could learn as a cue
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

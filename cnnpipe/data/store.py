@@ -318,3 +318,15 @@ def _read_boxes(path: Path, n: int, shape: tuple[int, int, int]) -> np.ndarray:
         raise CnnpipeError(f"dataset file '{path}': expected {n} x 4 float boxes (x1, y1, x2, y2) inside the "
                            f"{w}x{h} images, got {boxes.dtype} {boxes.shape}")
     return boxes.astype(np.float32)
+
+
+FEW_VAL_IMAGES = 100  # below this, one validation image moves accuracy by more than a point
+
+
+def few_val_images(n: int) -> str | None:
+    """A note when the validation split is too small to choose train's kept epoch and evaluate's temperature reliably."""
+    if n >= FEW_VAL_IMAGES:
+        return None
+    return (f"the validation split holds {n} images (< {FEW_VAL_IMAGES}): the kept epoch and the calibration temperature "
+            f"rest on few images (one image = {100 / n:.1f} accuracy points); raise ingest.val_fraction or give more "
+            f"val images")

@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
@@ -94,6 +94,18 @@ class FitResult:
     kept_epoch: int
     stopped_early: bool
     budget: dict | None = None  # a budgeted run's plan, costs, re-plans and actual seconds (BudgetKeeper.record)
+    warnings: list[str] = field(default_factory=list)  # said on stderr as they happened; the stage also tags the run
+
+
+CHANCE_EPOCHS = 3  # epochs in a row with validation accuracy at chance before training warns
+
+
+def chance_ceiling(labels: torch.Tensor, num_classes: int) -> float:
+    """The validation accuracy a network that learned nothing reaches: the larger of always answering the
+    commonest class and guessing uniformly, plus two standard errors of guessing on these many images."""
+    n = len(labels)
+    chance = max(torch.bincount(labels, minlength=num_classes).max().item() / n, 1 / num_classes)
+    return chance + 2 * math.sqrt(chance * (1 - chance) / n)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -287,6 +299,8 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
     g_aug = torch.Generator(device=device)
     tty = sys.stderr.isatty() and dist.is_main
     stopped_early = False
+    warnings: list[str] = []
+    ceiling = chance_ceiling(data.val_labels, head(model).out_features) if len(data.val_labels) else -1.0
     epoch = start_epoch
     while epoch <= plan.epochs:
         torch.manual_seed(epoch_seed(cfg.seed, dist.rank, epoch, 0))  # dropout and the like
@@ -365,6 +379,13 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             "train/epoch_seconds": seconds,
         }
         history.append(stats)
+        at_chance = next((i for i, h in enumerate(reversed(history)) if h["val/accuracy"] > ceiling), len(history))
+        if at_chance == CHANCE_EPOCHS:
+            warnings.append(f"train: validation accuracy has stayed at chance (<= {ceiling:.3f}) for {CHANCE_EPOCHS} "
+                            f"epochs ({epoch - CHANCE_EPOCHS + 1}-{epoch}): the network is not learning (try "
+                            f"train.pretrained imagenet, another train.lr, or check the labels)")
+            if dist.is_main:
+                print(warnings[-1], file=sys.stderr, flush=True)
         watched = stats[cfg.early_stopping_metric]
         if _better(cfg.early_stopping_metric, watched, best_value):
             best_value, best_epoch = watched, epoch
@@ -399,4 +420,4 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         kept.load_state_dict(best_state)
         kept_epoch = best_epoch
     return FitResult(history, kept.to(memory_format=torch.contiguous_format), best_epoch, kept_epoch, stopped_early,
-                     keeper.record() if keeper is not None else None)
+                     keeper.record() if keeper is not None else None, warnings)

@@ -19,6 +19,7 @@ from cnnpipe.config import TrackingConfig
 from cnnpipe.engine.checkpoint import FORMAT as MODEL_FORMAT
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import backbones, head, is_library_arch
+from cnnpipe.models.imagenet import imagenet_weights
 
 
 @dataclass
@@ -90,8 +91,9 @@ def load_pretrained(source: str, arch: str, tracking: TrackingConfig | None, *,
         if not is_library_arch(arch):
             raise CnnpipeError(f"train.pretrained imagenet: {arch} is cnnpipe's own network, with no ImageNet "
                                f"weights (use a torchvision or timm arch, e.g. torchvision/{arch})")
-        state, mean, std = backbones.imagenet_weights(arch)
-        return Pretrained(source, state, mean, std, lineage={"cnnpipe.pretrained": "imagenet"})
+        weights = imagenet_weights(arch)
+        return Pretrained(source, weights.state, weights.mean, weights.std,
+                          lineage={"cnnpipe.pretrained": "imagenet", "cnnpipe.pretrained.origin": weights.origin})
     if source.startswith(("models:/", "runs:/")):
         return _from_registry(source, arch, tracking, allow_unverified)
     pre = _from_file(Path(source), arch, "train.pretrained")
@@ -125,7 +127,13 @@ def fit_weights(model: nn.Module, pre: Pretrained, classes: list[str]) -> dict[s
         raise CnnpipeError(f"train.pretrained '{pre.source}': the weights do not fit this network: "
                            f"{len(problems)} of {len(target)} tensors wrong ({problems[0]})")
     model.load_state_dict(merged, strict=False)
-    return {"tensors_loaded": len(merged), "head_loaded": all(k in merged for k in head_keys)}
+    head_loaded = all(k in merged for k in head_keys)
+    if not head_loaded:  # a fresh head starts at zero: uniform answers, not the large random logits some libraries'
+        # initializations give on pretrained features (timm's EfficientNet head: U(+-1/sqrt(classes)), loss ~4 on 2 classes)
+        nn.init.zeros_(head_module.weight)
+        if head_module.bias is not None:
+            nn.init.zeros_(head_module.bias)
+    return {"tensors_loaded": len(merged), "head_loaded": head_loaded}
 
 
 def _adapt_stem(weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:

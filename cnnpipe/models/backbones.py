@@ -2,14 +2,10 @@
 
 `torchvision/<name>` (or a bare torchvision name cnnpipe's own registry does not use, e.g. resnet50)
 and `timm/<name>` build the library's network with a fresh head for the dataset's classes and a stem
-that takes the dataset's channels. Their ImageNet weights come through the library's own API.
+that takes the dataset's channels. Their ImageNet weights: cnnpipe/models/imagenet.py.
 """
 
 from __future__ import annotations
-
-import contextlib
-import io
-import sys
 
 from torch import nn
 
@@ -66,29 +62,3 @@ def build(arch: str, in_channels: int, num_classes: int) -> nn.Module:
     model = get_model(name, weights=None, num_classes=num_classes, **TORCHVISION_KWARGS.get(name, {}))
     _set_first_conv(model, in_channels)
     return model
-
-
-def imagenet_weights(arch: str) -> tuple[dict, list[float], list[float]]:
-    """The library's default ImageNet weights (downloaded into its cache, hash-checked as the library
-    does) and the mean/std they were trained with."""
-    library, name = resolve(arch)
-    said = io.StringIO()  # torch.hub prints "Downloading: ..." to stdout, where only the JSON result may go
-    try:
-        with contextlib.redirect_stdout(said):
-            if library == "timm":
-                import timm
-
-                model = timm.create_model(name, pretrained=True)
-                mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-                state = model.state_dict()
-            else:
-                from torchvision.models import get_model_weights
-
-                weights = get_model_weights(name).DEFAULT
-                state = weights.get_state_dict(progress=False, check_hash=True)
-                mean, std = weights.transforms().mean, weights.transforms().std
-    except Exception as e:  # no network, a corrupt cached file, no weights for this name: each its own type
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CnnpipeError(f"train.pretrained imagenet: the weights of {arch} cannot be fetched: {reason}") from None
-    print(said.getvalue(), end="", file=sys.stderr)
-    return state, list(mean), list(std)

@@ -35,7 +35,7 @@ import torch
 from cnnpipe.calibration import Calibration
 from cnnpipe.config import EvaluateConfig, TrackingConfig
 from cnnpipe.data.split import stratified_split
-from cnnpipe.data.store import Dataset, read_dataset
+from cnnpipe.data.store import Dataset, few_val_images, read_dataset
 from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.device import resolve_device
 from cnnpipe.engine.inference import normalize, predict_logits, stats_tensors, to_nchw_uint8
@@ -170,9 +170,10 @@ def _report(folder: Path, ds: Dataset, spec: ModelSpec, n_params: int, train_cfg
     r.table(["split", "accuracy", "top-5 accuracy", "F1 macro", "ECE", "loss"],
             [[split, m["accuracy"], m["top5_accuracy"], m["f1_macro"], m["ece"], m["loss"]] for split, m in metrics.items()])
     r.heading("Calibration")
-    r.text(f"Temperature T = {temperature:.4f}, fitted on the val split (NLL): the registered and served model answers "
-           f"softmax(logits / T); accuracy is unchanged." if calibrate else
-           "Not calibrated (evaluate.calibrate: false): T = 1.")
+    few = few_val_images(ds.manifest["counts"]["val"]["total"])
+    r.text((f"Temperature T = {temperature:.4f}, fitted on the val split (NLL): the registered and served model answers "
+            f"softmax(logits / T); accuracy is unchanged." if calibrate else
+            "Not calibrated (evaluate.calibrate: false): T = 1.") + (f" Note: {few}." if few else ""))
     r.table(["split", "ECE before", "ECE after", "NLL before", "NLL after"],
             [[split, m["ece_uncalibrated"], m["ece"], m["loss_uncalibrated"], m["loss"]] for split, m in metrics.items()])
     if "reliability_diagram.png" in figures_of:

@@ -22,7 +22,8 @@ import torch
 
 from cnnpipe.augment import POLICY_FILE, PREVIEW_FILE, AugmentPolicy
 from cnnpipe.config import TrackingConfig, TrainConfig
-from cnnpipe.data.store import FIGURES_DIR, MANIFEST_FILE, Dataset, decoded_mb, fetch_dataset, read_dataset
+from cnnpipe.data.store import (FIGURES_DIR, MANIFEST_FILE, Dataset, decoded_mb, fetch_dataset, few_val_images,
+                                 read_dataset)
 from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_model
 from cnnpipe.engine.device import resolve_device, set_threads
 from cnnpipe.engine.distributed import barrier, init_distributed
@@ -159,7 +160,11 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
             if on_epoch is not None:
                 on_epoch(stats)
 
+        few = few_val_images(len(val_split.labels))
+        if few and dist.is_main:
+            print(f"train: {few}", file=sys.stderr)
         result = fit(net, tensors, cfg, policy, on_epoch=each_epoch, checkpoint=save, resume=state, dist=dist)
+        warnings = ([f"train: {few}"] if few else []) + result.warnings
         if dist.is_main:
             with atomic_dir(model) as tmp:
                 spec = ModelSpec(cfg.arch, cfg.width, aug.channels, len(aug.classes), aug.image_size,
@@ -177,6 +182,8 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
                     tracker.write_run_file(tmp)
                     tracker.log_metrics({"train/best_epoch": result.best_epoch, "train/kept_epoch": result.kept_epoch,
                                          **{f"budget/{k}": float(v) for k, v in (result.budget or {}).items()}})
+                    if warnings:  # beside the run's numbers, where whoever compares runs looks
+                        tracker.set_tags({"cnnpipe.warnings": " | ".join(warnings)})
                     tracker.log_artifact(tmp / HISTORY_FILE, "train")
                     tracker.log_artifact(data / MANIFEST_FILE, "data")
                     if (data / FIGURES_DIR).is_dir():  # written by ingest; a hand-made dataset may lack them
@@ -195,4 +202,5 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
     kept = result.history[result.kept_epoch - 1]
     return {"epochs": len(result.history), "best_epoch": result.best_epoch, "kept_epoch": result.kept_epoch,
             "stopped_early": result.stopped_early, "val_accuracy": kept["val/accuracy"], "val_loss": kept["val/loss"],
-            "parameters": n_params, "run_id": run_id, **({"budget": result.budget} if result.budget else {})}
+            "parameters": n_params, "run_id": run_id, "warnings": warnings,
+            **({"budget": result.budget} if result.budget else {})}
