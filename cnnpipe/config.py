@@ -189,6 +189,10 @@ class ServeConfig:
     header_timeout: float = knob(10.0, "seconds a client has to send a request's headers (408, then the "
                                        "connection is closed)", minimum=0.1)
     body_timeout: float = knob(30.0, "seconds a client has to send a request's body (408)", minimum=0.1)
+    min_upload_rate: int = knob(4096, "bytes a second a request body must average once upload_grace has passed "
+                                      "(408 below it, so that trickling clients hold nothing for long; 0: no minimum)",
+                                minimum=0)
+    upload_grace: float = knob(2.0, "seconds a request body may take before min_upload_rate applies", minimum=0.0)
     keep_alive: float = knob(5.0, "seconds an idle kept-alive connection stays open", minimum=0.1)
     shutdown_timeout: float = knob(30.0, "seconds SIGTERM waits for in-flight requests before closing them",
                                    minimum=0.0)
