@@ -91,7 +91,7 @@ def rss_mb(pid: int) -> float:
 def profile(paths: list[Path], images: int = 1000) -> dict:
     """CPU ms per image of each step a decoding process takes, on `images` of the JPEGs, in this process."""
     from cnnpipe.data.chunks import summarize
-    from cnnpipe.data.decode import decode
+    from cnnpipe.imaging import decode
     from cnnpipe.data.shards import encode_png
 
     files = paths[:: max(1, len(paths) // images)][:images]

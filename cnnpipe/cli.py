@@ -16,9 +16,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cnnpipe import __version__
-from cnnpipe.config import (EvaluateConfig, RegisterConfig, ServeConfig, TrackingConfig, TrainConfig, TuneConfig,
-                            add_flags, apply_overrides, load_block, load_tune, parse_assignments, read_params,
-                            sqlite_path, tracking_config)
+from cnnpipe.config import (
+    EvaluateConfig,
+    RegisterConfig,
+    ServeConfig,
+    TrackingConfig,
+    TrainConfig,
+    TuneConfig,
+    add_flags,
+    apply_overrides,
+    load_block,
+    load_tune,
+    parse_assignments,
+    read_params,
+    sqlite_path,
+    tracking_config,
+)
 from cnnpipe.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, CnnpipeError
 from cnnpipe.remote import location_arg
 from cnnpipe.stages.spec import STAGES
@@ -115,8 +128,8 @@ def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
 def _explain(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.engine.model_folder import MODEL_FILE
+    from cnnpipe.engine.predictor import Predictor
     from cnnpipe.evaluation.explain import explain_image
-    from cnnpipe.serving.predictor import Predictor
 
     if args.model.startswith("models:/"):
         from cnnpipe.serving.local import load_registered

@@ -18,3 +18,13 @@ class ServiceUnavailable(CnnpipeError):
     """A service the stage needs (the tracking store) cannot be reached."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class RequestError(ValueError):
+    """A bad image or request: `status` is the HTTP status a server answers with (400 unreadable, 413 over a
+    budget, ...). Ingest's decoder turns it into a listed bad file; the CLI into a CnnpipeError."""
+
+    def __init__(self, message: str, status: int = 400, close: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.close = close  # the server should close the connection after answering (body left unread)

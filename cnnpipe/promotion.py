@@ -19,7 +19,7 @@ from cnnpipe.data.store import Dataset, read_dataset
 from cnnpipe.engine.inference import predict_logits, to_nchw_uint8
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.metrics import classification_metrics
-from cnnpipe.serving.predictor import as_requests
+from cnnpipe.imaging import as_requests
 from cnnpipe.tracking import CHALLENGER, CHAMPION, Registry
 
 

@@ -14,7 +14,7 @@ from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
 from cnnpipe.engine.loop import TrainData, fit
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import build_model, check_input_size, head, is_library_arch
-from cnnpipe.models.pretrained import Pretrained, adapt_stats, fit_weights, load_pretrained
+from cnnpipe.engine.pretrained import Pretrained, adapt_stats, fit_weights, load_pretrained
 from tests.conftest import cnnpipe, make_images, write_tiny_dataset
 
 torch.set_num_threads(1)
@@ -176,7 +176,7 @@ def test_sagemaker_export_of_a_library_net_answers_as_the_predictor(arch, tmp_pa
     from PIL import Image
 
     from cnnpipe.engine.checkpoint import ModelSpec, save_model
-    from cnnpipe.serving.predictor import Predictor
+    from cnnpipe.engine.predictor import Predictor
     from cnnpipe.serving.sagemaker import export, extract, load_inference
 
     spec = ModelSpec(arch, 16, 3, 3, 32, ["a", "b", "c"], [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], "letterbox")

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from cnnpipe.calibration import UNCALIBRATED, Calibration, fit_temperature
 from cnnpipe.engine.checkpoint import ModelSpec, save_model
 from cnnpipe.engine.inference import predict_logits, to_nchw_uint8
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.evaluation.calibration import fit_temperature
 from cnnpipe.evaluation.metrics import classification_metrics
 from cnnpipe.models import build_model
-from cnnpipe.serving.calibration import UNCALIBRATED, Calibration
-from cnnpipe.serving.predictor import Predictor
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -140,7 +139,7 @@ def test_onnx_graph_and_sagemaker_handler_apply_the_temperature(model_file, tmp_
 def test_tta_permutes_a_swapped_pair_back_and_averages_per_class():
     """Images are 1 x 2 pixels: brighter left = class 0 ("keep left"), brighter right = class 1 ("keep right"),
     class 2 mirror-invariant, class 3 never flipped. The toy model is right about the direction."""
-    from cnnpipe.serving.contract import tta_probabilities
+    from cnnpipe.calibration import tta_probabilities
 
     def probs_of(view: torch.Tensor) -> torch.Tensor:
         left = view[:, 0, 0, 0] > view[:, 0, 0, 1]
@@ -209,7 +208,7 @@ def test_torch_onnx_and_sagemaker_tta_answer_alike(model_file, flip_calibration,
 def test_tta_gets_its_own_temperature_and_is_calibrated_with_it():
     """An underconfident average of two views (as GTSRB's label-smoothed model gave): the temperature fitted on
     the log of the averages (what evaluate does) calibrates it; it never moves the argmax."""
-    from cnnpipe.serving.contract import tta_probabilities
+    from cnnpipe.calibration import tta_probabilities
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(20000, len(CLASSES), generator=g) * 4

@@ -91,7 +91,7 @@ def test_tables_report_and_kfp_matrix(evaluated):
 
 
 def test_calibration_is_fitted_reported_and_kept_out_of_the_model_folder(evaluated, tmp_path):
-    from cnnpipe.serving.calibration import Calibration
+    from cnnpipe.calibration import Calibration
 
     metrics = json.loads((evaluated / "metrics.json").read_text())
     calibration = Calibration.read(evaluated / "calibration.json")
@@ -113,7 +113,7 @@ def test_calibration_is_fitted_reported_and_kept_out_of_the_model_folder(evaluat
 
 def test_tta_is_measured_when_the_policy_has_flips(tmp_path):
     from cnnpipe.augment.policy import CIFAR10
-    from cnnpipe.serving.calibration import Calibration
+    from cnnpipe.calibration import Calibration
 
     # CIFAR-10's names: every class mirror-invariant; the bars of the tiny images are rows, which a mirror keeps
     write_tiny_dataset(tmp_path / "processed", classes=10, size=20, channels=3, n=12, names=CIFAR10)

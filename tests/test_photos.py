@@ -1,5 +1,5 @@
 """Photos as they come: EXIF orientation, CMYK, 16-bit, alpha, grayscale, large JPEGs, and the resize modes,
-identical in ingest (cnnpipe.data.decode) and serving (cnnpipe.serving.contract)."""
+identical in ingest and serving (cnnpipe.imaging)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cnnpipe.config import IngestConfig
-from cnnpipe.data.decode import decode
-from cnnpipe.serving.contract import RESIZE_MODES, reduce_on_decode, to_array
+from cnnpipe.imaging import RESIZE_MODES, decode, reduce_on_decode, to_array
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -3,9 +3,10 @@ against a local AWS-compatible endpoint (moto in server mode on 127.0.0.1)."""
 
 from __future__ import annotations
 
-import json
-import tarfile
 import functools
+import json
+import re
+import tarfile
 import urllib.request
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import pytest
 
 from cnnpipe.config import ServeConfig
 from cnnpipe.engine.checkpoint import ModelSpec, save_model
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.models import build_model
-from cnnpipe.serving.predictor import Predictor
 from cnnpipe.serving.sagemaker import contract_invoke, deploy, export, extract, image_uri, load_inference
 from cnnpipe.serving.server import ServingApp, run_in_thread
 from tests.conftest import free_port
@@ -42,7 +43,9 @@ def test_archive_has_the_layout_sagemaker_expects(archive):
 def test_the_four_handler_functions_on_real_images(archive, tmp_path):
     model_dir = extract(archive[0], tmp_path / "model")
     inference = load_inference(model_dir)
-    assert "cnnpipe" not in (model_dir / "code/inference.py").read_text().split('"""')[2]  # standalone: no cnnpipe import
+    # self-contained: every cnnpipe module the handler imports travels beside it in code/cnnpipe/
+    imported = set(re.findall(r"^from cnnpipe\.(\w+) import", (model_dir / "code/inference.py").read_text(), re.M))
+    assert imported and {f"{m}.py" for m in imported} <= {p.name for p in (model_dir / "code/cnnpipe").iterdir()}
     model = inference.model_fn(str(model_dir))
     from PIL import Image
 

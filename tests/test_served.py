@@ -21,16 +21,16 @@ from PIL import Image
 
 from cnnpipe.augment import AugmentPolicy, apply_policy, no_flips
 from cnnpipe.config import ServeConfig, TrainConfig
-from cnnpipe.data.decode import decode
 from cnnpipe.data.store import Split, read_dataset, write_dataset
 from cnnpipe.engine.checkpoint import ModelSpec, save_model
 from cnnpipe.engine.inference import stats_tensors
 from cnnpipe.engine.loop import TrainData, evaluate_split, fit
-from cnnpipe.errors import CnnpipeError
+from cnnpipe.engine.predictor import Predictor
+from cnnpipe.errors import CnnpipeError, RequestError
+from cnnpipe.imaging import BoxedImage, as_requests, decode, to_array
 from cnnpipe.models import build_model
-from cnnpipe.serving.contract import MAX_PAYLOAD, BoxedImage, RequestError, input_fn, parse_body, to_array
+from cnnpipe.serving.contract import MAX_PAYLOAD, input_fn, parse_body
 from cnnpipe.serving.local import predict_files
-from cnnpipe.serving.predictor import Predictor, as_requests
 from cnnpipe.serving.server import ServingApp, cnnpipe_invoke, run_in_thread
 from tests.conftest import REPO, cnnpipe, make_images
 from tests.formats import gtsrb_zip, sign_image

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from cnnpipe.engine.checkpoint import ModelSpec, save_model
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import build_model
-from cnnpipe.serving.predictor import Predictor
 from cnnpipe.serving.pyfunc import predict_frame, to_images
 
 

@@ -28,8 +28,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cnnpipe.engine.checkpoint import ModelSpec, save_model
+from cnnpipe.errors import RequestError
+from cnnpipe.imaging import to_array
 from cnnpipe.models import build_model
-from cnnpipe.serving.contract import RequestError, to_array
 from tests.conftest import REPO, user_env
 
 CLASSES = ["stop", "yield", "left", "right"]

@@ -15,7 +15,7 @@ import yaml
 
 from cnnpipe.errors import CnnpipeError
 from pipeline import trainjob
-from pipeline.training import Topology, arguments, compile_pipeline, as_parameter
+from pipeline.training import Topology, arguments, as_parameter, compile_pipeline
 from tests.conftest import REPO, free_port, user_env
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnpipe.data.archive import MemberRefused
-from cnnpipe.data.decode import BadImage, decode
+from cnnpipe.imaging import BadImage, decode
 from cnnpipe.data.raw import Entries, Images
 from cnnpipe.data.shards import encode_png
 

@@ -24,7 +24,7 @@ class Images:
 class Entry:
     name: str  # path inside the tree
     label: int
-    roi: tuple[float, float, float, float, float, float] | None = None  # see cnnpipe.data.decode.decode
+    roi: tuple[float, float, float, float, float, float] | None = None  # see cnnpipe.imaging.decode
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 METRICS_FILE = "metrics.json"  # {"val": {...}, "test": {...}}: `dvc metrics show`, register's tags
-CALIBRATION_FILE = "calibration.json"  # {"temperature": T, ...}: serving.calibration; register packages it
+CALIBRATION_FILE = "calibration.json"  # {"temperature": T, ...}: cnnpipe.calibration; register packages it
 CONFUSION_JSON = "confusion_matrix.json"  # {"categories", "matrix"}: KFP's ClassificationMetrics
 CONFUSION_CSV = "confusion_matrix.csv"
 CONFUSION_PNG = "confusion_matrix.png"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from cnnpipe.serving.contract import probabilities
+from cnnpipe.calibration import probabilities
 
 ECE_BINS = 15
 

@@ -23,10 +23,10 @@ from cnnpipe.data.store import read_dataset
 from cnnpipe.engine.device import resolve_device
 from cnnpipe.engine.inference import predict_logits, to_nchw_uint8
 from cnnpipe.engine.model_folder import MODEL_FILE, read_history
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation import figures
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent
-from cnnpipe.serving.predictor import Predictor
 from cnnpipe.stages import evaluate, train
 
 STUDY = [{"arch": "mlp", "width": 128}] + [{"arch": "cnn3", "width": w} for w in (16, 32, 64, 128)]

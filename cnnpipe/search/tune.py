@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from cnnpipe.config import (AugmentConfig, Dimension, TrackingConfig, TrainConfig, TuneConfig, load_block,
-                            sqlite_path)
+from cnnpipe.config import AugmentConfig, Dimension, TrackingConfig, TrainConfig, TuneConfig, load_block, sqlite_path
 from cnnpipe.data.store import MANIFEST_FILE
 from cnnpipe.engine.device import available_cores
 from cnnpipe.engine.model_folder import read_history

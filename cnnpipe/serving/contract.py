@@ -1,9 +1,10 @@
-"""The inference contract, standalone (torch, numpy and Pillow only): how a request body becomes
-images, how an image becomes model input, how probabilities become the answer, and SageMaker's four
-handler functions.
+"""The inference contract: how a request body becomes images, and SageMaker's four handler functions. How an
+image becomes model input is cnnpipe.imaging's; the probabilities (calibration, TTA) and the answer made of them
+are cnnpipe.calibration's.
 
-cnnpipe's own server, predictor and pyfunc import it; `cnnpipe export sagemaker` copies this very
-file into model.tar.gz as code/inference.py, so the endpoint and `cnnpipe serve` behave the same.
+cnnpipe's own server, predictor and pyfunc import it; `cnnpipe export sagemaker` copies this very file into
+model.tar.gz as code/inference.py, with the cnnpipe modules it imports beside it (torch-free but for the
+torch handler's model_fn/predict_fn), so the endpoint and `cnnpipe serve` behave the same.
 
 Bodies: image/png, image/jpeg, application/x-image (one raw image), or application/json with one of
 {"image": b64}, {"images": [b64, ...]}, {"instances": [b64 | {"image"|"b64": b64} | pixel array, ...]},
@@ -19,39 +20,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import math
 import os
-import warnings
-from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cnnpipe.calibration import answer, probabilities, tta_probabilities, usable_flips
+from cnnpipe.errors import RequestError
+from cnnpipe.imaging import BoxedImage, to_array
 
 MAX_PAYLOAD = 6 * 1024 * 1024  # SageMaker's real-time invocation limit
-MAX_PIXELS = 4096 * 4096  # per image, checked from its header before decoding: a decode costs ~3-4 bytes a pixel
-IMAGE_FORMATS = ("PNG", "JPEG", "PPM", "BMP", "WEBP", "GIF")  # what Pillow may open: not its every parser
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/x-portable-pixmap", "image/bmp", "image/webp",
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/x-portable-pixmap", "image/bmp", "image/webp", "image/gif",
                "application/x-image")
-RESIZE_MODES = ("squash", "center_crop", "letterbox")  # ingest.resize
 JSON_KEYS = ("image", "images", "instances", "dataframe_split", "dataframe_records", "inputs")
-
-
-class RequestError(ValueError):
-    """A bad request: `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400, close: bool = False):
-        super().__init__(message)
-        self.status = status
-        self.close = close  # the server should close the connection after answering (body left unread)
-
-
-class BoxedImage(NamedTuple):  # not a dataclass: SageMaker's loader may import this file outside sys.modules
-    """An image of a request with the box (x1, y1, x2, y2; pixel edges) its object occupies."""
-
-    image: bytes | np.ndarray
-    box: tuple[float, float, float, float]
 
 
 def parse_box(value, i: int) -> tuple[float, float, float, float] | None:  # noqa: ANN001
@@ -164,161 +146,6 @@ def parse_body(body: bytes, content_type: str, max_bytes: int = MAX_PAYLOAD) -> 
         raise RequestError(f"params: expected a JSON object like {{\"top_k\": 3}}, got {type(params).__name__}")
     top_k = parse_top_k(params["top_k"], "params.top_k") if params.get("top_k") is not None else None
     return [decode_value(v, i) for i, v in enumerate(raw)], top_k
-
-
-def to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Any image mode -> L (channels 1) or RGB (3), as ingest converts training images: transparency
-    composited on black, 16-bit scaled to 8 bits. Ingest's decode calls this too."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        flat = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        flat.alpha_composite(img)
-        img = flat
-    if img.mode.startswith("I;16") or img.mode == "I":
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
-    return img.convert("L" if channels == 1 else "RGB")
-
-
-def open_image(data: bytes, i: int = 0, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Read an encoded image's header (nothing decoded yet) and refuse it past `max_pixels`."""
-    try:
-        with warnings.catch_warnings():  # Pillow's bomb warning: the pixel budget below is the check
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            pil = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except UnidentifiedImageError:
-        raise RequestError(f"image {i}: not a readable image (expected {', '.join(IMAGE_FORMATS)})") from None
-    except Image.DecompressionBombError as e:
-        raise RequestError(f"image {i}: its size exceeds the budget of {max_pixels:,} pixels per image ({e})", 413) from None
-    except (OSError, ValueError, SyntaxError) as e:  # Pillow's parsers raise all three on a broken header
-        raise RequestError(f"image {i}: not a readable image ({e})") from None
-    width, height = pil.size
-    if width * height > max_pixels:
-        raise RequestError(f"image {i}: {width}x{height} = {width * height:,} pixels exceeds the budget of "
-                           f"{max_pixels:,} pixels per image", 413)
-    if width * height == 0:
-        raise RequestError(f"image {i}: not a readable image (size {width}x{height})")
-    return pil
-
-
-def crop_to_box(img: Image.Image, box: tuple[float, float, float, float], i: int = 0) -> Image.Image:
-    """The part of `img` inside `box` (pixel edges); a box reaching outside the image is refused."""
-    x1, y1, x2, y2 = box
-    if not (0 <= x1 < x2 <= img.width and 0 <= y1 < y2 <= img.height):
-        raise RequestError(f"image {i}: box {list(box)} is outside the {img.width}x{img.height} image "
-                           f"(expected 0 <= x1 < x2 <= {img.width}, 0 <= y1 < y2 <= {img.height})")
-    return img.crop(box)
-
-
-def reduce_on_decode(img: Image.Image, size: int) -> None:
-    """Ask a not yet decoded JPEG for a 1/2, 1/4 or 1/8 scale that still covers size x size: a 12-megapixel
-    photo bound for 224 px then decodes ~8x faster. Other formats ignore it."""
-    if img.format == "JPEG":
-        img.draft(None, (size, size))
-
-
-def resize_to(img: Image.Image, size: int, resize: str) -> Image.Image:
-    """size x size by ingest.resize: squash (stretch), center_crop (the central square) or letterbox
-    (the whole image scaled to fit, centred on black)."""
-    w, h = img.size
-    if resize == "center_crop" and w != h:
-        side = min(w, h)
-        img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-    elif resize == "letterbox" and w != h:
-        scale = size / max(w, h)
-        inner = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
-        canvas = Image.new(img.mode, (size, size))
-        canvas.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
-        return canvas
-    elif resize not in RESIZE_MODES:
-        raise ValueError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {resize!r}")
-    return img if img.size == (size, size) else img.resize((size, size), Image.Resampling.BILINEAR)
-
-
-def to_pixels(img: Image.Image, size: int, channels: int, resize: str = "squash",
-              box: tuple[float, float, float, float] | None = None, i: int = 0) -> np.ndarray:
-    """A PIL image as training saw it: upright by its EXIF orientation, converted to `channels`, cropped to
-    `box` (if any), resized by `resize`: uint8 size x size x channels. Ingest's decode and every serving
-    path call this."""
-    if box is None:  # a box is in the full image's pixels: no reduced-scale decoding then
-        reduce_on_decode(img, size)
-    img = to_mode(ImageOps.exif_transpose(img), channels)
-    if box is not None:
-        img = crop_to_box(img, box, i)
-    return np.asarray(resize_to(img, size, resize)).reshape(size, size, channels)
-
-
-def to_array(image, size: int, channels: int, i: int = 0, max_pixels: int = MAX_PIXELS,  # noqa: ANN001
-             resize: str = "squash") -> np.ndarray:
-    """Encoded bytes, a uint8 H x W [x C] array or a BoxedImage -> uint8 size x size x channels, as training
-    saw it: converted, cropped to the box (if any), resized by `resize`."""
-    box = None
-    if isinstance(image, BoxedImage):
-        image, box = image.image, image.box
-    if isinstance(image, (bytes, bytearray)):
-        pil = open_image(bytes(image), i, max_pixels)
-    else:
-        arr = np.asarray(image)
-        if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
-            raise RequestError(f"image {i}: expected uint8 H x W [x 1|3|4], got {arr.dtype} {arr.shape}")
-        if arr.shape[0] * arr.shape[1] > max_pixels:
-            raise RequestError(f"image {i}: {arr.shape[1]}x{arr.shape[0]} pixels exceeds the budget of {max_pixels:,}", 413)
-        pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
-    try:
-        return to_pixels(pil, size, channels, resize, box, i)
-    except RequestError:
-        raise
-    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated data only fails when decoded
-        raise RequestError(f"image {i}: not a readable image ({e})") from None
-
-
-def probabilities(logits, temperature: float = 1.0):  # noqa: ANN001, ANN201 - N x C torch tensors
-    """Class probabilities of the served model: softmax(logits / T), T the temperature evaluate fitted on the
-    validation split (1: uncalibrated). Every path from logits to an answer goes through here (torch,
-    ONNX graph, pyfunc, SageMaker's handler); a positive T never changes the argmax."""
-    return (logits.float() / temperature).softmax(1)
-
-
-FLIP_DIMS = {"hflip": (-1,), "vflip": (-2,), "rot180": (-2, -1)}  # the augment policy's flips: N x C x H x W dims
-
-
-def usable_flips(flips: dict | None) -> dict[str, list[int]]:
-    """The flip tables that keep or swap at least one class (entry c: the class an image of class c becomes
-    when flipped, -1: never flipped): the views test-time augmentation may add."""
-    return {name: list(table) for name, table in (flips or {}).items()
-            if name in FLIP_DIMS and any(t >= 0 for t in table)}
-
-
-def tta_probabilities(probs_of, x, flips: dict[str, list[int]], temperature: float | None = None):  # noqa: ANN001, ANN201
-    """Test-time augmentation over class-aware flips: `probs_of` (N x C x H x W images -> N x K probabilities)
-    of the original view and of each flipped view. A flipped view's probability of class table[c] is its vote
-    for class c of the original (a swap pair's columns are permuted back); each class averages the views in
-    which it is defined (table[c] >= 0; the original always), and the result is renormalized.
-
-    Views that disagree soften the average, so it has its own temperature (evaluate fits it on val, None: 1):
-    softmax(log(average) / temperature), which never moves the argmax."""
-    import torch
-
-    total = probs_of(x).double()
-    views = torch.ones_like(total)
-    for name, table in usable_flips(flips).items():
-        index = torch.tensor(table, device=total.device)
-        kept = (index >= 0).to(total.dtype)
-        total = total + probs_of(x.flip(FLIP_DIMS[name])).double()[:, index.clamp(min=0)] * kept
-        views = views + kept
-    mean = total / views
-    mean = mean / mean.sum(1, keepdim=True)
-    return (mean if temperature is None else probabilities(mean.clamp_min(1e-30).log(), temperature)).float()
-
-
-def answer(probs, classes: list[str], top_k: int) -> list[dict]:  # noqa: ANN001 - probs: N x C torch tensor
-    """One dict per image: class, index, confidence and the k most probable classes."""
-    if top_k < 1:  # one check for every way in: query, params, pyfunc, SageMaker
-        raise RequestError(f"top_k: expected an integer >= 1, got {top_k}")
-    k = min(top_k, probs.shape[1])
-    top_p, top_i = probs.topk(k, dim=1)
-    return [{"predicted_class": classes[i_row[0]], "predicted_class_index": int(i_row[0]), "confidence": float(p_row[0]),
-             "top_k": [{"class": classes[i], "index": int(i), "probability": float(p)} for p, i in zip(p_row, i_row)]}
-            for p_row, i_row in zip(top_p.tolist(), top_i.tolist())]
 
 
 # --- SageMaker's PyTorch serving contract (model.tar.gz: model.pt, metadata.json, code/inference.py) ---

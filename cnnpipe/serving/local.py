@@ -10,12 +10,12 @@ import numpy as np
 from tqdm import tqdm
 
 from cnnpipe.config import TrackingConfig, sqlite_path
-from cnnpipe.data.decode import IMAGE_SUFFIXES
 from cnnpipe.engine.checkpoint import save_model
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
+from cnnpipe.imaging import IMAGE_SUFFIXES
 from cnnpipe.serving.contract import RequestError, with_box
-from cnnpipe.serving.predictor import Predictor
 
 
 def load_registered(tracking: TrackingConfig, model_uri: str, calibration_file: Path | None = None,

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnpipe.calibration import Calibration, answer, probabilities, tta_probabilities
 from cnnpipe.engine.checkpoint import ModelSpec
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
-from cnnpipe.serving.calibration import Calibration
-from cnnpipe.serving.contract import MAX_PIXELS, answer, probabilities, tta_probabilities
-from cnnpipe.serving.predictor import Predictor, decode_images
+from cnnpipe.imaging import MAX_PIXELS, decode_images
 
 SPEC_KEY, TOP_K_KEY, TEMPERATURE_KEY, FLIPS_KEY = "cnnpipe.spec", "cnnpipe.top_k", "cnnpipe.temperature", "cnnpipe.flips"
 TTA_TEMPERATURE_KEY = "cnnpipe.tta_temperature"  # applied to the TTA average outside the graph (OnnxPredictor)
@@ -84,13 +84,13 @@ class OnnxPredictor:
         self.tta = tta and bool(self.calibration.tta_flips)
 
     def decode(self, images: list, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-        return decode_images(self.spec, images, max_pixels)
+        return decode_images(images, self.spec.image_size, self.spec.in_channels, self.spec.resize, max_pixels)
 
     def predict(self, images: np.ndarray, top_k: int = 5) -> list[dict]:
-        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2)))
+        x = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2))
 
-        def probs_of(view: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(self.session.run(None, {"images": view.contiguous().numpy()})[0])
+        def probs_of(view: np.ndarray) -> np.ndarray:
+            return self.session.run(None, {"images": view})[0]
         probs = tta_probabilities(probs_of, x, self.calibration.tta_flips, self.calibration.tta_temperature) if self.tta \
             else probs_of(x)
         return answer(probs, self.spec.classes, top_k)

@@ -9,11 +9,11 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from cnnpipe import calibration
+from cnnpipe.calibration import UNCALIBRATED, Calibration
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.serving import calibration
-from cnnpipe.serving.calibration import UNCALIBRATED, Calibration
 from cnnpipe.serving.contract import RequestError, decode_value, with_box
-from cnnpipe.serving.predictor import Predictor
 from cnnpipe.serving.trusted import CHECKPOINT
 
 EXPECTED_SHAPES = ('Expected a column "image" of base64 PNG/JPEG/PPM/BMP/WebP images or uint8 H x W [x C] pixel '

@@ -6,6 +6,7 @@ model.tar.gz layout (what SageMaker's PyTorch inference toolkit expects):
     metadata.json          classes, image size, channels, mean/std, default top_k, calibration temperature,
                            flip tables and whether the endpoint averages over them (test-time augmentation)
     code/inference.py      model_fn / input_fn / predict_fn / output_fn (cnnpipe/serving/contract.py)
+    code/cnnpipe/          the torch-free modules inference.py imports (HANDLER_MODULES): preprocessing, calibration
     code/requirements.txt  what inference.py needs beyond the container's torch
 """
 
@@ -23,14 +24,20 @@ from types import ModuleType
 
 import torch
 
+import cnnpipe
+from cnnpipe import calibration, errors, fsio, imaging
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
 from cnnpipe.serving import contract
-from cnnpipe.serving.predictor import Predictor
 from cnnpipe.serving.server import Invoke
 
 # AWS's PyTorch inference containers (Deep Learning Containers); override with --image-uri
 IMAGE_URI = "763104351884.dkr.ecr.{region}.amazonaws.com/pytorch-inference:2.5.1-{device}-py311-{cuda}ubuntu22.04-sagemaker"
+
+# What code/inference.py (the contract) imports, copied beside it as the package `cnnpipe`: the container puts
+# code/ on sys.path. Each imports only numpy, Pillow and these.
+HANDLER_MODULES = (cnnpipe, errors, fsio, imaging, calibration)
 
 
 def image_uri(region: str, instance_type: str) -> str:
@@ -58,6 +65,9 @@ def export(predictor: Predictor, top_k: int, output: Path) -> dict:
         (root / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         (root / "code").mkdir()
         shutil.copy(contract.__file__, root / "code" / "inference.py")
+        (root / "code" / "cnnpipe").mkdir()
+        for module in HANDLER_MODULES:
+            shutil.copy(Path(module.__file__), root / "code" / "cnnpipe" / Path(module.__file__).name)
         (root / "code" / "requirements.txt").write_text("numpy\npillow\n")
         with atomic_file(output) as tmp, tarfile.open(tmp, "w:gz") as tar:
             for name in ("model.pt", "metadata.json", "code"):

@@ -31,8 +31,8 @@ import h11
 from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from cnnpipe.calibration import UNCALIBRATED, Calibration
 from cnnpipe.config import ServeConfig
-from cnnpipe.serving.calibration import UNCALIBRATED, Calibration
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.serving.contract import RequestError, check_top_k, parse_body, parse_top_k
 
@@ -97,7 +97,7 @@ class ModelInvoke:
         else:
             import torch
 
-            from cnnpipe.serving.predictor import Predictor
+            from cnnpipe.engine.predictor import Predictor
 
             torch.set_num_threads(self.threads)
             predictor = Predictor.from_file(self.model_file, calibration=self.calibration, tta=self.tta)

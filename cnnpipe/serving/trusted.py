@@ -20,12 +20,12 @@ from pathlib import Path
 
 import yaml
 
+from cnnpipe import calibration
+from cnnpipe.calibration import UNCALIBRATED, Calibration
 from cnnpipe.engine.model_folder import MODEL_FILE
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import file_digest
-from cnnpipe.serving import calibration
-from cnnpipe.serving.calibration import UNCALIBRATED, Calibration
-from cnnpipe.serving.predictor import Predictor
 from cnnpipe.tracking import Registry
 
 WEIGHTS_TAG = "cnnpipe.weights_sha256"

@@ -24,7 +24,6 @@ time per image with and without it (`ms_per_image`, `ms_per_image_tta`). A model
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnnpipe.calibration import Calibration
 from cnnpipe.config import EvaluateConfig, TrackingConfig
 from cnnpipe.data.split import stratified_split
 from cnnpipe.data.store import Dataset, read_dataset
@@ -40,9 +40,9 @@ from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.device import resolve_device
 from cnnpipe.engine.inference import normalize, predict_logits, stats_tensors, to_nchw_uint8
 from cnnpipe.engine.model_folder import MODEL_FILE, read_history, read_train_config
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation import explain, figures, introspect
-from cnnpipe.evaluation.calibration import fit_temperature
 from cnnpipe.evaluation.folder import (
     CALIBRATION_FILE,
     CONFUSION_CSV,
@@ -56,9 +56,8 @@ from cnnpipe.evaluation.folder import (
 from cnnpipe.evaluation.metrics import classification_metrics
 from cnnpipe.evaluation.report import Report
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent
+from cnnpipe.imaging import as_requests
 from cnnpipe.models import count_parameters
-from cnnpipe.serving.calibration import Calibration
-from cnnpipe.serving.predictor import Predictor, as_requests
 
 SPLITS = ("val", "test")
 MAX_MAP_LAYERS = 16  # rows of the feature-map figure
@@ -254,16 +253,14 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
     train_cfg = read_train_config(model_dir)
     # T from the served protocol's val logits (the images a server gets); the flips of the policy the model was
     # trained with travel beside it
-    try:
-        calibration = Calibration(fit_temperature(logits["val"], labels["val"]) if cfg.calibrate else 1.0,
-                                  train_cfg.get("flips"))
+    try:  # the flip tables checked before TTA's temperature is fitted with them
+        Calibration(flips=train_cfg.get("flips")).check(spec.num_classes, f"model folder '{model_dir}'")
+        calibration = Calibration.fit(
+            logits["val"], labels["val"], train_cfg.get("flips"),
+            lambda plain: Predictor(model, spec, device, plain, tta=True).probabilities(tensors["val"], cfg.batch_size),
+            cfg.calibrate)
     except ValueError as e:
         raise CnnpipeError(f"model folder '{model_dir}': {e}") from None
-    calibration.check(spec.num_classes, f"model folder '{model_dir}'")
-    if cfg.calibrate and calibration.tta_flips:  # also without evaluate.tta: `serve --tta` needs it
-        averaged = Predictor(model, spec, device, calibration, tta=True).probabilities(tensors["val"], cfg.batch_size)
-        calibration = dataclasses.replace(
-            calibration, tta_temperature=fit_temperature(averaged.clamp_min(1e-30).log(), labels["val"]))
     temperature = calibration.temperature
     uncalibrated = {key: classification_metrics(z, labels[key], ds.classes) for key, z in logits.items()}
     results = {key: classification_metrics(z, labels[key], ds.classes, temperature) for key, z in logits.items()}

@@ -19,16 +19,17 @@ import torch
 from PIL import Image
 
 import cnnpipe
+from cnnpipe import calibration
+from cnnpipe.calibration import Calibration
 from cnnpipe.config import RegisterConfig, TrackingConfig
 from cnnpipe.data.store import read_dataset
 from cnnpipe.engine.model_folder import MODEL_FILE, read_train_config
+from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.folder import CALIBRATION_FILE, METRICS_FILE
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.promotion import promote
-from cnnpipe.serving import calibration, trusted
-from cnnpipe.serving.calibration import Calibration
-from cnnpipe.serving.predictor import Predictor
+from cnnpipe.serving import trusted
 from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags
 
 

@@ -15,8 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnpipe.config import (AugmentConfig, EvaluateConfig, IngestConfig, RegisterConfig, TrainConfig, apply_overrides,
-                            load_block, parse_assignments, tracking_settings)
+from cnnpipe.config import (
+    AugmentConfig,
+    EvaluateConfig,
+    IngestConfig,
+    RegisterConfig,
+    TrainConfig,
+    apply_overrides,
+    load_block,
+    parse_assignments,
+    tracking_settings,
+)
 
 
 @dataclass(frozen=True)

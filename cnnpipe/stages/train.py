@@ -33,7 +33,7 @@ from cnnpipe.engine.stream import StreamBatches
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent, read_json
 from cnnpipe.models import build_model, check_input_size, count_parameters, is_library_arch
-from cnnpipe.models.pretrained import adapt_stats, fit_weights, load_pretrained
+from cnnpipe.engine.pretrained import adapt_stats, fit_weights, load_pretrained
 from cnnpipe.remote import Location
 
 

@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 
 from cnnpipe.config import IngestConfig
 from cnnpipe.data.archive import FileTree
-from cnnpipe.data.decode import IMAGE_SUFFIXES
+from cnnpipe.imaging import IMAGE_SUFFIXES
 from cnnpipe.data.raw import RawDataset
 from cnnpipe.data.raw import Entry
 from cnnpipe.data.sources.common import (

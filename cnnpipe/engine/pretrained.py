@@ -21,7 +21,6 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import backbones, head, is_library_arch
 
 
-
 @dataclass
 class Pretrained:
     source: str  # as the user wrote it

@@ -1,4 +1,6 @@
-"""Raw images in, classes out: the preprocessing that training used, travelling with the model."""
+"""Raw images in, classes out: a torch model with the preprocessing that training used and the calibration
+evaluate fitted, travelling together. Evaluation scores through it (the served protocol), every torch serving
+path answers through it."""
 
 from __future__ import annotations
 
@@ -7,27 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnnpipe.calibration import UNCALIBRATED, Calibration, answer, probabilities, tta_probabilities
 from cnnpipe.engine.checkpoint import ModelSpec, load_model
 from cnnpipe.engine.inference import predict_logits, stats_tensors, to_nchw_uint8
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.serving.calibration import UNCALIBRATED, Calibration
-from cnnpipe.serving.contract import (MAX_PIXELS, BoxedImage, RequestError, answer, probabilities, to_array,
-                                      tta_probabilities)
-
-
-def decode_images(spec: ModelSpec, images: list[bytes | np.ndarray | BoxedImage],
-                  max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode, convert to the model's channels, crop to the box (if any) and resize: uint8 N x S x S x C
-    (RequestError if bad)."""
-    return np.stack([to_array(img, spec.image_size, spec.in_channels, i, max_pixels, spec.resize)
-                     for i, img in enumerate(images)])
-
-
-def as_requests(images: np.ndarray, boxes: np.ndarray | None = None) -> list[np.ndarray | BoxedImage]:
-    """Stored uint8 N x H x W x C images as a server receives them: whole, or each with its box."""
-    if boxes is None:
-        return list(images)
-    return [BoxedImage(np.asarray(img), tuple(box.tolist())) for img, box in zip(images, boxes)]
+from cnnpipe.errors import CnnpipeError, RequestError
+from cnnpipe.imaging import MAX_PIXELS, BoxedImage, decode_images
 
 
 class Predictor:
@@ -48,7 +34,7 @@ class Predictor:
         return cls(model, spec, torch.device(device), calibration, tta)
 
     def decode(self, images: list[bytes | np.ndarray | BoxedImage], max_pixels: int = MAX_PIXELS) -> np.ndarray:
-        return decode_images(self.spec, images, max_pixels)
+        return decode_images(images, self.spec.image_size, self.spec.in_channels, self.spec.resize, max_pixels)
 
     def preprocess(self, images: list[bytes | np.ndarray | BoxedImage]) -> np.ndarray:
         """What the server does to a request's images, with a CnnpipeError for a bad one."""
