@@ -48,10 +48,11 @@ import sys
 from pathlib import Path
 import yaml
 from cnnpipe.config import ServeConfig, load_block
+from cnnpipe.serving.contract import Budgets
 from cnnpipe.serving.server import INFERENCE_THREADS, ModelInvoke, ServingApp, listen, serve
 params = yaml.safe_load(Path(sys.argv[2]).read_text())
 cfg = load_block(ServeConfig, "serve", params, {"workers": 2})
-app = ServingApp(ModelInvoke(sys.argv[1], "torch", 5, cfg, INFERENCE_THREADS), cfg)
+app = ServingApp(ModelInvoke(sys.argv[1], "torch", 5, Budgets.of(cfg), INFERENCE_THREADS), cfg)
 serve(app, listen("127.0.0.1", 0), cfg, "fastnet")
 """
 

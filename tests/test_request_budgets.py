@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tests.test_serving_guards import Server, model_file, png, raw, request  # noqa: F401 - model_file: a fixture
 
-GRACE = 1.0  # the test server's serve.upload_grace
+GRACE = 3.0  # the test server's serve.upload_grace: the honest requests must fit in it on a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,17 @@ def test_trickled_bodies_hold_nothing_and_get_a_408(server):
     trickler gets a 408 naming the rate once the grace period is over."""
     tricklers = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(16)]
     try:
-        started = time.monotonic()
         for s in tricklers:
             s.sendall(post_head(1000) + b"\x89")
         time.sleep(0.1)
         for _ in range(3):
             assert request(server.port, "POST", "/invocations", png(), {"Content-Type": "image/png"})[0] == 200
-        assert time.monotonic() - started < GRACE  # the tricklers were held all along
+        for s in tricklers:  # still held: nothing answered yet
+            s.settimeout(0)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)
         for s in tricklers:
+            s.settimeout(10)
             answer = s.recv(65536)
             assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
             assert b"arriving too slowly" in answer and b"serve.min_upload_rate" in answer

@@ -39,10 +39,11 @@ BUDGET = 1_000_000  # the fuzzed server's pixel budget: small, so that bombs are
 SERVER = """
 import json, sys
 from cnnpipe.config import ServeConfig
+from cnnpipe.serving.contract import Budgets
 from cnnpipe.serving.server import ModelInvoke, ServingApp, listen, serve
 cfg = ServeConfig(**{"workers": int(sys.argv[2]), "max_body_bytes": 256 * 1024, "max_pending": 8, "header_timeout": 1.0,
                      "body_timeout": 1.0, "keep_alive": 1.0, "shutdown_timeout": 10.0, **json.loads(sys.argv[3])})
-app = ServingApp(ModelInvoke(sys.argv[1], "torch", 3, cfg.max_body_bytes, cfg.max_pixels, 1), cfg)
+app = ServingApp(ModelInvoke(sys.argv[1], "torch", 3, Budgets.of(cfg), 1), cfg)
 if cfg.workers == 1:
     app.preload()
 serve(app, listen("127.0.0.1", 0), cfg, "a test model")

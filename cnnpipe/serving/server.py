@@ -34,7 +34,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from cnnpipe.calibration import UNCALIBRATED, Calibration
 from cnnpipe.config import ServeConfig
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.serving.contract import RequestError, check_top_k, parse_body, parse_top_k
+from cnnpipe.serving.contract import (DEFAULT_BUDGETS, Budgets, RequestError, check_top_k, parse_body, parse_top_k,
+                                      request_batches)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -56,18 +57,22 @@ INFERENCE_THREADS = 1
 Invoke = Callable[[bytes, str, Mapping[str, str]], tuple[int, dict]]  # (body, content type, query) -> status, JSON
 
 
-def cnnpipe_invoke(predictor: Any, default_top_k: int, max_body_bytes: int, max_pixels: int) -> Invoke:
-    """The request handling of `cnnpipe serve`: parse the body, predict, answer {"predictions": [...]}.
-    `predictor` is a Predictor or an OnnxPredictor (decode + predict)."""
-    num_classes = len(predictor.spec.classes)
+def cnnpipe_invoke(predictor: Any, default_top_k: int, budgets: Budgets = DEFAULT_BUDGETS) -> Invoke:
+    """The request handling of `cnnpipe serve`: parse the body, decode and predict `budgets.batch_size` images at a
+    time, answer {"predictions": [...]}. `predictor` is a Predictor or an OnnxPredictor (its spec and predict)."""
+    spec = predictor.spec
+    num_classes = len(spec.classes)
 
     def invoke(body: bytes, content_type: str, query: Mapping[str, str]) -> tuple[int, dict]:
         try:
-            images, top_k = parse_body(body, content_type, max_body_bytes)
+            images, top_k = parse_body(body, content_type, budgets)
             if "top_k" in query:
                 top_k = parse_top_k(query["top_k"], "top_k")
             top_k = check_top_k(top_k, num_classes) if top_k is not None else min(default_top_k, num_classes)
-            return 200, {"predictions": predictor.predict(predictor.decode(images, max_pixels), top_k)}
+            predictions = []
+            for batch in request_batches(images, spec.image_size, spec.in_channels, spec.resize, budgets):
+                predictions += predictor.predict(batch, top_k)
+            return 200, {"predictions": predictions}
         except RequestError as e:
             return e.status, {"error": str(e)}
         except CnnpipeError as e:
@@ -83,8 +88,7 @@ class ModelInvoke:
     model_file: str  # a cnnpipe model file (torch) or an ONNX file from `cnnpipe export onnx`
     backend: str
     top_k: int
-    max_body_bytes: int
-    max_pixels: int
+    budgets: Budgets
     threads: int
     calibration: Calibration = UNCALIBRATED  # torch backend (an ONNX file carries its own)
     tta: bool = False
@@ -101,7 +105,7 @@ class ModelInvoke:
 
             torch.set_num_threads(self.threads)
             predictor = Predictor.from_file(self.model_file, calibration=self.calibration, tta=self.tta)
-        return cnnpipe_invoke(predictor, self.top_k, self.max_body_bytes, self.max_pixels)
+        return cnnpipe_invoke(predictor, self.top_k, self.budgets)
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
