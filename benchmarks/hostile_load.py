@@ -20,28 +20,26 @@ from __future__ import annotations
 import argparse
 import base64
 import http.client
-import io
 import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]
 from machine import group_rss_mb, record  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.hostile import encoded, png_chunks, scan_bomb, webp_declaring  # noqa: E402
 HONEST_CLIENTS = 4
 SERVER = """
 import sys
@@ -61,49 +59,6 @@ serve(app, listen("127.0.0.1", 0), cfg, "fastnet")
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def encoded(img: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
-    """(marker, start, end) of each segment of a JPEG; a scan's segment includes its entropy-coded data."""
-    out, i = [], 2
-    while i < len(data) and data[i + 1] != 0xD9:
-        marker, j = data[i + 1], i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
-        while marker == 0xDA:  # entropy-coded data: up to the next marker that is not a stuffed 0xFF or a restart
-            j = data.find(b"\xff", j)
-            if data[j + 1] != 0 and not 0xD0 <= data[j + 1] <= 0xD7:
-                break
-            j += 2
-        out.append((marker, i, j))
-        i = j
-    return out
-
-
-def scan_bomb(side: int, copies: int) -> bytes:
-    """A progressive JPEG with its costliest scan (an AC refinement, a few bytes that touch every block)
-    repeated `copies` times: libjpeg decodes each one."""
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(np.kron(rng.integers(0, 256, (side // 64, side // 64, 3), dtype=np.uint8),
-                                  np.ones((64, 64, 1), np.uint8)))
-    data = encoded(img, "JPEG", progressive=True, quality=90)
-    scans = [s for s in jpeg_segments(data) if s[0] == 0xDA]
-    refine = [s for s in scans if data[s[1] + 5] == 1 and data[s[1] + 8] >> 4 > 0]  # one component, Ah > 0
-    _, start, end = max(refine, key=lambda s: data[s[1] + 8] >> 4)
-    return data[:scans[-1][2]] + data[start:end] * copies + data[scans[-1][2]:]
-
-
-def png_chunks(total: int) -> bytes:
-    """A 1x1 PNG with `total` bytes of tiny ancillary chunks before its pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    filler = chunk(b"xxXx", b"")
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
-            + filler * (total // len(filler)) + chunk(b"IDAT", zlib.compress(b"\x00\x00")) + chunk(b"IEND", b""))
 
 
 def post(port: int, body: bytes, content_type: str = "application/json", timeout: float = 120) -> str:
@@ -166,12 +121,12 @@ def hostile_requests(params: dict) -> dict[str, tuple[str, Callable[[int], str]]
     """name -> (what it is, send it to a port)."""
     serve = params["serve"]
     max_images, max_request_pixels = serve["max_images"], serve["max_request_pixels"]
-    tiny = json.dumps({"instances": [[[0]]] * 1_030_000}).encode()  # 6.2 MB, the issue's
+    tiny = json.dumps({"instances": [[[0]]] * 1_030_000}, separators=(",", ":")).encode()  # 6.2 MB, the issue's
     side = int((max_request_pixels // max_images) ** 0.5)
     flat = b64(encoded(Image.new("RGB", (side, side), (40, 90, 200)), "PNG"))
     at_budget = json.dumps({"instances": [flat] * max_images}).encode()
-    webp = b64(encoded(Image.new("RGB", (4096, 4096), (10, 200, 30)), "WEBP", lossless=True))  # ~700 bytes
-    webp_past = json.dumps({"instances": [webp] * 300}).encode()
+    webp = b64(webp_declaring(4096))
+    webp_past = json.dumps({"instances": [webp] * 250}).encode()
     webp_at = json.dumps({"instances": [webp] * (max_request_pixels // 4096 ** 2)}).encode()
     scans = scan_bomb(4096, 45_000)
     chunks = png_chunks(serve["max_body_bytes"] - 1024)
@@ -182,7 +137,7 @@ def hostile_requests(params: dict) -> dict[str, tuple[str, Callable[[int], str]]
                             lambda port: post(port, tiny)),
         "images_at_budget": (f"{max_images} flat {side}x{side} PNGs: the image and pixel budgets, both full "
                              f"({len(at_budget) / 1e6:.2f} MB)", lambda port: post(port, at_budget)),
-        "webp_pixels_past_budget": (f"300 lossless WebPs of {len(webp) * 3 // 4} bytes declaring 4096x4096",
+        "webp_pixels_past_budget": (f"250 lossless WebPs of {len(webp) * 3 // 4} bytes declaring 4096x4096",
                                     lambda port: post(port, webp_past)),
         "webp_pixels_at_budget": (f"{max_request_pixels // 4096 ** 2} such WebPs: the pixel budget full",
                                   lambda port: post(port, webp_at)),
