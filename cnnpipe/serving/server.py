@@ -370,8 +370,7 @@ class GuardedH11Protocol(H11Protocol):
         request cut short gets a 400 saying so."""
         self.transport.peer_closed = True
         if self.transport.lingering:
-            self.transport.close()  # nothing more to drain
-            return False
+            return False  # nothing more to drain: the transport closes
         state = self.conn.their_state
         if state in (h11.DONE, h11.MUST_CLOSE) and self.cycle is not None and not self.cycle.response_complete:
             return True  # keep the transport open for the answer on its way
