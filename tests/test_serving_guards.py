@@ -150,7 +150,8 @@ def raw(port: int, data: bytes, half_close: bool = False, timeout: float = 10) -
     assert got.startswith(b"HTTP/1.1 "), f"no HTTP answer to {data[:120]!r}: {got[:200]!r}"
     head, _, body = got.partition(b"\r\n\r\n")
     assert b"content-type: application/json" in head.lower(), head
-    return int(head.split()[1]), json.loads(body)
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    return int(head.split()[1]), json.loads(body[:length])  # the first answer (a pipelined rest may have its own)
 
 
 def b64(data: bytes) -> str:
@@ -230,6 +231,10 @@ def test_bad_framing_and_stalls_get_json_answers(server):
     assert raw(port, f"{head}Content-Length: -5\r\n\r\n".encode())[0] == 400
     assert raw(port, f"{head}Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcd".encode())[0] == 400
     assert raw(port, f"{head}Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n".encode())[0] == 400
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # answered, and kept open past the
+        s.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\nzz\r\n".encode())  # body deadline: the app, still
+        assert s.recv(65536).startswith(b"HTTP/1.1 400 ")  # waiting for the body, writes nothing more
+        time.sleep(1.5)
     assert raw(port, f"{head}Content-Length: 99999999999999\r\n\r\n".encode())[0] == 413
     status, out = raw(port, f"{head}Content-Length: 1000\r\n\r\n".encode() + png()[:50])  # then stalls
     assert status == 408 and "not received within 1 s" in out["error"]

@@ -289,8 +289,8 @@ class _LingeringTransport:
     sent, then the sending side shut, and what still arrives is dropped until the client closes or the time is
     up. Everything else is the transport's own."""
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
-        self._transport, self._loop = transport, loop
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, on_close: Callable[[], None]):
+        self._transport, self._loop, self._on_close = transport, loop, on_close
         self.lingering = False
         self.peer_closed = False  # the client shut its sending side: nothing left to drain
 
@@ -304,6 +304,7 @@ class _LingeringTransport:
         if self.is_closing():
             return
         self.lingering = True
+        self._on_close()
         if self.peer_closed or not self._transport.can_write_eof():
             self._transport.close()
             return
@@ -329,7 +330,7 @@ class GuardedH11Protocol(H11Protocol):
         self.header_timer = self.loop.call_later(timeout, self.header_timeout_handler)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_LingeringTransport(transport, self.loop))  # type: ignore[arg-type]
+        super().connection_made(_LingeringTransport(transport, self.loop, self.closing))  # type: ignore[arg-type]
         # head and body leave as two writes: with Nagle's algorithm the body waits for the client's
         # delayed ACK, a flat ~40 ms per request (asyncio sets TCP_NODELAY only on proto=IPPROTO_TCP sockets)
         sock = transport.get_extra_info("socket")
@@ -341,6 +342,13 @@ class GuardedH11Protocol(H11Protocol):
         if self.header_timer is not None:
             self.header_timer.cancel()
         super().connection_lost(exc)
+
+    def closing(self) -> None:
+        """The connection is closing (lingering): a request still in the app is told its client is gone, as
+        when the connection is lost, so that nothing more is written (the sending side is shut)."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
 
     def data_received(self, data: bytes) -> None:
         if self.transport.lingering:
