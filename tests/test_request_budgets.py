@@ -5,6 +5,7 @@ heavy requests against a real `serve()` process on 127.0.0.1 over raw sockets (e
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import socket
 import threading
@@ -120,6 +121,35 @@ def test_requests_are_decoded_in_bounded_batches_equal_to_all_at_once(n, batch_s
     batches = list(request_batches(parsed, 8, 3, budgets=Budgets(batch_size=batch_size)))
     assert all(len(b) <= batch_size for b in batches) and sum(len(b) for b in batches) == n
     assert np.array_equal(np.concatenate(batches), decode_images(parsed, 8, 3))
+
+
+def test_onnx_runtime_runs_a_large_request_in_batches(tmp_path):
+    """A graph of no weights (class probabilities: the softmax of the channel means) run on more images than
+    one session run takes: every image answered, in order."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from cnnpipe.engine.checkpoint import ModelSpec
+    from cnnpipe.serving.onnx_model import BATCH_SIZE, SPEC_KEY, TOP_K_KEY, OnnxPredictor
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceMean", ["x"], ["means"], axes=[2, 3], keepdims=0),
+         helper.make_node("Softmax", ["means"], ["probabilities"], axis=1)], "channel-means",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["n", 3, 4, 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    spec = ModelSpec("cnn3", 8, 3, 3, 4, ["r", "g", "b"], [0.5] * 3, [0.25] * 3)
+    model.metadata_props.add(key=SPEC_KEY, value=json.dumps(dataclasses.asdict(spec)))
+    model.metadata_props.add(key=TOP_K_KEY, value="3")
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    images = np.random.default_rng(0).integers(0, 256, (2 * BATCH_SIZE + 37, 4, 4, 3), dtype=np.uint8)
+    answers = OnnxPredictor(tmp_path / "m.onnx", threads=1).predict(images, 3)
+    means = images.astype(np.float64).mean((1, 2))
+    want = np.exp(means - means.max(1, keepdims=True))
+    assert len(answers) == len(images)
+    got = np.array([[next(k["probability"] for k in a["top_k"] if k["index"] == c) for c in range(3)] for a in answers])
+    assert np.allclose(got, want / want.sum(1, keepdims=True), atol=1e-5)
 
 
 def test_sagemakers_handler_has_the_same_budgets():
