@@ -349,6 +349,7 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
         log = (Path(d) / "server.log").read_text()
+    (Path(tempfile.gettempdir()) / "hostile_load_server.log").write_text(log)  # kept to read
     worst = [r for k, r in results.items() if k != "baseline_honest_only"]
     result = {
         "benchmark": "the worst single request of each hostile class against a 2-worker cnnpipe serve (params.yaml "

@@ -203,7 +203,9 @@ def test_trickled_bodies_hold_nothing_and_get_a_408(server):
                 s.recv(1)
         for s in tricklers:
             s.settimeout(10)
-            answer = s.recv(65536)
+            answer = b""
+            while chunk := s.recv(65536):  # the server closes after the answer
+                answer += chunk
             assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
             assert b"arriving too slowly" in answer and b"serve.min_upload_rate" in answer
     finally:

@@ -200,9 +200,11 @@ def request_batches(images: list, size: int, channels: int, resize: str = "squas
                                f"{budgets.max_request_pixels:,} per request (serve.max_request_pixels)", 413)
         opened.append((pil, box))
     for start in range(0, len(opened), budgets.batch_size):
-        batch = [pixels_of(pil, box, size, channels, resize, start + k)
-                 for k, (pil, box) in enumerate(opened[start:start + budgets.batch_size])]
-        opened[start:start + budgets.batch_size] = [None] * len(batch)  # decoded: its PIL image may go
+        batch = []
+        for i in range(start, min(start + budgets.batch_size, len(opened))):
+            (pil, box), opened[i] = opened[i], None  # its decoded pixels go as soon as it is resized
+            batch.append(pixels_of(pil, box, size, channels, resize, i))
+            del pil
         yield np.stack(batch)
 
 
