@@ -214,6 +214,19 @@ def test_trickled_bodies_hold_nothing_and_get_a_408(server):
 
 
 @pytest.mark.e2e
+def test_clients_leaving_mid_answer_leave_no_traceback(model_file):  # noqa: F811
+    """Clients that close after the first bytes of an error answer (their kernel then resets the connection
+    under the rest of it): the lingering close finds the connection gone, and says nothing."""
+    srv = Server(model_file)
+    for _ in range(30):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(post_head(999_999_999))  # a 413 and a close, the body never read
+            assert s.recv(12).startswith(b"HTTP/1.1 413")
+    assert srv.ping()
+    assert srv.stop() == 0  # and no traceback in its log
+
+
+@pytest.mark.e2e
 def test_a_half_closed_connection_close_request_is_answered(server):
     body = png()
     status, out = raw(server.port, post_head(len(body), "Connection: close\r\n") + body, half_close=True)

@@ -305,10 +305,13 @@ class _LingeringTransport:
             return
         self.lingering = True
         self._on_close()
-        if self.peer_closed or not self._transport.can_write_eof():
+        try:
+            if self.peer_closed or not self._transport.can_write_eof():
+                raise ConnectionError
+            self._transport.write_eof()  # after the answer still buffered
+        except OSError:  # the client closed or reset the connection: nothing to linger for
             self._transport.close()
             return
-        self._transport.write_eof()  # after the answer still buffered
         self._transport.resume_reading()
         self._loop.call_later(LINGER_SECONDS, self._transport.close)
 
