@@ -43,8 +43,9 @@ class Budgets(NamedTuple):  # not a dataclass: SageMaker's loader may import thi
     handler uses them as they are). Past one: a 413 (408 for time) naming it."""
 
     max_body_bytes: int = MAX_PAYLOAD
-    # json.loads holds the GIL while it builds a body's arrays and objects (1M of them: ~1 s with /ping waiting),
-    # so they are counted first; a pixel array costs one per pixel and one per row
+    # json.loads holds the GIL while it builds a body's arrays and objects (a million of them: long enough for
+    # /ping to wait; benchmarks/results/hostile_load.json), so they are counted first; a pixel array costs one
+    # per pixel and one per row
     max_json_containers: int = 100_000
     max_images: int = 256
     max_pixels: int = MAX_PIXELS  # per image, from its header
