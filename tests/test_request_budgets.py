@@ -162,7 +162,7 @@ def test_serve_config_defaults_are_the_contracts():
     import yaml
 
     from cnnpipe.config import ServeConfig
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     shipped = yaml.safe_load((REPO / "params.yaml").read_text())["serve"]
     assert Budgets.of(ServeConfig()) == Budgets() == Budgets(**{k: shipped[k] for k in Budgets._fields})
