@@ -13,7 +13,7 @@ costs the same to run as trained ones). Each class is measured twice:
 Targets (issue 24): server CPU <= 2 s and RSS growth <= 300 MB per hostile request, /ping < 1 s throughout,
 honest errors 0. The load average is recorded: on a shared machine the figures move.
 
-    .venv/bin/python benchmarks/hostile_load.py [--out benchmarks/results/hostile_load.json]
+    flock /tmp/cnnpipe-bench.lock nice -n 5 .venv/bin/python -m benchmarks.hostile_load
 """
 
 from __future__ import annotations
@@ -36,11 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]
-from machine import group_rss_mb, record  # noqa: E402
-
-from tests.hostile import encoded, png_chunks, scan_bomb, webp_declaring  # noqa: E402
+from benchmarks.harness import ROOT, group_rss_mb, load_average, record
+from tests.hostile import encoded, png_chunks, scan_bomb, webp_declaring
 HONEST_CLIENTS = 4
 SERVER = """
 import sys
@@ -87,7 +84,12 @@ def raw(port: int, data: bytes, half_close: bool = False) -> str:
         except OSError as e:
             return type(e).__name__
     head, _, body = got.partition(b"\r\n\r\n")
-    return f"{head.split()[1].decode()} {body[:120].decode(errors='replace')}" if head else "no answer"
+    if not head:
+        return "no answer"
+    try:
+        return f"{head.split()[1].decode()} {json.loads(body).get('error', 'ok')[:120]}"
+    except ValueError:
+        return f"{head.split()[1].decode()} (not JSON: {body[:60]!r})"
 
 
 def trickle(port: int, clients: int, gap: float) -> str:
@@ -291,7 +293,7 @@ def measure(name: str, send: Callable[[int], str], port: int, pgid: int, png: by
     end = max(time.perf_counter() + 1.0, start + 2.0)  # and what it leaves behind
     time.sleep(end - time.perf_counter())
     load.stop()
-    out |= {"loaded": load.window(start, end), "load_average": [round(x, 2) for x in os.getloadavg()]}
+    out |= {"loaded": load.window(start, end), "load_average": load_average()}
     print(f"{name}: {json.dumps(out)}", file=sys.stderr, flush=True)
     return out
 
@@ -321,12 +323,11 @@ def main() -> None:
     args = parser.parse_args()
     import yaml
 
-    sys.path.insert(0, str(ROOT))
     from cnnpipe.engine.checkpoint import ModelSpec, save_model
     from cnnpipe.models import build_model
 
     params = yaml.safe_load(args.params.read_text())
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     hostile = hostile_requests(params)
     png = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)), "PNG")
     with tempfile.TemporaryDirectory(prefix="cnnpipe-hostile-") as d:
@@ -364,7 +365,6 @@ def main() -> None:
                     "tracebacks_in_server_log": log.count("Traceback")},
         "targets": {"server_cpu_s": 2, "rss_growth_mb": 300, "ping_ms": 1000, "honest_errors": 0},
         "load_average_before": load_before, "note": args.note,
-        "command": "flock /tmp/cnnpipe-bench.lock .venv/bin/python benchmarks/hostile_load.py",
     }
     record(args.out, result)
     args.out.with_suffix(".md").write_text(table(result))
