@@ -125,7 +125,8 @@ def open_image(data: bytes, i: int = 0, max_pixels: int = MAX_PIXELS,
     if pil.format == "JPEG" and pil.info.get("progressive") and jpeg_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
         raise RequestError(f"image {i}: a progressive JPEG of more than {MAX_JPEG_SCANS} scans (encoders write ~10)",
                            413)
-    pil.decodermaxblock = DECODE_STEP
+    if decode_seconds is not None:
+        pil.decodermaxblock = DECODE_STEP
     return pil
 
 
