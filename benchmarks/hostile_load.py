@@ -309,7 +309,7 @@ def table(result: dict) -> str:
         if name != "baseline_honest_only":
             loaded = r["loaded"]
             rows.append(f"| {r['request']} | {r['answer'].split(' (')[0][:70]} | {r['server_cpu_s']} | "
-                        f"+{r['rss_peak_growth_mb']:.0f} / +{r['rss_growth_after_1s_mb']:.0f} | {loaded['honest_p99_ms']} | "
+                        f"{r['rss_peak_growth_mb']:+.0f} / {r['rss_growth_after_1s_mb']:+.0f} | {loaded['honest_p99_ms']} | "
                         f"{loaded['honest_errors']} | {loaded['ping_max_ms']} |")
     return "\n".join(rows) + "\n"
 
