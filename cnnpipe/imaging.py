@@ -171,7 +171,8 @@ def to_pixels(img: Image.Image, size: int, channels: int, resize: str = "squash"
     path call this."""
     if box is None:  # a box is in the full image's pixels: no reduced-scale decoding then
         reduce_on_decode(img, size)
-    img = to_mode(ImageOps.exif_transpose(img), channels)
+    ImageOps.exif_transpose(img, in_place=True)  # not a copy: an upright image would be copied whole
+    img = to_mode(img, channels)
     if box is not None:
         img = crop_to_box(img, box, i)
     return np.asarray(resize_to(img, size, resize)).reshape(size, size, channels)
