@@ -92,6 +92,7 @@ def _serve(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     import tempfile
 
     from cnnpipe.serving.local import load_registered, served_model_file
+    from cnnpipe.serving.contract import Budgets
     from cnnpipe.serving.server import INFERENCE_THREADS, ModelInvoke, ServingApp, listen, serve
 
     cfg = load_block(ServeConfig, "serve", params if "serve" in params else {**params, "serve": {}}, vars(args), pp)
@@ -103,8 +104,8 @@ def _serve(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     sock = listen(args.host, args.port)
     with tempfile.TemporaryDirectory(prefix="cnnpipe-serve-") as folder:
         model_file = served_model_file(predictor, top_k, cfg.backend, Path(folder))
-        app = ServingApp(ModelInvoke(str(model_file), cfg.backend, top_k, cfg.max_body_bytes, cfg.max_pixels,
-                                     INFERENCE_THREADS, predictor.calibration, predictor.tta), cfg)
+        app = ServingApp(ModelInvoke(str(model_file), cfg.backend, top_k, Budgets.of(cfg), INFERENCE_THREADS,
+                                     predictor.calibration, predictor.tta), cfg)
         if cfg.workers == 1:
             app.preload()  # a bad model fails here with one line, before the server starts
         serve(app, sock, cfg, uri)

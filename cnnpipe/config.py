@@ -199,11 +199,26 @@ class ServeConfig:
                                minimum=1024)
     max_pixels: int = knob(4096 * 4096, "pixels per image, checked from its header before decoding (413 past it)",
                            minimum=64)
-    max_pending: int = knob(32, "requests a worker holds at once (reading, queued, predicting); more get a 503 "
-                                "with Retry-After", minimum=1)
+    max_request_pixels: int = knob(2 * 4096 * 4096, "pixels of all of a request's images together, checked from "
+                                                     "their headers before any is decoded (413 past it)", minimum=64)
+    max_images: int = knob(256, "images per request, counted before any is decoded (413 past it)", minimum=1)
+    max_json_containers: int = knob(100_000, "JSON arrays and objects in a request body, counted before it is parsed "
+                                             "(413 past it): parsing holds the worker's event loop; a pixel array "
+                                             "costs one per pixel", minimum=16)
+    max_decode_seconds: float = knob(1.0, "CPU seconds reading and decoding one image may take (408 past it)",
+                                     minimum=0.01)
+    batch_size: int = knob(64, "images of a request decoded and predicted at a time: bounds the memory one request "
+                               "holds", minimum=1)
+    max_pending: int = knob(32, "requests with a complete body a worker holds at once (queued, predicting), and the "
+                                "bytes of bodies being read, in full bodies; past either a 503 with Retry-After",
+                            minimum=1)
     header_timeout: float = knob(10.0, "seconds a client has to send a request's headers (408, then the "
                                        "connection is closed)", minimum=0.1)
     body_timeout: float = knob(30.0, "seconds a client has to send a request's body (408)", minimum=0.1)
+    min_upload_rate: int = knob(4096, "bytes a second a request body must average once upload_grace has passed "
+                                      "(408 below it, so that trickling clients hold nothing for long; 0: no minimum)",
+                                minimum=0)
+    upload_grace: float = knob(2.0, "seconds a request body may take before min_upload_rate applies", minimum=0.0)
     keep_alive: float = knob(5.0, "seconds an idle kept-alive connection stays open", minimum=0.1)
     shutdown_timeout: float = knob(30.0, "seconds SIGTERM waits for in-flight requests before closing them",
                                    minimum=0.0)

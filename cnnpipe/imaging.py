@@ -9,6 +9,7 @@ Torch-free (numpy and Pillow only): the lean serving path and SageMaker's handle
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from typing import NamedTuple
 
@@ -19,10 +20,13 @@ from cnnpipe.errors import CnnpipeError, RequestError
 
 MAX_PIXELS = 4096 * 4096  # per served image, checked from its header before decoding: a decode costs ~3-4 bytes a pixel
 IMAGE_FORMATS = ("PNG", "JPEG", "PPM", "BMP", "WEBP", "GIF")  # what Pillow may open: not its every parser
-MAX_JPEG_SCANS = 100  # a progressive JPEG has ~10; each scan is another pass over every pixel (20k scans: 97 s)
 CONVERT_BAND_PIXELS = 2**18  # pixels converted at a time from 16 bits (a band of rows)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".pgm", ".pbm", ".bmp", ".webp", ".gif")  # files of those formats
 RESIZE_MODES = ("squash", "center_crop", "letterbox")  # ingest.resize
+# Encoders write ~10 scans per progressive JPEG; libjpeg decodes every scan, each one a pass over all of the
+# image's blocks, so a few bytes a scan repeated thousands of times cost minutes.
+MAX_JPEG_SCANS = 64
+DECODE_STEP = 4096  # bytes a decoder reads at a time: the decode deadline is checked between steps
 
 
 class BoxedImage(NamedTuple):  # not a dataclass: SageMaker's loader may import this file outside sys.modules
@@ -59,27 +63,82 @@ def _to_8_bits(img: Image.Image) -> np.ndarray:
     return out
 
 
-def open_image(data: bytes, i: int = 0, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Read an encoded image's header (nothing decoded yet) and refuse it past `max_pixels`."""
+class DecodeClock(io.BytesIO):
+    """An encoded image's bytes that charge the CPU time of the thread reading them to that image: Pillow's
+    parsers and decoders read in steps (DECODE_STEP bytes), and each read past `seconds` of charged time
+    stops the decode with a 408. CPU time, not the wall clock: a busy machine does not make an image late.
+    `pause` stops the charging while other images are worked on; reading resumes it."""
+
+    def __init__(self, data: bytes, seconds: float, i: int):
+        super().__init__(data)
+        self.seconds, self.i = seconds, i
+        self.charged, self.since = 0.0, time.thread_time()
+
+    def pause(self) -> None:
+        if self.since is not None:
+            self.charged += time.thread_time() - self.since
+            self.since = None
+
+    def read(self, size: int | None = -1) -> bytes:
+        now = time.thread_time()
+        if self.since is None:
+            self.since = now
+        if self.charged + now - self.since > self.seconds:
+            raise RequestError(f"image {self.i}: decoding took more than {self.seconds:g} s of CPU time "
+                               "(serve.max_decode_seconds)", 408)
+        return super().read(size)
+
+
+def jpeg_scans(data: bytes, limit: int) -> int:
+    """The scans (SOS segments) of a JPEG's first image, counted by walking its segments, up to `limit` + 1."""
+    scans, i = 0, 2
+    while i + 4 <= len(data) and scans <= limit:
+        marker = data[i + 1]
+        if data[i] != 0xFF or marker == 0xD9:  # not a segment (bad data: the decoder says so), or the end
+            break
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte, or a marker with no length
+            i += 1 if marker == 0xFF else 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            while (i := data.find(b"\xff", i)) >= 0 and i + 1 < len(data) and (
+                    data[i + 1] == 0 or 0xD0 <= data[i + 1] <= 0xD7):
+                i += 2  # a stuffed 0xFF or a restart marker: still the scan's entropy-coded data
+            if i < 0:
+                break
+    return scans
+
+
+def open_image(data: bytes, i: int = 0, max_pixels: int = MAX_PIXELS,
+               decode_seconds: float | None = None) -> Image.Image:
+    """Read an encoded image's header (nothing decoded yet) and refuse it past `max_pixels`, or a progressive
+    JPEG of more than MAX_JPEG_SCANS scans; `decode_seconds`: the CPU time reading and decoding it may take
+    (a DecodeClock; None: no limit)."""
     try:
         with warnings.catch_warnings():  # Pillow's bomb warning: the pixel budget below is the check
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            pil = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            fp = io.BytesIO(data) if decode_seconds is None else DecodeClock(data, decode_seconds, i)
+            pil = Image.open(fp, formats=IMAGE_FORMATS)
+    except RequestError:
+        raise
     except UnidentifiedImageError:
         raise RequestError(f"image {i}: not a readable image (expected {', '.join(IMAGE_FORMATS)})") from None
     except Image.DecompressionBombError as e:
         raise RequestError(f"image {i}: its size exceeds the budget of {max_pixels:,} pixels per image ({e})", 413) from None
     except (OSError, ValueError, SyntaxError) as e:  # Pillow's parsers raise all three on a broken header
         raise RequestError(f"image {i}: not a readable image ({e})") from None
-    if pil.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:  # SOS markers: entropy-coded
-        # data escapes every 0xFF, so only a marker (or metadata, counted too: a conservative bound) has these bytes
-        raise RequestError(f"image {i}: a JPEG of {scans:,} scans, over the limit of {MAX_JPEG_SCANS}")
     width, height = pil.size
     if width * height > max_pixels:
         raise RequestError(f"image {i}: {width}x{height} = {width * height:,} pixels exceeds the budget of "
                            f"{max_pixels:,} pixels per image", 413)
     if width * height == 0:
         raise RequestError(f"image {i}: not a readable image (size {width}x{height})")
+    if pil.format == "JPEG" and pil.info.get("progressive") and jpeg_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+        raise RequestError(f"image {i}: a progressive JPEG of more than {MAX_JPEG_SCANS} scans (encoders write ~10)",
+                           413)
+    if decode_seconds is not None:
+        pil.decodermaxblock = DECODE_STEP
     return pil
 
 
@@ -124,34 +183,50 @@ def to_pixels(img: Image.Image, size: int, channels: int, resize: str = "squash"
     path call this."""
     if box is None:  # a box is in the full image's pixels: no reduced-scale decoding then
         reduce_on_decode(img, size)
-    img = to_mode(ImageOps.exif_transpose(img), channels)
+    ImageOps.exif_transpose(img, in_place=True)  # not a copy: an upright image would be copied whole
+    img = to_mode(img, channels)
     if box is not None:
         img = crop_to_box(img, box, i)
     return np.asarray(resize_to(img, size, resize)).reshape(size, size, channels)
 
 
-def to_array(image, size: int, channels: int, i: int = 0, max_pixels: int = MAX_PIXELS,  # noqa: ANN001
-             resize: str = "squash") -> np.ndarray:
-    """Encoded bytes, a uint8 H x W [x C] array or a BoxedImage -> uint8 size x size x channels, as training
-    saw it: converted, cropped to the box (if any), resized by `resize`."""
+def open_any(image, i: int = 0, max_pixels: int = MAX_PIXELS,  # noqa: ANN001 - bytes | np.ndarray | BoxedImage
+             decode_seconds: float | None = None) -> tuple[Image.Image, tuple[float, float, float, float] | None]:
+    """Encoded bytes, a uint8 H x W [x C] array or a BoxedImage -> its PIL image (not decoded yet: its size is
+    known, within `max_pixels`) and its box (None: the whole image). `decode_seconds`: see open_image."""
     box = None
     if isinstance(image, BoxedImage):
         image, box = image.image, image.box
     if isinstance(image, (bytes, bytearray)):
-        pil = open_image(bytes(image), i, max_pixels)
-    else:
-        arr = np.asarray(image)
-        if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
-            raise RequestError(f"image {i}: expected uint8 H x W [x 1|3|4], got {arr.dtype} {arr.shape}")
-        if arr.shape[0] * arr.shape[1] > max_pixels:
-            raise RequestError(f"image {i}: {arr.shape[1]}x{arr.shape[0]} pixels exceeds the budget of {max_pixels:,}", 413)
-        pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+        pil = open_image(bytes(image), i, max_pixels, decode_seconds)
+        if isinstance(pil.fp, DecodeClock):
+            pil.fp.pause()  # until it is decoded: other images may be opened meanwhile
+        return pil, box
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
+        raise RequestError(f"image {i}: expected uint8 H x W [x 1|3|4], got {arr.dtype} {arr.shape}")
+    if arr.shape[0] * arr.shape[1] > max_pixels:
+        raise RequestError(f"image {i}: {arr.shape[1]}x{arr.shape[0]} pixels exceeds the budget of {max_pixels:,}", 413)
+    return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr), box
+
+
+def pixels_of(pil: Image.Image, box: tuple[float, float, float, float] | None, size: int, channels: int,
+              resize: str = "squash", i: int = 0) -> np.ndarray:
+    """An image from open_any, decoded by `to_pixels` (RequestError naming it if its data is bad)."""
     try:
         return to_pixels(pil, size, channels, resize, box, i)
     except RequestError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated data only fails when decoded
         raise RequestError(f"image {i}: not a readable image ({e})") from None
+
+
+def to_array(image, size: int, channels: int, i: int = 0, max_pixels: int = MAX_PIXELS,  # noqa: ANN001
+             resize: str = "squash", decode_seconds: float | None = None) -> np.ndarray:
+    """Encoded bytes, a uint8 H x W [x C] array or a BoxedImage -> uint8 size x size x channels, as training
+    saw it: converted, cropped to the box (if any), resized by `resize`."""
+    pil, box = open_any(image, i, max_pixels, decode_seconds)
+    return pixels_of(pil, box, size, channels, resize, i)
 
 
 def decode_images(images: list[bytes | np.ndarray | BoxedImage], size: int, channels: int, resize: str = "squash",

@@ -133,8 +133,8 @@ def test_onnx_graph_and_sagemaker_handler_apply_the_temperature(model_file, tmp_
     model_dir = extract(tmp_path / "model.tar.gz", tmp_path / "sm")
     assert json.loads((model_dir / "metadata.json").read_text())["temperature"] == t
     inference = load_inference(model_dir)
-    answers = inference.predict_fn({"images": list(images), "top_k": 4}, inference.model_fn(str(model_dir)))
-    assert np.allclose(all_probabilities(answers), want, atol=1e-5)
+    answers = inference.predict_fn({"images": list(images) * 6, "top_k": 4}, inference.model_fn(str(model_dir)))
+    assert np.allclose(all_probabilities(answers), np.tile(want, (6, 1)), atol=1e-5)  # 72 images: two batches
 
 
 def test_tta_permutes_a_swapped_pair_back_and_averages_per_class():
@@ -202,8 +202,8 @@ def test_torch_onnx_and_sagemaker_tta_answer_alike(model_file, flip_calibration,
     assert {"tta": True, "temperature": 1.7, "tta_temperature": 0.6}.items() <= exported.items()
     model_dir = extract(tmp_path / "model.tar.gz", tmp_path / "sm")
     inference = load_inference(model_dir)
-    answers = inference.predict_fn({"images": list(images), "top_k": 4}, inference.model_fn(str(model_dir)))
-    assert np.allclose(all_probabilities(answers), want, atol=1e-5)
+    answers = inference.predict_fn({"images": list(images) * 6, "top_k": 4}, inference.model_fn(str(model_dir)))
+    assert np.allclose(all_probabilities(answers), np.tile(want, (6, 1)), atol=1e-5)  # 72 images: two batches
 
 
 def test_tta_gets_its_own_temperature_and_is_calibrated_with_it():

@@ -491,7 +491,8 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
     import numpy as np
     from PIL import Image
 
-    from cnnpipe.imaging import MAX_JPEG_SCANS, BadImage, decode
+    from cnnpipe.errors import CnnpipeError
+    from cnnpipe.imaging import MAX_JPEG_SCANS, decode
 
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
@@ -499,7 +500,7 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
     progressive = buf.getvalue()
     assert decode(progressive, "ok.jpg", 8, 3).shape == (8, 8, 3)  # a real progressive JPEG: ~10 scans
     scans = b"\xff\xda\x00\x02" * (MAX_JPEG_SCANS + 1)  # empty scans after the image's own
-    with pytest.raises(BadImage, match="scans, over the limit"):
+    with pytest.raises(CnnpipeError, match=f"image 'x.jpg' refused: a progressive JPEG of more than {MAX_JPEG_SCANS} scans"):
         decode(progressive[:-2] + scans + b"\xff\xd9", "x.jpg", 8, 3)
 
 

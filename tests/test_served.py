@@ -29,7 +29,7 @@ from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError, RequestError
 from cnnpipe.imaging import BoxedImage, as_requests, decode, to_array
 from cnnpipe.models import build_model
-from cnnpipe.serving.contract import MAX_PAYLOAD, input_fn, parse_body
+from cnnpipe.serving.contract import input_fn, parse_body
 from cnnpipe.serving.local import predict_files
 from cnnpipe.serving.server import ServingApp, cnnpipe_invoke, run_in_thread
 from tests.helpers import REPO, cnnpipe, make_images
@@ -205,7 +205,7 @@ def test_a_request_box_crops_as_ingest_does():
     (["a", 1, 2, 3], "expected \\[x1, y1, x2, y2\\]"),
 ])
 def test_a_bad_box_is_a_400_naming_it(predictor, box, message):
-    base, stop = run_in_thread(ServingApp(lambda: cnnpipe_invoke(predictor, 3, MAX_PAYLOAD, 4096 * 4096), ServeConfig()),
+    base, stop = run_in_thread(ServingApp(lambda: cnnpipe_invoke(predictor, 3), ServeConfig()),
                                ServeConfig())
     try:
         url = f"{base}/invocations"

@@ -71,7 +71,7 @@ from cnnpipe.serving.server import ServingApp, cnnpipe_invoke, run_in_thread  # 
 
 @pytest.fixture
 def server(predictor):
-    url, stop = run_in_thread(ServingApp(lambda: cnnpipe_invoke(predictor, 3, MAX_PAYLOAD, 4096 * 4096), ServeConfig()),
+    url, stop = run_in_thread(ServingApp(lambda: cnnpipe_invoke(predictor, 3), ServeConfig()),
                               ServeConfig())
     yield url
     stop()

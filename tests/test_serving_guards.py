@@ -37,12 +37,13 @@ CLASSES = ["stop", "yield", "left", "right"]
 BUDGET = 1_000_000  # the fuzzed server's pixel budget: small, so that bombs are cheap to build here
 
 SERVER = """
-import sys
+import json, sys
 from cnnpipe.config import ServeConfig
+from cnnpipe.serving.contract import Budgets
 from cnnpipe.serving.server import ModelInvoke, ServingApp, listen, serve
-cfg = ServeConfig(workers=int(sys.argv[2]), max_body_bytes=256 * 1024, max_pixels=int(sys.argv[3]), max_pending=8,
-                  header_timeout=1.0, body_timeout=1.0, keep_alive=1.0, shutdown_timeout=10.0)
-app = ServingApp(ModelInvoke(sys.argv[1], "torch", 3, cfg.max_body_bytes, cfg.max_pixels, 1), cfg)
+cfg = ServeConfig(**{"workers": int(sys.argv[2]), "max_body_bytes": 256 * 1024, "max_pending": 8, "header_timeout": 1.0,
+                     "body_timeout": 1.0, "keep_alive": 1.0, "shutdown_timeout": 10.0, **json.loads(sys.argv[3])})
+app = ServingApp(ModelInvoke(sys.argv[1], "torch", 3, Budgets.of(cfg), 1), cfg)
 if cfg.workers == 1:
     app.preload()
 serve(app, listen("127.0.0.1", 0), cfg, "a test model")
@@ -66,10 +67,12 @@ def png_declaring(width: int, height: int, idat: bytes = b"") -> bytes:
 class Server:
     """`serve()` in its own process (the real worker code, without a tracking store); its log in a file."""
 
-    def __init__(self, model_file: Path, workers: int = 1, max_pixels: int = BUDGET):
+    def __init__(self, model_file: Path, workers: int = 1, **serve: float):
+        """`serve`: ServeConfig fields (the pixel budget: BUDGET unless given)."""
         self.log = model_file.parent / f"server-{time.monotonic_ns()}.log"
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(model_file), str(workers), str(max_pixels)],
+            self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(model_file), str(workers),
+                                          json.dumps({"max_pixels": BUDGET, **serve})],
                                          cwd=REPO, env=user_env({"OMP_NUM_THREADS": "1"}), stderr=log,
                                          start_new_session=True)
         deadline = time.time() + 60
@@ -147,7 +150,8 @@ def raw(port: int, data: bytes, half_close: bool = False, timeout: float = 10) -
     assert got.startswith(b"HTTP/1.1 "), f"no HTTP answer to {data[:120]!r}: {got[:200]!r}"
     head, _, body = got.partition(b"\r\n\r\n")
     assert b"content-type: application/json" in head.lower(), head
-    return int(head.split()[1]), json.loads(body)
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    return int(head.split()[1]), json.loads(body[:length])  # the first answer (a pipelined rest may have its own)
 
 
 def b64(data: bytes) -> str:
@@ -227,6 +231,10 @@ def test_bad_framing_and_stalls_get_json_answers(server):
     assert raw(port, f"{head}Content-Length: -5\r\n\r\n".encode())[0] == 400
     assert raw(port, f"{head}Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcd".encode())[0] == 400
     assert raw(port, f"{head}Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n".encode())[0] == 400
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # answered, and kept open past the
+        s.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\nzz\r\n".encode())  # body deadline: the app, still
+        assert s.recv(65536).startswith(b"HTTP/1.1 400 ")  # waiting for the body, writes nothing more
+        time.sleep(1.5)
     assert raw(port, f"{head}Content-Length: 99999999999999\r\n\r\n".encode())[0] == 413
     status, out = raw(port, f"{head}Content-Length: 1000\r\n\r\n".encode() + png()[:50])  # then stalls
     assert status == 408 and "not received within 1 s" in out["error"]
@@ -316,12 +324,14 @@ def test_memory_stays_bounded_under_bombs_and_big_bodies(server):
 
 @pytest.mark.e2e
 def test_busy_server_answers_503_with_retry_after(server):
-    """More stalled requests than max_pending (8): the next one is turned away at once, with Retry-After."""
-    head = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\n"
+    """Bodies being received hold at most max_pending (8) full bodies' bytes: 8 uploads one byte short of the
+    256 KiB limit take it all, and the next body is turned away at once, with Retry-After."""
+    size = 256 * 1024
+    head = f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {size}\r\n\r\n"
     stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
     try:
         for s in stalled:
-            s.sendall(head)
+            s.sendall(head.encode() + b"x" * (size - 1))
         time.sleep(0.2)
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
         conn.request("POST", "/invocations", body=png(), headers={"Content-Type": "image/png"})
@@ -331,6 +341,7 @@ def test_busy_server_answers_503_with_retry_after(server):
     finally:
         for s in stalled:
             s.close()
+    assert request(server.port, "POST", "/invocations", png(), {"Content-Type": "image/png"})[0] == 200
 
 
 @pytest.mark.e2e

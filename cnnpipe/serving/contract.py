@@ -23,17 +23,43 @@ import binascii
 import json
 import math
 import os
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
 from cnnpipe.calibration import answer, probabilities, tta_probabilities, usable_flips
 from cnnpipe.errors import RequestError
-from cnnpipe.imaging import BoxedImage, to_array
+from cnnpipe.imaging import MAX_PIXELS, BoxedImage, open_any, pixels_of
 
 MAX_PAYLOAD = 6 * 1024 * 1024  # SageMaker's real-time invocation limit
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/x-portable-pixmap", "image/bmp", "image/webp", "image/gif",
                "application/x-image")
 JSON_KEYS = ("image", "images", "instances", "dataframe_split", "dataframe_records", "inputs")
+
+
+class Budgets(NamedTuple):  # not a dataclass: SageMaker's loader may import this file outside sys.modules
+    """What one request may cost a server: the `serve:` block's limits (the defaults are params.yaml's; SageMaker's
+    handler uses them as they are). Past one: a 413 (408 for time) naming it."""
+
+    max_body_bytes: int = MAX_PAYLOAD
+    # json.loads holds the GIL while it builds a body's arrays and objects (a million of them: long enough for
+    # /ping to wait; benchmarks/results/hostile_load.json), so they are counted first; a pixel array costs one
+    # per pixel and one per row
+    max_json_containers: int = 100_000
+    max_images: int = 256
+    max_pixels: int = MAX_PIXELS  # per image, from its header
+    max_request_pixels: int = 2 * MAX_PIXELS  # all of a request's images, from their headers, before decoding any
+    max_decode_seconds: float = 1.0  # CPU time reading and decoding one image may take
+    batch_size: int = 64  # images decoded and predicted at a time
+
+    @classmethod
+    def of(cls, cfg: object) -> Budgets:
+        """The budgets of a ServeConfig (or anything with these fields)."""
+        return cls(**{name: getattr(cfg, name) for name in cls._fields})
+
+
+DEFAULT_BUDGETS = Budgets()
 
 
 def parse_box(value, i: int) -> tuple[float, float, float, float] | None:  # noqa: ANN001
@@ -115,21 +141,28 @@ def check_top_k(top_k: int, num_classes: int, where: str = "top_k") -> int:
     return top_k
 
 
-def parse_body(body: bytes, content_type: str, max_bytes: int = MAX_PAYLOAD) -> tuple[list, int | None]:
-    """The images of a request body (bytes or uint8 arrays) and its top_k (None: the default)."""
+def parse_body(body: bytes, content_type: str, budgets: Budgets = DEFAULT_BUDGETS) -> tuple[list, int | None]:
+    """The images of a request body (bytes or uint8 arrays) and its top_k (None: the default), within the
+    budgets of body bytes, JSON arrays and objects, and images."""
     kind = (content_type or "").split(";")[0].strip().lower()
     if not body:
         raise RequestError("empty request body")
-    if len(body) > max_bytes:
-        raise RequestError(f"payload of {len(body):,} bytes exceeds the {max_bytes:,}-byte limit", 413)
+    if len(body) > budgets.max_body_bytes:
+        raise RequestError(f"payload of {len(body):,} bytes exceeds the {budgets.max_body_bytes:,}-byte limit "
+                           "(serve.max_body_bytes)", 413)
     if kind in IMAGE_TYPES:
         return [body], None
     if kind != "application/json":
         raise RequestError(f"unsupported content type {content_type!r} (send image/png, image/jpeg, "
                            "application/x-image or application/json)", 415)
+    containers = body.count(b"[") + body.count(b"{")  # an upper bound: brackets inside strings count too
+    if containers > budgets.max_json_containers:
+        raise RequestError(f"body has {containers:,} JSON arrays and objects, more than the budget of "
+                           f"{budgets.max_json_containers:,} (serve.max_json_containers; a pixel array costs one per "
+                           "pixel: send encoded images)", 413)
     try:
         obj = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, or a number past Python's digit limit
         raise RequestError(f"body is not valid JSON: {e}") from None
     except RecursionError:
         raise RequestError("body is not valid JSON: nested too deeply") from None
@@ -145,7 +178,35 @@ def parse_body(body: bytes, content_type: str, max_bytes: int = MAX_PAYLOAD) -> 
     if not isinstance(params, dict):
         raise RequestError(f"params: expected a JSON object like {{\"top_k\": 3}}, got {type(params).__name__}")
     top_k = parse_top_k(params["top_k"], "params.top_k") if params.get("top_k") is not None else None
+    if len(raw) > budgets.max_images:
+        raise RequestError(f"request has {len(raw):,} images, more than the budget of {budgets.max_images:,} "
+                           "(serve.max_images)", 413)
     return [decode_value(v, i) for i, v in enumerate(raw)], top_k
+
+
+def request_batches(images: list, size: int, channels: int, resize: str = "squash",
+                    budgets: Budgets = DEFAULT_BUDGETS) -> Iterator[np.ndarray]:
+    """A request's images as model input, `batch_size` at a time (uint8 n x size x size x channels): every
+    image's header is read first, and the request refused (413) if their pixels together exceed the budget, so
+    nothing is decoded for a request that cannot be answered; each image's decode has its CPU deadline."""
+    if len(images) > budgets.max_images:
+        raise RequestError(f"request has {len(images):,} images, more than the budget of {budgets.max_images:,} "
+                           "(serve.max_images)", 413)
+    opened, pixels = [], 0
+    for i, image in enumerate(images):
+        pil, box = open_any(image, i, budgets.max_pixels, budgets.max_decode_seconds)
+        pixels += pil.width * pil.height
+        if pixels > budgets.max_request_pixels:
+            raise RequestError(f"images 0-{i} declare {pixels:,} pixels, more than the budget of "
+                               f"{budgets.max_request_pixels:,} per request (serve.max_request_pixels)", 413)
+        opened.append((pil, box))
+    for start in range(0, len(opened), budgets.batch_size):
+        batch = []
+        for i in range(start, min(start + budgets.batch_size, len(opened))):
+            (pil, box), opened[i] = opened[i], None  # its decoded pixels go as soon as it is resized
+            batch.append(pixels_of(pil, box, size, channels, resize, i))
+            del pil
+        yield np.stack(batch)
 
 
 # --- SageMaker's PyTorch serving contract (model.tar.gz: model.pt, metadata.json, code/inference.py) ---
@@ -170,18 +231,19 @@ def predict_fn(input_data: dict, model: dict) -> list[dict]:
     import torch
 
     meta = model["meta"]
-    size, channels = meta["image_size"], meta["channels"]
-    resize = meta.get("resize", "squash")
-    batch = np.stack([to_array(img, size, channels, i, resize=resize) for i, img in enumerate(input_data["images"])])
-    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255.0)
-    x = (x - torch.tensor(meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(meta["std"]).view(1, -1, 1, 1)
-    temperature, flips = meta.get("temperature", 1.0), usable_flips(meta.get("flips")) if meta.get("tta") else {}
-    with torch.no_grad():
-        probs = tta_probabilities(lambda view: probabilities(model["model"](view), temperature), x, flips,
-                                  meta.get("tta_temperature")) if flips else probabilities(model["model"](x), temperature)
     top_k = input_data["top_k"]
     top_k = check_top_k(top_k, len(meta["classes"])) if top_k is not None else min(meta["top_k"], len(meta["classes"]))
-    return answer(probs, meta["classes"], top_k)
+    mean, std = torch.tensor(meta["mean"]).view(1, -1, 1, 1), torch.tensor(meta["std"]).view(1, -1, 1, 1)
+    temperature, flips = meta.get("temperature", 1.0), usable_flips(meta.get("flips")) if meta.get("tta") else {}
+    predictions = []
+    for batch in request_batches(input_data["images"], meta["image_size"], meta["channels"],
+                                 meta.get("resize", "squash")):
+        x = (torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255.0) - mean) / std
+        with torch.no_grad():
+            probs = tta_probabilities(lambda view: probabilities(model["model"](view), temperature), x, flips,
+                                      meta.get("tta_temperature")) if flips else probabilities(model["model"](x), temperature)
+        predictions += answer(probs, meta["classes"], top_k)
+    return predictions
 
 
 def output_fn(prediction: list[dict], accept: str) -> str:

@@ -22,6 +22,7 @@ from cnnpipe.fsio import atomic_file
 from cnnpipe.imaging import MAX_PIXELS, decode_images
 
 SPEC_KEY, TOP_K_KEY, TEMPERATURE_KEY, FLIPS_KEY = "cnnpipe.spec", "cnnpipe.top_k", "cnnpipe.temperature", "cnnpipe.flips"
+BATCH_SIZE = 256  # images per session run
 TTA_TEMPERATURE_KEY = "cnnpipe.tta_temperature"  # applied to the TTA average outside the graph (OnnxPredictor)
 
 
@@ -89,8 +90,9 @@ class OnnxPredictor:
     def predict(self, images: np.ndarray, top_k: int = 5) -> list[dict]:
         x = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2))
 
-        def probs_of(view: np.ndarray) -> np.ndarray:
-            return self.session.run(None, {"images": view})[0]
+        def probs_of(view: np.ndarray) -> np.ndarray:  # in batches: the graph's activations grow with the batch
+            return np.concatenate([self.session.run(None, {"images": view[i:i + BATCH_SIZE]})[0]
+                                   for i in range(0, len(view), BATCH_SIZE)])
         probs = tta_probabilities(probs_of, x, self.calibration.tta_flips, self.calibration.tta_temperature) if self.tta \
             else probs_of(x)
         return answer(probs, self.spec.classes, top_k)
