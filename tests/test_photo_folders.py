@@ -43,7 +43,7 @@ def photo_folder(root: Path, layout: dict[str, dict[str, int]], size: tuple[int,
 
 
 def tree(path: Path) -> FileTree:
-    return FileTree(path, ArchiveLimits(256, 100, 8192))
+    return FileTree(path, ArchiveLimits(256, 100, 8192, 100_000))
 
 
 def test_ingest_reads_every_format_serving_accepts(tmp_path):
