@@ -1,10 +1,12 @@
 """Load a logged or registered model with cnnpipe's installed code: the model's folder is data, never code.
 
 An MLflow pyfunc folder carries Python (the model code file, and a copy of cnnpipe under code/) that
-`mlflow.pyfunc.load_model` imports. Here only three files are read from it: MLmodel (YAML: where the
-weights and the calibration are, the default top_k), the weights (`torch.load(weights_only=True)`) and the
-calibration (JSON: the temperature). `register` records the sha256 of the weights, the calibration and the
-code files as version tags; a version whose files no longer match them is refused.
+`mlflow.pyfunc.load_model` imports. Here only these files are read from it: MLmodel (YAML: where the
+weights, the calibration and the ONNX graph are, the default top_k), the weights (`torch.load(weights_only=True)`)
+and the calibration (JSON: the temperature), or, for the torch-free ONNX Runtime path, the ONNX graph `register`
+exported (its metadata holds the spec and calibration). `register` records the sha256 of the weights, the
+calibration, the ONNX graph and the code files as version tags; a version whose files no longer match them is
+refused. This module imports torch only to load the torch model.
 
 A bare model folder from `cnnpipe train` (model.pt, no MLmodel) loads too, uncalibrated (T = 1): its
 calibration is in the evaluation folder, which the caller may pass (`--calibration`).
@@ -14,24 +16,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from cnnpipe import calibration
 from cnnpipe.calibration import UNCALIBRATED, Calibration
 from cnnpipe.engine.model_folder import MODEL_FILE
-from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import file_digest
 from cnnpipe.tracking import Registry
 
+if TYPE_CHECKING:
+    from cnnpipe.engine.predictor import Predictor
+
 WEIGHTS_TAG = "cnnpipe.weights_sha256"
 CALIBRATION_TAG = "cnnpipe.calibration_sha256"
 CODE_TAG = "cnnpipe.code_sha256"  # over every code file the folder carries (what `mlflow models serve` runs)
+ONNX_TAG = "cnnpipe.onnx_sha256"
 CHECKPOINT = "checkpoint"  # the pyfunc's artifact key of the weights
+ONNX = "onnx"  # ... of the ONNX graph (serving/onnx_runtime.py); absent when the model could not be exported
 DEFAULT_TOP_K = 5  # a model folder without a signature to say otherwise
 
 
@@ -80,9 +88,9 @@ def code_digest(folder: Path) -> str:
 
 def digests(folder: Path) -> dict[str, str]:
     """The tags `register` records for a logged model folder."""
-    found = _artifact(folder, calibration.ARTIFACT)
+    optional = ((CALIBRATION_TAG, _artifact(folder, calibration.ARTIFACT)), (ONNX_TAG, _artifact(folder, ONNX)))
     return {WEIGHTS_TAG: file_digest(weights_file(folder)), CODE_TAG: code_digest(folder),
-            **({CALIBRATION_TAG: file_digest(found)} if found is not None else {})}
+            **{tag: file_digest(path) for tag, path in optional if path is not None}}
 
 
 def _verify(folder: Path, expected: dict[str, str], where: str) -> None:
@@ -90,7 +98,8 @@ def _verify(folder: Path, expected: dict[str, str], where: str) -> None:
         print(f"warning: {where} has no recorded sha256 (registered by an older cnnpipe): not verified", file=sys.stderr)
         return
     got = digests(folder)
-    for tag, what in ((WEIGHTS_TAG, "weights"), (CALIBRATION_TAG, "calibration"), (CODE_TAG, "code files")):
+    for tag, what in ((WEIGHTS_TAG, "weights"), (CALIBRATION_TAG, "calibration"), (CODE_TAG, "code files"),
+                      (ONNX_TAG, "ONNX graph")):
         if tag in expected and got.get(tag) != expected[tag]:
             found = f"{got[tag][:12]}..." if tag in got else "(file absent)"
             raise CnnpipeError(f"{where}: {what} sha256 {found} does not match the {expected[tag][:12]}... "
@@ -112,6 +121,8 @@ def load(registry: Registry, model_uri: str, calibration_file: Path | None = Non
     models:/<name>@<alias>, any model URI) and its default top_k; a registered version's files are verified
     against its tags. The model's own calibration applies unless `calibration_file` (evaluate's) is given;
     `tta`: average over its flips."""
+    from cnnpipe.engine.predictor import Predictor  # torch
+
     override = Calibration.read(calibration_file) if calibration_file is not None else None
     if Path(model_uri).is_dir() and not (Path(model_uri) / "MLmodel").exists() \
             and (Path(model_uri) / MODEL_FILE).is_file():  # a bare train folder: no calibration of its own
@@ -123,3 +134,20 @@ def load(registry: Registry, model_uri: str, calibration_file: Path | None = Non
             _verify(folder, expected, where)
         return (Predictor.from_file(weights_file(folder), calibration=override or calibration_of(folder), tta=tta),
                 default_top_k(folder))
+
+
+def onnx_file(registry: Registry, model_uri: str, dst: Path) -> Path | None:
+    """The ONNX graph `register` exported into `model_uri` (an MLflow model folder or any model URI), verified
+    against the version's tags and copied to `dst`; None when the model carries none (a bare train folder, a
+    version registered before export or whose model could not be exported)."""
+    if Path(model_uri).is_dir() and not (Path(model_uri) / "MLmodel").exists():
+        return None
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as tmp:
+        folder, expected, where = registry.model_files(model_uri, Path(tmp))
+        if expected is not None:
+            _verify(folder, expected, where)
+        found = _artifact(folder, ONNX)
+        if found is None or (expected is not None and ONNX_TAG not in expected):  # never an unverified graph
+            return None
+        shutil.copyfile(found, dst)
+    return dst

@@ -1,0 +1,217 @@
+"""Serving without torch: `register` ships the ONNX graph (verified like the weights), and `cnnpipe serve`,
+`cnnpipe predict` and the SageMaker handler run it in processes where importing torch fails, answering as the
+torch path does (top-1 identical, probabilities within 1e-5) on generated photos and on real GTSRB images."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from cnnpipe.config import RegisterConfig, TrackingConfig
+from cnnpipe.engine.checkpoint import ModelSpec, save_model
+from cnnpipe.fsio import write_json
+from cnnpipe.models import build_model
+from cnnpipe.serving import trusted
+from cnnpipe.tracking import Registry, Tracker
+from tests.conftest import REPO, free_port, user_env, wait_for_http, write_tiny_dataset
+from tests.formats import encoded, sign_image
+
+pytestmark = pytest.mark.e2e
+NAME = "onnx-signs"
+CLASSES = ["stop", "yield", "keep left", "keep right"]
+TOLERANCE = 1e-5
+# the real GTSRB training zip: CNNPIPE_GTSRB_ZIP, else ../shared/data beside the repository
+GTSRB_ZIP = Path(os.environ.get("CNNPIPE_GTSRB_ZIP", REPO.parent / "shared/data/GTSRB_Final_Training_Images.zip"))
+# Put first on sys.path of a child process (as sitecustomize): any import of torch or torchvision fails there
+NO_TORCH = '''import sys
+
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "torchvision"):
+            raise ImportError(f"{name} is not importable in this process (the torch-free serving test)")
+        return None
+
+
+sys.meta_path.insert(0, NoTorch())
+'''
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A 32 x 32 RGB model registered by the real register stage (so with its ONNX graph), calibrated (T = 1.7)."""
+    from cnnpipe.stages import register
+
+    ws = tmp_path_factory.mktemp("ws")
+    tracking = TrackingConfig(uri=f"sqlite:///{ws / 'mlflow.db'}", experiment="serving-onnx")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["tracking"] = {"uri": tracking.uri, "experiment": tracking.experiment}
+    params["register"]["model_name"] = NAME
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    data = write_tiny_dataset(ws / "data/processed", classes=4, size=32, channels=3, names=CLASSES)
+    spec = ModelSpec("cnn3", 8, 3, 4, 32, CLASSES, [0.45, 0.4, 0.42], [0.25, 0.24, 0.26], resize="letterbox")
+    save_model(ws / "data/model/model.pt", build_model("cnn3", 3, 4, 32, 8), spec)
+    Tracker.start(tracking, "serving-onnx-test", {}).write_run_file(ws / "data/model")
+    # the untrained model stands in for a good one: its recorded scores pass register's quality gate
+    write_json(ws / "data/evaluation/metrics.json", {"val": {"accuracy": 0.9}, "test": {"accuracy": 0.9}})
+    write_json(ws / "data/evaluation/calibration.json", {"temperature": 1.7})
+    register.run(cfg=RegisterConfig(model_name=NAME), model=ws / "data/model", data=data,
+                 evaluation=ws / "data/evaluation", record=ws / "data/registered.json", tracking=tracking)
+    (ws / "no-torch").mkdir()
+    (ws / "no-torch/sitecustomize.py").write_text(NO_TORCH)
+    return ws
+
+
+def torch_free_env(ws: Path) -> dict[str, str]:
+    return user_env({"PYTHONPATH": os.pathsep.join([str(ws / "no-torch"), str(REPO)])})
+
+
+def photos() -> list[bytes]:
+    """Photos as users send them: JPEG and PNG, several sizes and aspect ratios, grey, with alpha."""
+    rng = np.random.default_rng(7)
+    out = [encoded(Image.fromarray(sign_image(i % 4, 40 + 37 * i, 38 + 23 * i)), fmt)
+           for i, fmt in enumerate(("JPEG", "PNG", "JPEG", "PNG"))]
+    out.append(encoded(Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)), "JPEG"))
+    out.append(encoded(Image.fromarray(sign_image(2, 64, 50)).convert("L"), "PNG"))
+    out.append(encoded(Image.fromarray(sign_image(3, 33, 61)).convert("RGBA"), "PNG"))
+    return out
+
+
+def gtsrb_sample(n: int = 43) -> list[bytes]:
+    """The first image of each of n GTSRB classes (PPM, as the zip holds them)."""
+    with zipfile.ZipFile(GTSRB_ZIP) as z:
+        names = sorted(name for name in z.namelist() if name.endswith(".ppm"))
+        firsts = {}
+        for name in names:
+            firsts.setdefault(name.rsplit("/", 2)[-2], name)
+        return [z.read(name) for name in sorted(firsts.values())[:n]]
+
+
+def samples() -> list[bytes]:
+    return photos() + (gtsrb_sample() if GTSRB_ZIP.exists() else [])
+
+
+def torch_answers(ws: Path, images: list[bytes]) -> list[dict]:
+    """The torch path's answers (every class in top_k), with the registered model's calibration."""
+    predictor, _ = trusted.load(Registry(f"sqlite:///{ws / 'mlflow.db'}"), f"models:/{NAME}@champion")
+    return predictor.predict(predictor.decode(images), top_k=len(CLASSES))
+
+
+def assert_agree(torch_side: list[dict], onnx_side: list[dict]) -> None:
+    assert len(torch_side) == len(onnx_side)
+    for t, o in zip(torch_side, onnx_side):
+        assert t["predicted_class_index"] == o["predicted_class_index"]
+        want = {k["index"]: k["probability"] for k in t["top_k"]}
+        got = {k["index"]: k["probability"] for k in o["top_k"]}
+        assert want.keys() == got.keys()
+        assert max(abs(want[i] - got[i]) for i in want) <= TOLERANCE
+
+
+def test_register_ships_the_graph_with_its_sha256(workspace):
+    version = Registry(f"sqlite:///{workspace / 'mlflow.db'}").version(NAME, "champion")
+    assert len(version.tags[trusted.ONNX_TAG]) == 64
+    assert "cannot be exported" not in (workspace / "data/registered.json").read_text()
+
+
+def test_the_prelude_blocks_torch(workspace):
+    proc = subprocess.run([sys.executable, "-c", "import torch"], env=torch_free_env(workspace), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "not importable in this process" in proc.stderr
+
+
+def test_serve_answers_as_torch_in_a_process_without_torch(workspace):
+    port = free_port()
+    proc = subprocess.Popen(["cnnpipe", "serve", "--backend", "onnxruntime", "--port", str(port)], cwd=workspace,
+                            env=torch_free_env(workspace), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, seconds=120)
+        import http.client
+
+        images = samples()
+        body = json.dumps({"instances": [base64.b64encode(b).decode() for b in images],
+                           "params": {"top_k": len(CLASSES)}})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/invocations", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        payload = json.loads(response.read())
+        assert response.status == 200, payload
+        conn.request("POST", "/invocations", body=b"not an image", headers={"Content-Type": "image/png"})
+        bad = conn.getresponse()
+        assert bad.status == 400 and "error" in json.loads(bad.read())
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert json.loads(stdout)["backend"] == "onnxruntime"
+    assert_agree(torch_answers(workspace, images), payload["predictions"])
+
+
+def test_predict_a_folder_without_torch_as_torch_does(workspace, tmp_path):
+    images = samples()
+    for i, image in enumerate(images):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / f"in/{i:03d}.img.png").write_bytes(image)  # the suffix picks the files; Pillow reads the bytes
+    rows = {}
+    for backend, env in (("onnxruntime", torch_free_env(workspace)), ("torch", user_env())):
+        proc = subprocess.run(["cnnpipe", "predict", str(tmp_path / "in"), "--backend", backend, "--output",
+                               str(tmp_path / f"{backend}.csv")], cwd=workspace, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["predicted"] == len(images)
+        with open(tmp_path / f"{backend}.csv", newline="") as f:
+            rows[backend] = list(csv.DictReader(f))
+    for t, o in zip(rows["torch"], rows["onnxruntime"], strict=True):
+        assert (t["path"], t["predicted_class"]) == (o["path"], o["predicted_class"])
+        assert abs(float(t["confidence"]) - float(o["confidence"])) <= TOLERANCE
+
+
+def test_sagemaker_onnx_archive_runs_its_handler_without_torch(workspace, tmp_path):
+    proc = subprocess.run(["cnnpipe", "export", "sagemaker", "--backend", "onnxruntime", "--output",
+                           str(tmp_path / "model.tar.gz")], cwd=workspace, env=torch_free_env(workspace),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["backend"] == "onnxruntime"
+    from cnnpipe.serving.sagemaker import extract
+
+    model_dir = extract(tmp_path / "model.tar.gz", tmp_path / "model")
+    assert "torch" not in (model_dir / "code/requirements.txt").read_text()
+    images = samples()
+    (tmp_path / "request.json").write_text(json.dumps({"instances": [base64.b64encode(b).decode() for b in images],
+                                                       "params": {"top_k": len(CLASSES)}}))
+    # as SageMaker's toolkit does: code/ on sys.path, then model_fn, input_fn, predict_fn, output_fn
+    script = ("import sys, json; sys.path.insert(0, sys.argv[1] + '/code'); import inference as h; "
+              "m = h.model_fn(sys.argv[1]); body = open(sys.argv[2], 'rb').read(); "
+              "print(h.output_fn(h.predict_fn(h.input_fn(body, 'application/json'), m), 'application/json'))")
+    run = subprocess.run([sys.executable, "-c", script, str(model_dir), str(tmp_path / "request.json")],
+                         env={**os.environ, "PYTHONPATH": str(workspace / "no-torch")}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert_agree(torch_answers(workspace, images), json.loads(run.stdout)["predictions"])
+
+
+def test_a_tampered_graph_is_refused(workspace, tmp_path):
+    registry = Registry(f"sqlite:///{workspace / 'mlflow.db'}")
+    version = registry.version(NAME, "champion")
+    graph = next(Path(registry.client.get_model_version_download_uri(NAME, version.version).removeprefix("file://"))
+                 .rglob("model.onnx"))
+    original = graph.read_bytes()
+    try:
+        graph.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        proc = subprocess.run(["cnnpipe", "serve", "--backend", "onnxruntime", "--port", str(free_port())],
+                              cwd=workspace, env=torch_free_env(workspace), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "ONNX graph sha256" in proc.stderr, proc.stderr
+    finally:
+        graph.write_bytes(original)
