@@ -37,5 +37,7 @@ RUN pip install --no-cache-dir --no-deps /tmp/cnnpipe && rm -rf /tmp/cnnpipe \
  && python3 -c "import cnnpipe.cli" \
  && cnnpipe --version
 
+# the project's defaults, so `cnnpipe serve` / `predict` run in /workspace without a params.yaml of the user's
+COPY params.yaml /workspace/params.yaml
 WORKDIR /workspace
 CMD ["cnnpipe", "--help"]

@@ -8,9 +8,12 @@ import base64
 import csv
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -215,3 +218,72 @@ def test_a_tampered_graph_is_refused(workspace, tmp_path):
         assert proc.returncode == 2 and "ONNX graph sha256" in proc.stderr, proc.stderr
     finally:
         graph.write_bytes(original)
+
+
+PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(REPO / "container" / "containers.conf")}
+IMAGE = "localhost/cnnpipe-onnx:test"
+
+
+@pytest.mark.skipif(not (shutil.which("podman") and shutil.which("runc")), reason="no container engine here (podman, runc)")
+def test_the_lean_image_serves_the_registered_version(workspace, tmp_path):
+    """`EXTRAS=serve-onnx container/build.sh`: no torch in the image; the version's folder copied in, served."""
+    build = subprocess.run(["bash", str(REPO / "container/build.sh")], capture_output=True, text=True, timeout=1800,
+                           env={**PODMAN_ENV, "EXTRAS": "serve-onnx", "CNNPIPE_IMAGE": IMAGE})
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    size_mb = int(re.search(r", (\d+) MB$", build.stdout.strip()).group(1))
+    assert size_mb <= 600, build.stdout[-500:]
+    folder, _, _ = Registry(f"sqlite:///{workspace / 'mlflow.db'}").model_files(f"models:/{NAME}@champion", tmp_path)
+    port = free_port()
+    started = subprocess.run(["podman", "run", "-d", "--rm", "-p", f"127.0.0.1:{port}:8080", "-v",
+                              f"{folder}:/opt/ml/model:ro", IMAGE, "sh", "-c",
+                              "python3 -c 'import torch' 2>/dev/null && exit 9; exec cnnpipe serve --backend onnxruntime "
+                              "--model /opt/ml/model --host 0.0.0.0 --port 8080"],
+                             capture_output=True, text=True, env=PODMAN_ENV, timeout=120)
+    assert started.returncode == 0, started.stderr
+    container = started.stdout.strip()
+    try:
+        import urllib.request
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                assert urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5).status == 200
+                break
+            except OSError:
+                state = subprocess.run(["podman", "inspect", "-f", "{{.State.Running}}", container], capture_output=True,
+                                       text=True, env=PODMAN_ENV).stdout.strip()
+                assert state == "true" and time.time() < deadline, "the container stopped or never answered /ping"
+                time.sleep(0.5)
+        images = samples()
+        body = json.dumps({"instances": [base64.b64encode(b).decode() for b in images], "params": {"top_k": len(CLASSES)}})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        payload = json.load(urllib.request.urlopen(request, timeout=60))
+    finally:
+        subprocess.run(["podman", "rm", "-f", "-t", "5", container], capture_output=True, env=PODMAN_ENV, timeout=120)
+    assert_agree(torch_answers(workspace, images), payload["predictions"])
+
+
+def test_deploy_sagemaker_picks_the_onnx_archive_without_torch(workspace, moto, tmp_path):
+    import boto3
+
+    from cnnpipe.serving import onnx_handler
+
+    deploy = ["cnnpipe", "deploy", "sagemaker", "--backend", "onnxruntime", "--role",
+              "arn:aws:iam::123456789012:role/SageMakerRole", "--endpoint-name", "onnx-signs"]
+    refused = subprocess.run(deploy, cwd=workspace, env=torch_free_env(workspace), capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and "--image-uri" in refused.stderr
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/cnnpipe-onnx:0.1.0"
+    proc = subprocess.run([*deploy, "--image-uri", image], cwd=workspace, env=torch_free_env(workspace),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert boto3.client("sagemaker").describe_model(ModelName="onnx-signs")["PrimaryContainer"]["Image"] == image
+    bucket, key = out["model_data"].removeprefix("s3://").split("/", 1)
+    (tmp_path / "model.tar.gz").write_bytes(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+    from cnnpipe.serving.sagemaker import extract
+
+    model_dir = extract(tmp_path / "model.tar.gz", tmp_path / "model")
+    assert (model_dir / "code/inference.py").read_text() == Path(onnx_handler.__file__).read_text()
+    assert (model_dir / "model.onnx").is_file() and not (model_dir / "model.pt").exists()

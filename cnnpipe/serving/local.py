@@ -17,13 +17,13 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
 from cnnpipe.imaging import IMAGE_SUFFIXES
 from cnnpipe.serving.contract import RequestError, with_box
+from cnnpipe.serving.onnx_runtime import ONNX_FILE
 
 if TYPE_CHECKING:
     from cnnpipe.engine.predictor import Predictor
     from cnnpipe.serving.onnx_runtime import OnnxPredictor
 
 Loaded = TypeVar("Loaded")
-ONNX_FILE = "model.onnx"
 
 
 def load_registered(tracking: TrackingConfig, model_uri: str, calibration_file: Path | None = None,

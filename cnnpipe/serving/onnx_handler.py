@@ -10,16 +10,16 @@ import json
 import os
 
 from cnnpipe.serving.contract import check_top_k, input_fn, output_fn
-from cnnpipe.serving.onnx_runtime import OnnxPredictor
+from cnnpipe.serving.onnx_runtime import ONNX_FILE, OnnxPredictor
 
 __all__ = ["input_fn", "model_fn", "output_fn", "predict_fn"]  # the four functions SageMaker's toolkit calls
-GRAPH_FILE, SETTINGS_FILE = "model.onnx", "serving.json"  # SETTINGS_FILE: {"tta": bool}, what export chose
+SETTINGS_FILE = "serving.json"  # {"tta": bool}: what `export` chose
 
 
 def model_fn(model_dir: str) -> OnnxPredictor:
     with open(os.path.join(model_dir, SETTINGS_FILE)) as f:
         settings = json.load(f)
-    return OnnxPredictor(os.path.join(model_dir, GRAPH_FILE), tta=bool(settings.get("tta")))
+    return OnnxPredictor(os.path.join(model_dir, ONNX_FILE), tta=bool(settings.get("tta")))
 
 
 def predict_fn(input_data: dict, model: OnnxPredictor) -> list[dict]:

@@ -18,6 +18,7 @@ from cnnpipe.imaging import MAX_PIXELS, decode_images
 
 SPEC_KEY, TOP_K_KEY, TEMPERATURE_KEY, FLIPS_KEY = "cnnpipe.spec", "cnnpipe.top_k", "cnnpipe.temperature", "cnnpipe.flips"
 TTA_TEMPERATURE_KEY = "cnnpipe.tta_temperature"  # applied to the TTA average outside the graph (OnnxPredictor)
+ONNX_FILE = "model.onnx"  # the graph's name in a registered version (artifact trusted.ONNX) and a served folder
 
 
 class OnnxPredictor:

@@ -88,10 +88,10 @@ def export_onnx_archive(graph: Path, tta: bool, output: Path) -> dict:
     predictor = onnx_runtime.OnnxPredictor(graph, tta=tta)  # a readable graph of cnnpipe's, or one clear error
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        shutil.copyfile(graph, root / onnx_handler.GRAPH_FILE)
+        shutil.copyfile(graph, root / onnx_runtime.ONNX_FILE)
         (root / onnx_handler.SETTINGS_FILE).write_text(json.dumps({"tta": predictor.tta}) + "\n")
         _write_code(root / "code", onnx_handler, ONNX_HANDLER_MODULES, "numpy\npillow\nonnxruntime\n")
-        _write_archive(output, root, (onnx_handler.GRAPH_FILE, onnx_handler.SETTINGS_FILE, "code"))
+        _write_archive(output, root, (onnx_runtime.ONNX_FILE, onnx_handler.SETTINGS_FILE, "code"))
     return {"archive": str(output), "bytes": output.stat().st_size, "backend": "onnxruntime",
             "classes": len(predictor.spec.classes), "temperature": predictor.calibration.temperature, "tta": predictor.tta}
 

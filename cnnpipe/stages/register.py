@@ -30,7 +30,7 @@ from cnnpipe.evaluation.folder import CALIBRATION_FILE, METRICS_FILE
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.promotion import promote
 from cnnpipe.serving import trusted
-from cnnpipe.serving.local import ONNX_FILE
+from cnnpipe.serving.onnx_runtime import ONNX_FILE
 from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags
 
 
