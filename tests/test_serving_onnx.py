@@ -287,3 +287,22 @@ def test_deploy_sagemaker_picks_the_onnx_archive_without_torch(workspace, moto, 
     model_dir = extract(tmp_path / "model.tar.gz", tmp_path / "model")
     assert (model_dir / "code/inference.py").read_text() == Path(onnx_handler.__file__).read_text()
     assert (model_dir / "model.onnx").is_file() and not (model_dir / "model.pt").exists()
+
+
+def test_a_model_that_cannot_be_exported_is_one_line_and_no_graph(tmp_path, capsys):
+    import torch
+
+    from cnnpipe.engine.predictor import Predictor
+    from cnnpipe.serving.onnx_model import registered_graph
+
+    class Eigenvalues(torch.nn.Module):  # complex numbers inside: ONNX has no type for them
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.eigvals(x.mean(1)[:, :4, :4]).real
+
+    spec = ModelSpec("custom", 1, 3, 4, 8, CLASSES, [0.5] * 3, [0.25] * 3)
+    predictor = Predictor(Eigenvalues(), spec, torch.device("cpu"))
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    assert registered_graph(predictor, 3, tmp_path / "model.onnx", images) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be exported to ONNX" in err[0] and "serves with torch only" in err[0], err
+    assert not (tmp_path / "model.onnx").exists()

@@ -5,7 +5,9 @@ the ModelSpec, the calibration and the default top_k in its metadata."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -66,13 +68,15 @@ def registered_graph(predictor: Predictor, top_k: int, output: Path, images: np.
     from cnnpipe.serving.onnx_runtime import OnnxPredictor
 
     try:
-        export_onnx(predictor, top_k, output)
+        with contextlib.redirect_stderr(io.StringIO()):  # the exporter's step-by-step report: the line below says it
+            export_onnx(predictor, top_k, output)
         want = predictor.probabilities(to_nchw_uint8(images, predictor.device)).cpu().numpy()
         got = OnnxPredictor(output, threads=1).probabilities(images)
     except Exception as e:  # the exporter and ONNX Runtime raise many types (an unsupported operator, say)
-        print(f"register: {predictor.spec.arch} cannot be exported to ONNX ({type(e).__name__}: "
-              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}): this version serves with torch only",
-              file=sys.stderr)
+        why = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split(". ")[0].splitlines()
+        print(f"register: {predictor.spec.arch} cannot be exported to ONNX ({type(e).__name__}"
+              f"{': ' + why[0] if why else ''}): this version serves with torch only", file=sys.stderr)
+        output.unlink(missing_ok=True)
         return None
     gap = float(np.abs(want - got).max())
     if gap > tolerance or (want.argmax(1) != got.argmax(1)).any():
