@@ -6,20 +6,17 @@ protocol, the ECE and NLL before and after the temperature fitted on val, the ac
 temperature), and the accuracy, ECE (at TTA's own temperature) and batched ms per image with and without TTA.
 Target (issue 16): test ECE <= 0.02 with accuracy unchanged.
 
-    .venv/bin/python benchmarks/calibration_gtsrb.py [--zip PATH] [--work DIR] [--epochs N] [--reuse]
+    .venv/bin/python -m benchmarks.calibration_gtsrb [--zip PATH] [--work DIR] [--epochs N] [--reuse]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
-from train_gtsrb import stage  # noqa: E402
+from benchmarks.harness import record, stage
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,19 +7,16 @@ sample, the report) through the real CLI. The model is the one benchmarks/train_
 its accuracy here is not meaningful (this split overlaps its training data), only the time is.
 Target (issue 5, 2-core CPU): under 60 s.
 
-    .venv/bin/python benchmarks/evaluate_gtsrb.py [--model DIR] [--zip PATH]
+    .venv/bin/python -m benchmarks.evaluate_gtsrb [--model DIR] [--zip PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
-from train_gtsrb import stage  # noqa: E402
+from benchmarks.harness import record, stage
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_TEST = 12630

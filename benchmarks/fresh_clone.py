@@ -1,8 +1,8 @@
 """A fresh clone as a newcomer and CI meet it, each step timed in a clone of this repository's HEAD:
 README's setup command, `dvc repro` twice, the unit tier; or (--ci) the whole of .ci/run as CI runs it.
 
-    python benchmarks/fresh_clone.py            # setup, dvc repro x2, unit tier
-    python benchmarks/fresh_clone.py --ci       # .ci/run (its figures are added to the same results file)
+    python -m benchmarks.fresh_clone            # setup, dvc repro x2, unit tier
+    python -m benchmarks.fresh_clone --ci       # .ci/run (its figures are added to the same results file)
 
 Results: benchmarks/results/fresh_clone.json (quoted in README through scripts/readme.py). The pip cache
 is whatever this machine has (the cold download of torch's CUDA build, ~5.5 GB, is not part of it).
@@ -15,25 +15,18 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
+from benchmarks.harness import load_average, record, run
 
 REPO = Path(__file__).resolve().parent.parent
 README_TEST = "tests/test_readme.py::test_readme_is_rendered_from_the_template_and_the_results"
 
 
-def timed(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> tuple[float, str, int]:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
-    seconds = round(time.perf_counter() - start, 1)
-    if check and proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return seconds, proc.stdout + proc.stderr, proc.returncode
+def timed(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> tuple[float, str, int]:
+    measured = run(cmd, cwd=cwd, env=env, check=check)
+    return round(measured.wall_s, 1), measured.stdout + measured.stderr, measured.returncode
 
 
 def head(clone: Path) -> str:
@@ -60,7 +53,7 @@ def main() -> None:
             result = {k: v for k, v in json.loads(results.read_text()).items() if k not in ("machine", "date")}
             result["ci_s"], out, code = timed(["bash", ".ci/run"], clone, {**env, "CI": "true"}, check=False)
             result |= {"ci": pytest_summary(out), "ci_exit_code": code, "ci_commit": head(clone),
-                       "ci_load_average_after": os.getloadavg()}
+                       "ci_load_average_after": load_average()}
             record(results, result)
             return
         result: dict = {"what": "a fresh clone of HEAD: README's commands, then the unit tier", "commit": head(clone)}
@@ -76,7 +69,7 @@ def main() -> None:
         # the README check is left out: README's figures come from this very run
         result["unit_tier_s"], out, code = timed([".venv/bin/python", "-m", "pytest", "-q", "-m", "not e2e", "-p",
                                                   "no:cacheprovider", "--deselect", README_TEST], clone, env, check=False)
-        result |= {"unit_tier": pytest_summary(out), "unit_tier_exit_code": code, "load_average_after": os.getloadavg()}
+        result |= {"unit_tier": pytest_summary(out), "unit_tier_exit_code": code, "load_average_after": load_average()}
     record(results, result)
 
 

@@ -2,8 +2,8 @@
 build, the image's size, and a rebuild with nothing changed. Runs in a podman store of its own (a
 temporary graphroot), so the machine's images are neither used nor touched.
 
-    python benchmarks/image_build.py                        # the components' image (EXTRAS=all); ~6 min
-    python benchmarks/image_build.py --extras serve,mlflow  # a serving image -> image_build_serve.json
+    python -m benchmarks.image_build                        # the components' image (EXTRAS=all); ~6 min
+    python -m benchmarks.image_build --extras serve,mlflow  # a serving image -> image_build_serve.json
 
 Needs root, podman, runc, debootstrap.
 """
@@ -14,24 +14,18 @@ import argparse
 import os
 import re
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
+from benchmarks.harness import record, run
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "localhost/cnnpipe:bench"
 
 
 def build(env: dict) -> tuple[float, str]:
-    start = time.perf_counter()
-    proc = subprocess.run(["bash", str(ROOT / "container" / "build.sh")], env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"image_build: build.sh failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    return time.perf_counter() - start, proc.stdout
+    measured = run(["bash", str(ROOT / "container" / "build.sh")], env=env)
+    return measured.wall_s, measured.stdout
 
 
 def size_mb(env: dict, image: str) -> int:

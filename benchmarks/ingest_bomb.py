@@ -4,27 +4,22 @@ Target (issue 13): the member is refused from its header, unread: peak memory st
 Runs the real CLI in a child process and reads its wall time and peak RSS; other work on the machine
 is recorded as the load average before and after.
 
-    .venv/bin/python benchmarks/ingest_bomb.py   # writes benchmarks/results/ingest_bomb.json
+    .venv/bin/python -m benchmarks.ingest_bomb   # writes benchmarks/results/ingest_bomb.json
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
-import os
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
+from benchmarks.harness import cnnpipe, record
 
 ROOT = Path(__file__).resolve().parents[1]
 BOMB_MIB = 1024
@@ -44,28 +39,20 @@ def write_zip(path: Path) -> None:
 
 
 def main() -> None:
-    cnnpipe = Path(sys.executable).parent / "cnnpipe"
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     with tempfile.TemporaryDirectory() as d:
         archive = Path(d) / "bomb.zip"
         write_zip(archive)
-        load_before = os.getloadavg()
-        start = time.perf_counter()
-        proc = subprocess.run([str(cnnpipe), "ingest", "--params", str(ROOT / "params.yaml"), "--source", "imagefolder",
-                               "--path", str(archive), "--max-bad-fraction", "0.1", "--val-fraction", "0.2",
-                               "--test-fraction", "0.2", "--out", f"{d}/processed", "--report", f"{d}/report.json"],
-                              capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            sys.exit(proc.stderr)
+        measured = cnnpipe("ingest", "--params", str(ROOT / "params.yaml"), "--source", "imagefolder",
+                           "--path", str(archive), "--max-bad-fraction", "0.1", "--val-fraction", "0.2",
+                           "--test-fraction", "0.2", "--out", f"{d}/processed", "--report", f"{d}/report.json")
         report = json.loads(Path(f"{d}/report.json").read_text())
         packed = archive.stat().st_size
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     record(ROOT / "benchmarks/results/ingest_bomb.json", {
         "benchmark": f"ingest an image-folder zip with one member inflating to {BOMB_MIB} MiB",
         "archive_bytes": packed, "images": report["images"], "bad_file_list": report["bad_file_list"],
-        "wall_s": round(wall, 2), "peak_rss_mib": round(peak_mib),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "wall_s": measured.wall_s, "peak_rss_mib": round(measured.peak_rss_mb),
+        "load_average_before": measured.load_before, "load_average_after": measured.load_after,
         "note": "other engineers' jobs share the 2 cores: wall time is disturbed by them, peak RSS is not",
     })
 

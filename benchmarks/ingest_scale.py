@@ -9,17 +9,15 @@ group, sampled for the group's summed RSS (its decoding workers included). Outpu
 
 Targets (issue 15): >= 1,000 images/s on 2 cores; peak RSS at 2x within 1.2x of 1x.
 
-    flock /tmp/cnnpipe-bench.lock nice -n 5 .venv/bin/python benchmarks/ingest_scale.py [--images 100000]
+    flock /tmp/cnnpipe-bench.lock nice -n 5 .venv/bin/python -m benchmarks.ingest_scale [--images 100000]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import group_rss_mb, record  # noqa: E402
+from benchmarks.harness import cnnpipe, record
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128
@@ -80,14 +77,6 @@ def image_folder(paths: list[Path], work: Path, n: int) -> Path:
     return folder
 
 
-def rss_mb(pid: int) -> float:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return 0.0
-    return next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:")), 0.0)
-
-
 def profile(paths: list[Path], images: int = 1000) -> dict:
     """CPU ms per image of each step a decoding process takes, on `images` of the JPEGs, in this process."""
     from cnnpipe.data.chunks import summarize
@@ -120,31 +109,18 @@ def ingest(folder: Path, work: Path, workers: int) -> dict:
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    cmd = [str(Path(sys.executable).parent / "cnnpipe"), "ingest", "--params", str(ROOT / "params.yaml"),
-           "--source", "imagefolder", "--path", str(folder),
-           "--image-size", str(SIZE), "--channels", "3", "--shards", "always", "--workers", str(workers),
-           "--out", str(out / "processed"), "--report", str(out / "report.json")]
-    load_before = os.getloadavg()
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    peak = parent_peak = 0.0
-    while proc.poll() is None:
-        peak = max(peak, group_rss_mb(proc.pid))
-        parent_peak = max(parent_peak, rss_mb(proc.pid))
-        time.sleep(0.2)
-    wall = time.perf_counter() - start
-    stdout, stderr = proc.communicate()
-    if proc.returncode != 0:
-        sys.exit(f"ingest failed ({proc.returncode}): {stderr.strip()}")
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    measured = cnnpipe("ingest", "--params", str(ROOT / "params.yaml"), "--source", "imagefolder", "--path", str(folder),
+                       "--image-size", str(SIZE), "--channels", "3", "--shards", "always", "--workers", str(workers),
+                       "--out", str(out / "processed"), "--report", str(out / "report.json"), cwd=out,
+                       stderr_to_terminal=False)
+    summary = measured.json_line()
     disk_gb = sum(p.stat().st_size for p in (out / "processed").rglob("*") if p.is_file()) / 1e9
     shutil.rmtree(out)
-    return {"images": summary["images"], "workers": summary["workers"], "wall_s": round(wall, 1),
-            "images_per_s": round(summary["images"] / wall), "stage_images_per_s": summary["images_per_s"],
-            "peak_group_rss_mb": round(peak), "peak_parent_rss_mb": round(parent_peak), "output_gb": round(disk_gb, 2),
-            "load_average_before": [round(v, 2) for v in load_before],
-            "load_average_after": [round(v, 2) for v in os.getloadavg()]}
+    return {"images": summary["images"], "workers": summary["workers"], "wall_s": round(measured.wall_s, 1),
+            "images_per_s": round(summary["images"] / measured.wall_s), "stage_images_per_s": summary["images_per_s"],
+            "peak_group_rss_mb": round(measured.peak_group_rss_mb), "peak_parent_rss_mb": round(measured.peak_rss_mb),
+            "output_gb": round(disk_gb, 2), "load_average_before": measured.load_before,
+            "load_average_after": measured.load_after}
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ Per contender: time from the start of training to the end of the first epoch who
 reaches 95 / 98 / 98.84 % (validation time counted), final test accuracy (whole frames), peak RSS of its
 process group. Peers stop after --budget seconds or their epoch count. Needs the `bench` extra.
 
-    .venv/bin/python benchmarks/peers.py [--budget 480]
+    .venv/bin/python -m benchmarks.peers [--budget 480]
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
-from recipes import GTSRB_ZIP, RECIPES, THRESHOLDS, prepare, spawn  # noqa: E402
+from benchmarks.harness import load_average, record
+from benchmarks.recipes import GTSRB_ZIP, RECIPES, THRESHOLDS, prepare, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_EPOCHS = 30  # upper bound; the time budget usually ends a peer first
@@ -174,20 +173,20 @@ def main() -> None:
         return
     if not args.zip.exists():
         sys.exit(f"GTSRB zip not found: {args.zip}")
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     processed = prepare(args.zip, args.work)
     # --merge: re-run only --only's contenders, keep the others' results from the results file
     results = json.loads(args.out.read_text())["results"] if args.merge and args.out.exists() else {}
     for name in args.only:
         print(f"{name} ...", file=sys.stderr, flush=True)
         if name in RECIPES:
-            cmd = [sys.executable, str(Path(__file__).with_name("recipes.py")), "--worker", str(RECIPES[name]),
+            cmd = [sys.executable, "-m", "benchmarks.recipes", "--worker", str(RECIPES[name]),
                    str(processed), str(args.work / name), "0"]
         else:
-            cmd = [sys.executable, __file__, "--budget", str(args.budget), "--threads", str(args.threads),
+            cmd = [sys.executable, "-m", "benchmarks.peers", "--budget", str(args.budget), "--threads", str(args.threads),
                    "--worker", name, str(processed)]
         results[name] = {**spawn(cmd, env={"OMP_NUM_THREADS": str(args.threads)}), "date": time.strftime("%Y-%m-%d %H:%M"),
-                         "load_average_before": [round(x, 2) for x in os.getloadavg()]}
+                         "load_average_before": load_average()}
     cnnpipe = [results[n] for n in RECIPES if n in results]
     peers = [results[n] for n in ("keras", "torch") if n in results]
     speedup, at_least = {}, {}
@@ -222,7 +221,7 @@ def main() -> None:
         "speedup_best_cnnpipe_over_best_peer": speedup, "speedup": speedup_named,
         # thresholds no peer reached: the peers' whole run time over cnnpipe's time to it
         "speedup_at_least": at_least_named,
-        "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "load_average_before": load_before, "load_average_after": load_average(),
     })
 
 

@@ -5,7 +5,7 @@ Generates `--photos` camera-sized JPEGs (1600x1200, 3 classes) as an imagefolder
 mobilenet_v3_small, both from scratch), `cnnpipe train` for `--epochs` epochs. Records ingest and
 train images/s (train: the last epoch's, the first one warms up) and each child's peak RSS.
 
-    .venv/bin/python benchmarks/photo_sizes.py [--photos 120] [--work DIR]
+    .venv/bin/python -m benchmarks.photo_sizes [--photos 120] [--work DIR]
 """
 
 from __future__ import annotations
@@ -13,18 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
-from train_gtsrb import stage  # noqa: E402
+from benchmarks.harness import load_average, record, stage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cnnpipe.engine.model_folder import read_history  # noqa: E402
+from cnnpipe.engine.model_folder import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (64, 128, 224)
@@ -63,7 +59,7 @@ def main() -> None:
     w = args.work
     shutil.rmtree(w, ignore_errors=True)
     write_photos(w / "photos", args.photos)
-    load_before = os.getloadavg()
+    load_before = load_average()
     rows = []
     for size in SIZES:
         d = w / str(size)
@@ -91,8 +87,8 @@ def main() -> None:
         "note": "ingest images/s include the process start (~2-3 s of imports); train images/s are the last epoch's; "
                 "shared 2-core machine: other jobs ran meanwhile (see the load averages)",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
     }
     record(args.out, result)
     write_table(result, args.out.with_suffix(".md"))

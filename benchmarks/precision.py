@@ -7,13 +7,12 @@ background load hits both alike. bf16 is measured only where the CPU has it nati
 torch.compile: width 32 in bf16, its compile time (the first two steps) and its images/s against eager's,
 also interleaved; the compile cache is disabled so every run pays what a first training run pays.
 
-    .venv/bin/python benchmarks/precision.py [--steps 20] [--repeats 3]
+    .venv/bin/python -m benchmarks.precision [--steps 20] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,11 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
+from benchmarks.harness import load_average, record
 
-from cnnpipe.engine.device import autocast, native_bf16, set_threads  # noqa: E402
-from cnnpipe.models import build_model  # noqa: E402
+from cnnpipe.engine.device import autocast, native_bf16, set_threads
+from cnnpipe.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +65,7 @@ def main() -> None:
     if not native_bf16(torch.device("cpu")):
         sys.exit("this CPU has no native bf16 (AVX512-BF16 or AMX): train.precision bf16 trains in fp32 here")
     threads = set_threads(0)
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     result = {}
     for width in (16, 32):
         best = {"fp32": 0.0, "bf16": 0.0}
@@ -94,7 +92,7 @@ def main() -> None:
     record(args.out, {"benchmark": "fastnet training step images/s on CPU, fp32 vs bf16 autocast (batch 128, 32x32 RGB, "
                                    "channels_last), best of repeats", "threads": threads, "steps": args.steps,
                       "repeats": args.repeats, **result, "load_average_before": load_before,
-                      "load_average_after": [round(x, 2) for x in os.getloadavg()]})
+                      "load_average_after": load_average()})
 
 
 if __name__ == "__main__":

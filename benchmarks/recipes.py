@@ -7,7 +7,7 @@ end of each epoch's validation (so validation is counted), validation accuracy p
 accuracy of the kept model on whole frames (the served protocol), training seconds and peak RSS of the
 process. Summary per recipe: mean +- std (sample) over seeds, and the time to 95 / 98 / 98.84 % val.
 
-    .venv/bin/python benchmarks/recipes.py [--seeds 5] [--recipes fast default]
+    .venv/bin/python -m benchmarks.recipes [--seeds 5] [--recipes fast default]
 
 `run_worker` / `spawn` are shared with benchmarks/peers.py (the same measurement for every contender).
 """
@@ -20,13 +20,11 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import group_rss_mb, record  # noqa: E402
+from benchmarks.harness import load_average, record, run
 
 ROOT = Path(__file__).resolve().parents[1]
 GTSRB_ZIP = ROOT.parent / "shared/data/GTSRB_Final_Training_Images.zip"
@@ -37,33 +35,23 @@ THRESHOLDS = (0.95, 0.98, 0.9884)  # 98.84 %: human accuracy on GTSRB (Stallkamp
 def spawn(cmd: list[str], env: dict | None = None) -> dict:
     """Run a worker process; its JSON lines on stdout are epochs ({"epoch", "elapsed_s", "val_accuracy"})
     and a last one with the final scores. Returns the final record with "epochs" and "peak_rss_mb" added."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True, start_new_session=True,
-                            env={**os.environ, **(env or {})})
-    peak = [0.0]
+    epochs, final = [], []
 
-    def sample() -> None:
-        while proc.poll() is None:
-            peak[0] = max(peak[0], group_rss_mb(proc.pid))
-            time.sleep(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    epochs, final = [], None
-    for line in proc.stdout:
+    def on_line(line: str) -> None:
         if not line.startswith("{"):
-            continue
+            return
         record_ = json.loads(line)
         if "epoch" in record_:
             epochs.append(record_)
             print(f"  {cmd[-1] if len(cmd) > 1 else ''} epoch {record_['epoch']}: val {record_['val_accuracy']:.4f} "
                   f"at {record_['elapsed_s']:.1f} s", file=sys.stderr, flush=True)
         else:
-            final = record_
-    if proc.wait() != 0 or final is None:
-        sys.exit(f"worker failed ({proc.returncode}): {' '.join(cmd)}")
-    sampler.join()
-    return {**final, "epochs": epochs, "peak_rss_mb": round(peak[0], 1),
-            "time_to_val": time_to(epochs)}
+            final.append(record_)
+
+    measured = run(cmd, env={**os.environ, **(env or {})}, on_line=on_line, stderr_to_terminal=True)
+    if not final:
+        sys.exit(f"worker printed no result: {' '.join(cmd)}")
+    return {**final[-1], "epochs": epochs, "peak_rss_mb": measured.peak_group_rss_mb, "time_to_val": time_to(epochs)}
 
 
 def time_to(epochs: list[dict]) -> dict[str, float | None]:
@@ -154,15 +142,15 @@ def main() -> None:
         return
     if not args.zip.exists():
         sys.exit(f"GTSRB zip not found: {args.zip}")
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     processed = prepare(args.zip, args.work)
     results = {}
     threads = max(1, len(os.sched_getaffinity(0)) // args.parallel)
     for name in args.recipes:
         def one(seed: int, name: str = name) -> dict:
             print(f"{name}: seed {seed}", file=sys.stderr, flush=True)
-            return {"seed": seed, **spawn([sys.executable, __file__, "--worker", str(RECIPES[name]), str(processed),
-                                           str(args.work / f"{name}-{seed}"), str(seed)],
+            return {"seed": seed, **spawn([sys.executable, "-m", "benchmarks.recipes", "--worker", str(RECIPES[name]),
+                                           str(processed), str(args.work / f"{name}-{seed}"), str(seed)],
                                           env={"CNNPIPE_BENCH_THREADS": str(threads)})}
 
         with ThreadPoolExecutor(args.parallel) as pool:
@@ -182,7 +170,7 @@ def main() -> None:
                      "split on whole frames (served protocol); times from the start of train to the end of each "
                      "epoch's validation",
         "seeds": args.seeds, "parallel_runs": args.parallel, "threads_per_run": threads, "results": results,
-        "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "load_average_before": load_before, "load_average_after": load_average(),
     })
 
 

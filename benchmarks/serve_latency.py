@@ -4,7 +4,7 @@ p50 / p99 latency of one 32x32 PNG per request (sequential, one keep-alive conne
 at concurrency 8 (8 clients, one image per request), and images/s for batches of 256 images per
 request (JSON, base64 PNGs). Target (issue 6, 2-core CPU): p50 <= 15 ms for one image.
 
-    .venv/bin/python benchmarks/serve_latency.py --tracking-uri sqlite:///mlflow.db --model models:/cnnpipe-gtsrb@champion
+    .venv/bin/python -m benchmarks.serve_latency --tracking-uri sqlite:///mlflow.db --model models:/cnnpipe-gtsrb@champion
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
+from benchmarks.harness import record
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ errors, and the server's RSS (its whole process group) before and after. cnnpipe
 Targets (issue 13): zero errors, p99 <= 15 ms at concurrency 1 and <= 60 ms at 16, throughput >= 2x
 MLflow's, RSS growth <= 50 MB. The load average is recorded: on a shared machine the figures move.
 
-    .venv/bin/python benchmarks/serve_load.py [--seconds 60] [--workers 1] [--epochs 2]
+    .venv/bin/python -m benchmarks.serve_load [--seconds 60] [--workers 1] [--epochs 2]
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import group_rss_mb, record  # noqa: E402
+from benchmarks.harness import cnnpipe, group_rss_mb, load_average, record
 
 ROOT = Path(__file__).resolve().parents[1]
 # beside the repository (…/shared/data), also from a git worktree one level deeper
@@ -44,12 +43,6 @@ GTSRB_ZIP = next((p / "shared/data/GTSRB_Final_Training_Images.zip" for p in ROO
                   if (p / "shared/data/GTSRB_Final_Training_Images.zip").exists()),
                  ROOT.parent / "shared/data/GTSRB_Final_Training_Images.zip")
 BIN = Path(sys.executable).parent
-
-
-def cnnpipe(ws: Path, *args: str) -> None:
-    proc = subprocess.run([str(BIN / "cnnpipe"), *args], cwd=ws, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        sys.exit(f"cnnpipe {args[0]} failed:\n{proc.stderr[-3000:]}")
 
 
 def build_model(ws: Path, zip_path: Path, epochs: int) -> str:
@@ -67,7 +60,7 @@ def build_model(ws: Path, zip_path: Path, epochs: int) -> str:
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for stage in ("ingest", "augment", "train", "evaluate", "register"):
         print(f"model: {stage} ({dataset}) ...", file=sys.stderr, flush=True)
-        cnnpipe(ws, stage)
+        cnnpipe(stage, cwd=ws, stderr_to_terminal=False)
     (ws / "dataset.txt").write_text(dataset)
     return dataset
 
@@ -171,7 +164,7 @@ def measure(name: str, cmd: list[str], ws: Path, port: int, bodies: dict[str, tu
                 out[f"{label}_c{clients}"] = load(port, body, ctype, clients, seconds)
         out["rss_after_mb"] = round(group_rss_mb(proc.pid), 1)
         out["rss_growth_mb"] = round(out["rss_after_mb"] - out["rss_before_mb"], 1)
-        out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        out["load_average_after"] = load_average()
     finally:
         stop(proc)
     return out
@@ -191,7 +184,7 @@ def main() -> None:
                                                      "count this benchmark's own server and clients too)")
     args = parser.parse_args()
     ws = args.work
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     if args.reuse and (ws / "dataset.txt").exists():
         dataset = (ws / "dataset.txt").read_text()
     else:

@@ -9,7 +9,7 @@ Target: whole frames within 0.5 points of tight crops, both >= 99 % on the track
 With --baseline, also trains the previous recipe (fixed ROI crops, no box crops) and scores it on the
 same whole-frame test split: the gap the issue reports.
 
-    .venv/bin/python benchmarks/served_gtsrb.py [--zip PATH] [--work DIR] [--baseline]
+    .venv/bin/python -m benchmarks.served_gtsrb [--zip PATH] [--work DIR] [--baseline]
 """
 
 from __future__ import annotations
@@ -17,15 +17,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import sys
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
-from train_gtsrb import stage  # noqa: E402
+from benchmarks.harness import load_average, record, stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
-    load = {"before": [round(v, 2) for v in os.getloadavg()]}
+    load = {"before": load_average()}
     if not (args.reuse and (w / "processed").is_dir()):
         stage(["ingest", "--params", str(args.params), "--path", str(args.zip), "--out", f"{w}/processed",
                "--report", f"{w}/ingest_report.json"])
@@ -81,7 +77,7 @@ def main() -> None:
         "recipe": train_and_evaluate(args.params, w / "recipe", w / "processed", w / "processed", args.reuse),
         "recipe_params": {k: recipe[k] for k in ("ingest", "augment", "train")},
     }
-    load["after_recipe"] = [round(v, 2) for v in os.getloadavg()]
+    load["after_recipe"] = load_average()
     if args.baseline:  # the previous recipe: trained on fixed ROI crops, scored on the same whole frames
         old = {**recipe, "ingest": {**recipe["ingest"], "roi_crop": True}, "augment": {**recipe["augment"], "box_crop": 0.0}}
         old_params = w / "baseline_params.yaml"
@@ -91,7 +87,7 @@ def main() -> None:
                    "--report", f"{w}/ingest_report_crops.json"])
         base = train_and_evaluate(old_params, w / "baseline", w / "processed_crops", w / "processed", args.reuse)
         result["baseline_fixed_roi_crops"] = base
-        load["after_baseline"] = [round(v, 2) for v in os.getloadavg()]
+        load["after_baseline"] = load_average()
     served, roi = (result["recipe"]["test_accuracy"][k] for k in ("served_whole_frames", "roi_crops"))
     result["target"] = {"both_test_accuracy_at_least": 0.99, "max_gap_points": 0.5,
                         "gap_points": round(100 * (roi - served), 2),

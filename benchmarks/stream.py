@@ -22,7 +22,7 @@ path's last run (same epochs, same seed), the loaders' images/s without a model,
 and the load average around each measurement: the machine is shared, so the figures are noisy (run it under
 the machine-wide benchmark lock, so no other benchmark runs at the same time, as below).
 
-    flock /tmp/cnnpipe-bench.lock nice -n 5 taskset -c 1 .venv/bin/python benchmarks/stream.py
+    flock /tmp/cnnpipe-bench.lock nice -n 5 taskset -c 1 .venv/bin/python -m benchmarks.stream
 
 On a shared machine, pin it to one core (taskset): both paths then get the same CPU budget, the stream
 path's loader process included (threads and loader workers follow the affinity), and two OpenMP threads
@@ -54,29 +54,24 @@ from PIL import Image
 from torchvision import datasets
 from torchvision.transforms import v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
-from train_throughput import BRIGHTNESS, CONTRAST, ROTATE, SCALE, TRANSLATE, make_model, step  # noqa: E402
+from benchmarks.harness import load_average, record
+from benchmarks.train_throughput import BRIGHTNESS, CONTRAST, ROTATE, SCALE, TRANSLATE, make_model, step
 
-from cnnpipe.augment.policy import POLICY_FILE, AugmentPolicy, apply_policy  # noqa: E402
-from cnnpipe.config import AugmentConfig, IngestConfig, TrainConfig, load_block, read_params  # noqa: E402
-from cnnpipe.data.shards import read_shard, shard_list  # noqa: E402
-from cnnpipe.data.store import Split, read_dataset, write_dataset  # noqa: E402
-from cnnpipe.engine.device import autocast  # noqa: E402
-from cnnpipe.engine.distributed import Dist  # noqa: E402
-from cnnpipe.engine.inference import normalize, stats_tensors, to_nchw_uint8  # noqa: E402
-from cnnpipe.engine.loop import DeviceBatches, TrainData  # noqa: E402
-from cnnpipe.engine.model_folder import read_history  # noqa: E402
-from cnnpipe.engine.stream import StreamBatches  # noqa: E402
-from cnnpipe.models import build_model  # noqa: E402
-from cnnpipe.stages import augment, ingest, train  # noqa: E402
+from cnnpipe.augment.policy import POLICY_FILE, AugmentPolicy, apply_policy
+from cnnpipe.config import AugmentConfig, IngestConfig, TrainConfig, load_block, read_params
+from cnnpipe.data.shards import read_shard, shard_list
+from cnnpipe.data.store import Split, read_dataset, write_dataset
+from cnnpipe.engine.device import autocast
+from cnnpipe.engine.distributed import Dist
+from cnnpipe.engine.inference import normalize, stats_tensors, to_nchw_uint8
+from cnnpipe.engine.loop import DeviceBatches, TrainData
+from cnnpipe.engine.model_folder import read_history
+from cnnpipe.engine.stream import StreamBatches
+from cnnpipe.models import build_model
+from cnnpipe.stages import augment, ingest, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-
-
-def load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def cpu_seconds() -> float:
@@ -112,9 +107,9 @@ def train_paths(cfg: TrainConfig, processed: Path, augmented: Path, work: Path, 
             history = read_history(work / f"model-{mode}")
             row["images_per_cpu_s_per_run"].append(round(cfg.epochs * len_train(augmented) / (cpu_seconds() - cpu)))
             row["images_per_s_per_epoch"] += [round(float(r["train/images_per_s"])) for r in history]
-            row["load_average_after_runs"].append(load())
+            row["load_average_after_runs"].append(load_average())
             row["val_accuracy"] = round(result["val_accuracy"], 4)
-            print(f"{mode}: {row['images_per_s_per_epoch'][-1]} img/s (load {load()[0]})", file=sys.stderr)
+            print(f"{mode}: {row['images_per_s_per_epoch'][-1]} img/s (load {load_average()[0]})", file=sys.stderr)
     for row in out.values():
         row["images_per_s_median"] = round(statistics.median(row["images_per_s_per_epoch"]))
         row["images_per_cpu_s_median"] = round(statistics.median(row["images_per_cpu_s_per_run"]))
@@ -270,7 +265,7 @@ def resnet18_224(args: argparse.Namespace, cfg: TrainConfig) -> dict:
     cfg = dataclasses.replace(cfg, arch="torchvision/resnet18", batch_size=64, lr=0.05, epochs=1, data_mode="stream",
                               shuffle_buffer=1024)
     manifest = read_dataset(augmented, splits=()).manifest
-    before = load()
+    before = load_average()
     loader = {**stream_alone(augmented, cfg), "decode_us_per_image": decode_us_per_image(augmented, manifest)}
     model = model_alone(cfg.arch, manifest["num_classes"], 224, cfg.batch_size, cfg.precision, args.model_steps_224, 2)
     cpu = cpu_seconds()
@@ -285,7 +280,7 @@ def resnet18_224(args: argparse.Namespace, cfg: TrainConfig) -> dict:
             "loader_vs_model": round(loader["images_per_s"] / model["images_per_s"], 2),
             "loader_vs_model_per_cpu_s": round(loader["images_per_cpu_s"] / model["images_per_cpu_s"], 2),
             "training_vs_model": round(training["images_per_s"] / model["images_per_s"], 3),
-            "load_average_before": before, "load_average_after": load()}
+            "load_average_before": before, "load_average_after": load_average()}
 
 
 def main() -> None:
@@ -305,7 +300,7 @@ def main() -> None:
         sys.exit(f"{args.zip}: not found (the GTSRB training archive)")
     processed, augmented, cfg = prepare(args.zip, args.work, args.params)
     cfg = dataclasses.replace(cfg, epochs=args.epochs, device="cpu")
-    start_load = load()
+    start_load = load_average()
     paths = train_paths(cfg, processed, augmented, args.work, args.rounds)
     print(f"device {paths['device']['images_per_s_median']} img/s, stream {paths['stream']['images_per_s_median']}",
           file=sys.stderr)
@@ -319,7 +314,7 @@ def main() -> None:
     stream_source = StreamBatches(augmented, aug.manifest, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
                                   workers=cfg.loader_workers, seed=cfg.seed, dist=Dist(), device=CPU)
     loaders = {"device_batches": round(loader_only(device_source)), "stream_batches": round(loader_only(stream_source)),
-               "stream_workers": stream_source.workers, "load_average_after": load()}
+               "stream_workers": stream_source.workers, "load_average_after": load_average()}
     del stream_source
     start_up = loader_start(augmented, aug.manifest, cfg)
     loaders["decode_us_per_image"] = decode_us_per_image(augmented, aug.manifest)
@@ -329,7 +324,7 @@ def main() -> None:
         with zipfile.ZipFile(args.zip) as z:
             z.extractall(args.work / "extract")
         (args.work / "extract" / "GTSRB" / "Final_Training" / "Images").rename(images_root)
-    before = load()
+    before = load_average()
     imagefolder = baseline(images_root, aug.manifest["mean"], aug.manifest["std"], cfg.batch_size, args.baseline_steps,
                            5, workers=2)
     resnet = resnet18_224(args, cfg)
@@ -349,7 +344,7 @@ def main() -> None:
         "loader_start": start_up,
         "resnet18_224": resnet,
         "imagefolder_dataloader": {"images_per_s": round(imagefolder), "workers": 2, "steps": args.baseline_steps,
-                                   "load_average_before": before, "load_average_after": load()},
+                                   "load_average_before": before, "load_average_after": load_average()},
         "threads": torch.get_num_threads(), "cpu_affinity": len(os.sched_getaffinity(0)), "gpu": "not measured",
     })
 

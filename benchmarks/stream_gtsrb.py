@@ -7,22 +7,19 @@ dataset, seed and recipe, once per `train.data_mode`, and evaluate each model on
 seconds. The two paths see the same images in different orders (the stream path shuffles shards and a buffer),
 so their accuracies differ by about a seed's spread, not more (benchmarks/recipes.py gives that spread).
 
-    .venv/bin/python benchmarks/stream_gtsrb.py [--zip PATH] [--work DIR]
+    .venv/bin/python -m benchmarks.stream_gtsrb [--zip PATH] [--work DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
-from train_gtsrb import stage  # noqa: E402
+from benchmarks.harness import load_average, record, stage
 
-from cnnpipe.engine.model_folder import read_history  # noqa: E402
+from cnnpipe.engine.model_folder import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("device", "stream")
@@ -38,7 +35,7 @@ def main() -> None:
     if not args.zip.exists():
         sys.exit(f"GTSRB zip not found: {args.zip}")
     w, p = args.work, ["--params", str(args.params)]
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     stage(["ingest", *p, "-S", "ingest.shards=always", "--path", str(args.zip), "--out", f"{w}/processed",
            "--report", f"{w}/ingest_report.json"])
     stage(["augment", *p, "--data", f"{w}/processed", "--out", f"{w}/augmented"])
@@ -61,7 +58,7 @@ def main() -> None:
         "shards": {split: len(files) for split, files in manifest.get("shards", {}).items()},
         "results": results,
         "test_accuracy_difference": round(results["stream"]["test_accuracy"] - results["device"]["test_accuracy"], 5),
-        "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "load_average_before": load_before, "load_average_after": load_average(),
         "load_note": "run while a CI run used the machine: the accuracies are the figures, not the times",
     })
 

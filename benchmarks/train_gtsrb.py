@@ -5,7 +5,7 @@ ingest (real GTSRB training zip, track-held-out val and test) -> augment -> trai
 stage's own epoch seconds and its wall time) and every stage's peak RSS.
 Target (issue 4, 2-core CPU): >= 98.5 % validation accuracy within 10 minutes of training, <= 3 GB.
 
-    .venv/bin/python benchmarks/train_gtsrb.py [--zip PATH] [--work DIR]
+    .venv/bin/python -m benchmarks.train_gtsrb [--zip PATH] [--work DIR]
 """
 
 from __future__ import annotations
@@ -13,29 +13,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
+from benchmarks.harness import record, stage
 
 ROOT = Path(__file__).resolve().parents[1]
-MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)")
-
-
-def stage(args: list[str]) -> tuple[float, int]:
-    """Run `cnnpipe <args>` in a child; (wall seconds, peak RSS in MiB of that child alone)."""
-    cmd = [sys.executable, "-c", MEASURE, str(Path(sys.executable).parent / "cnnpipe"), *args]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"cnnpipe {args[0]} failed:\n{proc.stderr[-3000:]}")
-    sys.stderr.write(proc.stderr)
-    return wall, int(proc.stderr.strip().splitlines()[-1]) // 1024
 
 
 def main() -> None:

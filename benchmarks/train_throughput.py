@@ -10,7 +10,7 @@ Reported, after a warm-up: images/s of each data pipeline alone (batches produce
 training end to end at fastnet widths 32 (the GTSRB recipe) and 16, with the ratios. On 2 CPU cores
 the model's own compute bounds the end-to-end ratio; the pipeline-only figures show the data path.
 
-    .venv/bin/python benchmarks/train_throughput.py --data data/gtsrb/processed   # 32x32 RGB processed GTSRB
+    .venv/bin/python -m benchmarks.train_throughput --data data/gtsrb/processed   # 32x32 RGB processed GTSRB
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
+from benchmarks.harness import record
 
-from cnnpipe.augment import AugmentPolicy, apply_policy, no_flips  # noqa: E402
-from cnnpipe.data.store import read_dataset  # noqa: E402
-from cnnpipe.engine.inference import normalize, stats_tensors, to_nchw_uint8  # noqa: E402
-from cnnpipe.models import build_model  # noqa: E402
+from cnnpipe.augment import AugmentPolicy, apply_policy, no_flips
+from cnnpipe.data.store import read_dataset
+from cnnpipe.engine.inference import normalize, stats_tensors, to_nchw_uint8
+from cnnpipe.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSLATE, ROTATE, SCALE, BRIGHTNESS, CONTRAST = 0.1, 10.0, 0.1, 0.3, 0.3

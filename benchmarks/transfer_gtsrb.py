@@ -8,7 +8,7 @@ as `cnnpipe-gtsrb` (champion) in a fresh SQLite store; the target model is then 
 the same params and seed: from scratch, and with `--pretrained models:/cnnpipe-gtsrb@champion`
 (new head, the backbone at a lower learning rate). Records both test accuracies and training times.
 
-    .venv/bin/python benchmarks/transfer_gtsrb.py [--zip PATH] [--work DIR] [--arch fastnet]
+    .venv/bin/python -m benchmarks.transfer_gtsrb [--zip PATH] [--work DIR] [--arch fastnet]
 """
 
 from __future__ import annotations
@@ -17,19 +17,15 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
-from train_gtsrb import stage  # noqa: E402
+from benchmarks.harness import load_average, record, stage
+from cnnpipe.data.store import Split, read_dataset, write_dataset
+from cnnpipe.engine.model_folder import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from cnnpipe.data.store import Split, read_dataset, write_dataset  # noqa: E402
-from cnnpipe.engine.model_folder import read_history  # noqa: E402
 
 
 def subset(src: Path, dst: Path, keep: range, train_fraction: float, seed: int = 0) -> dict[str, int]:
@@ -77,7 +73,7 @@ def main() -> None:
     w = args.work
     shutil.rmtree(w, ignore_errors=True)
     w.mkdir(parents=True)
-    load_before = os.getloadavg()
+    load_before = load_average()
     import yaml
 
     params = yaml.safe_load((ROOT / "configs/gtsrb.yaml").read_text())
@@ -108,8 +104,8 @@ def main() -> None:
         "source_model": source, "target_from_scratch": scratch, "target_finetuned": tuned,
         "finetune_knobs": {"freeze_epochs": 2, "backbone_lr": 0.3},
         "epochs": {"source": args.source_epochs, "target": args.target_epochs},
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
         "note": "shared 2-core machine: other jobs ran meanwhile (see the load averages); times are disturbed",
     }
     record(args.out, result)

@@ -6,23 +6,19 @@ below with `tune.timeout` = the budget (trials are started until it is spent; th
 Records the best validation accuracy each reached, its trials (complete / pruned), its wall time and
 the load average around each run: the machine is shared, so the figures are disturbed by others.
 
-    .venv/bin/python benchmarks/tune_gtsrb.py [--budget 600] [--zip PATH] [--work DIR]
+    .venv/bin/python -m benchmarks.tune_gtsrb [--budget 600] [--zip PATH] [--work DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
+from benchmarks.harness import cnnpipe, load_average, record
 
 ROOT = Path(__file__).resolve().parents[1]
 # short trials, so that a budget of minutes holds enough of them to compare the two searches
@@ -32,13 +28,9 @@ SPACE = {"train.lr": {"log_uniform": [0.02, 1.0]}, "train.width": {"choice": [8,
 SEARCHES = {"tpe": {"sampler": "tpe", "pruner": "median"}, "grid": {"sampler": "grid", "pruner": "none"}}
 
 
-def cnnpipe(args: list[str], cwd: Path) -> tuple[dict, float]:
-    start = time.perf_counter()
-    proc = subprocess.run([str(Path(sys.executable).parent / "cnnpipe"), *args], cwd=cwd, stdout=subprocess.PIPE,
-                          text=True)
-    if proc.returncode != 0:
-        sys.exit(f"cnnpipe {args[0]} failed (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), time.perf_counter() - start
+def cnnpipe_json(args: list[str], cwd: Path) -> tuple[dict, float]:
+    measured = cnnpipe(*args, cwd=cwd)
+    return measured.json_line(), measured.wall_s
 
 
 def main() -> None:
@@ -57,20 +49,20 @@ def main() -> None:
     params["tune"] = {"timeout": args.budget, "n_trials": 0, "grid_points": 3, "startup_trials": 3,
                       "warmup_epochs": 1, "seed": 0, "space": SPACE}
     (w / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cnnpipe(["ingest", "--out", "processed", "--report", "ingest_report.json"], w)
-    cnnpipe(["augment", "--data", "processed", "--out", "augmented"], w)
+    cnnpipe_json(["ingest", "--out", "processed", "--report", "ingest_report.json"], w)
+    cnnpipe_json(["augment", "--data", "processed", "--out", "augmented"], w)
     results = {}
     for name, settings in SEARCHES.items():
         study = f"{name}-{int(time.time())}"  # a fresh study per benchmark run
         flags = [f"--{k}={v}" for k, v in settings.items()]
-        load_before = os.getloadavg()
-        summary, wall = cnnpipe(["tune", "--study", study, *flags, "--data", "processed", "--augmented", "augmented",
+        load_before = load_average()
+        summary, wall = cnnpipe_json(["tune", "--study", study, *flags, "--data", "processed", "--augmented", "augmented",
                                  "--out", f"tune/{study}"], w)
         results[name] = {**settings, "best_val_accuracy": summary.get("best_value"),
                          "best_params": summary.get("best_params"), "trials": summary["trials"],
                          "complete_trials": summary["complete_trials"], "pruned_trials": summary["pruned_trials"],
                          "wall_s": round(wall, 1), "loadavg_before": [round(x, 2) for x in load_before],
-                         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                         "loadavg_after": load_average(),
                          "torch_threads": os.environ.get("OMP_NUM_THREADS", "default")}
     record(args.out, {
         "benchmark": f"GTSRB training set: the same {args.budget:.0f} s budget for tune (TPE + median pruning) "

@@ -7,7 +7,6 @@ Each command prints its small result as JSON on stdout and progress on stderr. E
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -26,15 +25,15 @@ from cnnpipe.config import (
     add_flags,
     apply_overrides,
     load_block,
-    load_tune,
     parse_assignments,
     read_params,
     sqlite_path,
-    tracking_config,
 )
 from cnnpipe.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, CnnpipeError
 from cnnpipe.remote import location_arg
-from cnnpipe.stages.spec import STAGES
+from cnnpipe.search.space import load_tune
+from cnnpipe.stages.spec import STAGES, run_stage
+from cnnpipe.tracking import tracking_config
 
 Handler = Callable[[argparse.Namespace, dict, Path], dict]
 MODEL_HELP = "model URI, MLflow model folder or train folder (default: models:/<register.model_name>@champion)"
@@ -56,22 +55,13 @@ def _cfg(cls: type, block: str, args: argparse.Namespace, params: dict, params_p
     return load_block(cls, block, params, vars(args), params_path)
 
 
-def _tracking(args: argparse.Namespace, params: dict, params_path: Path) -> TrackingConfig | None:
-    if getattr(args, "no_tracking", False):
-        return None
-    return tracking_config(params, args, params_path)
-
-
 def _stage(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    """Any pipeline stage: its block (flags win), its paths, its tracking, as cnnpipe.stages.spec declares."""
+    """Any pipeline stage, as cnnpipe.stages.spec declares it: flags win over its block."""
     stage = STAGES[args.command]
-    kwargs = {port.name: getattr(args, port.name) for port in stage.ports}
-    if stage.tracking != "none":
-        kwargs["tracking"] = _tracking(args, params, pp)
-    if stage.name == "train":
-        kwargs |= {"checkpoint": args.checkpoint, "resume": args.resume}
-    cfg = _cfg(stage.config, stage.name, args, params, pp)
-    return importlib.import_module(stage.module).run(cfg=cfg, **kwargs)
+    return run_stage(stage.name, params, flags=vars(args), tracking_uri=getattr(args, "tracking_uri", None),
+                     tracking_experiment=getattr(args, "tracking_experiment", None),
+                     no_tracking=getattr(args, "no_tracking", False), params_path=pp,
+                     **{p.name: getattr(args, p.name) for p in (*stage.ports, *stage.options)})
 
 
 def _promote(args: argparse.Namespace, params: dict, pp: Path) -> dict:
@@ -134,17 +124,23 @@ def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 def _explain(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     from cnnpipe.engine.model_folder import MODEL_FILE
     from cnnpipe.engine.predictor import Predictor
-    from cnnpipe.evaluation.explain import explain_image
+    from cnnpipe.evaluation.explain import default_output, explain_image
 
-    if args.model.startswith("models:/"):
+    uri = _model_uri(args, params, pp)
+    if uri.startswith("models:/"):
         from cnnpipe.serving.local import load_registered
 
-        predictor, _ = load_registered(tracking_config(params, args, pp), args.model)
+        predictor, _ = load_registered(tracking_config(params, args, pp), uri)
     else:
-        path = Path(args.model)
+        path = Path(uri)
         predictor = Predictor.from_file(path / MODEL_FILE if path.is_dir() else path)
-    out = args.output or args.image.with_name(f"{args.image.stem}.gradcam.png")
-    return explain_image(predictor, args.image, out, args.class_name)
+    return explain_image(predictor, args.image, args.output or default_output(args.image), args.class_name)
+
+
+def _init(args: argparse.Namespace, params: dict, pp: Path) -> dict:
+    from cnnpipe import init_params
+
+    return init_params.run(path=args.path, params_file=pp, force=args.force, overrides=parse_assignments(args.set))
 
 
 def _sweep(args: argparse.Namespace, params: dict, pp: Path) -> dict:
@@ -170,10 +166,10 @@ def _tune(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
 
 def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    from pipeline import training
+    from cnnpipe.pipeline import training
 
     if args.action == "compile" and args.tune:
-        from pipeline import katib
+        from cnnpipe.pipeline import katib
 
         cfg, space = load_tune(params, {}, pp)
         return {"compiled": str(katib.write_experiment(args.output or Path("katib-experiment.yaml"), cfg, space,
@@ -242,7 +238,7 @@ def _deploy(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnpipe", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="cnnpipe", description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Exit codes: 0 ok, 1 internal error, 2 bad input, "
                                             "3 tracking store unreachable, 130 interrupted.")
@@ -250,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
 
     def command(name: str, help: str, handler: Handler, cls: type | None) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)  # `--epoch 5` is no `--epochs`
         p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
         p.add_argument("-S", "--set", action="append", default=[], metavar="BLOCK.KEY=VALUE",
                        help="override any param for this run, as `dvc exp run -S` does (repeatable; one value may "
@@ -268,14 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES.values():
         p = command(stage.name, stage.help, _stage, stage.config)
         for port in stage.ports:
-            remote_ok = stage.name == "train" and port in stage.inputs  # train reads datasets from object storage
-            p.add_argument(port.flag, dest=port.name, type=location_arg if remote_ok else Path, default=Path(port.path),
-                           help=f"{port.help}" + (", or its s3:// gs:// http(s):// URL" if remote_ok else "")
+            p.add_argument(port.flag, dest=port.name, type=location_arg if port.remote else Path, default=Path(port.path),
+                           help=f"{port.help}" + (", or its s3:// gs:// http(s):// URL" if port.remote else "")
                                 + f" (default: {port.path})")
-        if stage.name == "train":
-            p.add_argument("--checkpoint", type=Path, default=Path("data/checkpoints/train.pt"),
-                           help="training state saved after every epoch (removed when training succeeds)")
-            p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint")
+        for option in stage.options:
+            kind = {"action": "store_true"} if isinstance(option.default, bool) else {"type": type(option.default)}
+            p.add_argument(option.flag, dest=option.name, default=option.default, **kind,
+                           help=option.help + ("" if isinstance(option.default, bool) else f" (default: {option.default})"))
         if stage.tracking != "none":
             with_tracking(p, optional=stage.tracking == "optional")
 
@@ -320,11 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("explain", "Grad-CAM of one image: where the model looked for the class it predicted (a PNG)",
                 _explain, None)
     p.add_argument("image", type=Path, help="an image file (decoded and resized exactly as serving does)")
-    p.add_argument("--model", default="data/model", help="a model directory or file (from train), or a model URI "
-                                                         "models:/<name>@<alias> (default: data/model)")
+    p.add_argument("--model", help="a model URI models:/<name>@<alias>, or a model directory or file (from train) "
+                                    "(default: models:/<register.model_name>@champion, as serve and predict)")
+    p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--class", dest="class_name", help="explain this class instead of the predicted one")
-    p.add_argument("--output", type=Path, help="the PNG to write (default: IMAGE's name + .gradcam.png beside it)")
+    p.add_argument("--output", type=Path, help="the PNG to write (default: data/explain/<IMAGE's name>.gradcam.png, "
+                                               "never beside the image: a data folder would take it as a photo)")
     add_flags(p, TrackingConfig, prefix="tracking-")
+
+    p = command("init", "write a complete, commented params.yaml for a dataset (a folder of photos, GTSRB, CIFAR-10, "
+                        "pickles): its source, image size, the photo recipe for photos, its own model name; then "
+                        "`dvc repro`", _init, None)
+    p.set_defaults(reads_params=False)  # it writes --params (with -S values applied)
+    p.add_argument("path", type=Path, help="the dataset: class folders, split folders (train/ val/ test/ of class "
+                                           "folders), or an archive; see docs/photos.md")
+    p.add_argument("--force", action="store_true", help="overwrite --params even when git does not hold it as it is")
 
     p = command("sweep", "train and evaluate a grid of train params as child runs of one MLflow run, "
                          "with a comparison table", _sweep, TrainConfig)
@@ -432,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     try:
-        params = apply_overrides(read_params(args.params), parse_assignments(args.set))
+        params = apply_overrides(read_params(args.params), parse_assignments(args.set)) \
+            if getattr(args, "reads_params", True) else {}
         result = args.handler(args, params, args.params)
     except CnnpipeError as e:
         print(f"cnnpipe {args.command}: error: {e}", file=sys.stderr)

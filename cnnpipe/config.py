@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shlex
 import typing
 from collections.abc import Iterable
@@ -34,7 +33,8 @@ def knob(default: Any, help: str, choices: tuple | None = None, minimum: float |
 
 @dataclass
 class IngestConfig:
-    source: str = knob("digits", "dataset source: digits (embedded), gtsrb, cifar10, imagefolder, pickle")
+    source: str = knob("auto", "dataset source: auto (digits without a path, else told from what the path holds), "
+                               "digits (embedded), gtsrb, cifar10, imagefolder, pickle")
     path: str | None = knob(None, "the source's files: an archive, a folder or an http(s) URL (unused for digits)")
     test_path: str | None = knob(None, "official test images: GTSRB_Final_Test_Images.zip (gtsrb) or a test root (imagefolder)")
     test_labels: str | None = knob(None, "gtsrb: GT-final_test.csv or GTSRB_Final_Test_GT.zip, the test split's labels")
@@ -125,10 +125,11 @@ class TrainConfig:
                                       choices=("val/accuracy", "val/loss"))
     keep: str = knob("best", "the weights saved: best = the epoch with the best early_stopping_metric, last = the "
                               "final epoch", choices=("best", "last"))
-    channels_last: bool = knob(True, "NHWC memory layout (measured 1.4-1.8x faster on CPU, faster on tensor cores)")
+    channels_last: bool = knob(True, "NHWC memory layout (faster convolutions on CPU and on tensor cores: "
+                                              "benchmarks/results/train_throughput.json)")
     precision: str = knob("auto", "training arithmetic: auto (bf16 autocast on CUDA, fp32 on CPU: CPU runs repeat "
                                   "exactly), fp32, or bf16 (autocast where the hardware has bf16: CUDA, CPUs with "
-                                  "AVX512-BF16/AMX, ~1.6x faster for fastnet there; fp32 elsewhere)",
+                                  "AVX512-BF16/AMX, faster there: benchmarks/results/precision_cpu.json; fp32 elsewhere)",
                           choices=("auto", "fp32", "bf16"))
     compile: bool = knob(False, "torch.compile the model (pays a compile time up front; worth it on long GPU runs)")
     data_mode: str = knob("auto", "where training batches come from: device = the whole decoded training split held on the "
@@ -228,20 +229,6 @@ class TuneConfig:
                   "choices": None, "minimum": None, "maximum": None, "affects_result": True})
 
 
-@dataclass(frozen=True)
-class Dimension:
-    """One axis of the search space: `train.lr: {log_uniform: [0.01, 1.0]}`."""
-
-    key: str  # block.field in params.yaml
-    kind: str  # one of SPACE_KINDS
-    values: tuple  # (low, high) for uniform / log_uniform; the options for choice
-    integer: bool  # the field is an int: uniform draws integers
-
-
-SPACE_KINDS = ("uniform", "log_uniform", "choice")
-TUNABLE_BLOCKS = ("augment", "train")
-
-
 BLOCKS: dict[str, type] = {
     "ingest": IngestConfig,
     "augment": AugmentConfig,
@@ -256,7 +243,7 @@ BLOCKS: dict[str, type] = {
 T = TypeVar("T")
 
 
-def _base_type(cls: type, name: str) -> tuple[type, bool]:
+def field_type(cls: type, name: str) -> tuple[type, bool]:
     """(the scalar type, whether None is allowed) of field `name`, e.g. `str | None` -> (str, True)."""
     annotation = typing.get_type_hints(cls)[name]
     args = typing.get_args(annotation)
@@ -391,10 +378,10 @@ def load_block(cls: type[T], block: str, params: dict[str, Any], overrides: dict
     if unknown:
         raise CnnpipeError(f"params file '{params_path}': {block}.{unknown[0]} is not a known field "
                            f"(expected one of: {', '.join(fields)})")
-    values = {name: coerce(v, *_base_type(cls, name), f"{block}.{name}") for name, v in raw.items()}
+    values = {name: coerce(v, *field_type(cls, name), f"{block}.{name}") for name, v in raw.items()}
     for name, v in overrides.items():
         if v is not None and name in fields:
-            values[name] = coerce(v, *_base_type(cls, name), f"--{name.replace('_', '-')}")
+            values[name] = coerce(v, *field_type(cls, name), f"--{name.replace('_', '-')}")
     cfg = cls(**values)
     _validate(cfg, block)
     return cfg
@@ -404,7 +391,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> N
     """One flag per field, all defaulting to None so params.yaml decides unless a flag is given."""
     group = parser.add_argument_group(f"params ({cls.__name__}; default from params.yaml)")
     for f in dataclasses.fields(cls):
-        kind, _ = _base_type(cls, f.name)
+        kind, _ = field_type(cls, f.name)
         if kind is dict:  # a mapping (tune.space) is set in the params file or with -S
             continue
         flag = f"--{prefix}{f.name.replace('_', '-')}"
@@ -417,64 +404,30 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> N
                                choices=f.metadata.get("choices"), help=help_text)
 
 
-def tracking_config(params: dict[str, Any], args: argparse.Namespace, params_path: Path) -> TrackingConfig:
-    """The tracking block of a command: its --tracking-uri / --tracking-experiment flags win."""
-    return tracking_settings(params, getattr(args, "tracking_uri", None), getattr(args, "tracking_experiment", None),
-                             params_path)
-
-
-def tracking_settings(params: dict[str, Any], uri: str | None = None, experiment: str | None = None,
-                      params_path: Path = DEFAULT_PARAMS) -> TrackingConfig:
-    """The tracking block; precedence: `uri` / `experiment` given, then MLFLOW_TRACKING_URI, then params."""
-    overrides = {"uri": uri or os.environ.get("MLFLOW_TRACKING_URI") or None, "experiment": experiment}
-    block = params if "tracking" in params else {**params, "tracking": {}}
-    return load_block(TrackingConfig, "tracking", block, overrides, params_path)
-
-
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///` tracking URI (None for any other store)."""
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
-def load_tune(params: dict[str, Any], overrides: dict[str, Any],
-              params_path: Path = DEFAULT_PARAMS) -> tuple[TuneConfig, dict[str, Dimension]]:
-    """The tune block's settings and its validated search space (`tune.space`)."""
-    cfg = load_block(TuneConfig, "tune", params, overrides, params_path)
-    space = {str(key): _dimension(str(key), entry, params, params_path) for key, entry in cfg.space.items()}
-    return cfg, space
+def params_schema() -> dict[str, Any]:
+    """The JSON schema of a params file, made from the dataclasses: types by pydantic, each field's help,
+    choices and range from its knob. params.yaml names the committed copy on its first line, so editors
+    (the YAML language server) complete and check it; scripts/params_schema.py writes it."""
+    from pydantic import TypeAdapter
 
-
-def _dimension(key: str, entry: Any, params: dict[str, Any], params_path: Path) -> Dimension:
-    where = f"params file '{params_path}': tune.space.{key}"
-    block, _, name = key.partition(".")
-    if block not in TUNABLE_BLOCKS:
-        raise CnnpipeError(f"{where}: expected a key augment.FIELD or train.FIELD")
-    cls = BLOCKS[block]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    if name not in fields:
-        raise CnnpipeError(f"{where}: {name!r} is not a field of {block} (expected one of: {', '.join(fields)})")
-    if not isinstance(entry, dict) or len(entry) != 1 or next(iter(entry)) not in SPACE_KINDS:
-        raise CnnpipeError(f"{where}: expected one of {{uniform: [low, high]}}, {{log_uniform: [low, high]}}, "
-                           f"{{choice: [v1, v2, ...]}}, got {entry!r}")
-    kind, values = next(iter(entry.items()))
-    kind_of_field, _ = _base_type(cls, name)
-    if not isinstance(values, list) or not values:
-        raise CnnpipeError(f"{where}: {kind} expects a non-empty list, got {values!r}")
-    if kind != "choice":
-        if kind_of_field not in (int, float):
-            raise CnnpipeError(f"{where}: {kind} needs a numeric field; {block}.{name} is a {kind_of_field.__name__} "
-                               f"(use choice)")
-        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
-                or not values[0] < values[1]:
-            raise CnnpipeError(f"{where}: {kind} expects [low, high] with low < high, got {values!r}")
-        if kind == "log_uniform" and values[0] <= 0:
-            raise CnnpipeError(f"{where}: log_uniform expects low > 0, got {values[0]!r}")
-    checked = []
-    for v in values:  # every value (each bound of a range) must make a valid block, named as tune.space's key
-        base = {k: v2 for k, v2 in (params.get(block) or {}).items() if k != name} if isinstance(params.get(block), dict) else {}
-        try:
-            cfg = load_block(cls, block, {block: {**base, name: v}}, {}, params_path)
-        except CnnpipeError as e:
-            raise CnnpipeError(f"{where}: value {v!r}: {str(e).split(': ', 1)[-1]}") from None
-        checked.append(getattr(cfg, name))
-    return Dimension(key, kind, tuple(checked), kind_of_field is int)
+    blocks = {}
+    for name, cls in BLOCKS.items():
+        schema = TypeAdapter(cls).json_schema()
+        schema.update(title=name, additionalProperties=False)
+        for f in dataclasses.fields(cls):
+            prop = schema["properties"][f.name]
+            prop.pop("title", None)
+            prop["description"] = f.metadata["help"]
+            value = prop if "type" in prop else next(p for p in prop["anyOf"] if p.get("type") != "null")
+            for key, meta in (("enum", "choices"), ("minimum", "minimum"), ("maximum", "maximum")):
+                if f.metadata.get(meta) is not None:
+                    value[key] = list(f.metadata[meta]) if key == "enum" else f.metadata[meta]
+        blocks[name] = schema
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "cnnpipe params.yaml",
+            "description": "One block per stage; `cnnpipe <stage> --help` explains each field.", "type": "object",
+            "properties": blocks, "additionalProperties": False}

@@ -9,7 +9,7 @@ from pathlib import Path
 def available_cores() -> int:
     """The CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota (containers,
     CI runners), which os.cpu_count() ignores; torch's default of one thread per visible core oversubscribes
-    a throttled machine (a 20x slowdown was seen on 2 busy cores)."""
+    a throttled machine, which then runs many times slower."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     quota = _cgroup_cpu_quota()
     return max(1, min(cores, int(quota))) if quota else cores

@@ -78,7 +78,7 @@ def crop_to_box(img: Image.Image, box: tuple[float, float, float, float], i: int
 
 def reduce_on_decode(img: Image.Image, size: int) -> None:
     """Ask a not yet decoded JPEG for a 1/2, 1/4 or 1/8 scale that still covers size x size: a 12-megapixel
-    photo bound for 224 px then decodes ~8x faster. Other formats ignore it."""
+    photo bound for 224 px then decodes a fraction of its pixels. Other formats ignore it."""
     if img.format == "JPEG":
         img.draft(None, (size, size))
 

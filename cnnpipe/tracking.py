@@ -7,10 +7,12 @@ Artifacts of each stage go under a folder named after the stage.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -24,10 +26,71 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnpipe.config import TrackingConfig, sqlite_path
-from cnnpipe.engine.model_folder import RUN_FILE
+from cnnpipe.config import DEFAULT_PARAMS, TrackingConfig, load_block, sqlite_path
+from cnnpipe.engine.model_folder import MODEL_FILE, RUN_FILE
 from cnnpipe.errors import CnnpipeError, ServiceUnavailable
-from cnnpipe.fsio import read_json, write_json
+from cnnpipe.fsio import file_digest, read_json, write_json
+
+
+# The metrics a reader looks at first: the columns of the MLflow experiment's "cnnpipe" view and of
+# `dvc metrics show` (evaluate writes them to the evaluation folder's headline file); the rest stay one click away
+HEADLINE_METRICS = ("test/accuracy", "test/f1_macro", "test/ece", "test/accuracy_tta", "test_roi/accuracy",
+                    "val/accuracy", "calibration/temperature")
+VIEW_KEY = "cnnpipe"  # the experiment's saved runs view with the headline columns (Tracker.view_page)
+# MLflow 3 opens an experiment of unknown kind in its GenAI traces view; this kind opens the model-training view
+# (MLflow 3.17's UI decides by its GenAI / Model training switch instead: Tracker.view_page sets it in the link)
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    # a saved view of the runs table (the UI's "share view"): its default columns plus the headline metrics
+    f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps({
+        "selectedColumns": ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`",
+                            *(f"metrics.`{key}`" for key in HEADLINE_METRICS)],
+        "orderByKey": "attributes.start_time", "orderByAsc": False}),
+}
+MODEL_DIGEST_TAG = "cnnpipe.model_sha256"  # of the model file a run trained: finds the run of a restored model folder
+
+
+def _quiet_logs() -> None:
+    """No INFO lines about a new SQLite store's tables on a user's terminal."""
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """MLflow's chatter kept off a user's terminal while our pyfunc model is defined or logged: its warning that
+    predict has no type hints (it takes images in any form: no hint fits), and the INFO line of its input example
+    check. MLflow sets its own warning filters around the type check, so that warning is dropped where it is shown."""
+    _quiet_logs()
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202 - showwarning's
+            if "Add type hints to the `predict` method" not in str(message):
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        pyfunc_log.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            pyfunc_log.setLevel(level)
+
+
+def tracking_config(params: dict[str, Any], args: argparse.Namespace, params_path: Path) -> TrackingConfig:
+    """The tracking block of a command: its --tracking-uri / --tracking-experiment flags win."""
+    return tracking_settings(params, getattr(args, "tracking_uri", None), getattr(args, "tracking_experiment", None),
+                             params_path)
+
+
+def tracking_settings(params: dict[str, Any], uri: str | None = None, experiment: str | None = None,
+                      params_path: Path = DEFAULT_PARAMS) -> TrackingConfig:
+    """The tracking block; precedence: `uri` / `experiment` given, then MLFLOW_TRACKING_URI, then params."""
+    overrides = {"uri": uri or os.environ.get("MLFLOW_TRACKING_URI") or None, "experiment": experiment}
+    block = params if "tracking" in params else {**params, "tracking": {}}
+    return load_block(TrackingConfig, "tracking", block, overrides, params_path)
 
 
 def _check_reachable(uri: str) -> None:
@@ -95,7 +158,11 @@ class Tracker:
         reap(cfg.uri)
         with _store_lock(cfg.uri):  # two first runs on one store: one creates the experiment
             exp = client.get_experiment_by_name(cfg.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment, _artifact_root(cfg.uri))
+            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment, _artifact_root(cfg.uri),
+                                                                            EXPERIMENT_TAGS)
+            for key, value in EXPERIMENT_TAGS.items():  # an experiment made before cnnpipe set them
+                if exp and exp.tags.get(key) != value:
+                    client.set_experiment_tag(exp_id, key, value)
         tags = {**tags, **owner_tags()}
         adopted = os.environ.get("MLFLOW_RUN_ID")
         if adopted:
@@ -134,12 +201,38 @@ class Tracker:
 
     @classmethod
     def resume(cls, cfg: TrackingConfig, run_dir: Path) -> Tracker:
-        """The run whose id `train` wrote into `run_dir`."""
-        info = read_json(run_dir / RUN_FILE, "MLflow run file")
-        return cls.reopen(cfg, str(info.get("run_id")), str(run_dir / RUN_FILE))
+        """The run whose id `train` wrote into `run_dir`. A model folder DVC restored (`dvc checkout`, a fresh
+        clone's `dvc pull`) has no run file (it is in .dvcignore: a run id is no part of what train makes):
+        then the run that trained this very model file, found by its digest, or a new run when this store
+        has none."""
+        if (run_dir / RUN_FILE).exists():
+            info = read_json(run_dir / RUN_FILE, "MLflow run file")
+            return cls.reopen(cfg, str(info.get("run_id")), str(run_dir / RUN_FILE))
+        if not (run_dir / MODEL_FILE).is_file():
+            raise CnnpipeError(f"model folder '{run_dir}': neither {RUN_FILE} nor {MODEL_FILE} found (run `cnnpipe train`)")
+        digest = file_digest(run_dir / MODEL_FILE)
+        client = _connect(cfg.uri)
+        exp = client.get_experiment_by_name(cfg.experiment)
+        runs = client.search_runs([exp.experiment_id], f"tags.`{MODEL_DIGEST_TAG}` = '{digest}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+        if runs:
+            return cls.reopen(cfg, runs[0].info.run_id, f"{run_dir} (the run that trained {MODEL_FILE})")
+        print(f"model folder '{run_dir}' has no {RUN_FILE} and no run of {cfg.uri} trained its {MODEL_FILE}: "
+              f"logging into a new run", file=sys.stderr)
+        return cls.start(cfg, run_dir.name, {MODEL_DIGEST_TAG: digest, "mlflow.note.content":
+                                             f"The model folder {run_dir} was restored by DVC; the run that trained "
+                                             f"it is not in this tracking store."})
+
+    def view_page(self) -> str:
+        """Where the MLflow UI shows this run's experiment in the model-training view, headline metrics as
+        columns: the page's address under the tracking server (or `mlflow ui`) after its host."""
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        return f"/#/experiments/{experiment}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
 
     def write_run_file(self, run_dir: Path) -> None:
+        """Name this run in `run_dir` (a model folder, its model file written): later stages log into it."""
         write_json(run_dir / RUN_FILE, {"run_id": self.run_id, "tracking_uri": self.uri})
+        self.set_tags({MODEL_DIGEST_TAG: file_digest(run_dir / MODEL_FILE)})
 
     def log_params(self, params: dict[str, Any], prefix: str = "") -> None:
         from mlflow.entities import Param
@@ -189,7 +282,7 @@ class Tracker:
 
         # log_model works on the fluent API's active run; scope it to this run and store
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():
+        with mlflow.start_run(run_id=self.run_id), quiet_mlflow(), warnings.catch_warnings():
             # MLflow warns that integer columns cannot hold missing values: ours never miss
             warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
             inferred = infer_signature(input_example, output_example, params=params)
@@ -252,6 +345,7 @@ def _store_lock(uri: str, purpose: str = "init", holder: str = "") -> Iterator[N
 
 def _connect(uri: str):  # noqa: ANN202 - MlflowClient, imported lazily
     _check_reachable(uri)
+    _quiet_logs()
     from mlflow import MlflowClient
 
     try:

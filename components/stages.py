@@ -64,7 +64,7 @@ def train_job(params: str, overrides: list, tracking_uri: str, credentials_secre
 
     import yaml
 
-    from pipeline import trainjob
+    from cnnpipe.pipeline import trainjob
 
     result = trainjob.run(json.loads(job), params=yaml.safe_load(params), overrides=overrides,
                           tracking_uri=tracking_uri, credentials_secret=credentials_secret, data_uri=data.uri,

@@ -17,12 +17,13 @@ from typing import Any
 import yaml
 from kubeflow.katib import ApiClient, models
 
-from cnnpipe.config import Dimension, TuneConfig
+from cnnpipe.config import TuneConfig
+from cnnpipe.search.space import Dimension
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
 from cnnpipe.search.tune import grid_values
-from components.stages import IMAGE
-from pipeline.training import cnnpipe_pipeline
+from cnnpipe.components.stages import IMAGE
+from cnnpipe.pipeline.training import cnnpipe_pipeline
 
 ALGORITHMS = {"tpe": "tpe", "random": "random", "grid": "grid"}  # Katib's suggestion services
 # Katib's StdOut collector: a regex with two groups, the metric's name and its value

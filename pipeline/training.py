@@ -13,12 +13,12 @@ import contextlib
 import json
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
-from components import stages
+from cnnpipe.components import stages
+from cnnpipe.pipeline.topology import Topology
 
 
 def as_parameter(params: dict) -> str:
@@ -44,34 +44,9 @@ CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFL
                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL")
 
 
-@dataclass(frozen=True)
-class Topology:
-    """Where the train step runs: `nodes` pods (1: the pipeline's own train pod, as always; more: a Kubeflow
-    training job, pipeline.trainjob) with `gpus_per_node` GPUs each. One GPU by default: what the single
-    train pod has always asked for, so going to N nodes multiplies the same machine; 0 for CPU-only nodes.
-    Set when compiling or submitting (`-p nodes=4`): the job's replica count and GPU limits are integers of
-    its manifest, which a run's parameters cannot fill in."""
-
-    nodes: int = 1
-    gpus_per_node: int = 1
-
-    def __post_init__(self) -> None:
-        from cnnpipe.errors import CnnpipeError
-
-        if self.nodes < 1:
-            raise CnnpipeError(f"-p nodes={self.nodes}: expected 1 or more")
-        if self.gpus_per_node < 0:
-            raise CnnpipeError(f"-p gpus_per_node={self.gpus_per_node}: expected 0 or more")
-
-    @property
-    def procs_per_node(self) -> int:
-        """torchrun processes on each node: one per GPU, one on a CPU-only node."""
-        return max(1, self.gpus_per_node)
-
-
 def training_job(topology: Topology) -> dict:
     """The multi-node train step's Kubeflow job manifest (validated against the SDK's models)."""
-    from pipeline import trainjob
+    from cnnpipe.pipeline import trainjob
 
     job = trainjob.manifest(trainjob.pytorchjob(topology, stages.IMAGE, stages.TRAIN_CPU, stages.TRAIN_MEMORY))
     trainjob.check(job)

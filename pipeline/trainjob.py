@@ -33,7 +33,7 @@ from kubeflow.training import ApiClient, TrainingClient, constants, models
 from kubeflow.training.utils.utils import FakeResponse
 
 from cnnpipe.errors import CnnpipeError
-from pipeline.training import Topology
+from cnnpipe.pipeline.topology import Topology
 
 RDZV_PORT = 29400  # torchrun's c10d store, on the master pod
 CONTAINER = constants.PYTORCHJOB_CONTAINER  # "pytorch": the operator sets its variables in that container only

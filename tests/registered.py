@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO, run, write_tiny_dataset
+from tests.helpers import REPO, run, write_tiny_dataset
 
 MODEL_NAME = "cnnpipe-digits"
 

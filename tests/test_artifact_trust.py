@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import cnnpipe
+from tests.helpers import cnnpipe
 from tests.registered import MODEL_NAME, make_workspace, train_and_register
 
 pytestmark = pytest.mark.e2e

@@ -4,7 +4,7 @@ import torch
 from cnnpipe.augment import AugmentPolicy, apply_policy, no_flips
 from cnnpipe.data.store import Split
 from cnnpipe.stages.augment import balance
-from tests.conftest import make_images
+from tests.helpers import make_images
 
 
 def policy(**kw) -> AugmentPolicy:

@@ -15,7 +15,7 @@ from cnnpipe.engine.loop import TrainData, fit
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import build_model, check_input_size, head, is_library_arch
 from cnnpipe.engine.pretrained import Pretrained, adapt_stats, fit_weights, load_pretrained
-from tests.conftest import cnnpipe, make_images, write_tiny_dataset
+from tests.helpers import cnnpipe, make_images, write_tiny_dataset
 
 torch.set_num_threads(1)
 
@@ -23,6 +23,7 @@ torch.set_num_threads(1)
 @pytest.mark.parametrize("arch, channels", [("torchvision/resnet18", 1), ("resnet50", 3), ("mobilenet_v3_small", 1),
                                             ("mobilenet_v3_large", 3), ("efficientnet_b0", 1), ("convnext_tiny", 3),
                                             ("vgg11_bn", 1), ("alexnet", 3), ("googlenet", 1), ("timm/resnet18", 1)])
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_library_arch_takes_the_datasets_channels_and_classes(arch, channels):
     model = build_model(arch, channels, 7, 64, 16).eval()
     assert is_library_arch(arch) and head(model).out_features == 7
@@ -131,7 +132,7 @@ def test_backbone_lr_multiplier_scales_every_layer_but_the_head():
 def _workdir(tmp_path: Path, size: int = 16, channels: int = 3) -> Path:
     import yaml
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -169,6 +170,7 @@ def test_cli_fine_tunes_a_file_and_records_it(tmp_path):
     assert json.loads((ws / "data/model/train_config.json").read_text())["lineage"] == {"cnnpipe.pretrained": "rgb.pt"}
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 @pytest.mark.parametrize("arch", ["torchvision/resnet18", "mobilenet_v3_small", "googlenet"])
 def test_sagemaker_export_of_a_library_net_answers_as_the_predictor(arch, tmp_path):
     import io

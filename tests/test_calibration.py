@@ -115,6 +115,7 @@ def test_the_torch_predictor_answers_softmax_of_logits_over_t(model_file, t):
     assert not np.allclose(all_probabilities(calibrated), all_probabilities(plain), atol=1e-3)
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_onnx_graph_and_sagemaker_handler_apply_the_temperature(model_file, tmp_path):
     from cnnpipe.serving.onnx_model import export_onnx
     from cnnpipe.serving.onnx_runtime import OnnxPredictor

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, cnnpipe, free_port, user_env, write_tiny_dataset
+from tests.helpers import REPO, cnnpipe, free_port, user_env, write_tiny_dataset
 
 pytestmark = pytest.mark.e2e  # every test runs the real executable
 STAGES = ["ingest", "augment", "train", "evaluate", "register"]
@@ -39,7 +39,7 @@ def test_every_stage_has_help(stage, tmp_path):
 def test_unknown_dataset(workdir):
     proc = cnnpipe("ingest", "--source", "mnist", cwd=workdir)
     one_line_error(proc, 2,
-                   "ingest.source: unknown dataset 'mnist' (expected one of: digits, gtsrb, cifar10, imagefolder, pickle)")
+                   "ingest.source: unknown dataset 'mnist' (expected one of: auto, digits, gtsrb, cifar10, imagefolder, pickle)")
     assert not (workdir / "data" / "processed").exists() and not (workdir / "data" / "reports" / "ingest_report.json").exists()
 
 

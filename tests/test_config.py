@@ -3,9 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from cnnpipe.config import IngestConfig, TrackingConfig, TrainConfig, add_flags, load_block, read_params, tracking_config
+from cnnpipe.config import IngestConfig, TrackingConfig, TrainConfig, add_flags, load_block, read_params
 from cnnpipe.errors import CnnpipeError
-from tests.conftest import REPO
+from cnnpipe.tracking import tracking_config
+from tests.helpers import REPO
 
 PP = Path("params.yaml")
 
@@ -98,3 +99,32 @@ def test_overrides_use_one_syntax_and_name_what_is_wrong():
         apply_overrides({}, {"trian.epochs": 5})
     with pytest.raises(CnnpipeError, match="expected block.key=value"):
         parse_assignments(["epochs=5"])
+
+
+def test_params_schema_is_up_to_date_and_params_yaml_follows_it():
+    import importlib.util
+    import json
+
+    import jsonschema
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("params_schema", REPO / "scripts" / "params_schema.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.SCHEMA.read_text() == script.render(), "params.schema.json is stale: run python scripts/params_schema.py"
+    text = (REPO / "params.yaml").read_text()
+    assert text.splitlines()[0] == "# yaml-language-server: $schema=params.schema.json"
+    schema = json.loads(script.render())
+    jsonschema.validate(yaml.safe_load(text), schema)
+    for bad in ({"train": {"epochs": 0}}, {"train": {"epochz": 3}}, {"ingest": {"resize": "crop"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+def test_a_flag_prefix_is_not_taken_for_a_flag():
+    from cnnpipe.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--epochs", "5"]).epochs == 5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--epoch", "5"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cnnpipe
+from tests.helpers import REPO, cnnpipe
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not (shutil.which("podman") and shutil.which("runc")),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,18 +15,34 @@ import yaml
 from cnnpipe.cli import build_parser
 from cnnpipe.config import result_keys
 from cnnpipe.stages.spec import STAGES
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
 
 
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+PACKAGE_DIRS = PYPROJECT["package-dir"]  # cnnpipe.components -> components/, cnnpipe.pipeline -> pipeline/
+
+
 def _module_file(name: str) -> Path | None:
+    for package, folder in PACKAGE_DIRS.items():
+        if name == package or name.startswith(package + "."):
+            name = folder + name[len(package):]
     base = REPO / Path(*name.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.exists():
             return candidate
     return None
+
+
+def _module_name(file: Path) -> str:
+    rel = file.relative_to(REPO).with_suffix("")
+    name = ".".join(rel.parts).removesuffix(".__init__")
+    for package, folder in PACKAGE_DIRS.items():
+        if name == folder or name.startswith(folder + "."):
+            name = package + name[len(folder):]
+    return name
 
 
 def _imported(file: Path, module: str) -> set[str]:
@@ -109,7 +126,7 @@ def test_cli_has_a_flag_per_port_and_param(name):
 
 @pytest.mark.parametrize("name", list(STAGES))
 def test_kfp_component_artifacts_are_the_stage_ports(name):
-    from components import stages as components
+    from cnnpipe.components import stages as components
 
     signature = inspect.signature(getattr(components, name).python_func)
     artifacts = {k for k, p in signature.parameters.items() if "Input" in str(p.annotation) or "Output" in str(p.annotation)}
@@ -130,6 +147,74 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
     assert err == ["cnnpipe ingest: error: this command needs matplotlib, which is not installed: "
                    "pip install 'cnnpipe[train]'"]
     assert not (tmp_path / "data/processed").exists()
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every project module -> the project modules it imports, at the top or lazily (both run); not its own
+    parent packages, which Python has begun to run before it (`from pkg import sibling` inside pkg)."""
+    files = [f for folder in ("cnnpipe", *PACKAGE_DIRS.values()) for f in (REPO / folder).rglob("*.py")]
+    modules = {_module_name(f): f for f in files}
+    return {m: {n for n in _imported(f, m) if n in modules and n != m and not m.startswith(n + ".")}
+            for m, f in modules.items()}
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists the packages (the KFP folders install under cnnpipe): a new folder missing there would be
+    absent from a wheel, and nothing but cnnpipe goes to site-packages."""
+    folders = {_module_name(f.parent) for folder in ("cnnpipe", *PACKAGE_DIRS.values())
+               for f in (REPO / folder).rglob("__init__.py")}
+    assert folders == set(PYPROJECT["packages"])
+    assert {p.split(".")[0] for p in PYPROJECT["packages"]} == {"cnnpipe"}
+
+
+def test_no_import_cycles():
+    """No module reaches itself through the project's imports, lazy ones included (Tarjan's SCCs)."""
+    graph, index, low, stack, cycles = _import_graph(), {}, {}, [], []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+LOWER = ("cnnpipe.data", "cnnpipe.engine", "cnnpipe.models", "cnnpipe.augment", "cnnpipe.imaging", "cnnpipe.calibration")
+
+
+def test_layering_data_and_engine_never_import_serving_or_stages():
+    graph = _import_graph()
+    wrong = {m: sorted(n for n in deps if n.startswith(("cnnpipe.serving", "cnnpipe.stages")))
+             for m, deps in graph.items() if m.startswith(LOWER)}
+    assert not {m: d for m, d in wrong.items() if d}
+
+
+@pytest.mark.parametrize("name", ["ingest", "augment", "train", "evaluate"])
+def test_no_pipeline_stage_runs_http_code(name):
+    """Editing the server or the request parser re-runs no stage but register (which logs the pyfunc model)."""
+    assert not [f for f in project_files(STAGES[name].module) if f.parts[:2] == ("cnnpipe", "serving")]
+
+
+def test_serving_preprocessing_and_calibration_import_no_torch():
+    """The lean serving path's shared modules: numpy and Pillow only (SageMaker's archive copies them too)."""
+    for module in ("cnnpipe.imaging", "cnnpipe.calibration", "cnnpipe.errors", "cnnpipe.fsio"):
+        tree = ast.parse(_module_file(module).read_text())
+        top = {a.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for a in node.names}
+        top |= {(node.module or "").split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
+        assert "torch" not in top, module
 
 
 @pytest.mark.e2e

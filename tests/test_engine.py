@@ -16,7 +16,7 @@ from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
 from cnnpipe.engine.loop import TrainData, fit, lr_factor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import build_model
-from tests.conftest import REPO, make_images, write_tiny_dataset
+from tests.helpers import REPO, make_images, write_tiny_dataset
 
 
 def tiny_data(size=8) -> TrainData:
@@ -133,7 +133,7 @@ sys.meta_path.insert(0, Block())
 from pathlib import Path
 from cnnpipe.config import TrainConfig
 from cnnpipe.stages import train
-from tests.conftest import write_tiny_dataset
+from tests.helpers import write_tiny_dataset
 from cnnpipe.stages import augment
 from cnnpipe.config import AugmentConfig
 d = Path(sys.argv[1])

@@ -15,7 +15,7 @@ from cnnpipe.config import AugmentConfig, EvaluateConfig, TrainConfig
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.evaluation.metrics import calibration_bins, classification_metrics, expected_calibration_error
 from cnnpipe.stages import augment, evaluate, train
-from tests.conftest import write_tiny_dataset
+from tests.helpers import write_tiny_dataset
 
 PNGS = ["confusion_matrix.png", "training_curves.png", "misclassified.png", "correct.png", "confidence_histogram.png",
         "reliability_diagram.png", "first_layer_filters.png", "feature_maps.png", "tsne.png"]
@@ -67,6 +67,7 @@ def evaluated(tmp_path_factory) -> Path:
     return tmp / "evaluation"
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 @pytest.mark.parametrize("name", PNGS)
 def test_every_figure_is_a_valid_non_empty_image(evaluated, name):
     img = Image.open(evaluated / name)
@@ -76,6 +77,7 @@ def test_every_figure_is_a_valid_non_empty_image(evaluated, name):
     assert np.asarray(img).std() > 5  # not a blank canvas
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_tables_report_and_kfp_matrix(evaluated):
     metrics = json.loads((evaluated / "metrics.json").read_text())
     assert set(metrics) == {"val", "test"} and {"accuracy", "ece", "f1_macro", "top5_accuracy"} <= set(metrics["test"])
@@ -86,10 +88,24 @@ def test_tables_report_and_kfp_matrix(evaluated):
     for png in PNGS:
         assert f"]({png})" in md
     assert "| test |" in md and "## Per class (test)" in md
+    # top-down: the headline, calibration, the confusion matrix and the worst classes before any detail; params last
+    order = ["## Headline", "## Calibration", "## Confusion matrix (test)", "## Worst classes (test)",
+             "## Every metric", "## Data", "## Model", "| train param | value |"]
+    assert [md.index(h) for h in order] == sorted(md.index(h) for h in order)
+    worst = md.split("## Worst classes (test)")[1].split("##")[0]
+    f1s = [float(line.split("|")[2]) for line in worst.splitlines() if line.startswith("| class") and "f1" not in line]
+    assert f1s == sorted(f1s) and len(f1s) == 4
     html = (evaluated / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(PNGS)
+    assert html.index("<h2>Headline</h2>") < html.index("<h2>Data</h2>")
+    assert "<details><summary>Training params</summary><table>" in html
+    # `dvc metrics show`: the headline only, nested as test.accuracy
+    headline = json.loads((evaluated / "headline.json").read_text())
+    assert headline["test"] == {k: metrics["test"][k] for k in ("accuracy", "f1_macro", "ece")}  # no flips: no TTA
+    assert headline["val"] == {"accuracy": metrics["val"]["accuracy"]} and headline["calibration"]["temperature"] > 0
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_calibration_is_fitted_reported_and_kept_out_of_the_model_folder(evaluated, tmp_path):
     from cnnpipe.calibration import Calibration
 
@@ -111,6 +127,7 @@ def test_calibration_is_fitted_reported_and_kept_out_of_the_model_folder(evaluat
         assert m["accuracy"] == metrics[split]["accuracy"]  # the temperature never moves a prediction
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_tta_is_measured_when_the_policy_has_flips(tmp_path):
     from cnnpipe.augment.policy import CIFAR10
     from cnnpipe.calibration import Calibration
@@ -132,6 +149,7 @@ def test_tta_is_measured_when_the_policy_has_flips(tmp_path):
     assert f"TTA temperature {calibration.tta_temperature:.4f}" in (tmp_path / "evaluation/report.md").read_text()
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_mismatched_model_and_empty_split_are_named(evaluated, tmp_path):
     model_dir = evaluated.parent / "model"
     write_tiny_dataset(tmp_path / "gray", classes=4, size=16, channels=1)

@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from cnnpipe.models import build_model
-from tests.conftest import REPO, cnnpipe, run
+from tests.helpers import REPO, cnnpipe, run
 
 pytestmark = pytest.mark.e2e
 ARCH = "torchvision/resnet18"  # learns the coloured squares in 3 epochs at 32 px (mobilenet_v3_small stays at chance)

@@ -25,7 +25,7 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import file_digest
 from cnnpipe.stages import ingest
 from tests import formats
-from tests.conftest import run
+from tests.helpers import run
 
 GTSRB_ZIP = Path(__file__).resolve().parents[2] / "shared/data/GTSRB_Final_Training_Images.zip"
 
@@ -159,6 +159,7 @@ def test_too_many_bad_files_fail_with_the_list_and_no_dataset(tmp_path):
     assert nothing_written(tmp_path)
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_tutorial_pickles_use_their_official_splits(tmp_path):
     folder = formats.pickle_set(tmp_path / "signs")
     summary, out = run_ingest(tmp_path, source="pickle", path=str(folder / "train.p"), image_size=32)

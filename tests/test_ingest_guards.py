@@ -27,7 +27,7 @@ from cnnpipe.data.archive import (
 from cnnpipe.data.safe_pickle import safe_load
 from cnnpipe.errors import CnnpipeError
 from tests import formats
-from tests.conftest import REPO, cnnpipe
+from tests.helpers import REPO, cnnpipe
 
 LIMITS = ArchiveLimits(max_member_mb=2, max_ratio=50, max_total_mb=64)
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

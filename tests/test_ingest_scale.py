@@ -21,7 +21,7 @@ from PIL import Image
 from cnnpipe.config import IngestConfig
 from cnnpipe.data.store import DatasetWriter, read_dataset
 from cnnpipe.stages import ingest
-from tests.conftest import user_env
+from tests.helpers import user_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,7 @@ def test_the_output_does_not_depend_on_the_workers(tmp_path, archive):
     assert len(set(ds.splits["train"].labels[:7].tolist())) == 3  # a chunk (a shard) holds every class
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_memory_does_not_grow_with_the_dataset(tmp_path):
     """Peak traced allocation (numpy arrays included) of ingesting 200 and 400 images: a few chunks either way."""
     run_ingest(tmp_path / "warm", path=str(photos(tmp_path / "few", 30)))  # imports and font caches: not traced
@@ -160,9 +161,3 @@ def test_ingest_killed_mid_way_resumes_and_matches_an_uninterrupted_run(tmp_path
     assert json.loads(again.stdout)["chunks_reused"] == done  # the finished chunks were not decoded again
     assert hashes(out / "processed") == hashes(tmp_path / "whole/processed")
     assert not (out / ".processed.staging").exists()
-
-
-def test_the_benchmark_script_runs(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/ingest_scale.py"), "--help"],
-                          capture_output=True, text=True, env=user_env())
-    assert proc.returncode == 0 and "--images" in proc.stdout

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, cnnpipe
+from tests.helpers import REPO, cnnpipe
 
 pytestmark = pytest.mark.e2e
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import cnnpipe, run, user_env
-from tests.conftest import make_workspace as make_dvc_workspace
+from tests.helpers import cnnpipe, run, user_env
+from tests.helpers import make_workspace as make_dvc_workspace
 from tests.registered import MODEL_NAME, make_workspace
 
 pytestmark = pytest.mark.e2e

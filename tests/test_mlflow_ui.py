@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, user_env, wait_for_http, write_tiny_dataset
+from tests.helpers import REPO, free_port, user_env, wait_for_http, write_tiny_dataset
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")]
@@ -67,6 +67,14 @@ def test_mlflow_ui_shows_a_sweep(tmp_path):
             assert key in dom, key
         runs_page = chromium(f"{base}/#/experiments/1/runs", ["--dump-dom"], tmp_path / "profile2")
         assert ">ui<" in runs_page  # the parent run, its children nested under it
+        # the experiment's saved view: the model-training view, the headline metrics as columns (a wide window:
+        # the table renders only the columns in view)
+        from cnnpipe.tracking import Tracker
+
+        view = chromium(base + Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", parent).view_page(),
+                        ["--dump-dom", "--window-size=4000,1200"], tmp_path / "profile4")
+        assert "Observability" not in view  # a tab of the GenAI view, where MLflow 3 opens by default
+        assert "viewing a shared view" in view and ">test/accuracy<" in view and ">val/accuracy<" in view
         shot = Path(os.environ.get("CNNPIPE_UI_SCREENSHOT", tmp_path / "mlflow_compare.png"))
         chromium(url, [f"--screenshot={shot}"], tmp_path / "profile3")
         assert shot.stat().st_size > 20_000

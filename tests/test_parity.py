@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import cnnpipe, make_workspace, run
+from tests.helpers import cnnpipe, make_workspace, run
 
 pytestmark = pytest.mark.e2e
 

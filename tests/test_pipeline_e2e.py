@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO, free_port, make_workspace, run, user_env, wait_for_http
+from tests.helpers import REPO, free_port, make_workspace, run, user_env, wait_for_http
 
 pytestmark = pytest.mark.e2e
 MODEL_NAME = "cnnpipe-digits"
@@ -46,6 +46,10 @@ def client(ws: Path):  # noqa: ANN201
 def test_repro_runs_every_stage_and_registers_an_accurate_model(workspace, first_repro):
     for stage in ("ingest", "augment", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in first_repro
+    # MLflow's chatter stays off the terminal (tracking.quiet_mlflow)
+    assert "Add type hints" not in first_repro and "database tables" not in first_repro, first_repro
+    # and register says where the UI shows the runs: the model-training view, headline metrics as columns
+    assert "/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=cnnpipe" in first_repro
     metrics = json.loads((workspace / "data/evaluation/metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.95, metrics
     manifest = json.loads((workspace / "data/processed/manifest.json").read_text())
@@ -79,7 +83,10 @@ def test_second_repro_is_a_noop(workspace, first_repro):
 
 
 def test_dvc_metrics_and_plots_read_the_outputs(workspace, first_repro):
-    assert "test.accuracy" in run(["dvc", "metrics", "show"], workspace)
+    shown = run(["dvc", "metrics", "show"], workspace)
+    header = shown.splitlines()[0].split()
+    assert "test.accuracy" in header and len(header) <= 8, shown  # the headline, not every score
+    assert json.loads((workspace / "data/evaluation/metrics.json").read_text())["test"]["ece_uncalibrated"] >= 0
     run(["dvc", "plots", "show", "-o", "plots"], workspace)
     assert (workspace / "plots" / "index.html").stat().st_size > 0
 
@@ -289,3 +296,20 @@ def test_mlflow_project_stage_entry_points(workspace, first_repro):
     # every param comes from the workspace's params.yaml (where `dvc exp run` may have left another arch)
     arch = yaml.safe_load((workspace / "params.yaml").read_text())["train"]["arch"]
     assert client(workspace).get_model_version("digits-stages", "1").tags["arch"] == arch
+
+
+def test_a_model_folder_restored_by_dvc_checkout_registers_again(workspace, first_repro):
+    """data/model/mlflow_run.json is .dvcignore'd: `dvc checkout` restores the folder without it, and register
+    finds the run that trained its model.pt instead of failing."""
+    import hashlib
+    import shutil
+
+    shutil.rmtree(workspace / "data/model")
+    (workspace / "data/registered.json").unlink()
+    run(["dvc", "checkout", "--force"], workspace)
+    assert not (workspace / "data/model/mlflow_run.json").exists()
+    out = run(["dvc", "repro"], workspace)
+    assert "Running stage 'register'" in out
+    record = json.loads((workspace / "data/registered.json").read_text())
+    digest = hashlib.sha256((workspace / "data/model/model.pt").read_bytes()).hexdigest()
+    assert client(workspace).get_run(record["run_id"]).data.tags["cnnpipe.model_sha256"] == digest

@@ -1,4 +1,5 @@
-"""README.md's figures come from the benchmark results: it is exactly what scripts/readme.py renders."""
+"""README.md and the docs pages carry figures from the benchmark results: each is exactly what scripts/readme.py
+renders from its template in docs/templates/."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def load_readme_script():  # noqa: ANN201 - the module
@@ -18,8 +19,19 @@ def load_readme_script():  # noqa: ANN201 - the module
 
 def test_readme_is_rendered_from_the_template_and_the_results():
     readme = load_readme_script()
-    assert (REPO / "README.md").read_text() == readme.render(readme.TEMPLATE.read_text()), \
-        "README.md is stale: edit docs/README.in.md and run `python scripts/readme.py`"
+    files = readme.rendered_files()
+    assert {REPO / "README.md", REPO / "docs/index.md"} <= files.keys()
+    stale = [str(path.relative_to(REPO)) for path, text in files.items() if not path.exists() or path.read_text() != text]
+    assert not stale, f"{stale} stale: edit docs/templates/ and run `python scripts/readme.py`"
+    assert not readme.orphans(files), "a generated page has lost its template: run `python scripts/readme.py`"
+
+
+def test_the_site_home_is_the_readme_with_links_inside_docs():
+    readme = load_readme_script()
+    files = readme.rendered_files()
+    assert "](docs/" in files[REPO / "README.md"]
+    assert "](docs/" not in files[REPO / "docs/index.md"]
+    assert files[REPO / "docs/index.md"] == files[REPO / "README.md"].replace("](docs/", "](")
 
 
 def test_placeholders_name_what_is_missing():
@@ -31,3 +43,19 @@ def test_placeholders_name_what_is_missing():
         readme.render("{{ ingest_gtsrb.nope }}")
     with pytest.raises(KeyError, match="unknown format"):
         readme.render("{{ ingest_gtsrb.wall_s | furlongs }}")
+    with pytest.raises(KeyError, match="no results file"):
+        readme.render("{{ table nothing_here.md }}")
+    with pytest.raises(KeyError, match="not a placeholder"):
+        readme.render("{{ ingest_gtsrb.wall_s | }}")
+
+
+def test_a_generated_page_without_its_template_is_found(tmp_path, monkeypatch):
+    readme = load_readme_script()
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates/kept.md").write_text("# kept\n")
+    (tmp_path / "gone.md").write_text(readme.HEADER.format("docs/templates/gone.md") + "# gone\n")
+    (tmp_path / "by-hand.md").write_text("# written by hand\n")
+    monkeypatch.setattr(readme, "DOCS", tmp_path)
+    monkeypatch.setattr(readme, "TEMPLATES", tmp_path / "templates")
+    files = {tmp_path / "kept.md": "x"}
+    assert readme.orphans(files) == [tmp_path / "gone.md"]

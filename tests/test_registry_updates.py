@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import cnnpipe, user_env
+from tests.helpers import cnnpipe, user_env
 from tests.registered import MODEL_NAME, make_workspace, train_and_register
 
 pytestmark = pytest.mark.e2e

@@ -18,7 +18,7 @@ from cnnpipe.engine.predictor import Predictor
 from cnnpipe.models import build_model
 from cnnpipe.serving.sagemaker import contract_invoke, deploy, export, extract, image_uri, load_inference
 from cnnpipe.serving.server import ServingApp, run_in_thread
-from tests.conftest import free_port
+from tests.helpers import free_port
 from tests.formats import encoded, sign_image
 
 CLASSES = ["stop", "yield", "keep left", "keep right"]

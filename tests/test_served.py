@@ -32,12 +32,13 @@ from cnnpipe.models import build_model
 from cnnpipe.serving.contract import MAX_PAYLOAD, input_fn, parse_body
 from cnnpipe.serving.local import predict_files
 from cnnpipe.serving.server import ServingApp, cnnpipe_invoke, run_in_thread
-from tests.conftest import REPO, cnnpipe, make_images
+from tests.helpers import REPO, cnnpipe, make_images
 from tests.formats import gtsrb_zip, sign_image
 
 # --- the dataset: whole frames and their boxes -----------------------------------------------------
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_ingest_keeps_whole_frames_and_boxes_scaled_to_the_stored_image(tmp_path):
     z = gtsrb_zip(tmp_path / "g.zip", classes=3, tracks=4, frames=3)
     params = yaml.safe_load((REPO / "params.yaml").read_text())

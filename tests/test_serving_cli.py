@@ -25,7 +25,7 @@ from cnnpipe.fsio import write_json
 from cnnpipe.models import build_model
 from cnnpipe.serving.onnx_runtime import OnnxPredictor
 from cnnpipe.tracking import Tracker
-from tests.conftest import REPO, cnnpipe, free_port, user_env, wait_for_http, write_tiny_dataset
+from tests.helpers import REPO, cnnpipe, free_port, user_env, wait_for_http, write_tiny_dataset
 
 pytestmark = pytest.mark.e2e
 NAME = "tiny-signs"

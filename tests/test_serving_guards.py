@@ -31,7 +31,7 @@ from cnnpipe.engine.checkpoint import ModelSpec, save_model
 from cnnpipe.errors import RequestError
 from cnnpipe.imaging import to_array
 from cnnpipe.models import build_model
-from tests.conftest import REPO, user_env
+from tests.helpers import REPO, user_env
 
 CLASSES = ["stop", "yield", "left", "right"]
 BUDGET = 1_000_000  # the fuzzed server's pixel budget: small, so that bombs are cheap to build here

@@ -6,7 +6,7 @@ import pytest
 from cnnpipe.data.split import stratified_split
 from cnnpipe.data.store import Split, read_dataset, write_dataset
 from cnnpipe.errors import CnnpipeError
-from tests.conftest import make_images, write_tiny_dataset
+from tests.helpers import make_images, write_tiny_dataset
 
 
 def test_roundtrip_and_manifest(tmp_path):

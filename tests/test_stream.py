@@ -28,7 +28,7 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import build_model
 from cnnpipe.stages import augment as augment_stage
 from cnnpipe.stages import train as train_stage
-from tests.conftest import REPO, cnnpipe, make_images, user_env
+from tests.helpers import REPO, cnnpipe, make_images, user_env
 
 CPU = torch.device("cpu")
 
@@ -227,6 +227,7 @@ def _stream_data(path: Path, cfg: TrainConfig) -> TrainData:
                                                 dist=Dist(), device=CPU))
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_resume_of_a_streamed_run_repeats_the_uninterrupted_run(tmp_path):
     path = sharded_dataset(tmp_path / "ds", n=20, per_shard=8)
     cfg = TrainConfig(arch="cnn3", width=8, epochs=3, batch_size=16, lr=0.05, ema=0.9, shuffle_buffer=10)
@@ -243,6 +244,7 @@ def test_resume_of_a_streamed_run_repeats_the_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_stream_and_device_paths_train_to_the_same_quality(tmp_path):
     size = 16
     splits = {}
@@ -359,6 +361,7 @@ def test_a_dataset_over_plain_http_streams_the_same_batches(tmp_path):
 
 @pytest.mark.parametrize("shards, threshold, written", [("auto", 1024.0, False), ("auto", 0.0, True),
                                                         ("always", 1024.0, True), ("never", 0.0, False)])
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_ingest_writes_shards_as_ingest_shards_says(tmp_path, shards, threshold, written):
     from cnnpipe.config import IngestConfig
     from cnnpipe.stages import ingest

@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from cnnpipe.errors import CnnpipeError
-from pipeline import trainjob
-from pipeline.training import Topology, arguments, as_parameter, compile_pipeline
-from tests.conftest import REPO, free_port, user_env
+from cnnpipe.pipeline import trainjob
+from cnnpipe.pipeline.topology import Topology
+from cnnpipe.pipeline.training import arguments, as_parameter, compile_pipeline
+from tests.helpers import REPO, free_port, user_env
 
 
 def compiled(tmp_path: Path, topology: Topology) -> tuple[dict, dict]:
@@ -149,7 +150,7 @@ def test_job_step_has_train_ports():
     import inspect
 
     from cnnpipe.stages.spec import STAGES
-    from components import stages
+    from cnnpipe.components import stages
 
     signature = inspect.signature(stages.train_job.python_func)
     artifacts = {k for k, p in signature.parameters.items() if "Input" in str(p.annotation) or "Output" in str(p.annotation)}

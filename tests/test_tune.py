@@ -10,10 +10,11 @@ import optuna
 import pytest
 import yaml
 
-from cnnpipe.config import TrackingConfig, load_tune
+from cnnpipe.config import TrackingConfig
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.search import tune
-from tests.conftest import REPO, cnnpipe, make_workspace, run, write_tiny_dataset
+from cnnpipe.search.space import load_tune
+from tests.helpers import REPO, cnnpipe, make_workspace, run, write_tiny_dataset
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -77,7 +78,8 @@ def test_apply_writes_the_best_trial_and_keeps_comments(tmp_path):
     after = yaml.safe_load(params.read_text())
     assert (after["train"]["lr"], after["train"]["width"], after["augment"]["rotate"]) == (0.123, 32, 5.5)
     text = params.read_text()
-    assert "channels_last: true   # 1.4-1.8x faster on this CPU" in text  # comments and layout survive
+    # comments and layout survive
+    assert "channels_last: true   # faster convolutions (benchmarks/results/train_throughput.json)" in text
     assert "  path: null            # the source's archive" in text
     before = (REPO / "params.yaml").read_text().splitlines()
     assert sum(a != b for a, b in zip(before, text.splitlines())) == 3 and len(before) == len(text.splitlines())
@@ -181,7 +183,7 @@ def test_study_on_digits_prunes_logs_applies_and_dvc_repro_trains_the_winner(tmp
 def test_katib_experiment_serializes_and_reads_back_through_katib_models(tmp_path):
     from kubeflow.katib import ApiClient, models
 
-    from pipeline import katib
+    from cnnpipe.pipeline import katib
 
     params = with_tune(**{**PARAMS["tune"], "jobs": 2, "n_trials": 12})
     cfg, space = load_tune(params, {})
@@ -213,7 +215,7 @@ def test_katib_experiment_serializes_and_reads_back_through_katib_models(tmp_pat
 
 
 def test_katib_grid_uses_the_same_values_and_rejects_what_katib_lacks(tmp_path):
-    from pipeline import katib
+    from cnnpipe.pipeline import katib
 
     cfg, space = load_tune(with_tune(**{**PARAMS["tune"], "sampler": "grid"}), {})
     manifest = yaml.safe_load(katib.write_experiment(tmp_path / "g.yaml", cfg, space, PARAMS, "x").read_text())
@@ -227,6 +229,7 @@ def test_katib_grid_uses_the_same_values_and_rejects_what_katib_lacks(tmp_path):
         katib.check(manifest)
 
 
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_pipeline_compile_tune_writes_the_experiment(tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     proc = cnnpipe("pipeline", "compile", "--tune", cwd=tmp_path)
@@ -245,7 +248,7 @@ def test_katib_trial_command_runs_and_its_metric_line_is_collected(tmp_path):
 
     from kubeflow.katib import ApiClient
 
-    from pipeline import katib
+    from cnnpipe.pipeline import katib
 
     params = {**PARAMS, "train": {**PARAMS["train"], "epochs": 1}}
     cfg, space = load_tune(params, {})

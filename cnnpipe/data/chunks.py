@@ -25,7 +25,7 @@ from cnnpipe.data.raw import Entries, Images
 from cnnpipe.data.shards import encode_png
 
 DIGEST_BYTES = 16
-HIST_IMAGES = 256  # images per np.bincount call: its int64 copy of the pixels stays ~100 MB at 224 px
+HIST_IMAGES = 256  # images per np.bincount call: bounds its int64 copy of the pixels
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ def resize_batch(images: np.ndarray, size: int, channels: int, chunk: int = 4096
     """Resize to size x size and convert to `channels` (1 = luma, 3 = RGB), in batches with torch."""
     if images.shape[1:] == (size, size, channels):
         return images
-    # imported here: torch's CUDA build costs ~650 MB of RSS, which ingest of files never needs
+    # imported here: torch costs hundreds of MB of resident memory, which ingest of files never needs
     import torch
     import torch.nn.functional as F
 

@@ -56,3 +56,6 @@ class RawDataset:
     files: int = 0  # image files (or records) seen, good and bad
     bad_files: list[dict] = field(default_factory=list)  # [{"path": ..., "error": ...}]
     cropped: bool = False  # the images are fixed crops to their boxes, not the whole frames a server gets
+    skipped_files: list[dict] = field(default_factory=list)  # [{"path": ..., "reason": ...}]: files not images
+    warnings: list[str] = field(default_factory=list)  # for the user, in the report and on stderr
+    layout: str | None = None  # how the source's folders were read (imagefolder: class or split folders)

@@ -32,6 +32,7 @@ from cnnpipe.engine.inference import normalize, predict_logits
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import head
 
+
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # uint8 N x C x H x W, int64 labels, float boxes
 
 

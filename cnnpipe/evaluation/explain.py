@@ -11,6 +11,12 @@ from torch import nn
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
 
+OUTPUT_DIR = Path("data/explain")  # beside the pipeline's other outputs, never among the images explained
+
+
+def default_output(image: Path) -> Path:
+    return OUTPUT_DIR / f"{image.stem}.gradcam.png"
+
 
 def target_layer(model: nn.Module) -> nn.Module | None:
     """The last convolution: the finest map that still sees the whole receptive field (None: no convolutions)."""
@@ -46,9 +52,22 @@ def overlays(model: nn.Module, x: torch.Tensor, images: np.ndarray, classes: lis
     return np.stack([show_cam_on_image(img, m, use_rgb=True) for img, m in zip(rgb, maps)])
 
 
+def _captioned(picture, caption: str):  # noqa: ANN001, ANN202 - PIL images
+    """`picture` under a white strip with `caption` (the class and confidence) in black."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    width = max(picture.width, int(font.getlength(caption)) + 8)
+    out = Image.new("RGB", (width, picture.height + 22), (255, 255, 255))
+    out.paste(picture, (0, 22))
+    ImageDraw.Draw(out).text((4, 3), caption, fill=(0, 0, 0), font=font)
+    return out
+
+
 def explain_image(predictor, image: Path, out: Path, class_name: str | None = None) -> dict:  # noqa: ANN001 - a Predictor
     """Grad-CAM of one image file for its predicted class (or `class_name`): a PNG of the image as the
-    model saw it beside the overlay; returns the prediction and the PNG's path."""
+    model saw it beside the overlay, captioned with the class and confidence; returns the prediction and the
+    PNG's path."""
     from PIL import Image
 
     from cnnpipe.engine.inference import normalize, to_nchw_uint8
@@ -72,8 +91,13 @@ def explain_image(predictor, image: Path, out: Path, class_name: str | None = No
     side_by_side = np.concatenate([seen, np.full((seen.shape[0], 2, 3), 255, np.uint8), overlay], axis=1)
     picture = Image.fromarray(side_by_side).resize((side_by_side.shape[1] * scale, side_by_side.shape[0] * scale),
                                                   Image.Resampling.NEAREST)
+    caption = f"{prediction['predicted_class']} {prediction['confidence']:.1%}"
+    if spec.classes[target] != prediction["predicted_class"]:
+        probability = next((k["probability"] for k in prediction["top_k"] if k["class"] == spec.classes[target]), None)
+        caption = f"{spec.classes[target]} {'' if probability is None else f'{probability:.1%} '}(predicted: {caption})"
+    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as tmp:
-        picture.save(tmp, format="PNG")
+        _captioned(picture, caption).save(tmp, format="PNG")
     return {"image": str(image), "output": str(out), "explained_class": spec.classes[target],
             "predicted_class": prediction["predicted_class"], "confidence": prediction["confidence"],
             "top_k": prediction["top_k"]}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-METRICS_FILE = "metrics.json"  # {"val": {...}, "test": {...}}: `dvc metrics show`, register's tags
+METRICS_FILE = "metrics.json"  # {"val": {...}, "test": {...}, ...}: every score; register's tags
+HEADLINE_FILE = "headline.json"  # tracking.HEADLINE_METRICS of metrics.json, nested: `dvc metrics show`
 CALIBRATION_FILE = "calibration.json"  # {"temperature": T, ...}: cnnpipe.calibration; register packages it
 CONFUSION_JSON = "confusion_matrix.json"  # {"categories", "matrix"}: KFP's ClassificationMetrics
 CONFUSION_CSV = "confusion_matrix.csv"

@@ -22,8 +22,9 @@ class Report:
     def text(self, text: str) -> None:
         self.blocks.append(("p", text))
 
-    def table(self, header: list[str], rows: list[list]) -> None:
-        self.blocks.append(("table", header, [[_fmt(v) for v in row] for row in rows]))
+    def table(self, header: list[str], rows: list[list], folded: str | None = None) -> None:
+        """`folded`: the HTML shows the table closed under this summary (a long table of details)."""
+        self.blocks.append(("table", header, [[_fmt(v) for v in row] for row in rows], folded))
 
     def image(self, file: str, caption: str) -> None:
         self.blocks.append(("img", file, caption))
@@ -56,7 +57,8 @@ class Report:
             elif b[0] == "table":
                 head = "".join(f"<th>{html.escape(h)}</th>" for h in b[1])
                 body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b[2])
-                parts.append(f"<table><tr>{head}</tr>{body}</table>")
+                table = f"<table><tr>{head}</tr>{body}</table>"
+                parts.append(f"<details><summary>{html.escape(b[3])}</summary>{table}</details>" if b[3] else table)
             else:
                 data = base64.b64encode((folder / b[1]).read_bytes()).decode()
                 parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b[2])}'>"

@@ -4,8 +4,7 @@ A 3x3 stem, then three blocks of conv -> 2x2 max-pool -> BN -> GELU -> conv -> B
 (w, 2w, 4w), a global max-pool and a bias-free linear head whose logits are scaled down (airbench's
 trick: it keeps early training from saturating the softmax).
 
-Measured on the 2-core CPU (channels_last, batch 256, 32x32 RGB, 43 classes): w=16 trains at
-~3,700 img/s, w=32 at ~1,700 img/s, w=64 at ~520 img/s.
+Its training speed per width is measured in benchmarks/results/train_throughput.json.
 """
 
 from torch import nn

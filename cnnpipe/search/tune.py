@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 import optuna
 
-from cnnpipe.config import AugmentConfig, Dimension, TrackingConfig, TrainConfig, TuneConfig, load_block, sqlite_path
+from cnnpipe.config import AugmentConfig, TrackingConfig, TrainConfig, TuneConfig, load_block, sqlite_path
 from cnnpipe.data.store import MANIFEST_FILE
 from cnnpipe.engine.device import available_cores
 from cnnpipe.engine.model_folder import read_history
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.search.space import Dimension
 from cnnpipe.fsio import atomic_file, write_json
 from cnnpipe.stages import augment, train
 

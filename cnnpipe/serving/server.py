@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
 ROUTES_HINT = "use GET /ping or POST /invocations"
 # Inference threads per worker process. One: a request holds a few images, too little work to share out,
-# and intra-op threads waiting on each other cost most on a busy machine (measured here under load: one
-# 32x32 image in 11 ms with one thread, 420 ms with two). More cores: more --workers.
+# and intra-op threads waiting on each other cost most on a busy machine (measured here under load: a
+# one-image request many times slower with two threads than with one). More cores: more --workers.
 INFERENCE_THREADS = 1
 
 Invoke = Callable[[bytes, str, Mapping[str, str]], tuple[int, dict]]  # (body, content type, query) -> status, JSON
@@ -237,7 +237,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         # head and body leave as two writes: with Nagle's algorithm the body waits for the client's
-        # delayed ACK, a flat ~40 ms per request (asyncio sets TCP_NODELAY only on proto=IPPROTO_TCP sockets)
+        # delayed-ACK timer on every request (asyncio sets TCP_NODELAY only on proto=IPPROTO_TCP sockets)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

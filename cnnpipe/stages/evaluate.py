@@ -48,6 +48,7 @@ from cnnpipe.evaluation.folder import (
     CONFUSION_CSV,
     CONFUSION_JSON,
     CONFUSION_PNG,
+    HEADLINE_FILE,
     METRICS_FILE,
     MOST_CONFUSED_FILE,
     PREDICTIONS_FILE,
@@ -58,6 +59,7 @@ from cnnpipe.evaluation.report import Report
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent
 from cnnpipe.imaging import as_requests
 from cnnpipe.models import count_parameters
+from cnnpipe.tracking import HEADLINE_METRICS
 
 SPLITS = ("val", "test")
 MAX_MAP_LAYERS = 16  # rows of the feature-map figure
@@ -154,42 +156,60 @@ def _figures(folder: Path, model: torch.nn.Module, spec: ModelSpec, images: np.n
     return made
 
 
+WORST_CLASSES = 10  # rows of the report's worst-classes table (the full per-class table follows further down)
+
+
 def _report(folder: Path, ds: Dataset, spec: ModelSpec, n_params: int, train_cfg: dict, metrics: dict,
             results: dict, made: list[tuple], temperature: float, calibrate: bool, tta_note: str) -> None:
+    """Top-down: the headline (accuracy per protocol, calibration, the confusion matrix, the worst classes), then
+    the details, the data and the model; the training params folded at the end."""
     r = Report("cnnpipe evaluation report")
-    src = ds.manifest["source"]
-    r.heading("Data")
-    r.text(f"Source {src['name']}" + (f" ({src['path']})" if src.get("path") else "") +
-           f"; {len(ds.classes)} classes; {ds.image_size}x{ds.image_size}, {ds.channels} channel(s).")
-    r.table(["split", "images"], [[k, v["total"]] for k, v in ds.manifest["counts"].items()])
-    r.heading("Model")
-    r.text(f"{spec.arch}, width {spec.width}: {n_params:,} parameters.")
-    if train_cfg:
-        r.table(["train param", "value"], [[k, str(v)] for k, v in train_cfg.get("train", {}).items()])
-    r.heading("Metrics")
+    figures_of = dict(made)
+    r.heading("Headline")
     r.text(f"Protocol: {protocol_note(ds)}.")
-    names = list(next(iter(metrics.values())))
-    r.table(["split", *names], [[split, *m.values()] for split, m in metrics.items()])
+    r.table(["split", "accuracy", "top-5 accuracy", "F1 macro", "ECE", "loss"],
+            [[split, m["accuracy"], m["top5_accuracy"], m["f1_macro"], m["ece"], m["loss"]] for split, m in metrics.items()])
     r.heading("Calibration")
     r.text(f"Temperature T = {temperature:.4f}, fitted on the val split (NLL): the registered and served model answers "
            f"softmax(logits / T); accuracy is unchanged." if calibrate else
            "Not calibrated (evaluate.calibrate: false): T = 1.")
     r.table(["split", "ECE before", "ECE after", "NLL before", "NLL after"],
             [[split, m["ece_uncalibrated"], m["ece"], m["loss_uncalibrated"], m["loss"]] for split, m in metrics.items()])
+    if "reliability_diagram.png" in figures_of:
+        r.image("reliability_diagram.png", figures_of.pop("reliability_diagram.png"))
+    r.heading("Confusion matrix (test)")
+    r.image(CONFUSION_PNG, figures_of.pop(CONFUSION_PNG))
+    r.heading("Worst classes (test)")
+    worst = sorted(results["test"]["per_class"], key=lambda c: (c["f1"], c["class"]))[:WORST_CLASSES]
+    r.table(["class", "f1", "precision", "recall", "support"],
+            [[c["class"], c["f1"], c["precision"], c["recall"], c["support"]] for c in worst])
+    r.heading("Most confused pairs (test)")
+    r.table(["true", "predicted", "count"], [[p["true"], p["predicted"], p["count"]] for p in results["test"]["most_confused"]])
     r.heading("Test-time augmentation")
     r.text(tta_note)
     if "accuracy_tta" in next(iter(metrics.values())):
         r.table(["split", "accuracy", "accuracy TTA", "ECE", "ECE TTA", "ms / image", "ms / image TTA"],
                 [[split, m["accuracy"], m["accuracy_tta"], m["ece"], m["ece_tta"], m["ms_per_image"],
                   m["ms_per_image_tta"]] for split, m in metrics.items()])
-    r.heading("Most confused pairs (test)")
-    r.table(["true", "predicted", "count"], [[p["true"], p["predicted"], p["count"]] for p in results["test"]["most_confused"]])
+    r.heading("Every metric")
+    names = list(next(iter(metrics.values())))
+    r.table(["split", *names], [[split, *m.values()] for split, m in metrics.items()])
+    r.heading("Figures")
+    for file, caption in figures_of.items():
+        r.image(file, caption)
     r.heading("Per class (test)")
     r.table(["class", "precision", "recall", "f1", "support"],
             [[c["class"], c["precision"], c["recall"], c["f1"], c["support"]] for c in results["test"]["per_class"]])
-    r.heading("Figures")
-    for file, caption in made:
-        r.image(file, caption)
+    r.heading("Data")
+    src = ds.manifest["source"]
+    r.text(f"Source {src['name']}" + (f" ({src['path']})" if src.get("path") else "") +
+           f"; {len(ds.classes)} classes; {ds.image_size}x{ds.image_size}, {ds.channels} channel(s).")
+    r.table(["split", "images"], [[k, v["total"]] for k, v in ds.manifest["counts"].items()])
+    r.heading("Model")
+    r.text(f"{spec.arch}, width {spec.width}: {n_params:,} parameters.")
+    if train_cfg:
+        r.table(["train param", "value"], [[k, str(v)] for k, v in train_cfg.get("train", {}).items()],
+                folded="Training params")
     r.write(folder)
 
 
@@ -272,8 +292,17 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
     history = read_history(model_dir)
     test = results["test"]
     names = np.asarray(ds.classes)
+    logged = {f"{split}/{k}": v for split, m in metrics.items() for k, v in m.items()} | \
+        {"calibration/temperature": temperature} | \
+        ({"calibration/temperature_tta": calibration.tta_temperature} if calibration.tta_temperature is not None else {})
+    headline: dict[str, dict[str, float]] = {}
+    for key in HEADLINE_METRICS:  # nested, as `dvc metrics show` and `dvc exp show` name them: test.accuracy
+        if key in logged:
+            group, name = key.split("/")
+            headline.setdefault(group, {})[name] = round(logged[key], 6)
     with atomic_dir(out) as tmp:
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / HEADLINE_FILE).write_text(json.dumps(headline, indent=2) + "\n")
         calibration.write(tmp / CALIBRATION_FILE, fitted_on="val (NLL)" if cfg.calibrate else None)
         _write_csv(tmp / CONFUSION_CSV, ["true \\ predicted", *ds.classes],
                    [[c, *row] for c, row in zip(ds.classes, test["confusion"].tolist())])
@@ -294,10 +323,7 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
                 tta_note)
         if tracker is not None:
             # at the last epoch's step, so val/* continues train's curves instead of restarting at 0
-            tracker.log_metrics({f"{split}/{k}": v for split, m in metrics.items() for k, v in m.items()} |
-                                {"calibration/temperature": temperature} |
-                                ({"calibration/temperature_tta": calibration.tta_temperature}
-                                 if calibration.tta_temperature is not None else {}), step=len(history))
+            tracker.log_metrics(logged, step=len(history))
             tracker.set_tags({"evaluate.protocol": protocol_note(ds), "evaluate.tta": tta_note})
             tracker.log_artifact(tmp, "evaluate")
     print(f"calibration: temperature {temperature:.4f}" + ("" if cfg.calibrate else " (evaluate.calibrate: false)") +

@@ -31,7 +31,7 @@ from cnnpipe.cores import available_cores
 from cnnpipe.data import figures, versioned
 from cnnpipe.data.chunks import ChunkJob, DecodeSpec, run_chunks
 from cnnpipe.data.raw import Entries, Images, RawDataset
-from cnnpipe.data.sources import load_source
+from cnnpipe.data.sources import load_source, resolve_source
 from cnnpipe.data.split import stratified_split
 from cnnpipe.data.store import FIGURES_DIR, FORMAT, IMAGES_FILE, LABELS_FILE, SPLITS, DatasetWriter, Split, write_files
 from cnnpipe.errors import CnnpipeError
@@ -89,7 +89,10 @@ def run(*, cfg: IngestConfig, data: Path, report: Path) -> dict:
         commit = versioned.resolve_commit(cfg.dvc_repo, cfg.dvc_rev)
         origin = {"repo": cfg.dvc_repo, "rev": cfg.dvc_rev, "commit": commit}
         cfg = dataclasses.replace(cfg, dvc_rev=commit)
+    cfg, detected = resolve_source(cfg)  # auto: the source the path holds, and why
     raw = load_source(cfg)
+    for warning in raw.warnings:
+        print(f"ingest: warning: {warning}", file=sys.stderr)
     if len(raw.pool.labels) == 0:
         raise CnnpipeError(f"ingest.source {cfg.source!r}: no usable images found")
     shape = (cfg.image_size, cfg.image_size, cfg.channels)
@@ -123,11 +126,14 @@ def run(*, cfg: IngestConfig, data: Path, report: Path) -> dict:
 
         bad_files = raw.bad_files + writer.bad_files()
         bad_fraction = len(bad_files) / max(raw.files, 1)
-        summary = {"source": cfg.source, "files": raw.files, "bad_files": len(bad_files),
-                   "bad_fraction": round(bad_fraction, 6), "classes": len(raw.classes)}
+        summary = {"source": cfg.source, **({"source_detected_from": detected} if detected else {}),
+                   **({"layout": raw.layout} if raw.layout else {}), "files": raw.files, "bad_files": len(bad_files),
+                   "bad_fraction": round(bad_fraction, 6), "skipped_files": len(raw.skipped_files),
+                   "classes": len(raw.classes), **({"warnings": raw.warnings} if raw.warnings else {})}
+        lists = {"bad_file_list": bad_files, "skipped_file_list": raw.skipped_files}
         if bad_fraction > cfg.max_bad_fraction:
             staging.discard()
-            write_json(report, {**summary, "status": "failed", "bad_file_list": bad_files})
+            write_json(report, {**summary, "status": "failed", **lists})
             raise CnnpipeError(f"ingest: {len(bad_files)} of {raw.files} files are unusable ({bad_fraction:.1%}), more "
                                f"than ingest.max_bad_fraction={cfg.max_bad_fraction}; the list is in '{report}'")
         duplicates = writer.duplicates()
@@ -154,9 +160,12 @@ def run(*, cfg: IngestConfig, data: Path, report: Path) -> dict:
     images = int(sum(c["total"] for c in manifest["counts"].values()))
     summary |= {"images": images, "splits": {name: c["total"] for name, c in manifest["counts"].items()},
                 "duplicates_across_splits": duplicates, **({"dvc": origin} if origin else {})}
-    write_json(report, {**summary, "status": "ok", "bad_file_list": bad_files, "counts": manifest["counts"]})
+    write_json(report, {**summary, "status": "ok", **lists, "counts": manifest["counts"]})
     if bad_files:
         print(f"ingest: skipped {len(bad_files)} unusable file(s) of {raw.files}; listed in '{report}'", file=sys.stderr)
+    if raw.skipped_files:
+        print(f"ingest: skipped {len(raw.skipped_files)} file(s) outside the dataset (not images, or images outside "
+              f"class folders); listed in '{report}'", file=sys.stderr)
     seconds = time.monotonic() - started
     return {**summary, "workers": workers, "chunks": len(chunks), "chunks_reused": len(reused),
             "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1)}

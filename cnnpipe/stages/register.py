@@ -8,7 +8,9 @@ reaches the registry.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -31,9 +33,9 @@ from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.promotion import promote
 from cnnpipe.serving import trusted
 from cnnpipe.serving.onnx_runtime import ONNX_FILE
-from cnnpipe.tracking import CHALLENGER, STATE_TAG, Registry, Tracker, owner_tags
+from cnnpipe.tracking import CHALLENGER, CHAMPION, STATE_TAG, Registry, Tracker, owner_tags, quiet_mlflow
 
-
+CLASSES_TAG = "classes_sha256"  # on every version: the next registration compares its classes without a download
 ONNX_CHECK_IMAGES = 64  # test images the exported graph must answer like torch on before it is registered
 
 
@@ -57,14 +59,44 @@ def check_quality(cfg: RegisterConfig, metrics: dict, num_classes: int, where: P
     return accuracy
 
 
+def classes_digest(classes: list[str]) -> str:
+    return hashlib.sha256(json.dumps(classes).encode()).hexdigest()
+
+
+def _listed(classes: list[str]) -> str:
+    return f"{len(classes)} classes: {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}"
+
+
+def check_classes(registry: Registry, name: str, classes: list[str]) -> None:
+    """A CnnpipeError naming register.model_name when `name`'s champion (else its latest version) predicts
+    other classes than `classes`: another dataset's model never becomes a version of it."""
+    versions = registry.client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        return
+    ref = registry.alias_version(name, CHAMPION) or str(max(int(v.version) for v in versions))
+    version = registry.version(name, ref)
+    digest = version.tags.get(CLASSES_TAG)
+    if digest is None:  # registered before the tag existed: read the model itself
+        theirs = trusted.load(registry, f"models:/{name}/{ref}")[0].spec.classes
+        digest, known = classes_digest(theirs), f" ({_listed(theirs)})"
+    else:
+        known = ""
+    if digest != classes_digest(classes):
+        raise CnnpipeError(f"register.model_name {name!r}: its version {ref}{known} predicts other classes than this "
+                           f"model ({_listed(classes)}); expected a new register.model_name for this dataset: "
+                           "no version created")
+
+
 def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, record: Path,
         tracking: TrackingConfig) -> dict:
     """Log the model folder `model` as a pyfunc into its pipeline run, with the calibration `evaluation` holds,
     register it (alias challenger), promote when asked; the registration is written to `record`."""
     model_dir, out = model, record
-    from cnnpipe.serving import pyfunc_model
     from cnnpipe.serving.onnx_model import registered_graph
-    from cnnpipe.serving.pyfunc import predict_frame
+
+    with quiet_mlflow():  # MLflow checks the pyfunc's class as it is defined
+        from cnnpipe.serving import pyfunc_model
+        from cnnpipe.serving.pyfunc import predict_frame
 
     ensure_writable_parent(out)
     calibrated = Calibration.read(evaluation / CALIBRATION_FILE)  # served with the model: softmax(logits / T)
@@ -78,6 +110,8 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     registry = Registry(tracking.uri)
     test = metrics.get("test", {})
     version = registry.run_version(cfg.model_name, tracker.run_id)
+    if version is None:
+        check_classes(registry, cfg.model_name, predictor.spec.classes)
     if version is not None:  # a re-run (or one killed after registering): the run's version, not an orphan beside it
         print(f"{cfg.model_name} version {version} is already registered from run {tracker.run_id}: reusing it",
               file=sys.stderr)
@@ -105,13 +139,16 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
         tags = {"run_id": tracker.run_id, "arch": predictor.spec.arch, **lineage, **Tracker.source_tags(ds.manifest, data),
                 **{f"test.{k}": v for k, v in test.items()},
                 **{f"test_roi.{k}": v for k, v in metrics.get("test_roi", {}).items()},
-                calibration.TEMPERATURE_TAG: calibrated.temperature, **hashes, **owner_tags(),
+                calibration.TEMPERATURE_TAG: calibrated.temperature, CLASSES_TAG: classes_digest(predictor.spec.classes),
+                **hashes, **owner_tags(),
                 STATE_TAG: "registering"}
         version = tracker.register_model(model_uri, cfg.model_name, tags)
     registry.set_alias(cfg.model_name, CHALLENGER, version)
     registry.tag_version(cfg.model_name, version, {STATE_TAG: "registered"})  # killed before this: `gc` deletes it
     print(f"registered {cfg.model_name} version {version} as {CHALLENGER} "
-          f"(test accuracy {test.get('accuracy', float('nan')):.4f})", file=sys.stderr)
+          f"(test accuracy {test.get('accuracy', float('nan')):.4f}); the runs in MLflow's UI: "
+          f"{tracking.uri.rstrip('/') if tracking.uri.startswith('http') else '<mlflow ui>'}{tracker.view_page()}",
+          file=sys.stderr)
     promotion = promote(cfg, tracking, cfg.model_name, version, data) if cfg.auto_promote else None
     registration = {"name": cfg.model_name, "version": version, "model_uri": f"models:/{cfg.model_name}/{version}",
               "logged_model_uri": model_uri, "run_id": tracker.run_id, "tracking_uri": tracking.uri,

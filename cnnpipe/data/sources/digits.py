@@ -13,7 +13,7 @@ from cnnpipe.fsio import file_digest
 
 
 def load(cfg: IngestConfig) -> RawDataset:
-    from sklearn.datasets import load_digits  # imported here: ~190 MB that other sources never need
+    from sklearn.datasets import load_digits  # imported here: memory that other sources never need
 
     digits = load_digits()
     # 0..16 ink levels -> 0..255 gray, N x 8 x 8 x 1
