@@ -13,7 +13,7 @@ at 1 and 16 clients: throughput, p50/p99. The servers:
 Every server runs --workers (default 2) workers. The model: serve_load.py's (fastnet trained on GTSRB through
 the real CLI, registered: its ONNX graph exported by register).
 
-    flock /tmp/cnnpipe-bench.lock .venv/bin/python benchmarks/serve_image.py [--seconds 20] [--workers 2]
+    flock /tmp/cnnpipe-bench.lock nice -n 5 .venv/bin/python -m benchmarks.serve_image [--seconds 20] [--workers 2]
 """
 
 from __future__ import annotations
@@ -32,29 +32,14 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import record  # noqa: E402
-from serve_load import BIN, GTSRB_ZIP, ROOT, build_model, free_port, load, sample_png, stop  # noqa: E402
+from benchmarks.harness import load_average, process_rss_mb, record
+from benchmarks.serve_load import BIN, GTSRB_ZIP, ROOT, build_model, free_port, load, sample_png, stop
 
 IMAGE = "localhost/cnnpipe-onnx:bench"
 PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "container/containers.conf")}
 TORCH_IMAGE_MB = 6658  # EXTRAS=serve,mlflow: benchmarks/results/image_build_serve.json
 TARGETS = {"image_mb": 600, "cold_start_s": 3.0, "rss_per_worker_mb_at_rest": 150,
            "throughput_c16_over_torch": 2.0, "throughput_c16_over_mlflow": 5.0}
-
-
-def cpu_flags() -> list[str]:
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        return next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                    if line.startswith("VmRSS:")) / 1024
-    except (OSError, StopIteration):
-        return 0.0
 
 
 def children(pid: int) -> list[int]:
@@ -76,10 +61,10 @@ def worker_rss(root: int) -> list[float]:
     # uvicorn's Multiprocess spawns its workers via multiprocessing: a resource tracker is not a worker
     workers = [k for k in kids if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
     if not workers:
-        return [round(rss_mb(root), 1)]
+        return [round(process_rss_mb(root), 1)]
     if len(workers) == 1 and children(workers[0]):  # a launcher in between
         return worker_rss(workers[0])
-    return [round(rss_mb(k), 1) for k in workers]
+    return [round(process_rss_mb(k), 1) for k in workers]
 
 
 def wait_ping(port: int, alive, deadline_s: float = 300) -> float:  # noqa: ANN001 - a callable
@@ -183,7 +168,7 @@ def measure(server: Server, bodies: dict[str, tuple[bytes, str]], seconds: float
                 out[f"{label}_c{clients}"], seen = under_load(server, body, ctype, clients, seconds)
                 peak = max(peak, seen)
         out["rss_per_worker_mb_under_load_max"] = peak
-        out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        out["load_average_after"] = load_average()
     finally:
         server.stop()
     return out
@@ -219,14 +204,13 @@ def main() -> None:
     parser.add_argument("--note", default=None, help="what else ran on the machine meanwhile")
     args = parser.parse_args()
     ws = args.work
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     if args.reuse and (ws / "dataset.txt").exists():
         dataset = (ws / "dataset.txt").read_text()
     else:
         shutil.rmtree(ws, ignore_errors=True)
         ws.mkdir(parents=True)
         dataset = build_model(ws, args.zip, args.epochs)
-    sys.path.insert(0, str(ROOT))
     from cnnpipe.tracking import Registry
 
     model_dir = ws / "version"
@@ -257,8 +241,7 @@ def main() -> None:
         "model": f"fastnet (width 32, {args.epochs} epochs) trained on {dataset}, models:/serve-load@champion",
         "workers": args.workers, "seconds_per_level": args.seconds, "cold_starts": args.starts,
         "image": image, "torch_image_mb": TORCH_IMAGE_MB, "results": results, "throughput_ratios": ratios,
-        "targets": TARGETS, "cpu_flags": cpu_flags(), "load_average_before": load_before,
-        "command": " ".join(["python", "benchmarks/serve_image.py", *sys.argv[1:]]), "note": args.note,
+        "targets": TARGETS, "load_average_before": load_before, "note": args.note,
     })
 
 

@@ -28,7 +28,7 @@ from cnnpipe.fsio import write_json
 from cnnpipe.models import build_model
 from cnnpipe.serving import trusted
 from cnnpipe.tracking import Registry, Tracker
-from tests.conftest import REPO, free_port, user_env, wait_for_http, write_tiny_dataset
+from tests.helpers import REPO, free_port, user_env, wait_for_http, write_tiny_dataset
 from tests.formats import encoded, sign_image
 
 pytestmark = pytest.mark.e2e
