@@ -16,11 +16,12 @@ ENV PATH=/opt/cnnpipe/bin:$PATH \
     MPLBACKEND=Agg
 
 # EXTRAS: which of pyproject's extras the image carries. `all` (the default) is the components' image;
-# `serve,mlflow` is a serving image: the model, the HTTP server and the registry client, no DVC, kfp,
-# scikit-learn or matplotlib.
+# `serve,mlflow` is a torch serving image: the model, the HTTP server and the registry client, no DVC, kfp,
+# scikit-learn or matplotlib; `serve-onnx` the lean one: ONNX Runtime on the graph register exported, no torch
+# (`cnnpipe serve --backend onnxruntime --host 0.0.0.0 --model <the version's folder or models:/ URI>`).
 ARG EXTRAS=all
 
-# Dependencies first, pinned by constraints.txt (torch with its CUDA libraries, for the train step's GPU),
+# Dependencies first, pinned by constraints.txt (torch, when an extra needs it, with its CUDA libraries),
 # so changing cnnpipe's code rebuilds only the small layer below. pip's cache is a cache mount: never in
 # the image (BuildKit also keeps it between builds).
 COPY pyproject.toml constraints.txt container/requirements.py /tmp/cnnpipe/
@@ -33,8 +34,10 @@ COPY cnnpipe /tmp/cnnpipe/cnnpipe
 COPY components /tmp/cnnpipe/components
 COPY pipeline /tmp/cnnpipe/pipeline
 RUN pip install --no-cache-dir --no-deps /tmp/cnnpipe && rm -rf /tmp/cnnpipe \
- && python3 -c "import cnnpipe.cli, torch, torchvision" \
+ && python3 -c "import cnnpipe.cli" \
  && cnnpipe --version
 
+# the project's defaults, so `cnnpipe serve` / `predict` run in /workspace without a params.yaml of the user's
+COPY params.yaml /workspace/params.yaml
 WORKDIR /workspace
 CMD ["cnnpipe", "--help"]

@@ -47,7 +47,8 @@ CALIBRATION_HELP = ("the calibration.json of `cnnpipe evaluate` to apply instead
 EXTRA_OF_MODULE = {"sklearn": "train", "matplotlib": "train", "uvicorn": "serve", "starlette": "serve",
                    "mlflow": "mlflow", "pandas": "mlflow", "dvc": "dvc", "kfp": "kfp", "docker": "kfp",
                    "boto3": "sagemaker", "botocore": "sagemaker", "optuna": "tune", "ruamel": "tune",
-                   "kubeflow": "katib", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
+                   "kubeflow": "katib", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "serve-onnx",
+                   "torch": "torch", "torchvision": "torch",
                    "timm": "timm", "safetensors": "timm", "pytorch_grad_cam": "explain",
                    "webdataset": "stream"}
 
@@ -91,19 +92,19 @@ def _model_uri(args: argparse.Namespace, params: dict, pp: Path) -> str:
 def _serve(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     import tempfile
 
-    from cnnpipe.serving.local import load_registered, served_model_file
     from cnnpipe.serving.contract import Budgets
+    from cnnpipe.serving.local import load_model_file
     from cnnpipe.serving.server import INFERENCE_THREADS, ModelInvoke, ServingApp, listen, serve
 
     cfg = load_block(ServeConfig, "serve", params if "serve" in params else {**params, "serve": {}}, vars(args), pp)
     uri = _model_uri(args, params, pp)
-    predictor, top_k = load_registered(tracking_config(params, args, pp), uri, args.calibration, cfg.tta,
-                                       allow_unverified=args.allow_unverified)
-    if cfg.tta and not predictor.tta:
-        print(f"serve: TTA off: {uri} carries no flip that keeps or swaps a class", file=sys.stderr)
-    sock = listen(args.host, args.port)
     with tempfile.TemporaryDirectory(prefix="cnnpipe-serve-") as folder:
-        model_file = served_model_file(predictor, top_k, cfg.backend, Path(folder))
+        predictor, top_k, model_file = load_model_file(tracking_config(params, args, pp), uri, cfg.backend, Path(folder),
+                                                       args.calibration, cfg.tta,
+                                                       allow_unverified=args.allow_unverified)
+        if cfg.tta and not predictor.tta:
+            print(f"serve: TTA off: {uri} carries no flip that keeps or swaps a class", file=sys.stderr)
+        sock = listen(args.host, args.port)
         app = ServingApp(ModelInvoke(str(model_file), cfg.backend, top_k, Budgets.of(cfg), INFERENCE_THREADS,
                                      predictor.calibration, predictor.tta), cfg)
         if cfg.workers == 1:
@@ -114,11 +115,15 @@ def _serve(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
 
 def _predict(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    from cnnpipe.serving.local import load_registered, predict_files
+    import tempfile
 
-    predictor, _ = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp), args.calibration,
-                                   allow_unverified=args.allow_unverified)
-    return predict_files(predictor, args.paths, args.output, args.batch_size)
+    from cnnpipe.serving.local import load_model_file, predict_files
+
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-predict-") as folder:
+        predictor, _, _ = load_model_file(tracking_config(params, args, pp), _model_uri(args, params, pp), args.backend,
+                                          Path(folder), args.calibration,
+                                          allow_unverified=args.allow_unverified)
+        return {**predict_files(predictor, args.paths, args.output, args.batch_size), "backend": args.backend}
 
 
 def _explain(args: argparse.Namespace, params: dict, pp: Path) -> dict:
@@ -194,33 +199,47 @@ def _pipeline(args: argparse.Namespace, params: dict, pp: Path) -> dict:
 
 
 def _export(args: argparse.Namespace, params: dict, pp: Path) -> dict:
-    from cnnpipe.serving.local import load_registered
+    import shutil
+    import tempfile
 
-    predictor, top_k = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp), args.calibration,
-                                       args.tta, allow_unverified=args.allow_unverified)
-    if args.target == "onnx":
-        from cnnpipe.serving.onnx_model import export_onnx
+    from cnnpipe.fsio import atomic_file
+    from cnnpipe.serving.local import load_model_file, load_registered
 
-        return export_onnx(predictor, top_k, args.output or Path("model.onnx"))
+    tracking, uri = tracking_config(params, args, pp), _model_uri(args, params, pp)
+    if args.target == "onnx" or args.backend == "onnxruntime":  # the registered graph, or one exported now
+        with tempfile.TemporaryDirectory(prefix="cnnpipe-export-") as folder:
+            predictor, _, graph = load_model_file(tracking, uri, "onnxruntime", Path(folder), args.calibration, args.tta,
+                                                  allow_unverified=args.allow_unverified)
+            if args.target == "sagemaker":
+                from cnnpipe.serving.sagemaker import export_onnx_archive
+
+                return export_onnx_archive(graph, args.tta, args.output or Path("model.tar.gz"))
+            output = args.output or Path("model.onnx")
+            with atomic_file(output) as tmp:
+                shutil.copyfile(graph, tmp)
+            return {"onnx": str(output), "bytes": output.stat().st_size, "classes": len(predictor.spec.classes),
+                    "temperature": predictor.calibration.temperature}
     from cnnpipe.serving.sagemaker import export
 
+    predictor, top_k = load_registered(tracking, uri, args.calibration, args.tta, allow_unverified=args.allow_unverified)
     return export(predictor, top_k, args.output or Path("model.tar.gz"))
 
 
 def _deploy(args: argparse.Namespace, params: dict, pp: Path) -> dict:
     import tempfile
 
-    from cnnpipe.serving.local import load_registered
-    from cnnpipe.serving.sagemaker import deploy, export
+    from cnnpipe.serving.sagemaker import deploy
 
     name = args.endpoint_name or _cfg(RegisterConfig, "register", args, params, pp).model_name
+    if args.backend == "onnxruntime" and not args.image_uri:
+        raise CnnpipeError("deploy --backend onnxruntime: pass --image-uri, a container that installs "
+                           "code/requirements.txt (AWS's framework containers do) or a lean image with onnxruntime")
     with tempfile.TemporaryDirectory() as d:
         archive = args.archive
         if archive is None:
-            predictor, top_k = load_registered(tracking_config(params, args, pp), _model_uri(args, params, pp),
-                                               args.calibration, allow_unverified=args.allow_unverified)
             archive = Path(d) / "model.tar.gz"
-            export(predictor, top_k, archive)
+            _export(argparse.Namespace(**{**vars(args), "target": "sagemaker", "output": archive, "tta": False}),
+                    params, pp)
         return deploy(archive, args.role, args.instance_type, name, args.bucket, args.region, args.image_uri, args.wait)
 
 
@@ -295,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write (default: predictions.csv)")
     p.add_argument("--batch-size", type=int, default=256, help="images per inference batch")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="inference engine (onnxruntime: the ONNX graph registered with the model, without torch)")
     p.add_argument("--calibration", type=Path, help=CALIBRATION_HELP)
     p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
     with_tracking(p, optional=False)
@@ -369,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="file to write (default: model.tar.gz for sagemaker, model.onnx for onnx)")
     p.add_argument("--tta", action="store_true", help="sagemaker: the endpoint averages over the model's class-aware "
                                                       "flips (an ONNX file carries them; `serve --tta` uses them)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="sagemaker: TorchScript for AWS's PyTorch container, or the registered ONNX graph with a "
+                        "torch-free handler (numpy, Pillow, onnxruntime)")
     p.add_argument("--calibration", type=Path, help=CALIBRATION_HELP)
     p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
     with_tracking(p, optional=False)
@@ -381,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--archive", type=Path, help="an existing model.tar.gz instead of exporting the model")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="the archive to export (see `export sagemaker --backend`); onnxruntime needs --image-uri")
     p.add_argument("--calibration", type=Path, help=CALIBRATION_HELP)
     p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
     p.add_argument("--bucket", help="S3 bucket for the archive (default: sagemaker-<region>-<account>)")

@@ -192,7 +192,7 @@ class RegisterConfig:
 
 @dataclass
 class ServeConfig:
-    backend: str = knob("torch", "inference engine: torch, or onnxruntime (the model exported to ONNX at startup)",
+    backend: str = knob("torch", "inference engine: torch, or onnxruntime (the ONNX graph registered with the model; no torch)",
                         choices=("torch", "onnxruntime"))
     workers: int = knob(1, "server processes, each with its own copy of the model", minimum=1, maximum=64)
     max_body_bytes: int = knob(6 * 1024 * 1024, "request body limit, enforced while reading (413 past it)",

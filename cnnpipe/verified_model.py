@@ -27,7 +27,10 @@ from cnnpipe.tracking import Registry
 WEIGHTS_TAG = "cnnpipe.weights_sha256"
 CALIBRATION_TAG = "cnnpipe.calibration_sha256"
 CODE_TAG = "cnnpipe.code_sha256"  # over every code file the folder carries (what `mlflow models serve` runs)
+ONNX_TAG = "cnnpipe.onnx_sha256"  # the ONNX graph register exported (optional: a model may not export)
 CHECKPOINT = "checkpoint"  # the pyfunc's artifact key of the weights
+ONNX = "onnx"  # ... of the ONNX graph (serving/onnx_runtime.py); absent when the model could not be exported
+
 
 def read_mlmodel(folder: Path) -> dict:
     try:
@@ -68,9 +71,9 @@ def code_digest(folder: Path) -> str:
 
 def digests(folder: Path) -> dict[str, str]:
     """The tags `register` records for a logged model folder."""
-    found = artifact_path(folder, calibration.ARTIFACT)
+    optional = ((CALIBRATION_TAG, artifact_path(folder, calibration.ARTIFACT)), (ONNX_TAG, artifact_path(folder, ONNX)))
     return {WEIGHTS_TAG: file_digest(weights_file(folder)), CODE_TAG: code_digest(folder),
-            **({CALIBRATION_TAG: file_digest(found)} if found is not None else {})}
+            **{tag: file_digest(path) for tag, path in optional if path is not None}}
 
 
 REQUIRED_TAGS = {WEIGHTS_TAG: "weights", CALIBRATION_TAG: "calibration", CODE_TAG: "code files"}
@@ -88,7 +91,7 @@ def _verify(folder: Path, version: Any | None, where: str, allow_unverified: boo
             raise CnnpipeError(f"{where}: cannot be verified ({why}); refusing to load it ({UNVERIFIED_HINT})")
         print(f"warning: {where}: not verified ({why}): loading it as --allow-unverified asks", file=sys.stderr)
     got = digests(folder)
-    for tag, what in REQUIRED_TAGS.items():
+    for tag, what in {**REQUIRED_TAGS, ONNX_TAG: "ONNX graph"}.items():
         if version is not None and tag in version.tags and got.get(tag) != version.tags[tag]:
             found = f"{got[tag][:12]}..." if tag in got else "(file absent)"
             raise CnnpipeError(f"{where}: {what} sha256 {found} does not match the {version.tags[tag][:12]}... "

@@ -117,7 +117,8 @@ def test_the_torch_predictor_answers_softmax_of_logits_over_t(model_file, t):
 
 @pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_onnx_graph_and_sagemaker_handler_apply_the_temperature(model_file, tmp_path):
-    from cnnpipe.serving.onnx_model import OnnxPredictor, export_onnx
+    from cnnpipe.serving.onnx_model import export_onnx
+    from cnnpipe.serving.onnx_runtime import OnnxPredictor
     from cnnpipe.serving.sagemaker import export, extract, load_inference
 
     t = 2.5
@@ -182,7 +183,8 @@ def test_tta_of_a_flipped_image_is_the_permuted_tta_of_the_image(model_file):
 
 
 def test_torch_onnx_and_sagemaker_tta_answer_alike(model_file, flip_calibration, tmp_path):
-    from cnnpipe.serving.onnx_model import OnnxPredictor, export_onnx
+    from cnnpipe.serving.onnx_model import export_onnx
+    from cnnpipe.serving.onnx_runtime import OnnxPredictor
     from cnnpipe.serving.sagemaker import export, extract, load_inference
 
     predictor = Predictor.from_file(model_file, calibration=flip_calibration, tta=True)

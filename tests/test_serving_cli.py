@@ -23,7 +23,7 @@ from cnnpipe.engine.checkpoint import ModelSpec, save_model
 from cnnpipe.engine.predictor import Predictor
 from cnnpipe.fsio import write_json
 from cnnpipe.models import build_model
-from cnnpipe.serving.onnx_model import OnnxPredictor
+from cnnpipe.serving.onnx_runtime import OnnxPredictor
 from cnnpipe.tracking import Tracker
 from tests.helpers import REPO, cnnpipe, free_port, user_env, wait_for_http, write_tiny_dataset
 

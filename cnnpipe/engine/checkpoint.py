@@ -6,33 +6,17 @@ loading a model file never runs code from it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from cnnpipe.engine.spec import ModelSpec
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
-from cnnpipe.models import build_model
 
 FORMAT = "cnnpipe.model/1"
-
-
-@dataclass
-class ModelSpec:
-    arch: str
-    width: int
-    in_channels: int
-    num_classes: int
-    image_size: int
-    classes: list[str]
-    mean: list[float]  # per channel, 0..1 scale: the training split's statistics, or the pretrained weights' own
-    std: list[float]
-    resize: str = "squash"  # ingest.resize: how a photo becomes image_size x image_size, here and in serving
-
-    def build(self) -> nn.Module:
-        return build_model(self.arch, self.in_channels, self.num_classes, self.image_size, self.width)
 
 
 def save_model(path: Path | str, model: nn.Module, spec: ModelSpec) -> None:

@@ -1,21 +1,29 @@
-"""Serve or batch-predict a registered model on this machine."""
+"""Serve or batch-predict a registered model on this machine, with torch or, torch-free, with ONNX Runtime on the
+ONNX graph `register` exported into the version."""
 
 from __future__ import annotations
 
 import csv
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
 from cnnpipe.config import TrackingConfig, sqlite_path
-from cnnpipe.engine.checkpoint import save_model
-from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file, read_regular_file
 from cnnpipe.imaging import IMAGE_SUFFIXES
 from cnnpipe.serving.contract import RequestError, with_box
+from cnnpipe.serving.onnx_runtime import ONNX_FILE
+
+if TYPE_CHECKING:
+    from cnnpipe.engine.predictor import Predictor
+    from cnnpipe.serving.onnx_runtime import OnnxPredictor
+
+Loaded = TypeVar("Loaded")
 
 MAX_FILE_BYTES = 64 * 2**20  # an image file `predict` reads (a 4096 x 4096 RGB image uncompressed is 48 MiB)
 
@@ -26,6 +34,13 @@ def load_registered(tracking: TrackingConfig, model_uri: str, calibration_file: 
     cnnpipe.serving.trusted), and the top_k its signature declares as default; `calibration_file` (evaluate's)
     replaces the model's own calibration; `tta`: average over its flips."""
     from cnnpipe.serving import trusted
+
+    return _from_registry(tracking, model_uri, lambda registry: trusted.load(registry, model_uri, calibration_file, tta,
+                                                                       allow_unverified=allow_unverified))
+
+
+def _from_registry(tracking: TrackingConfig, model_uri: str, load: Callable[[Any], Loaded]) -> Loaded:
+    """load(Registry), with one clear line when nothing is registered."""
     from cnnpipe.tracking import NotRegistered, Registry
 
     hint = "run `dvc repro` to train and register one, or pass --model"
@@ -33,20 +48,40 @@ def load_registered(tracking: TrackingConfig, model_uri: str, calibration_file: 
     if model_uri.startswith(("models:/", "runs:/")) and db is not None and not db.exists():  # MLflow would create an empty one
         raise CnnpipeError(f"no model registered yet (no MLflow store at '{db}'): {hint}")
     try:
-        return trusted.load(Registry(tracking.uri), model_uri, calibration_file, tta,
-                            allow_unverified=allow_unverified)
+        return load(Registry(tracking.uri))
     except NotRegistered as e:
         raise CnnpipeError(f"{e} ({hint})") from None
 
 
-def served_model_file(predictor: Predictor, top_k: int, backend: str, folder: Path) -> Path:
-    """The file each server worker loads: a cnnpipe model file (torch) or an ONNX export (onnxruntime)."""
-    if backend == "onnxruntime":
+def load_model_file(tracking: TrackingConfig, model_uri: str, backend: str, folder: Path,
+                    calibration_file: Path | None = None, tta: bool = False, *,
+                    allow_unverified: bool = False) -> tuple[Predictor | OnnxPredictor, int, Path]:
+    """(predictor of `backend`, default top_k, the file each server worker loads). onnxruntime: the ONNX graph the
+    version carries (verified, copied into `folder`; torch is never imported), or, for a model without one or with
+    another calibration, an export made now from torch. torch: a cnnpipe model file in `folder`."""
+    graph = None
+    if backend == "onnxruntime" and calibration_file is None:
+        from cnnpipe.serving import trusted
+
+        graph = _from_registry(tracking, model_uri, lambda registry: trusted.onnx_file(
+            registry, model_uri, folder / ONNX_FILE, allow_unverified=allow_unverified))
+        if graph is None:
+            print(f"{model_uri} carries no ONNX graph (registered before export, or not exportable): exporting it "
+                  "now with torch", file=sys.stderr)
+    if graph is None:
+        predictor, top_k = load_registered(tracking, model_uri, calibration_file, tta, allow_unverified=allow_unverified)
+        if backend != "onnxruntime":
+            from cnnpipe.engine.checkpoint import save_model
+
+            save_model(folder / "model.pt", predictor.model, predictor.spec)
+            return predictor, top_k, folder / "model.pt"
         from cnnpipe.serving.onnx_model import export_onnx
 
-        return Path(export_onnx(predictor, top_k, folder / "model.onnx")["onnx"])
-    save_model(folder / "model.pt", predictor.model, predictor.spec)
-    return folder / "model.pt"
+        graph = Path(export_onnx(predictor, top_k, folder / ONNX_FILE)["onnx"])
+    from cnnpipe.serving.onnx_runtime import OnnxPredictor
+
+    predictor = OnnxPredictor(graph, tta=tta)
+    return predictor, predictor.top_k, graph
 
 
 def _listed(csv_path: Path) -> list[tuple[Path, str | None]]:
@@ -85,7 +120,7 @@ def image_files(paths: list[Path]) -> list[tuple[Path, str | None]]:
     return files
 
 
-def predict_files(predictor: Predictor, paths: list[Path], output: Path, batch_size: int = 256) -> dict:
+def predict_files(predictor: Predictor | OnnxPredictor, paths: list[Path], output: Path, batch_size: int = 256) -> dict:
     """One CSV row per file: path, predicted class, index, confidence (or the error for an unreadable file or a
     bad box)."""
     files = image_files(paths)
@@ -98,7 +133,7 @@ def predict_files(predictor: Predictor, paths: list[Path], output: Path, batch_s
             f, box = files[i]
             try:
                 image = with_box(read_regular_file(f, MAX_FILE_BYTES), _box(box, str(f)), 0)
-                images.append(predictor.preprocess([image])[0])
+                images.append(predictor.decode([image])[0])
                 good.append(i)
             except (CnnpipeError, RequestError, OSError) as e:
                 rows[i] = [str(f), "", "", "", str(e).replace("image 0: ", "")]

@@ -1,11 +1,13 @@
-"""The model as an ONNX file for CPU serving with ONNX Runtime: uint8 N x C x H x W in, probabilities out
-(normalization, the calibration temperature and softmax inside the graph); the ModelSpec, the temperature and
-the default top_k travel in its metadata, so the file alone is servable and no code comes with it."""
+"""Export a torch model to the ONNX file that cnnpipe.serving.onnx_runtime serves without torch: uint8
+N x C x H x W in, probabilities out (normalization, the calibration temperature and softmax inside the graph);
+the ModelSpec, the calibration and the default top_k in its metadata."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -14,16 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnpipe.calibration import Calibration, answer, probabilities, tta_probabilities
-from cnnpipe.engine.checkpoint import ModelSpec
+from cnnpipe.calibration import probabilities
+from cnnpipe.engine.spec import ModelSpec
+from cnnpipe.engine.inference import to_nchw_uint8
 from cnnpipe.engine.predictor import Predictor
-from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
-from cnnpipe.imaging import MAX_PIXELS, decode_images
+from cnnpipe.serving.onnx_runtime import FLIPS_KEY, SPEC_KEY, TEMPERATURE_KEY, TOP_K_KEY, TTA_TEMPERATURE_KEY
 
-SPEC_KEY, TOP_K_KEY, TEMPERATURE_KEY, FLIPS_KEY = "cnnpipe.spec", "cnnpipe.top_k", "cnnpipe.temperature", "cnnpipe.flips"
-BATCH_SIZE = 256  # images per session run
-TTA_TEMPERATURE_KEY = "cnnpipe.tta_temperature"  # applied to the TTA average outside the graph (OnnxPredictor)
 
 
 class Probabilities(nn.Module):
@@ -60,39 +59,28 @@ def export_onnx(predictor: Predictor, top_k: int, output: Path) -> dict:
     return {"onnx": str(output), "bytes": output.stat().st_size, "classes": len(spec.classes), "temperature": temperature}
 
 
-class OnnxPredictor:
-    """Predictor's decode and predict, on an ONNX Runtime CPU session; `tta` averages over the flips the file
-    carries (off when none keeps or swaps a class)."""
+def registered_graph(predictor: Predictor, top_k: int, output: Path, images: np.ndarray,
+                     tolerance: float = 1e-5) -> Path | None:
+    """The ONNX graph `register` ships with a version (the torch-free serving path), checked to answer as
+    `predictor` does on `images` (uint8 N x S x S x C: top-1 identical, probabilities within `tolerance`); None,
+    with one line on stderr, when the model cannot be exported or its graph answers otherwise: the version then
+    serves with torch only."""
+    from cnnpipe.serving.onnx_runtime import OnnxPredictor
 
-    def __init__(self, path: Path | str, threads: int = 0, tta: bool = False):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            meta = self.session.get_modelmeta().custom_metadata_map
-            self.spec = ModelSpec(**json.loads(meta[SPEC_KEY]))
-            self.top_k = int(meta[TOP_K_KEY])
-            # the temperature is applied inside the graph; kept to say which calibration this file serves
-            self.calibration = Calibration(float(meta.get(TEMPERATURE_KEY, 1.0)), json.loads(meta.get(FLIPS_KEY, "null")),
-                                           json.loads(meta.get(TTA_TEMPERATURE_KEY, "null")))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CnnpipeError(f"'{path}': not an ONNX model written by `cnnpipe export onnx` ({e})") from None
-        except Exception as e:  # onnxruntime's own exception types for unreadable files
-            raise CnnpipeError(f"'{path}': not a readable ONNX model: {str(e).splitlines()[0]}") from None
-        self.calibration.check(self.spec.num_classes, str(path))
-        self.tta = tta and bool(self.calibration.tta_flips)
-
-    def decode(self, images: list, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-        return decode_images(images, self.spec.image_size, self.spec.in_channels, self.spec.resize, max_pixels)
-
-    def predict(self, images: np.ndarray, top_k: int = 5) -> list[dict]:
-        x = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2))
-
-        def probs_of(view: np.ndarray) -> np.ndarray:  # in batches: the graph's activations grow with the batch
-            return np.concatenate([self.session.run(None, {"images": view[i:i + BATCH_SIZE]})[0]
-                                   for i in range(0, len(view), BATCH_SIZE)])
-        probs = tta_probabilities(probs_of, x, self.calibration.tta_flips, self.calibration.tta_temperature) if self.tta \
-            else probs_of(x)
-        return answer(probs, self.spec.classes, top_k)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # the exporter's step-by-step report: the line below says it
+            export_onnx(predictor, top_k, output)
+        want = predictor.probabilities(to_nchw_uint8(images, predictor.device)).cpu().numpy()
+        got = OnnxPredictor(output, threads=1).probabilities(images)
+    except Exception as e:  # the exporter and ONNX Runtime raise many types (an unsupported operator, say)
+        why = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split(". ")[0].splitlines()
+        print(f"register: {predictor.spec.arch} cannot be exported to ONNX ({type(e).__name__}"
+              f"{': ' + why[0] if why else ''}): this version serves with torch only", file=sys.stderr)
+        output.unlink(missing_ok=True)
+        return None
+    gap = float(np.abs(want - got).max())
+    if gap > tolerance or (want.argmax(1) != got.argmax(1)).any():
+        print(f"register: {predictor.spec.arch}'s ONNX graph answers differently from torch (probabilities up to "
+              f"{gap:.2g} apart): not shipped; this version serves with torch only", file=sys.stderr)
+        return None
+    return output

@@ -1,13 +1,18 @@
-"""SageMaker: build model.tar.gz for the PyTorch serving container, serve it locally under the same
-contract, and deploy it with boto3 (S3 upload, model, endpoint config, endpoint).
+"""SageMaker: build model.tar.gz for the PyTorch serving container, or a torch-free one for ONNX Runtime, serve
+it locally under the same contract, and deploy it with boto3 (S3 upload, model, endpoint config, endpoint).
 
-model.tar.gz layout (what SageMaker's PyTorch inference toolkit expects):
+model.tar.gz layout (what SageMaker's inference toolkits expect), torch:
     model.pt               TorchScript of the network (normalization and class names are in metadata)
     metadata.json          classes, image size, channels, mean/std, default top_k, calibration temperature,
                            flip tables and whether the endpoint averages over them (test-time augmentation)
     code/inference.py      model_fn / input_fn / predict_fn / output_fn (cnnpipe/serving/contract.py)
     code/cnnpipe/          the torch-free modules inference.py imports (HANDLER_MODULES): preprocessing, calibration
     code/requirements.txt  what inference.py needs beyond the container's torch
+onnxruntime (no torch anywhere: any framework container that installs code/requirements.txt, or a lean image):
+    model.onnx             the graph `register` exported (spec, calibration, top_k in its metadata)
+    serving.json           {"tta": whether the endpoint averages over the flips the graph carries}
+    code/inference.py      cnnpipe/serving/onnx_handler.py, with the modules it imports (ONNX_HANDLER_MODULES)
+    code/requirements.txt  numpy, pillow, onnxruntime
 """
 
 from __future__ import annotations
@@ -22,15 +27,18 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-import torch
+from typing import TYPE_CHECKING
 
 import cnnpipe
-from cnnpipe import calibration, errors, fsio, imaging
-from cnnpipe.engine.predictor import Predictor
+from cnnpipe import calibration, engine, errors, fsio, imaging, serving
+from cnnpipe.engine import spec
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
-from cnnpipe.serving import contract
+from cnnpipe.serving import contract, onnx_handler, onnx_runtime
 from cnnpipe.serving.server import Invoke
+
+if TYPE_CHECKING:
+    from cnnpipe.engine.predictor import Predictor
 
 # AWS's PyTorch inference containers (Deep Learning Containers); override with --image-uri
 IMAGE_URI = "763104351884.dkr.ecr.{region}.amazonaws.com/pytorch-inference:2.5.1-{device}-py311-{cuda}ubuntu22.04-sagemaker"
@@ -38,6 +46,8 @@ IMAGE_URI = "763104351884.dkr.ecr.{region}.amazonaws.com/pytorch-inference:2.5.1
 # What code/inference.py (the contract) imports, copied beside it as the package `cnnpipe`: the container puts
 # code/ on sys.path. Each imports only numpy, Pillow and these.
 HANDLER_MODULES = (cnnpipe, errors, fsio, imaging, calibration)
+# ... and the ONNX handler's (at their paths inside the package: it imports cnnpipe.serving.contract, ...)
+ONNX_HANDLER_MODULES = (*HANDLER_MODULES, serving, contract, onnx_runtime, engine, spec)
 
 
 def image_uri(region: str, instance_type: str) -> str:
@@ -47,6 +57,8 @@ def image_uri(region: str, instance_type: str) -> str:
 
 def export(predictor: Predictor, top_k: int, output: Path) -> dict:
     """Write model.tar.gz (atomically) for `predictor`'s network."""
+    import torch
+
     spec = predictor.spec
     model = predictor.model.eval().cpu()
     example = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
@@ -63,18 +75,42 @@ def export(predictor: Predictor, top_k: int, output: Path) -> dict:
                 "flips": predictor.calibration.flips, "tta": predictor.tta,
                 "tta_temperature": predictor.calibration.tta_temperature}
         (root / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-        (root / "code").mkdir()
-        shutil.copy(contract.__file__, root / "code" / "inference.py")
-        (root / "code" / "cnnpipe").mkdir()
-        for module in HANDLER_MODULES:
-            shutil.copy(Path(module.__file__), root / "code" / "cnnpipe" / Path(module.__file__).name)
-        (root / "code" / "requirements.txt").write_text("numpy\npillow\n")
-        with atomic_file(output) as tmp, tarfile.open(tmp, "w:gz") as tar:
-            for name in ("model.pt", "metadata.json", "code"):
-                tar.add(root / name, arcname=name)
+        _write_code(root / "code", contract, HANDLER_MODULES, "numpy\npillow\n")
+        _write_archive(output, root, ("model.pt", "metadata.json", "code"))
     return {"archive": str(output), "bytes": output.stat().st_size, "classes": len(spec.classes),
             "temperature": predictor.calibration.temperature, "tta": predictor.tta,
             "tta_temperature": predictor.calibration.tta_temperature}
+
+
+def export_onnx_archive(graph: Path, tta: bool, output: Path) -> dict:
+    """Write model.tar.gz (atomically) for the ONNX graph `graph` (from `register` or `export_onnx`): no torch in
+    it or needed to run it; `tta`: the endpoint averages over the flips the graph carries."""
+    predictor = onnx_runtime.OnnxPredictor(graph, tta=tta)  # a readable graph of cnnpipe's, or one clear error
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        shutil.copyfile(graph, root / onnx_runtime.ONNX_FILE)
+        (root / onnx_handler.SETTINGS_FILE).write_text(json.dumps({"tta": predictor.tta}) + "\n")
+        _write_code(root / "code", onnx_handler, ONNX_HANDLER_MODULES, "numpy\npillow\nonnxruntime\n")
+        _write_archive(output, root, (onnx_runtime.ONNX_FILE, onnx_handler.SETTINGS_FILE, "code"))
+    return {"archive": str(output), "bytes": output.stat().st_size, "backend": "onnxruntime",
+            "classes": len(predictor.spec.classes), "temperature": predictor.calibration.temperature, "tta": predictor.tta}
+
+
+def _write_code(code: Path, handler: ModuleType, modules: tuple[ModuleType, ...], requirements: str) -> None:
+    """code/: `handler` as inference.py, `modules` at their paths under code/cnnpipe/, requirements.txt."""
+    package = Path(cnnpipe.__file__).parent
+    for module in modules:
+        target = code / "cnnpipe" / Path(module.__file__).relative_to(package)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(module.__file__), target)
+    shutil.copy(handler.__file__, code / "inference.py")
+    (code / "requirements.txt").write_text(requirements)
+
+
+def _write_archive(output: Path, root: Path, names: tuple[str, ...]) -> None:
+    with atomic_file(output) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for name in names:
+            tar.add(root / name, arcname=name)
 
 
 def load_inference(model_dir: Path) -> ModuleType:

@@ -95,7 +95,7 @@ class ModelInvoke:
 
     def __call__(self) -> Invoke:
         if self.backend == "onnxruntime":
-            from cnnpipe.serving.onnx_model import OnnxPredictor
+            from cnnpipe.serving.onnx_runtime import OnnxPredictor
 
             predictor = OnnxPredictor(self.model_file, self.threads, self.tta)
         else:

@@ -32,9 +32,11 @@ from cnnpipe.evaluation.folder import CALIBRATION_FILE, METRICS_FILE
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.promotion import promote
 from cnnpipe.serving import trusted
+from cnnpipe.serving.onnx_runtime import ONNX_FILE
 from cnnpipe.tracking import CHALLENGER, CHAMPION, STATE_TAG, Registry, Tracker, owner_tags, quiet_mlflow
 
 CLASSES_TAG = "classes_sha256"  # on every version: the next registration compares its classes without a download
+ONNX_CHECK_IMAGES = 64  # test images the exported graph must answer like torch on before it is registered
 
 
 def _png_base64(image: np.ndarray) -> str:
@@ -91,6 +93,8 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
     """Log the model folder `model` as a pyfunc into its pipeline run, with the calibration `evaluation` holds,
     register it (alias challenger), promote when asked; the registration is written to `record`."""
     model_dir, out = model, record
+    from cnnpipe.serving.onnx_model import registered_graph
+
     with quiet_mlflow():  # MLflow checks the pyfunc's class as it is defined
         from cnnpipe.serving import pyfunc_model
         from cnnpipe.serving.pyfunc import predict_frame
@@ -115,15 +119,20 @@ def run(*, cfg: RegisterConfig, model: Path, data: Path, evaluation: Path, recor
         model_uri = registry.version(cfg.model_name, version).source
     else:
         example = pd.DataFrame({"image": [_png_base64(np.asarray(img)) for img in ds.splits["test"].images[:2]]})
-        model_uri = tracker.log_pyfunc_model(
-            "model", example, predict_frame(predictor, example, cfg.top_k), {"top_k": cfg.top_k},
-            python_model=str(Path(pyfunc_model.__file__)),  # models from code: nothing pickled
-            artifacts={verified_model.CHECKPOINT: str(model_dir / MODEL_FILE),
-                       calibration.ARTIFACT: str(evaluation / CALIBRATION_FILE)},
-            code_paths=[str(Path(cnnpipe.__file__).parent)],  # the model loads where cnnpipe is not installed
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-                              f"pandas=={pd.__version__}", f"pillow=={Image.__version__}"],
-        )
+        with tempfile.TemporaryDirectory(prefix="cnnpipe-onnx-") as tmp:
+            # exported once, here: `serve --backend onnxruntime` and the lean image run it without torch
+            graph = registered_graph(predictor, cfg.top_k, Path(tmp) / ONNX_FILE,
+                                     np.asarray(ds.splits["test"].images[:ONNX_CHECK_IMAGES]))
+            model_uri = tracker.log_pyfunc_model(
+                "model", example, predict_frame(predictor, example, cfg.top_k), {"top_k": cfg.top_k},
+                python_model=str(Path(pyfunc_model.__file__)),  # models from code: nothing pickled
+                artifacts={verified_model.CHECKPOINT: str(model_dir / MODEL_FILE),
+                           calibration.ARTIFACT: str(evaluation / CALIBRATION_FILE),
+                           **({verified_model.ONNX: str(graph)} if graph is not None else {})},
+                code_paths=[str(Path(cnnpipe.__file__).parent)],  # the model loads where cnnpipe is not installed
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+                                  f"pandas=={pd.__version__}", f"pillow=={Image.__version__}"],
+            )
         with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as tmp:  # hash what the store holds
             folder, _, _ = registry.model_files(model_uri, Path(tmp))
             hashes = verified_model.digests(folder)
