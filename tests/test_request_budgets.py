@@ -130,7 +130,7 @@ def test_onnx_runtime_runs_a_large_request_in_batches(tmp_path):
     from onnx import TensorProto, helper
 
     from cnnpipe.engine.checkpoint import ModelSpec
-    from cnnpipe.serving.onnx_model import BATCH_SIZE, SPEC_KEY, TOP_K_KEY, OnnxPredictor
+    from cnnpipe.serving.onnx_runtime import BATCH_SIZE, SPEC_KEY, TOP_K_KEY, OnnxPredictor
 
     graph = helper.make_graph(
         [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
