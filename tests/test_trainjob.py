@@ -200,8 +200,8 @@ def test_worker_command_on_two_local_nodes_matches_one_process(tmp_path):
     ingest.run(cfg=IngestConfig(shards="always", shard_images=200), data=tmp_path / "processed", report=tmp_path / "report.json")
     augment.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
     text = (REPO / "params.yaml").read_text()
-    assert "\n  epochs: 12\n" in text and "\n  data_mode: auto " in text
-    text = text.replace("\n  epochs: 12\n", "\n  epochs: 4\n")
+    assert re.search(r"\n  epochs: 12\b", text) and "\n  data_mode: auto " in text
+    text = re.sub(r"\n  epochs: 12\b", "\n  epochs: 4", text, count=1)
     # the nodes stream their own shards, as on a cluster; the one process holds the data on its device
     (tmp_path / "stream.yaml").write_text(text.replace("\n  data_mode: auto ", "\n  data_mode: stream "))
     (tmp_path / "device.yaml").write_text(text.replace("\n  data_mode: auto ", "\n  data_mode: device "))
