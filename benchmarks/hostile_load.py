@@ -37,7 +37,9 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.harness import ROOT, group_rss_mb, load_average, record
+from benchmarks.serve_load import post as post_invocation
 from tests.hostile import encoded, png_chunks, scan_bomb, webp_declaring
+
 HONEST_CLIENTS = 4
 SERVER = """
 import sys
@@ -211,15 +213,7 @@ class HonestLoad:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         while self.running:
             t0 = time.perf_counter()
-            try:
-                conn.request("POST", "/invocations", body=self.png, headers={"Content-Type": "image/png"})
-                response = conn.getresponse()
-                response.read()
-                ok = response.status == 200
-            except OSError:
-                ok = False
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            ok, conn = post_invocation(conn, self.png, "image/png")
             self.honest.append((t0, time.perf_counter() - t0, ok))
             time.sleep(0.01)
         conn.close()

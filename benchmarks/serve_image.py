@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import load_average, process_rss_mb, record
-from benchmarks.serve_load import BIN, GTSRB_ZIP, ROOT, build_model, free_port, load, sample_png, stop
+from benchmarks.serve_load import BIN, GTSRB_ZIP, ROOT, free_port, load, model_workspace, sample_png, stop
 
 IMAGE = "localhost/cnnpipe-onnx:bench"
 PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "container/containers.conf")}
@@ -205,12 +205,7 @@ def main() -> None:
     args = parser.parse_args()
     ws = args.work
     load_before = load_average()
-    if args.reuse and (ws / "dataset.txt").exists():
-        dataset = (ws / "dataset.txt").read_text()
-    else:
-        shutil.rmtree(ws, ignore_errors=True)
-        ws.mkdir(parents=True)
-        dataset = build_model(ws, args.zip, args.epochs)
+    dataset = model_workspace(ws, args.zip, args.epochs, args.reuse)
     from cnnpipe.tracking import Registry
 
     model_dir = ws / "version"

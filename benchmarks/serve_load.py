@@ -111,6 +111,28 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def post(conn: http.client.HTTPConnection, body: bytes, content_type: str) -> tuple[bool, http.client.HTTPConnection]:
+    """One POST /invocations on `conn`: whether it answered 200, and the connection to use next (a new one when
+    this one broke)."""
+    try:
+        conn.request("POST", "/invocations", body=body, headers={"Content-Type": content_type})
+        response = conn.getresponse()
+        response.read()
+        return response.status == 200, conn
+    except OSError:
+        conn.close()
+        return False, http.client.HTTPConnection(conn.host, conn.port, timeout=conn.timeout)
+
+
+def model_workspace(ws: Path, zip_path: Path, epochs: int, reuse: bool) -> str:
+    """The served model's workspace `ws`: the one a previous run left (`reuse`), else trained anew; its dataset."""
+    if reuse and (ws / "dataset.txt").exists():
+        return (ws / "dataset.txt").read_text()
+    shutil.rmtree(ws, ignore_errors=True)
+    ws.mkdir(parents=True)
+    return build_model(ws, zip_path, epochs)
+
+
 def load(port: int, body: bytes, content_type: str, clients: int, seconds: float) -> dict:
     """`clients` closed-loop clients for `seconds`: requests/s, latency percentiles, errors."""
     latencies: list[list[float]] = [[] for _ in range(clients)]
@@ -121,15 +143,7 @@ def load(port: int, body: bytes, content_type: str, clients: int, seconds: float
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
-            try:
-                conn.request("POST", "/invocations", body=body, headers={"Content-Type": content_type})
-                response = conn.getresponse()
-                response.read()
-                ok = response.status == 200
-            except OSError:
-                ok = False
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            ok, conn = post(conn, body, content_type)
             if ok:
                 latencies[i].append(time.perf_counter() - t0)
             else:
@@ -185,12 +199,7 @@ def main() -> None:
     args = parser.parse_args()
     ws = args.work
     load_before = load_average()
-    if args.reuse and (ws / "dataset.txt").exists():
-        dataset = (ws / "dataset.txt").read_text()
-    else:
-        shutil.rmtree(ws, ignore_errors=True)
-        ws.mkdir(parents=True)
-        dataset = build_model(ws, args.zip, args.epochs)
+    dataset = model_workspace(ws, args.zip, args.epochs, args.reuse)
     png = sample_png(args.zip)
     as_json = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png).decode()]]}})
     png_body, json_body = (png, "image/png"), (as_json.encode(), "application/json")
