@@ -261,7 +261,8 @@ def decode(data: bytes, name: str, size: int, channels: int,
             reduce_on_decode(img, size)
         img.load()
         if roi is not None:
-            img = to_mode(ImageOps.exif_transpose(img), channels)
+            ImageOps.exif_transpose(img, in_place=True)  # as to_pixels does: no copy of an upright image
+            img = to_mode(img, channels)
             x1, y1, x2, y2, ref_w, ref_h = roi
             sx, sy = img.width / ref_w, img.height / ref_h
             img = img.crop((max(0.0, x1 * sx), max(0.0, y1 * sy), min(img.width, (x2 + 1) * sx),
