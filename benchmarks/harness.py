@@ -67,10 +67,10 @@ def machine_info() -> dict:
 
 
 def record(path: Path, result: dict) -> None:
-    """Add the machine, the date and the command line to `result`, write it as JSON to `path`, and print it
-    (less the machine)."""
-    result = {**result, "machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(["python", "-m", _module_name(), *sys.argv[1:]])}
+    """Add the machine, the date and the command line (unless `result` says its own) to `result`, write it as
+    JSON to `path`, and print it (less the machine)."""
+    result = {"command": " ".join(["python", "-m", _module_name(), *sys.argv[1:]]), **result,
+              "machine": machine_info(), "date": time.strftime("%Y-%m-%d")}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))

@@ -7,7 +7,8 @@ GTSRB training set: whole 32x32 frames, val and test held out by track) and the 
      shifts 0.1, zoom 0.1, brightness 0.7-1.3), `model.fit`;
   2. torch: a plain PyTorch script: a Dataset of PIL images, torchvision.transforms.v2 per image
      (RandomAffine, ColorJitter) in DataLoader workers, training cnnpipe's fastnet with the default
-     recipe's optimizer and schedule (the data path is the difference);
+     recipe's optimizer and schedule, as users write it (`torch_worker`'s "users"; its "same" variant, with
+     cnnpipe's augmentation through tv_tensors.BoundingBoxes, is what benchmarks/budget.py also runs);
   3. cnnpipe's recipes, configs/gtsrb-fast.yaml and configs/gtsrb.yaml (benchmarks/recipes.py's worker).
 Per contender: time from the start of training to the end of the first epoch whose validation accuracy
 reaches 95 / 98 / 98.84 % (validation time counted), final test accuracy (whole frames), peak RSS of its
@@ -86,74 +87,135 @@ def keras_worker(processed: Path, budget: float, threads: int) -> None:
                                                                        "keras": keras.__version__}}), flush=True)
 
 
-def torch_worker(processed: Path, budget: float, threads: int) -> None:
+def torch_worker(processed: Path, budget: float, threads: int, augment: str = "users", epochs: int = 0) -> None:
+    """A plain PyTorch script training fastnet. `augment`: "users" = RandomAffine + ColorJitter per image, fp32,
+    the default recipe's epochs and schedule, stopped after `budget` seconds (the script as users write it);
+    "same" = cnnpipe's augmentation of configs/gtsrb-fast.yaml through torchvision v2 (class-aware flips, crops
+    between the sign's box and the frame on tv_tensors.BoundingBoxes, the same affine and colour ranges), its
+    optimizer, one-cycle schedule, EMA and precision (bf16 where the CPU has it), over `epochs` epochs: engine
+    against engine. Not given: progressive resizing, border padding (v2's affine fills black)."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
     from PIL import Image
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from torch.utils.data import DataLoader, Dataset
+    from torchvision import tv_tensors
     from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
 
-    from cnnpipe.config import TrainConfig, load_block, read_params
+    from cnnpipe.augment.policy import BOX_EDGE_JITTER, flip_tables
+    from cnnpipe.config import AugmentConfig, TrainConfig, load_block, read_params
     from cnnpipe.data.store import read_dataset
+    from cnnpipe.engine.device import autocast
     from cnnpipe.engine.loop import lr_factor, make_optimizer
     from cnnpipe.models import build_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = load_block(TrainConfig, "train", read_params(RECIPES["default"]), {}, RECIPES["default"])
+    recipe = RECIPES["fast" if augment == "same" else "default"]
+    raw = read_params(recipe)
+    cfg = load_block(TrainConfig, "train", raw, {}, recipe)
+    aug = load_block(AugmentConfig, "augment", raw, {}, recipe)
+    epochs = epochs or cfg.epochs
     ds = read_dataset(processed)
     mean, std = ds.manifest["mean"], ds.manifest["std"]
+    size = ds.splits["train"].images.shape[1:3]
+    by_name = flip_tables(ds.classes, aug.flip)  # class -> class after each flip, -1 = never (cnnpipe's tables)
+    flips = {"hflip": (TF.horizontal_flip,), "vflip": (TF.vertical_flip,),
+             "rot180": (TF.horizontal_flip, TF.vertical_flip)}
+    tables = [(np.array(by_name[name]), ops) for name, ops in flips.items() if max(by_name[name]) >= 0]
+    rng = np.random.default_rng(0)
+
+    def box_crop(image: tv_tensors.Image, box: tv_tensors.BoundingBoxes):  # noqa: ANN202
+        """cnnpipe's box crop: every edge from the box towards the frame by one share s ~ U(0, 1) plus its own
+        +-BOX_EDGE_JITTER, then resized back to the image size (image and box together)."""
+        share = np.clip(rng.uniform() + rng.uniform(-BOX_EDGE_JITTER, BOX_EDGE_JITTER, 4), 0, 1)
+        frame = np.array([0, 0, size[1], size[0]], dtype=np.float64)
+        x1, y1, x2, y2 = np.asarray(box[0], dtype=np.float64) + (frame - np.asarray(box[0])) * share
+        top, left = int(round(y1)), int(round(x1))
+        height, width = max(1, int(round(y2)) - top), max(1, int(round(x2)) - left)
+        return (TF.resized_crop(image, top, left, height, width, list(size), antialias=True),
+                TF.resized_crop(box, top, left, height, width, list(size)))
 
     class Images(Dataset):
-        def __init__(self, split, transform):  # noqa: ANN001
+        def __init__(self, split, transform, train: bool):  # noqa: ANN001
             self.images = [Image.fromarray(a) for a in split.images]
+            self.boxes = split.boxes
             self.labels = split.labels.tolist()
-            self.transform = transform
+            self.transform, self.train = transform, train
 
         def __len__(self) -> int:
             return len(self.labels)
 
         def __getitem__(self, i: int):  # noqa: ANN204
-            return self.transform(self.images[i]), self.labels[i]
+            label = self.labels[i]
+            if not (self.train and augment == "same"):
+                return self.transform(self.images[i]), label
+            image = tv_tensors.Image(TF.pil_to_tensor(self.images[i]))
+            box = tv_tensors.BoundingBoxes(self.boxes[i : i + 1], format="XYXY", canvas_size=tuple(size))
+            for table, flip in tables:
+                if table[label] >= 0 and rng.uniform() < 0.5:
+                    for f in flip:
+                        image, box = f(image), f(box)
+                    label = int(table[label])
+            image, box = box_crop(image, box)
+            return self.transform(image, box)[0], label
 
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    train_tf = v2.Compose([v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
-                           v2.ColorJitter(brightness=0.3, contrast=0.3), *to_tensor])
-    train = DataLoader(Images(ds.splits["train"], train_tf), batch_size=cfg.batch_size, shuffle=True,
-                       num_workers=threads, persistent_workers=True, drop_last=False)
-    val = DataLoader(Images(ds.splits["val"], v2.Compose(to_tensor)), batch_size=512, num_workers=threads)
-    test = DataLoader(Images(ds.splits["test"], v2.Compose(to_tensor)), batch_size=512, num_workers=threads)
+    if augment == "same":
+        train_tf = v2.Compose([v2.RandomAffine(degrees=aug.rotate, translate=(aug.translate, aug.translate),
+                                               scale=(1 - aug.scale, 1 + aug.scale)),
+                               v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast), *to_tensor])
+    else:
+        train_tf = v2.Compose([v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+                               v2.ColorJitter(brightness=0.3, contrast=0.3), *to_tensor])
+
+    def seed_worker(worker: int) -> None:  # each DataLoader worker its own augmentation stream (fork copies rng)
+        rng.bit_generator.state = np.random.default_rng([worker, torch.initial_seed()]).bit_generator.state
+
+    train = DataLoader(Images(ds.splits["train"], train_tf, train=True), batch_size=cfg.batch_size, shuffle=True,
+                       num_workers=threads, persistent_workers=True, drop_last=False, worker_init_fn=seed_worker)
+    val = DataLoader(Images(ds.splits["val"], v2.Compose(to_tensor), False), batch_size=512, num_workers=threads)
+    test = DataLoader(Images(ds.splits["test"], v2.Compose(to_tensor), False), batch_size=512, num_workers=threads)
     model = build_model("fastnet", 3, len(ds.classes), 32, cfg.width).to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
-    total = cfg.epochs * len(train)
+    total = epochs * len(train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total))
+    mixed, precision = autocast(torch.device("cpu"), cfg.precision if augment == "same" else "fp32")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) \
+        if augment == "same" and cfg.ema else None
 
     def accuracy(loader: DataLoader) -> float:
-        model.eval()
+        net = ema.module if ema is not None else model
+        net.eval()
         correct = n = 0
-        with torch.no_grad():
+        with torch.no_grad(), mixed():
             for x, y in loader:
-                correct += (model(x.contiguous(memory_format=torch.channels_last)).argmax(1) == y).sum().item()
+                correct += (net(x.contiguous(memory_format=torch.channels_last)).argmax(1) == y).sum().item()
                 n += len(y)
         return correct / n
 
     t0 = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         model.train()
         for x, y in train:
-            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y,
-                                   label_smoothing=cfg.label_smoothing)
+            with mixed():
+                loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y,
+                                       label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
         val_accuracy = accuracy(val)
         _emit(epoch, time.perf_counter() - t0, val_accuracy)
         if time.perf_counter() - t0 > budget:
             break
     train_s = time.perf_counter() - t0
     print(json.dumps({"test_accuracy": round(accuracy(test), 5), "train_s": round(train_s, 1),
-                      "epochs_run": epoch}), flush=True)
+                      "epochs_run": epoch, "epochs_planned": epochs, "precision": precision}), flush=True)
 
 
 def main() -> None:
@@ -165,11 +227,16 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true", help="keep the results file's other contenders")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-peers"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/peers_gtsrb.json")
+    parser.add_argument("--augment", choices=["users", "same"], default="users", help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=2, metavar=("PEER", "PROCESSED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         peer, processed = args.worker
-        {"keras": keras_worker, "torch": torch_worker}[peer](Path(processed), args.budget, args.threads)
+        if peer == "torch":
+            torch_worker(Path(processed), args.budget, args.threads, args.augment, args.epochs)
+        else:
+            keras_worker(Path(processed), args.budget, args.threads)
         return
     if not args.zip.exists():
         sys.exit(f"GTSRB zip not found: {args.zip}")

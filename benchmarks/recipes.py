@@ -78,7 +78,8 @@ def run_worker(params: Path, processed: Path, work: Path, seed: int) -> None:
     from cnnpipe.data.store import read_dataset
     from cnnpipe.engine.checkpoint import load_model
     from cnnpipe.engine.inference import predict_logits, stats_tensors, to_nchw_uint8
-    from cnnpipe.engine.model_folder import MODEL_FILE
+    from cnnpipe.calibration import tta_probabilities
+    from cnnpipe.engine.model_folder import CONFIG_FILE, MODEL_FILE
     from cnnpipe.stages import augment, train
 
     raw = read_params(params)
@@ -101,9 +102,15 @@ def run_worker(params: Path, processed: Path, work: Path, seed: int) -> None:
     test = read_dataset(processed, splits=("test",)).splits["test"]
     device = torch.device("cpu")
     mean, std = stats_tensors(spec.mean, spec.std, device)
-    logits = predict_logits(net, to_nchw_uint8(test.images, device), mean, std)
+    images = to_nchw_uint8(test.images, device)
+    logits = predict_logits(net, images, mean, std)
     acc = (logits.argmax(1).numpy() == test.labels).mean()
-    print(json.dumps({"test_accuracy": round(float(acc), 5), "val_accuracy_kept": round(out["val_accuracy"], 5),
+    # with test-time augmentation over the class-aware flips the model folder records (what evaluate scores as *_tta)
+    flips = json.loads((work / "model" / CONFIG_FILE).read_text()).get("flips")
+    tta = tta_probabilities(lambda x: predict_logits(net, x, mean, std).softmax(1), images, flips)
+    acc_tta = (tta.argmax(1).numpy() == test.labels).mean()
+    print(json.dumps({"test_accuracy": round(float(acc), 5), "test_accuracy_tta": round(float(acc_tta), 5),
+                      "val_accuracy_kept": round(out["val_accuracy"], 5),
                       "kept_epoch": out["kept_epoch"], "epochs_run": out["epochs"], "train_s": round(train_s, 1),
                       "augment_s": round(t_train - t0, 1), "budget": out.get("budget")}), flush=True)
 

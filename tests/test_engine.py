@@ -13,7 +13,7 @@ from cnnpipe.augment import AugmentPolicy, no_flips
 from cnnpipe.config import TrainConfig
 from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, load_model, save_checkpoint, save_model
 from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
-from cnnpipe.engine.loop import TrainData, fit, lr_factor
+from cnnpipe.engine.loop import EMA, TrainData, fit, lr_factor
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import build_model
 from tests.helpers import REPO, make_images, write_tiny_dataset
@@ -262,3 +262,23 @@ def test_the_train_stage_tags_its_run_with_its_warnings(tmp_path):
     assert "stayed at chance" in r["warnings"][1]
     tags = mlflow.MlflowClient(tracking.uri).get_run(r["run_id"]).data.tags
     assert tags["cnnpipe.warnings"] == " | ".join(r["warnings"])
+
+
+def test_ema_of_a_short_run_ships_trained_weights_and_a_long_one_averages():
+    """EMA's decay ramps up with the steps: after a few steps the average is the trained weights, not the
+    initial ones (a decay of 0.999 alone would keep ~98 % of the initial weights after 20 steps); late in a run
+    each step moves it by 1 - decay."""
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, 0.999)
+    initial = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)  # trained, then 20 steps that change little
+    for step in range(1, 21):
+        ema.update(model, step)
+    assert torch.allclose(ema.model.weight, model.weight, atol=1e-3)
+    assert not torch.allclose(ema.model.weight, initial)
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, 10**6)
+    torch.testing.assert_close(ema.model.weight, before + 0.001 * (model.weight - before))

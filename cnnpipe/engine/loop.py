@@ -137,7 +137,9 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 
 
 class EMA:
-    """Exponential moving average of the weights; BatchNorm statistics are copied, not averaged."""
+    """Exponential moving average of the weights; BatchNorm statistics are copied, not averaged. The decay ramps
+    up with the steps taken, min(decay, (1 + n) / (10 + n)) (TensorFlow's num_updates rule): a run shorter than
+    the average's horizon (~1 / (1 - decay) steps) still ships trained weights, not its initial ones."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -146,9 +148,11 @@ class EMA:
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, steps: int) -> None:
+        """Average in `model` after its `steps`-th step (counted over the whole run, resumes included)."""
+        decay = min(self.decay, (1 + steps) / (10 + steps))
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - self.decay)
+            e.lerp_(p.detach(), 1 - decay)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
@@ -336,7 +340,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             opt.step()
             sched.step()
             if ema is not None:
-                ema.update(model)
+                ema.update(model, sched.last_epoch)  # the scheduler counts the run's steps, resumes included
             # no host sync per step
             sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
             steps = i + 1
