@@ -168,6 +168,23 @@ def test_train_with_a_budget_ends_within_it(tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_60_second_budget_ends_within_63_seconds_on_digits(tmp_path):
+    """Issue 27's bar, as users run it: ingest digits, augment, then `cnnpipe train --budget-s 60` with
+    params.yaml and an epoch cap far beyond what fits (planning once looped over every epoch up to the cap:
+    100,000 epochs never ended); training + validation end within 63 s and use most of the budget."""
+    params = str(REPO / "params.yaml")
+    stages = [("ingest", "--source", "digits", "--out", "processed", "--report", "ingest_report.json"),
+              ("augment", "--data", "processed", "--out", "augmented"),
+              ("train", "--no-tracking", "--budget-s", "60", "--epochs", "100000", "--data", "processed",
+               "--augmented", "augmented", "--out", "model")]
+    for stage, *args in stages:
+        proc = cnnpipe(stage, "--params", params, *args, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    budget = json.loads(proc.stdout.strip().splitlines()[-1])["budget"]
+    assert 0.8 * 60 <= budget["actual_s"] <= 63, budget
+
+
+@pytest.mark.e2e
 def test_ddp_ranks_follow_one_budget_plan(tmp_path):
     """Two processes under torchrun with a budget: they step together (a disagreement would hang or fail in
     the gradient all-reduce) and end within it."""

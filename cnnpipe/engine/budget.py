@@ -100,6 +100,8 @@ def plan_budget(*, remaining_s: float, costs: Costs, steps_per_epoch: int, max_e
         spare = usable - (remaining_cost(whole, costs, steps_per_epoch, at)
                           - (steps_per_epoch - (at.steps_done if n == at.epoch else 0))
                           * (costs.low_res_step_s if n <= low else costs.step_s))
+        if spare < 0:  # every epoch more only adds cost: no larger n fits either (and max_epochs may be huge)
+            break
         last_step_s = costs.low_res_step_s if n <= low else costs.step_s
         last = min(steps_per_epoch, (at.steps_done if n == at.epoch else 0)
                    + math.floor(max(spare, -1.0) / max(last_step_s, 1e-9)))
