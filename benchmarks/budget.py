@@ -156,6 +156,9 @@ def main() -> None:
         sys.exit("--set needs --label (a variant's points must not replace the recipe's)")
     processed = prepare(args.zip, args.work)
     threads = args.threads or len(os.sched_getaffinity(0))
+
+    def threads_of(mode: str) -> int:
+        return MODE_THREADS.get(mode, threads)
     previous = json.loads(args.out.read_text()) if args.merge and args.out.exists() else {}
     results: dict = previous.get("results", {})
     for mode in args.modes:
@@ -168,8 +171,8 @@ def main() -> None:
         load_1min = os.getloadavg()[0]
         run = spawn([sys.executable, "-m", "benchmarks.recipes", "--worker", str(params), str(processed),
                      str(args.work / f"{name}-{mode}-{seed}"), str(seed)],
-                    env={**MODES[mode], "CNNPIPE_BENCH_THREADS": str(MODE_THREADS.get(mode, threads))})
-        return {"seed": seed, "threads": MODE_THREADS.get(mode, threads), "load_1min_before": round(load_1min, 2),
+                    env={**MODES[mode], "CNNPIPE_BENCH_THREADS": str(threads_of(mode))})
+        return {"seed": seed, "threads": threads_of(mode), "load_1min_before": round(load_1min, 2),
                 **run}
 
     def save_all() -> None:
@@ -180,10 +183,10 @@ def main() -> None:
         print(f"{mode}: peer ({variant}), {epochs} epochs, budget {budget:g} s", file=sys.stderr, flush=True)
         load_1min = os.getloadavg()[0]
         run = spawn([sys.executable, "-m", "benchmarks.peers", "--budget", f"{budget:g}", "--threads",
-                     str(MODE_THREADS.get(mode, threads)),
+                     str(threads_of(mode)),
                      "--augment", variant, "--epochs", str(epochs), "--worker", "torch", str(processed)],
-                    env={**MODES[mode], "OMP_NUM_THREADS": str(MODE_THREADS.get(mode, threads))})
-        return {"seed": 0, "threads": MODE_THREADS.get(mode, threads), "load_1min_before": round(load_1min, 2),
+                    env={**MODES[mode], "OMP_NUM_THREADS": str(threads_of(mode))})
+        return {"seed": 0, "threads": threads_of(mode), "load_1min_before": round(load_1min, 2),
                 **run}
 
     # the fixed recipes first (the reference), then both modes at each budget in the order given: a run cut short

@@ -83,6 +83,18 @@ def remaining_cost(plan: Plan, costs: Costs, steps_per_epoch: int, at: Position)
     return seconds
 
 
+def _cost_before_last_steps(n: int, low: int, costs: Costs, steps_per_epoch: int, at: Position) -> float:
+    """Seconds an n-epoch plan (`low` of them at low resolution) takes from `at` besides its last epoch's steps:
+    the epochs before it in full and every epoch's validation and overhead. Arithmetic, not a loop over epochs:
+    plan_budget asks it for every candidate n, and n may run to tens of thousands (tiny epochs, long budgets)."""
+    before = n - at.epoch  # whole epochs before the last, the current one first
+    low_before = max(0, min(low, n - 1) - at.epoch + 1)
+    steps = before * steps_per_epoch - (at.steps_done if before else 0)
+    low_steps = low_before * steps_per_epoch - (at.steps_done if low_before else 0)
+    return (low_steps * costs.low_res_step_s + (steps - low_steps) * costs.step_s
+            + (before + 1) * (costs.val_s + costs.epoch_overhead_s))
+
+
 def plan_budget(*, remaining_s: float, costs: Costs, steps_per_epoch: int, max_epochs: int, low_res_share: float,
                 at: Position = Position()) -> Plan:
     """The plan that trains the most steps within PLAN_SHARE of `remaining_s` from `at`, in at most `max_epochs`
@@ -95,11 +107,8 @@ def plan_budget(*, remaining_s: float, costs: Costs, steps_per_epoch: int, max_e
     best_steps = -1
     for n in range(at.epoch, max(max_epochs, at.epoch) + 1):
         low = _low_res_epochs(n, low_res_share, at)
-        whole = Plan(n, steps_per_epoch, low)
         # what the epochs before the last cost, and the last's validation: the rest buys its steps
-        spare = usable - (remaining_cost(whole, costs, steps_per_epoch, at)
-                          - (steps_per_epoch - (at.steps_done if n == at.epoch else 0))
-                          * (costs.low_res_step_s if n <= low else costs.step_s))
+        spare = usable - _cost_before_last_steps(n, low, costs, steps_per_epoch, at)
         if spare < 0:  # every epoch more only adds cost: no larger n fits either (and max_epochs may be huge)
             break
         last_step_s = costs.low_res_step_s if n <= low else costs.step_s
