@@ -379,7 +379,9 @@ def owner_alive(tags: dict[str, str]) -> bool | None:
     if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
         return None
     try:
-        return f"{psutil.Process(int(tags[PID_TAG])).create_time():.2f}" == tags.get(STARTED_TAG)  # not a reused pid
+        owner = psutil.Process(int(tags[PID_TAG]))
+        # a killed process stays a zombie until its new parent reaps it (seconds, or never under some PID 1s)
+        return f"{owner.create_time():.2f}" == tags.get(STARTED_TAG) and owner.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 

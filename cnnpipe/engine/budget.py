@@ -98,7 +98,7 @@ def _cost_before_last_steps(n: int, low: int, costs: Costs, steps_per_epoch: int
 def plan_budget(*, remaining_s: float, costs: Costs, steps_per_epoch: int, max_epochs: int, low_res_share: float,
                 at: Position = Position()) -> Plan:
     """The plan that trains the most steps within PLAN_SHARE of `remaining_s` from `at`, in at most `max_epochs`
-    epochs, the last one possibly partial but, when it is a new epoch, no shorter than its validation (fewer
+    epochs, the last one possibly partial but, when it is a new partial epoch, no shorter than its validation (fewer
     epochs on a tie: fewer validation passes). When nothing more
     fits, a plan that stops as soon as it can (fits=False): the current epoch ends after its steps done
     (at least one step)."""
@@ -114,8 +114,10 @@ def plan_budget(*, remaining_s: float, costs: Costs, steps_per_epoch: int, max_e
         last_step_s = costs.low_res_step_s if n <= low else costs.step_s
         last = min(steps_per_epoch, (at.steps_done if n == at.epoch else 0)
                    + math.floor(max(spare, -1.0) / max(last_step_s, 1e-9)))
-        # a new last epoch must train at least as long as its validation takes: a few steps are not worth a pass
-        least = 1 if n == at.epoch else math.ceil((costs.val_s + costs.epoch_overhead_s) / max(last_step_s, 1e-9))
+        # a new partial last epoch must train at least as long as its validation takes: a few steps are not worth
+        # a pass (a whole epoch always is, however short: tiny datasets have one-step epochs)
+        least = 1 if n == at.epoch else min(steps_per_epoch, math.ceil((costs.val_s + costs.epoch_overhead_s)
+                                                                       / max(last_step_s, 1e-9)))
         if spare < 0 or last < max(least, at.steps_done if n == at.epoch else 1, 1):
             continue
         total = (n - 1) * steps_per_epoch + last

@@ -278,9 +278,11 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         plan = new
         progress.retarget(sched.last_epoch, sum(source.steps(e) for e in range(1, new.epochs))
                           + new.steps_in(new.epochs, source.steps(new.epochs)))
-        # every plan is counted (the record); a re-plan is said when it changes the epochs
-        if dist.is_main and (first or (old.epochs, old.low_res_epochs, old.fits) != (new.epochs, new.low_res_epochs,
-                                                                                      new.fits)):
+        # every plan is counted (the record); a re-plan is said when it changes the epochs by 5 % (tiny epochs
+        # re-plan by a few every few epochs: hundreds of lines), the low-resolution phase or whether it fits
+        said = (abs(new.epochs - old.epochs) >= max(1, old.epochs // 20), old.low_res_epochs != new.low_res_epochs,
+                old.fits != new.fits)
+        if dist.is_main and (first or any(said)):
             c = keeper.state.costs
             low = f", {new.low_res_epochs} at {cfg.low_res} px ({c.low_res_step_s * 1000:.0f} ms a step)" \
                 if low_res_active else ""
