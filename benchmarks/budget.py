@@ -134,7 +134,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="BLOCK.KEY=VALUE",
                         help="a recipe variant: these params changed at every budget (needs --label)")
     parser.add_argument("--label", default="", help="the variant's name: its points are '<budget> <label>'")
-    parser.add_argument("--seeds", type=int, default=3, help="per point (0: only the peers)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="per point (0: only the peers); with --merge, seeds a point already has are kept")
     parser.add_argument("--modes", nargs="+", default=["native", "avx2"], choices=list(MODES))
     parser.add_argument("--fixed", nargs="*", default=["fast", "default"], choices=sorted(RECIPES),
                         help="fixed-epoch recipes to compare (none: only the budgeted trainer)")
@@ -208,12 +209,18 @@ def main() -> None:
         params = derived_params(recipe, budget, cap, args.work, changes, args.label)
         point = f"{budget:g} {args.label}".strip()
         for mode in args.modes:
-            runs = [worker(mode, params, f"budget-{point.replace(' ', '-')}", seed) for seed in range(args.seeds)]
+            described = (f"{RECIPES[recipe].relative_to(ROOT)} with train.budget_s {budget:g}, "
+                         f"epochs {yaml.safe_load(params.read_text())['train']['epochs']} (cap)"
+                         + "".join(f", {k} {v}" for k, v in changes.items()))
+            # --merge keeps the seeds this point already has (same params): a run cut short, or more seeds, goes on
+            kept = results[mode]["budgeted"].get(point, {})
+            kept = {r["seed"]: r for r in kept.get("runs", []) if r["seed"] < args.seeds} \
+                if kept.get("params") == described else {}
+            runs = [kept.get(seed) or worker(mode, params, f"budget-{point.replace(' ', '-')}", seed)
+                    for seed in range(args.seeds)]
             if runs:  # --seeds 0: only the peers
                 results[mode]["budgeted"][point] = {
-                    "params": f"{RECIPES[recipe].relative_to(ROOT)} with train.budget_s {budget:g}, "
-                              f"epochs {yaml.safe_load(params.read_text())['train']['epochs']} (cap)"
-                              + "".join(f", {k} {v}" for k, v in changes.items()),
+                    "params": described,
                     "test_accuracy": stat([r["test_accuracy"] for r in runs]),
                     **({"test_accuracy_tta": stat([r["test_accuracy_tta"] for r in runs])}
                        if all("test_accuracy_tta" in r for r in runs) else {}),
