@@ -325,6 +325,8 @@ def save(out: Path, results: dict, threads: int, commands: list[str], load: dict
             "test_accuracy_tta": r.get("test_accuracy_tta", {}).get("mean"), "seeds": r["test_accuracy"]["n"],
             "actual_s_max": max(run["budget"]["actual_s"] for run in r["runs"]),
             "within_5_percent": r["within_5_percent"],
+            "epochs_run_min": min(run["epochs_run"] for run in r["runs"]),
+            "epochs_run_max": max(run["epochs_run"] for run in r["runs"]),
             "runs": [{k: run[k] for k in ("seed", "test_accuracy", "val_accuracy_kept", "kept_epoch", "epochs_run")}
                      for run in r["runs"]]}
             for mode, res in results.items() for point, r in res["budgeted"].items()},
