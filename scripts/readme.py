@@ -50,7 +50,6 @@ FORMATS = {
     "x": lambda v: f"{v:.1f}×",  # a ratio
     "gb": lambda v: f"{v / 1000:.1f} GB",  # from MB
     "min": lambda v: f"{int(v // 60)} min {round(v % 60)} s",  # from seconds
-    "yesno": lambda v: "yes" if v else "no",
     "lines": lambda v: ", ".join(f"`{line.strip()}`" for line in v) or "none",  # a list of lines, as code
 }
 
