@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.harness import machine_info, record
+from benchmarks.harness import code_version, machine_info, record
 from benchmarks.recipes import GTSRB_ZIP, RECIPES, prepare, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def main() -> None:
                      str(args.work / f"{name}-{mode}-{seed}"), str(seed)],
                     env={**MODES[mode], "CNNPIPE_BENCH_THREADS": str(threads_of(mode))})
         return {"seed": seed, "threads": threads_of(mode), "load_1min_before": round(load_1min, 2),
-                **run}
+                "code": code_version(), **run}
 
     def save_all() -> None:
         load["after"] = [round(x, 2) for x in os.getloadavg()]
@@ -279,7 +279,7 @@ def save(out: Path, results: dict, threads: int, commands: list[str], load: dict
     peers = [v for v in PEERS if any(v in res.get("peers", {}) for res in results.values())]
     header = ["CPU mode", "budget", "budgeted: test accuracy (mean ± std)", "with flip TTA", "seeds",
               "actual time (max)",
-              "within 5 %", *(f"{n} recipe, fixed epochs: best val by then" for n in fixed),
+              "within 5 %", "code", *(f"{n} recipe, fixed epochs: best val by then" for n in fixed),
               *(f"PyTorch peer ({v}): test accuracy, epochs, time" for v in peers)]
     rows = [header, ["---", "---:"] + ["---:"] * (len(header) - 2)]
 
@@ -302,12 +302,14 @@ def save(out: Path, results: dict, threads: int, commands: list[str], load: dict
             rows.append([mode, f"{b:g} s" + point[len(f"{b:g}"):], pct(r["test_accuracy"]), pct(r.get("test_accuracy_tta")),
                          str(r["test_accuracy"]["n"]),
                          f"{max(run['budget']['actual_s'] for run in r['runs']):.1f} s",
-                         f"{r['within_5_percent']}/{r['test_accuracy']['n']}", *by_then,
+                         f"{r['within_5_percent']}/{r['test_accuracy']['n']}",
+                         ", ".join(sorted({run.get("code", "?") for run in r["runs"]})), *by_then,
                          *(peer_cell(res.get("peers", {}).get(v, {}).get(f"{b:g}")) for v in peers)])
         for n, f in res["fixed"].items():
             rows.append([mode, f"{n} recipe as is", f"(fixed epochs) {pct(f['test_accuracy'])}",
                          pct(f.get("test_accuracy_tta")), str(f["test_accuracy"]["n"]),
                          f"{max(run['train_s'] for run in f['runs']):.1f} s", "—",
+                         ", ".join(sorted({run.get("code", "?") for run in f["runs"]})),
                          *("" for _ in (*fixed, *peers))])
     for res in results.values():
         res["epoch_time_ratios"] = epoch_time_ratios(res)

@@ -56,14 +56,22 @@ def machine_info() -> dict:
     for pkg in ("torch", "torchvision", "numpy", "pillow", "mlflow", "dvc"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[pkg] = metadata.version(pkg)
+    return {"cpu": cpu, "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS}, "cores": os.cpu_count(),
+            "cores_usable": len(os.sched_getaffinity(0)), "memory_gib": round(mem_gib, 1),
+            "python": platform.python_version(), "versions": versions, "git_commit": code_version()}
+
+
+def code_version() -> str:
+    """The commit the benchmark runs, "+changes" when cnnpipe/ or benchmarks/ differ from it (a variant measured
+    before it was committed); "" outside a git checkout."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "cnnpipe", "benchmarks/*.py"], cwd=ROOT,
+                                 capture_output=True).returncode == 1
     except OSError:
-        commit = ""
-    return {"cpu": cpu, "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS}, "cores": os.cpu_count(),
-            "cores_usable": len(os.sched_getaffinity(0)), "memory_gib": round(mem_gib, 1),
-            "python": platform.python_version(), "versions": versions, "git_commit": commit}
+        return ""
+    return f"{commit}+changes" if commit and changed else commit
 
 
 def record(path: Path, result: dict) -> None:

@@ -128,8 +128,9 @@ class TrainConfig:
     schedule: str = knob("onecycle", "learning-rate schedule", choices=("onecycle", "cosine", "step", "constant"))
     label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy loss", minimum=0.0, maximum=0.5)
     augment: bool = knob(True, "apply the augment stage's online policy every epoch")
-    ema: float = knob(0.0, "decay of the exponential moving average of weights evaluated and saved (0 = off); "
-                           "it ramps up over the first steps ((1 + n) / (10 + n)), so short runs average trained weights",
+    ema: float = knob(0.0, "decay of the exponential moving average of weights and BatchNorm statistics evaluated and "
+                           "saved (0 = off); it ramps up over the first steps ((1 + n) / (10 + n)), so short runs "
+                           "average trained weights",
                       minimum=0.0, maximum=0.99999)
     low_res: int = knob(0, "progressive resizing: the first low_res_epochs epochs train on the augmented images "
                            "downscaled to low_res x low_res (cheaper steps; the last epochs at full size fix the "

@@ -282,3 +282,18 @@ def test_ema_of_a_short_run_ships_trained_weights_and_a_long_one_averages():
         model.weight.add_(1.0)
     ema.update(model, 10**6)
     torch.testing.assert_close(ema.model.weight, before + 0.001 * (model.weight - before))
+
+
+def test_ema_averages_batchnorm_statistics_with_the_weights():
+    """The averaged weights are evaluated with averaged BatchNorm statistics, not the last step's: both move
+    by 1 - decay a step; the counter is copied."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(model, 0.9)
+    bn, ema_bn = model[1], ema.model[1]
+    before = ema_bn.running_mean.clone()
+    model.train()
+    model(torch.randn(16, 3) * 5 + 3)  # moves the live statistics
+    ema.update(model, 10**6)
+    torch.testing.assert_close(ema_bn.running_mean, before + 0.1 * (bn.running_mean - before))
+    assert not torch.allclose(ema_bn.running_mean, bn.running_mean)
+    assert ema_bn.num_batches_tracked.item() == bn.num_batches_tracked.item() == 1

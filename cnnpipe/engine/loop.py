@@ -137,9 +137,11 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 
 
 class EMA:
-    """Exponential moving average of the weights; BatchNorm statistics are copied, not averaged. The decay ramps
-    up with the steps taken, min(decay, (1 + n) / (10 + n)) (TensorFlow's num_updates rule): a run shorter than
-    the average's horizon (~1 / (1 - decay) steps) still ships trained weights, not its initial ones."""
+    """Exponential moving average of the weights and of the BatchNorm statistics (timm's ModelEma, torch's
+    AveragedModel(use_buffers=True)): averaged weights evaluated with the current model's statistics would mix
+    two models. The decay ramps up with the steps taken, min(decay, (1 + n) / (10 + n)) (TensorFlow's
+    num_updates rule): a run shorter than the average's horizon (~1 / (1 - decay) steps) still ships trained
+    weights, not its initial ones."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -154,7 +156,10 @@ class EMA:
         for e, p in zip(self.model.parameters(), model.parameters()):
             e.lerp_(p.detach(), 1 - decay)
         for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+            if e.is_floating_point():
+                e.lerp_(b, 1 - decay)
+            else:  # counters (BatchNorm's num_batches_tracked)
+                e.copy_(b)
 
 
 def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
