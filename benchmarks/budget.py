@@ -272,6 +272,11 @@ def peer_cell(run: dict | None) -> str:
     return f"{100 * run['test_accuracy']:.2f} %, {run['epochs_run']} ep., {run['train_s']:.0f} s"
 
 
+def codes(runs: list[dict]) -> str:
+    """The commits a point's runs ran (benchmarks.harness.code_version), for the table's "code" column."""
+    return ", ".join(sorted({run.get("code", "?") for run in runs}))
+
+
 def save(out: Path, results: dict, threads: int, commands: list[str], load: dict) -> None:
     """The results so far: JSON, markdown table, plot (written after every point: a long run cut short keeps them)."""
     points = sorted({b for res in results.values() for b in res["budgeted"]}, key=lambda k: (float(k.split()[0]), k))
@@ -303,13 +308,13 @@ def save(out: Path, results: dict, threads: int, commands: list[str], load: dict
                          str(r["test_accuracy"]["n"]),
                          f"{max(run['budget']['actual_s'] for run in r['runs']):.1f} s",
                          f"{r['within_5_percent']}/{r['test_accuracy']['n']}",
-                         ", ".join(sorted({run.get("code", "?") for run in r["runs"]})), *by_then,
+                         codes(r["runs"]), *by_then,
                          *(peer_cell(res.get("peers", {}).get(v, {}).get(f"{b:g}")) for v in peers)])
         for n, f in res["fixed"].items():
             rows.append([mode, f"{n} recipe as is", f"(fixed epochs) {pct(f['test_accuracy'])}",
                          pct(f.get("test_accuracy_tta")), str(f["test_accuracy"]["n"]),
                          f"{max(run['train_s'] for run in f['runs']):.1f} s", "—",
-                         ", ".join(sorted({run.get("code", "?") for run in f["runs"]})),
+                         codes(f["runs"]),
                          *("" for _ in (*fixed, *peers))])
     for res in results.values():
         res["epoch_time_ratios"] = epoch_time_ratios(res)
