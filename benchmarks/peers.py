@@ -87,7 +87,8 @@ def keras_worker(processed: Path, budget: float, threads: int) -> None:
                                                                        "keras": keras.__version__}}), flush=True)
 
 
-def torch_worker(processed: Path, budget: float, threads: int, augment: str = "users", epochs: int = 0) -> None:
+def torch_worker(processed: Path, budget: float, threads: int, augment: str = "users", epochs: int = 0,
+                 seed: int = 0) -> None:
     """A plain PyTorch script training fastnet. `augment`: "users" = RandomAffine + ColorJitter per image, fp32,
     the default recipe's epochs and schedule, stopped after `budget` seconds (the script as users write it);
     "same" = cnnpipe's augmentation of configs/gtsrb-fast.yaml through torchvision v2 (class-aware flips, crops
@@ -112,7 +113,7 @@ def torch_worker(processed: Path, budget: float, threads: int, augment: str = "u
     from cnnpipe.models import build_model
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     recipe = RECIPES["fast" if augment == "same" else "default"]
     raw = read_params(recipe)
     cfg = load_block(TrainConfig, "train", raw, {}, recipe)
@@ -125,7 +126,7 @@ def torch_worker(processed: Path, budget: float, threads: int, augment: str = "u
     flips = {"hflip": (TF.horizontal_flip,), "vflip": (TF.vertical_flip,),
              "rot180": (TF.horizontal_flip, TF.vertical_flip)}
     tables = [(np.array(by_name[name]), ops) for name, ops in flips.items() if max(by_name[name]) >= 0]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
 
     def box_crop(image: tv_tensors.Image, box: tv_tensors.BoundingBoxes):  # noqa: ANN202
         """cnnpipe's box crop: every edge from the box towards the frame by one share s ~ U(0, 1) plus its own
@@ -229,12 +230,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/peers_gtsrb.json")
     parser.add_argument("--augment", choices=["users", "same"], default="users", help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=2, metavar=("PEER", "PROCESSED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         peer, processed = args.worker
         if peer == "torch":
-            torch_worker(Path(processed), args.budget, args.threads, args.augment, args.epochs)
+            torch_worker(Path(processed), args.budget, args.threads, args.augment, args.epochs, args.seed)
         else:
             keras_worker(Path(processed), args.budget, args.threads)
         return

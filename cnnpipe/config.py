@@ -96,6 +96,9 @@ class AugmentConfig:
     crop_scale: float = knob(0.0, "random-resized crops (photos): each training image cropped to a random window of "
                                   "this share of its area or more, aspect 3:4 to 4:3, resized back (0 = off)",
                              minimum=0.0, maximum=1.0)
+    interpolation: str = knob("bilinear", "resampling of the geometric transforms and crops: bilinear (smooth), "
+                                          "bicubic (sharper), nearest (no blur, jagged edges)",
+                              choices=("bilinear", "bicubic", "nearest"))
     flip: str = knob("auto", "auto: the dataset's class-aware flip tables (GTSRB, CIFAR-10; others never flip); "
                              "horizontal: every class is mirror-invariant (your choice: true of cats, flowers, cars; "
                              "not of text, digits, left/right signs), each flips left-right into itself; none",

@@ -126,3 +126,16 @@ def test_random_resized_crops_zoom_into_a_window_of_at_least_the_asked_area():
     a, _ = apply_policy(ramp[:4].clone(), labels[:4], policy(hflip=[-1], crop_scale=0.25), torch.Generator().manual_seed(1))
     b, _ = apply_policy(ramp[:4].clone(), labels[:4], policy(hflip=[-1], crop_scale=0.25), torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not policy(crop_scale=0.25).is_identity
+
+
+def test_interpolation_nearest_only_moves_pixels_and_bicubic_stays_in_range():
+    x, y = batch()
+    p = dict(rotate=20, scale=0.2, translate=0.1)
+    near, _ = apply_policy(x.clone(), y, policy(**p, interpolation="nearest"), torch.Generator().manual_seed(0))
+    smooth, _ = apply_policy(x.clone(), y, policy(**p), torch.Generator().manual_seed(0))
+    cubic, _ = apply_policy(x.clone(), y, policy(**p, interpolation="bicubic"), torch.Generator().manual_seed(0))
+    # nearest copies input pixels (no new values, no blur); bilinear makes new in-between values
+    assert torch.isin(near, x).all() and not torch.isin(smooth, x).all()
+    assert not torch.equal(cubic, smooth) and cubic.min() >= 0 and cubic.max() <= 1
+    # blur lowers the spread of values: bilinear's is the lowest, bicubic's above it
+    assert smooth.std() < cubic.std() < near.std() + 1e-6

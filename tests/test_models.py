@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -29,3 +30,50 @@ def test_bad_arch_and_size_are_clear():
         build_model("vgg99", 3, 10, 32, 8)
     with pytest.raises(CnnpipeError, match="cnn3 needs images of at least 8x8"):
         build_model("cnn3", 1, 10, 4, 8)
+
+
+def test_spatial_transformer_starts_as_the_identity_and_learns_a_map():
+    model = build_model("fastnet-stn", 3, 10, 16, width=8)
+    transformer = model[0]
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    assert torch.allclose(transformer(x), x, atol=1e-6)  # identity map: every pixel sampled at its centre
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    moved = transformer.theta(x)
+    assert not torch.allclose(moved, transformer.identity.view(1, 2, 3).expand_as(moved))
+    assert not torch.allclose(transformer(x), x, atol=1e-3)
+
+
+def test_spatial_transformer_exports_to_onnx(tmp_path):
+    import contextlib
+    import io
+
+    import numpy as np
+    import onnxruntime as ort
+
+    model = build_model("fastnet-stn", 3, 10, 16, width=8).eval()
+    torch.nn.init.normal_(model[0].loc[-1].weight, std=0.5)  # a real (non-identity) map through GridSample
+    x = torch.rand(3, 3, 16, 16)
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(model, (x,), input_names=["x"], dynamo=True,
+                                    dynamic_shapes={"input": {0: torch.export.Dim("batch")}})
+    program.save(str(tmp_path / "stn.onnx"))
+    got = ort.InferenceSession(str(tmp_path / "stn.onnx")).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4)
+
+
+def test_grad_cam_maps_behind_a_spatial_transformer_lie_over_the_input():
+    """A transformer that shifts the view by a quarter of the image: a heat map hot on one column of what the
+    net saw is hot on the column a quarter further right in the image sent."""
+    from cnnpipe.evaluation.explain import to_input_frame
+    from cnnpipe.models import stn
+
+    model = build_model("fastnet-stn", 3, 10, 16, width=8).eval()
+    with torch.no_grad():
+        model[0].loc[-1].bias[2] = 0.5 / stn.THETA_SCALE  # theta's x offset 0.5 (normalized): 4 pixels of 16
+    seen = np.zeros((1, 16, 16), np.float32)
+    seen[0, :, 4] = 1.0
+    back = to_input_frame(model, torch.rand(1, 3, 16, 16), seen)
+    assert back.shape == seen.shape and back[0].sum(0).argmax() == 8
+    plain = build_model("fastnet", 3, 10, 16, width=8)
+    assert to_input_frame(plain, torch.rand(1, 3, 16, 16), seen) is seen

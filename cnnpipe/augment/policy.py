@@ -83,6 +83,7 @@ class AugmentPolicy:
     hflip: list[int] = field(default_factory=list)  # class -> class after a horizontal flip, -1 = never
     vflip: list[int] = field(default_factory=list)  # ... after a vertical flip
     rot180: list[int] = field(default_factory=list)  # ... after a half turn
+    interpolation: str = "bilinear"  # grid_sample's mode for the one resampling: bilinear | bicubic | nearest
     version: int = POLICY_VERSION
 
     def __post_init__(self) -> None:
@@ -106,7 +107,7 @@ class AugmentPolicy:
     @classmethod
     def from_config(cls, cfg: AugmentConfig, tables: dict[str, list[int]]) -> AugmentPolicy:
         return cls(cfg.translate, cfg.rotate, cfg.scale, cfg.shear, cfg.brightness, cfg.contrast,
-                   cfg.saturation, cfg.cutout, cfg.box_crop, cfg.crop_scale, **tables)
+                   cfg.saturation, cfg.cutout, cfg.box_crop, cfg.crop_scale, **tables, interpolation=cfg.interpolation)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> AugmentPolicy:
@@ -219,7 +220,7 @@ def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy, g
             theta = _then_crop(theta, resized_crop_theta(n, policy.crop_scale, g, dev))
         grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
         # border padding repeats the edge: no black wedges that a model could learn as a cue
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        x = F.grid_sample(x, grid, mode=policy.interpolation, padding_mode="border", align_corners=False)
 
     if policy.brightness:
         x = x * (1 + _uniform(n, policy.brightness, g, dev)).view(n, 1, 1, 1)

@@ -46,10 +46,29 @@ def overlays(model: nn.Module, x: torch.Tensor, images: np.ndarray, classes: lis
     model.eval()
     with GradCAM(model=model, target_layers=[target_layer(model)]) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+    maps = to_input_frame(model, x, maps)
     rgb = images.astype(np.float32) / 255.0
     if rgb.shape[-1] == 1:
         rgb = np.repeat(rgb, 3, axis=-1)
     return np.stack([show_cam_on_image(img, m, use_rgb=True) for img, m in zip(rgb, maps)])
+
+
+def to_input_frame(model: nn.Module, x: torch.Tensor, maps: np.ndarray) -> np.ndarray:
+    """Behind a spatial transformer (fastnet-stn) the last convolution sees the resampled image: carry its maps
+    (N x H x W) back through each image's inverse map, so they lie over the image the user sent."""
+    from cnnpipe.models.stn import SpatialTransformer
+
+    transformer = next((m for m in model.modules() if isinstance(m, SpatialTransformer)), None)
+    if transformer is None:
+        return maps
+    with torch.no_grad():
+        theta = transformer.theta(x).cpu().double()  # transformed -> input coordinates
+    last_row = torch.tensor([[[0.0, 0.0, 1.0]]], dtype=theta.dtype).expand(len(theta), 1, 3)
+    inverse = torch.linalg.inv(torch.cat([theta, last_row], 1))[:, :2]  # input -> transformed coordinates
+    cams = torch.from_numpy(np.asarray(maps, dtype=np.float64)).unsqueeze(1)
+    grid = torch.nn.functional.affine_grid(inverse, list(cams.shape), align_corners=False)
+    back = torch.nn.functional.grid_sample(cams, grid, padding_mode="zeros", align_corners=False)
+    return back.squeeze(1).numpy().astype(np.float32)
 
 
 def _captioned(picture, caption: str):  # noqa: ANN001, ANN202 - PIL images
