@@ -77,3 +77,36 @@ def test_grad_cam_maps_behind_a_spatial_transformer_lie_over_the_input():
     assert back.shape == seen.shape and back[0].sum(0).argmax() == 8
     plain = build_model("fastnet", 3, 10, 16, width=8)
     assert to_input_frame(plain, torch.rand(1, 3, 16, 16), seen) is seen
+
+
+@pytest.mark.parametrize("arch", ["fastnet-cn", "fastnet-lcn"])
+def test_contrast_normalization_ignores_exposure_and_keeps_blank_images_finite(arch):
+    model = build_model(arch, 3, 10, 16, width=8).eval()
+    norm = model[0]
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    # an image darker (or over-exposed) by an affine map of its intensities normalizes to the same input
+    assert torch.allclose(norm(0.3 * x - 0.7), norm(x), atol=1e-4)
+    assert torch.allclose(norm(2.5 * x + 1.0), norm(x), atol=1e-4)
+    blank = norm(torch.full((1, 3, 16, 16), 0.4))
+    assert torch.isfinite(blank).all() and blank.abs().max() < 1e-4
+    red, blue = torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16)
+    red[:, 0], blue[:, 2] = 1.0, 1.0
+    # normalized over channels together: a flat red and a flat blue sign stay apart (per-channel: both blank)
+    assert (norm(red) - norm(blue))[:, [0, 2]].abs().min() > 0.5
+
+
+@pytest.mark.parametrize("arch", ["fastnet-cn", "fastnet-lcn"])
+def test_contrast_normalization_exports_to_onnx(arch, tmp_path):
+    import contextlib
+    import io
+
+    import onnxruntime as ort
+
+    model = build_model(arch, 3, 10, 16, width=8).eval()
+    x = torch.rand(3, 3, 16, 16) * torch.tensor([0.2, 1.0, 3.0]).view(3, 1, 1, 1)  # three exposures
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(model, (x,), input_names=["x"], dynamo=True,
+                                    dynamic_shapes={"input": {0: torch.export.Dim("batch")}})
+    program.save(str(tmp_path / "cn.onnx"))
+    got = ort.InferenceSession(str(tmp_path / "cn.onnx")).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4)

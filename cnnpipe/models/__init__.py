@@ -12,12 +12,14 @@ import torch
 from torch import nn
 
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.models import backbones, cnn3, cnn5, fastnet, lenet5, mlp, resnet, stn
+from cnnpipe.models import backbones, cnn3, cnn5, contrast, fastnet, lenet5, mlp, resnet, stn
 
 # name -> (builder, smallest image side it takes)
 MODELS: dict[str, tuple[Callable[..., nn.Module], int]] = {
     "fastnet": (fastnet.build, fastnet.MIN_SIZE),
     "fastnet-stn": (stn.build, stn.MIN_SIZE),  # fastnet behind a spatial transformer (whole frames)
+    "fastnet-cn": (contrast.build_cn, contrast.MIN_SIZE),  # each image's contrast normalized first
+    "fastnet-lcn": (contrast.build_lcn, contrast.MIN_SIZE),  # ... locally (a Gaussian window)
     "mlp": (mlp.build, 1),
     "lenet5": (lenet5.build, lenet5.MIN_SIZE),
     "cnn3": (cnn3.build, cnn3.MIN_SIZE),
