@@ -6,7 +6,7 @@ GTSRB training set: whole 32x32 frames, val and test held out by track) and the 
      max-pools, dense 256, dropout 0.5, Adam 1e-3, batch 64) fed by `ImageDataGenerator` (rotation 10,
      shifts 0.1, zoom 0.1, brightness 0.7-1.3), `model.fit`;
   2. torch: a plain PyTorch script: a Dataset of PIL images, torchvision.transforms.v2 per image
-     (RandomAffine, ColorJitter) in DataLoader workers, training cnnpipe's fastnet with the default
+     (RandomAffine, ColorJitter) in DataLoader workers, training the recipe's net (train.arch) with the default
      recipe's optimizer and schedule, as users write it (`torch_worker`'s "users"; its "same" variant, with
      cnnpipe's augmentation through tv_tensors.BoundingBoxes, is what benchmarks/budget.py also runs);
   3. cnnpipe's recipes, configs/gtsrb-fast.yaml and configs/gtsrb.yaml (benchmarks/recipes.py's worker).
@@ -179,7 +179,7 @@ def torch_worker(processed: Path, budget: float, threads: int, augment: str = "u
                        num_workers=threads, persistent_workers=True, drop_last=False, worker_init_fn=seed_worker)
     val = DataLoader(Images(ds.splits["val"], v2.Compose(to_tensor), False), batch_size=512, num_workers=threads)
     test = DataLoader(Images(ds.splits["test"], v2.Compose(to_tensor), False), batch_size=512, num_workers=threads)
-    model = build_model("fastnet", 3, len(ds.classes), 32, cfg.width).to(memory_format=torch.channels_last)
+    model = build_model(cfg.arch, 3, len(ds.classes), 32, cfg.width).to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     total = epochs * len(train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total))
