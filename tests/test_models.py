@@ -44,22 +44,25 @@ def test_spatial_transformer_starts_as_the_identity_and_learns_a_map():
     assert not torch.allclose(transformer(x), x, atol=1e-3)
 
 
-def test_spatial_transformer_exports_to_onnx(tmp_path):
+def assert_onnx_matches_torch(model: torch.nn.Module, x: torch.Tensor, path) -> None:
+    """`model` exported with a dynamic batch, run by onnxruntime on `x`: the same logits as torch."""
     import contextlib
     import io
 
-    import numpy as np
     import onnxruntime as ort
 
-    model = build_model("fastnet-stn", 3, 10, 16, width=8).eval()
-    torch.nn.init.normal_(model[0].loc[-1].weight, std=0.5)  # a real (non-identity) map through GridSample
-    x = torch.rand(3, 3, 16, 16)
     with contextlib.redirect_stdout(io.StringIO()):
         program = torch.onnx.export(model, (x,), input_names=["x"], dynamo=True,
                                     dynamic_shapes={"input": {0: torch.export.Dim("batch")}})
-    program.save(str(tmp_path / "stn.onnx"))
-    got = ort.InferenceSession(str(tmp_path / "stn.onnx")).run(None, {"x": x.numpy()})[0]
+    program.save(str(path))
+    got = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4)
+
+
+def test_spatial_transformer_exports_to_onnx(tmp_path):
+    model = build_model("fastnet-stn", 3, 10, 16, width=8).eval()
+    torch.nn.init.normal_(model[0].loc[-1].weight, std=0.5)  # a real (non-identity) map through GridSample
+    assert_onnx_matches_torch(model, torch.rand(3, 3, 16, 16), tmp_path / "stn.onnx")
 
 
 def test_grad_cam_maps_behind_a_spatial_transformer_lie_over_the_input():
@@ -97,16 +100,6 @@ def test_contrast_normalization_ignores_exposure_and_keeps_blank_images_finite(a
 
 @pytest.mark.parametrize("arch", ["fastnet-cn", "fastnet-lcn"])
 def test_contrast_normalization_exports_to_onnx(arch, tmp_path):
-    import contextlib
-    import io
-
-    import onnxruntime as ort
-
     model = build_model(arch, 3, 10, 16, width=8).eval()
     x = torch.rand(3, 3, 16, 16) * torch.tensor([0.2, 1.0, 3.0]).view(3, 1, 1, 1)  # three exposures
-    with contextlib.redirect_stdout(io.StringIO()):
-        program = torch.onnx.export(model, (x,), input_names=["x"], dynamo=True,
-                                    dynamic_shapes={"input": {0: torch.export.Dim("batch")}})
-    program.save(str(tmp_path / "cn.onnx"))
-    got = ort.InferenceSession(str(tmp_path / "cn.onnx")).run(None, {"x": x.numpy()})[0]
-    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4)
+    assert_onnx_matches_torch(model, x, tmp_path / "cn.onnx")

@@ -57,4 +57,3 @@ def build_cn(in_channels: int, num_classes: int, image_size: int, width: int = 3
 
 def build_lcn(in_channels: int, num_classes: int, image_size: int, width: int = 32) -> nn.Module:
     return nn.Sequential(LocalContrastNorm(in_channels), fastnet.build(in_channels, num_classes, image_size, width))
-
