@@ -27,6 +27,7 @@ Every invocation with --merge adds its points to the results file (JSON, markdow
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -208,19 +209,21 @@ def main() -> None:
         recipe, cap = recipe_for(budget)
         params = derived_params(recipe, budget, cap, args.work, changes, args.label)
         point = f"{budget:g} {args.label}".strip()
+        params_sha256 = hashlib.sha256(params.read_bytes()).hexdigest()
         for mode in args.modes:
             described = (f"{RECIPES[recipe].relative_to(ROOT)} with train.budget_s {budget:g}, "
                          f"epochs {yaml.safe_load(params.read_text())['train']['epochs']} (cap)"
                          + "".join(f", {k} {v}" for k, v in changes.items()))
-            # --merge keeps the seeds this point already has (same params): a run cut short, or more seeds, goes on
+            # --merge keeps the seeds this point already has when its params file is the same byte for byte (a
+            # recipe edited since, its arch say, starts the point over): a run cut short, or more seeds, goes on
             kept = results[mode]["budgeted"].get(point, {})
             kept = {r["seed"]: r for r in kept.get("runs", []) if r["seed"] < args.seeds} \
-                if kept.get("params") == described else {}
+                if kept.get("params_sha256") == params_sha256 else {}
             runs = [kept.get(seed) or worker(mode, params, f"budget-{point.replace(' ', '-')}", seed)
                     for seed in range(args.seeds)]
             if runs:  # --seeds 0: only the peers
                 results[mode]["budgeted"][point] = {
-                    "params": described,
+                    "params": described, "params_sha256": params_sha256,
                     "test_accuracy": stat([r["test_accuracy"] for r in runs]),
                     **({"test_accuracy_tta": stat([r["test_accuracy_tta"] for r in runs])}
                        if all("test_accuracy_tta" in r for r in runs) else {}),
