@@ -74,6 +74,16 @@ def derived_params(recipe: str, budget: float, cap: int | None, work: Path, chan
     return path
 
 
+def parse_changes(items: list[str]) -> dict:
+    """--set's BLOCK.KEY=VALUE items as {"block.key": value}, each value read as YAML (0.2 -> float, fastnet -> str)."""
+    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
+
+
+def params_sha256(params: Path) -> str:
+    """What identifies a derived params file: a run is reused only for the same bytes."""
+    return hashlib.sha256(params.read_bytes()).hexdigest()
+
+
 def val_by(epochs: list[dict], seconds: float) -> float | None:
     """The best validation accuracy a run had reached `seconds` into its training (None: no epoch by then)."""
     reached = [e["val_accuracy"] for e in epochs if e["elapsed_s"] <= seconds]
@@ -153,7 +163,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.zip.exists():
         sys.exit(f"GTSRB zip not found: {args.zip}")
-    changes = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    changes = parse_changes(args.set)
     if changes and not args.label:
         sys.exit("--set needs --label (a variant's points must not replace the recipe's)")
     processed = prepare(args.zip, args.work)
@@ -209,7 +219,7 @@ def main() -> None:
         recipe, cap = recipe_for(budget)
         params = derived_params(recipe, budget, cap, args.work, changes, args.label)
         point = f"{budget:g} {args.label}".strip()
-        params_sha256 = hashlib.sha256(params.read_bytes()).hexdigest()
+        digest = params_sha256(params)
         for mode in args.modes:
             described = (f"{RECIPES[recipe].relative_to(ROOT)} with train.budget_s {budget:g}, "
                          f"epochs {yaml.safe_load(params.read_text())['train']['epochs']} (cap)"
@@ -218,12 +228,12 @@ def main() -> None:
             # recipe edited since, its arch say, starts the point over): a run cut short, or more seeds, goes on
             kept = results[mode]["budgeted"].get(point, {})
             kept = {r["seed"]: r for r in kept.get("runs", []) if r["seed"] < args.seeds} \
-                if kept.get("params_sha256") == params_sha256 else {}
+                if kept.get("params_sha256") == digest else {}
             runs = [kept.get(seed) or worker(mode, params, f"budget-{point.replace(' ', '-')}", seed)
                     for seed in range(args.seeds)]
             if runs:  # --seeds 0: only the peers
                 results[mode]["budgeted"][point] = {
-                    "params": described, "params_sha256": params_sha256,
+                    "params": described, "params_sha256": digest,
                     "test_accuracy": stat([r["test_accuracy"] for r in runs]),
                     **({"test_accuracy_tta": stat([r["test_accuracy_tta"] for r in runs])}
                        if all("test_accuracy_tta" in r for r in runs) else {}),

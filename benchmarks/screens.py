@@ -17,16 +17,14 @@ file (byte for byte) and the same code is kept, so a screen cut short goes on.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import yaml
 
-from benchmarks.budget import derived_params
+from benchmarks.budget import derived_params, params_sha256, parse_changes
 from benchmarks.harness import code_version, machine_info
 from benchmarks.recipes import GTSRB_ZIP, prepare, spawn
 
@@ -47,15 +45,15 @@ def main() -> None:
     args = parser.parse_args()
     if not args.zip.exists():
         sys.exit(f"GTSRB zip not found: {args.zip}")
-    changes = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    changes = parse_changes(args.set)
     processed = prepare(args.zip, args.work)
     params = derived_params(RECIPE, 0.0, None, args.work / "screens", changes, args.name)
-    params_sha256 = hashlib.sha256(params.read_bytes()).hexdigest()
+    digest = params_sha256(params)
     code = code_version()
 
     results = json.loads(args.out.read_text()) if args.out.exists() else {"variants": {}}
     previous = results["variants"].get(args.name, {})
-    same = previous.get("params_sha256") == params_sha256 and previous.get("code") == code
+    same = previous.get("params_sha256") == digest and previous.get("code") == code
     runs = {r["seed"]: r for r in previous.get("runs", [])} if same else {}
     for seed in args.seeds:
         if seed in runs:
@@ -69,7 +67,7 @@ def main() -> None:
         ordered = [runs[s] for s in sorted(runs)]
         results["variants"][args.name] = {
             "changes": changes, **({"note": args.note} if args.note else {}), "code": code,
-            "params_sha256": params_sha256, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "params_sha256": digest, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "test_accuracy_mean": round(statistics.mean(r["test_accuracy"] for r in ordered), 5),
             "test_accuracy_tta_mean": round(statistics.mean(r["test_accuracy_tta"] for r in ordered), 5),
             "runs": ordered}
