@@ -7,17 +7,20 @@ import copy
 import json
 import os
 import subprocess
+import time
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnnpipe.config import AugmentConfig, TrainConfig
 from cnnpipe.engine.budget import (PLAN_SHARE, BudgetState, Costs, Plan, Position, Progress, _low_res_epochs, plan_budget,
                                    remaining_cost, replan)
-from cnnpipe.engine.loop import fit
-from cnnpipe.engine.model_folder import CONFIG_FILE
+from cnnpipe.engine.checkpoint import load_model
+from cnnpipe.engine.loop import NarrowerNet, fit
+from cnnpipe.engine.model_folder import CONFIG_FILE, MODEL_FILE
 from cnnpipe.models import build_model
 from tests.formats import gtsrb_zip
 from tests.helpers import REPO, cnnpipe, write_tiny_dataset
@@ -153,6 +156,97 @@ def test_resume_keeps_the_plan_and_the_clock_of_the_checkpoint():
     resumed = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, None, resume=states[0])
     assert [e["epoch"] for e in resumed.history] == [1, 2]
     assert resumed.budget["first_plan_epochs"] == 2 and resumed.budget["actual_s"] >= saved["used_s"]
+
+
+def test_a_first_plan_of_fewer_than_the_min_epochs_asks_for_a_narrower_net():
+    """20 one-image steps an epoch: the first plan comes in epoch 1 (after the warm-up and timed steps); a second
+    of budget fits far fewer than 10,000 epochs. Only the caller that can build a narrower net is asked to."""
+    cfg = TrainConfig(arch="cnn3", width=8, epochs=10_000, batch_size=1, lr=0.05, budget_s=1, budget_min_epochs=10_000)
+    with pytest.raises(NarrowerNet) as raised:
+        fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, None, can_narrow=True)
+    assert 1 <= raised.value.epochs < 10_000
+    result = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, None)
+    assert 1 <= result.budget["planned_epochs"] < 10_000 and result.budget["actual_s"] <= 1.05
+
+
+class SlowsDown(nn.Module):
+    """A net whose training steps take `sleep_s` more from `after_s` seconds after its first: a neighbour taking
+    the cores."""
+
+    def __init__(self, net: nn.Module, after_s: float, sleep_s: float):
+        super().__init__()
+        self.net, self.after_s, self.sleep_s, self.first = net, after_s, sleep_s, None
+
+    def forward(self, x):
+        if self.training:
+            self.first = self.first or time.perf_counter()
+            time.sleep(0.001 if time.perf_counter() - self.first < self.after_s else self.sleep_s)
+        return self.net(x)
+
+
+def test_steps_that_turn_twenty_times_slower_near_the_end_still_end_within_the_budget():
+    """Planned at ~3 ms steps (epochs of 3,000 one-image steps), each step takes 50 ms more 3 s into a 4 s budget.
+    The clock is checked every budget/25 seconds whatever the steps cost, and a rising cost is taken as measured:
+    the run ends within 5 % (checked only every 1/25 of the planned steps, with the cost smoothed: 4.3 and 6.6 s)."""
+    fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), TrainConfig(arch="cnn3", width=8, epochs=1), None)  # a
+    # process's first steps cost ~1.5 s of set-up: a plan made in them would expect slow steps all along
+    cfg = TrainConfig(arch="cnn3", width=8, epochs=10_000, batch_size=1, lr=0.05, budget_s=4)
+    torch.manual_seed(0)
+    result = fit(SlowsDown(build_model("cnn3", 1, 3, 8, 8), after_s=3.0, sleep_s=0.05), tiny_data(n=1000), cfg, None)
+    assert 4 * 0.8 <= result.budget["actual_s"] <= 4 * 1.05, result.budget
+
+
+def _tiny_augmented(tmp_path, n=400):
+    write_tiny_dataset(tmp_path / "processed", classes=4, size=16, n=n)
+    from cnnpipe.stages import augment
+
+    augment.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
+
+
+@pytest.mark.e2e
+def test_a_budget_too_short_for_the_min_epochs_narrows_the_net_and_keeps_its_clock(tmp_path):
+    """`cnnpipe train --budget-s 8 --budget-min-epochs 500` at width 32: far fewer epochs fit, so the net starts
+    again at width 16, then at 8 (the floor), on the same clock: the whole run ends within the budget, and the
+    result line, the model file and config.json hold the net that was trained."""
+    _tiny_augmented(tmp_path)
+    proc = cnnpipe("train", "--params", str(REPO / "params.yaml"), "--no-tracking", "--budget-s", "8",
+                   "--budget-min-epochs", "500", "--epochs", "500", "--threads", "1", "--arch", "fastnet", "--width",
+                   "32", "--batch-size", "16", "--data", str(tmp_path / "processed"), "--augmented",
+                   str(tmp_path / "augmented"), "--out", str(tmp_path / "model"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fit at width 32: starting again at width 16" in proc.stderr
+    assert "fit at width 16: starting again at width 8" in proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["budget"]["width"] == 8 and result["budget"]["actual_s"] <= 8 * 1.05
+    model, spec = load_model(tmp_path / "model" / MODEL_FILE)
+    assert spec.width == 8 and sum(p.numel() for p in model.parameters()) == result["parameters"]
+    saved = json.loads((tmp_path / "model" / CONFIG_FILE).read_text())
+    assert saved["parameters"] == result["parameters"] and saved["train"]["width"] == 32  # the params, as set
+
+
+@pytest.mark.e2e
+def test_a_narrowed_run_resumes_at_the_narrower_width(tmp_path):
+    """A run that narrowed its net and was stopped after epoch 2 resumes from its checkpoint at that width."""
+    from cnnpipe.stages import train
+
+    _tiny_augmented(tmp_path)
+    cfg = TrainConfig(arch="fastnet", width=16, epochs=500, budget_s=6, budget_min_epochs=500, batch_size=16,
+                      threads=1)
+    where = dict(cfg=cfg, data=tmp_path / "processed", augmented=tmp_path / "augmented", model=tmp_path / "model",
+                 tracking=None, checkpoint=tmp_path / "state.pt")
+
+    class Stopped(Exception):
+        pass
+
+    def stop_in_epoch_2(stats):
+        if stats["epoch"] == 2:
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        train.run(**where, on_epoch=stop_in_epoch_2)
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["width"] == 8
+    result = train.run(**where, resume=True)
+    assert result["budget"]["width"] == 8 and load_model(tmp_path / "model" / MODEL_FILE)[1].width == 8
 
 
 @pytest.mark.e2e

@@ -19,8 +19,8 @@ from cnnpipe.models import build_model
 from tests.helpers import REPO, make_images, write_tiny_dataset
 
 
-def tiny_data(size=8) -> TrainData:
-    xtr, ytr = make_images(20, 3, size, 1, seed=0)
+def tiny_data(size=8, n=20) -> TrainData:
+    xtr, ytr = make_images(n, 3, size, 1, seed=0)
     xva, yva = make_images(6, 3, size, 1, seed=1)
     mean, std = stats_tensors([0.3], [0.3], torch.device("cpu"))
     return TrainData(to_nchw_uint8(xtr, "cpu"), torch.from_numpy(ytr), to_nchw_uint8(xva, "cpu"),

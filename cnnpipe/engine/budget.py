@@ -24,8 +24,11 @@ MEASURE_STEPS = 10  # steps timed after them; a fixed count, so every DDP rank p
 MEASURE_SHARE = 0.1  # of the budget the first measurements may take before the first plan
 PLAN_SHARE = 0.97  # of the remaining time a plan fills: room for the measurements' noise
 DRIFT = 0.1  # re-plan when the rest of the plan would overrun, or finish this share of the remaining time early
-SMOOTHING = 0.3  # weight of the latest window in a step cost's moving average: follows a drift, not every hiccup
-CHECKS_PER_RUN = 25  # mid-epoch checks of the clock over a run (and one after every epoch)
+SMOOTHING = 0.3  # weight of the latest window in a falling step cost's moving average; a rising one is taken as
+                 # measured: a neighbour taking a core must shorten the plan now, not after several windows
+CHECKS_PER_RUN = 25  # mid-epoch checks of the clock over a run (and one after every epoch): every that share of the
+                     # planned steps or of the budget's seconds, whichever comes first (steps that turn several
+                     # times slower would otherwise stretch a window, and the overrun, as many times)
 
 
 @dataclass(frozen=True)
@@ -240,7 +243,9 @@ class BudgetKeeper:
                 return None  # next: the full-resolution probe
             self.val_s = time_val()
             return self._first_plan(Position(epoch, step, int(epoch_low_res), not epoch_low_res), steps_per_epoch)
-        if self.window_steps < self._check_every(steps_per_epoch):
+        due = (self.window_steps >= self._check_every(steps_per_epoch)
+               or time.perf_counter() - self.window_start >= self.state.budget_s / CHECKS_PER_RUN)
+        if not broadcast_ints([due], self.dist, self.device)[0]:  # rank 0's clock decides: ranks plan together
             return None
         self._measure(low_res, (self.now() - self.window_start) / self.window_steps)
         self.window_start, self.window_steps = time.perf_counter(), 0
@@ -291,7 +296,7 @@ class BudgetKeeper:
 
     def _measure(self, low_res: bool, step_s: float) -> None:
         old = self.measured.get(low_res)
-        self.measured[low_res] = step_s if old is None else SMOOTHING * step_s + (1 - SMOOTHING) * old
+        self.measured[low_res] = step_s if old is None or step_s > old else SMOOTHING * step_s + (1 - SMOOTHING) * old
 
     def _check_every(self, steps_per_epoch: int) -> int:
         return max(MEASURE_STEPS, self.state.plan.total_steps(steps_per_epoch) // CHECKS_PER_RUN)

@@ -221,15 +221,25 @@ def _better(metric: str, value: float, best: float | None) -> bool:
     return value > best if metric == "val/accuracy" else value < best
 
 
+class NarrowerNet(Exception):  # noqa: N818 (not an error: the caller trains a narrower net)
+    """With train.budget_min_epochs: the first plan fits `epochs`, fewer than that, at the net's width."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__(f"{epochs} epochs fit")
+        self.epochs = epochs
+
+
 def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPolicy | None,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
-        dist: Dist | None = None) -> FitResult:
+        dist: Dist | None = None, started: float | None = None, can_narrow: bool = False) -> FitResult:
     """Train `model` in place; returns the history and the weights to keep.
 
-    `checkpoint(state)` is called after every epoch with everything `resume` needs to continue.
+    `checkpoint(state)` is called after every epoch with everything `resume` needs to continue. With a budget,
+    `started` (time.perf_counter()) is when its clock started (default: now); `can_narrow`: raise NarrowerNet
+    when the first plan, made before any epoch ended, fits fewer than train.budget_min_epochs epochs.
     """
-    started = time.perf_counter()  # a budget's clock
+    started = time.perf_counter() if started is None else started  # a budget's clock
     dist = dist or Dist()  # one process
     device = data.val_images.device
     source = data.train_stream if data.train_stream is not None else DeviceBatches(data, cfg.batch_size, cfg.seed, dist)
@@ -280,6 +290,8 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         """Follow `new` from here: the schedule's remaining progress spread over its remaining steps."""
         nonlocal plan
         first, old = keeper.state.replans == 0, plan
+        if first and can_narrow and not history and new.epochs < min(cfg.budget_min_epochs, cfg.epochs):
+            raise NarrowerNet(new.epochs)  # every rank: they agreed on the plan
         plan = new
         progress.retarget(sched.last_epoch, sum(source.steps(e) for e in range(1, new.epochs))
                           + new.steps_in(new.epochs, source.steps(new.epochs)))

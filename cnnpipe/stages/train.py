@@ -15,6 +15,7 @@ import dataclasses
 import json
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,14 +29,17 @@ from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, save_checkpoin
 from cnnpipe.engine.device import resolve_device, set_threads
 from cnnpipe.engine.distributed import barrier, init_distributed
 from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
-from cnnpipe.engine.loop import TrainData, fit
+from cnnpipe.engine.loop import NarrowerNet, TrainData, fit
 from cnnpipe.engine.model_folder import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, write_history
 from cnnpipe.engine.stream import StreamBatches
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent, read_json
-from cnnpipe.models import build_model, check_input_size, count_parameters, is_library_arch
+from cnnpipe.models import MODELS, build_model, check_input_size, count_parameters, is_library_arch
 from cnnpipe.engine.pretrained import adapt_stats, fit_weights, load_pretrained
 from cnnpipe.remote import Location
+
+
+MIN_WIDTH = 8  # train.budget_min_epochs narrows no further: a narrower net's few epochs are not worth a restart
 
 
 def _check_same_data(processed: Dataset, augmented: Dataset, data: Path, aug: Path) -> None:
@@ -91,8 +95,9 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
     if checkpoint and not resume and checkpoint.exists() and dist.is_main:
         print(f"train: a checkpoint of an interrupted run is at '{checkpoint}': starting afresh replaces it "
               f"(`--resume` would continue it)", file=sys.stderr)
+    width = state.get("width", cfg.width) if state is not None else cfg.width  # a budget may have narrowed it
     torch.manual_seed(cfg.seed)
-    net = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, cfg.width)
+    net = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, width)
     if is_library_arch(cfg.arch):
         check_input_size(net, cfg.arch, aug.channels, aug.image_size)
     mean, std = aug.manifest["mean"], aug.manifest["std"]
@@ -129,11 +134,15 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
             tracker.log_params({"source": aug.manifest["source"]["name"], "image_size": aug.image_size,
                                 "channels": aug.channels, "num_classes": len(aug.classes),
                                 "train_images": n_train, "val_images": len(val_split.labels),
-                                "parameters": n_params, "world_size": dist.world}, prefix="data.")
+                                "world_size": dist.world}, prefix="data.")
             tracker.set_tags(tracker.source_tags(processed.manifest))
     run_id = tracker.run_id if tracker else None
-    save = (lambda st: save_checkpoint(checkpoint, {**st, "run_id": run_id, "mean": mean, "std": std,
-                                                    "lineage": lineage})) if checkpoint and dist.is_main else None
+
+    def save_state(st: dict) -> None:
+        save_checkpoint(checkpoint, {**st, "run_id": run_id, "mean": mean, "std": std, "lineage": lineage,
+                                     "width": width})
+
+    save = save_state if checkpoint and dist.is_main else None
     try:
         if dist.is_main:
             print(f"{cfg.arch}: {n_params:,} parameters, {n_train:,} training images"
@@ -163,11 +172,31 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
         few = few_val_images(len(val_split.labels))
         if few and dist.is_main:
             print(f"train: {few}", file=sys.stderr)
-        result = fit(net, tensors, cfg, policy, on_epoch=each_epoch, checkpoint=save, resume=state, dist=dist)
+        started = time.perf_counter()  # a budget's clock, which a narrower net's start does not reset
+        while True:
+            try:
+                result = fit(net, tensors, cfg, policy, on_epoch=each_epoch, checkpoint=save, resume=state, dist=dist,
+                             started=started, can_narrow=bool(cfg.budget_min_epochs and cfg.arch in MODELS
+                                                               and not cfg.pretrained and width // 2 >= MIN_WIDTH))
+                break
+            except NarrowerNet as e:  # raised in the first epoch, before anything was logged or saved
+                torch.manual_seed(cfg.seed)
+                net = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, width // 2).to(device)
+                if dist.is_main:
+                    print(f"train.budget_min_epochs {cfg.budget_min_epochs}: {e.epochs} epoch"
+                          f"{'s' if e.epochs != 1 else ''} fit at width {width}: starting again at width {width // 2} "
+                          f"({count_parameters(net):,} parameters; {time.perf_counter() - started:.1f} s of the budget "
+                          f"spent)", file=sys.stderr, flush=True)
+                width //= 2
+        n_params = count_parameters(net)
+        if result.budget is not None:
+            result.budget["width"] = width
         warnings = ([f"train: {few}"] if few else []) + result.warnings
+        if tracker is not None:  # after training: a budget may have narrowed the net
+            tracker.log_params({"parameters": n_params}, prefix="data.")
         if dist.is_main:
             with atomic_dir(model) as tmp:
-                spec = ModelSpec(cfg.arch, cfg.width, aug.channels, len(aug.classes), aug.image_size,
+                spec = ModelSpec(cfg.arch, width, aug.channels, len(aug.classes), aug.image_size,
                                  aug.classes, mean, std, processed.manifest.get("resize", "squash"))
                 save_model(tmp / MODEL_FILE, result.model, spec)
                 write_history(tmp / HISTORY_FILE, result.history)
