@@ -196,6 +196,17 @@ def test_steps_that_turn_twenty_times_slower_near_the_end_still_end_within_the_b
     assert 4 * 0.8 <= result.budget["actual_s"] <= 4 * 1.05, result.budget
 
 
+def test_a_narrower_net_measures_its_steps_though_the_clock_started_earlier(capsys):
+    """A narrower net starts 5 s into a 6 s budget: it still times its warm-up and measured steps before it plans
+    (it once planned after its first step, whose cost includes the new net's kernel set-up)."""
+    fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), TrainConfig(arch="cnn3", width=8, epochs=1), None)  # the
+    # process's first steps' ~1.5 s of set-up
+    capsys.readouterr()
+    cfg = TrainConfig(arch="cnn3", width=8, epochs=10_000, batch_size=1, lr=0.05, budget_s=6)
+    fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, None, started=time.perf_counter() - 5)
+    assert "planned in epoch 1 after step 13 at 5." in capsys.readouterr().err
+
+
 def _tiny_augmented(tmp_path, n=400):
     write_tiny_dataset(tmp_path / "processed", classes=4, size=16, n=n)
     from cnnpipe.stages import augment

@@ -203,6 +203,7 @@ class BudgetKeeper:
         self.val_end = self.started
         self.measured: dict[bool, float] = {}  # low resolution? -> seconds per step
         self.epoch_start = self.started
+        self.measuring_since = time.perf_counter()  # a narrower net's measurements start afresh on the same clock
         self.planned_at_epoch_start = False
 
     def now(self) -> float:
@@ -234,8 +235,8 @@ class BudgetKeeper:
             if epoch != 1:
                 return None
             # steps so slow that measuring them all would spend the budget: plan from those done
-            late = bool(broadcast_ints([self.elapsed() > MEASURE_SHARE * self.state.budget_s], self.dist,
-                                       self.device)[0])
+            late = bool(broadcast_ints([time.perf_counter() - self.measuring_since > MEASURE_SHARE * self.state.budget_s],
+                                       self.dist, self.device)[0])
             if step % (WARMUP_STEPS + MEASURE_STEPS) != 0 and not late:
                 return None
             self.measured[low_res] = (self.now() - self.window_start) / max(self.window_steps, 1)
