@@ -222,10 +222,11 @@ def _better(metric: str, value: float, best: float | None) -> bool:
 
 
 class NarrowerNet(Exception):  # noqa: N818 (not an error: the caller trains a narrower net)
-    """With train.budget_min_epochs: the first plan fits `epochs`, fewer than that, at the net's width."""
+    """With train.budget_min_epochs: the first plan fits `epochs` (steps / steps of an epoch), fewer than that, at
+    the net's width."""
 
-    def __init__(self, epochs: int) -> None:
-        super().__init__(f"{epochs} epochs fit")
+    def __init__(self, epochs: float) -> None:
+        super().__init__(f"{epochs:.1f} epochs fit")
         self.epochs = epochs
 
 
@@ -290,11 +291,12 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         """Follow `new` from here: the schedule's remaining progress spread over its remaining steps."""
         nonlocal plan
         first, old = keeper.state.replans == 0, plan
-        if first and can_narrow and not history and new.epochs < min(cfg.budget_min_epochs, cfg.epochs):
-            raise NarrowerNet(new.epochs)  # every rank: they agreed on the plan
+        total = sum(source.steps(e) for e in range(1, new.epochs)) + new.steps_in(new.epochs, source.steps(new.epochs))
+        epochs_fit = total / max(source.steps(1), 1)
+        if first and can_narrow and not history and epochs_fit < min(cfg.budget_min_epochs, cfg.epochs):
+            raise NarrowerNet(epochs_fit)  # every rank: they agreed on the plan
         plan = new
-        progress.retarget(sched.last_epoch, sum(source.steps(e) for e in range(1, new.epochs))
-                          + new.steps_in(new.epochs, source.steps(new.epochs)))
+        progress.retarget(sched.last_epoch, total)
         # every plan is counted (the record); a re-plan is said when it changes the epochs by 5 % (tiny epochs
         # re-plan by a few every few epochs: hundreds of lines), the low-resolution phase or whether it fits
         said = (abs(new.epochs - old.epochs) >= max(1, old.epochs // 20), old.low_res_epochs != new.low_res_epochs,
