@@ -347,7 +347,8 @@ def save(out: Path, results: dict, threads: int, commands: list[str], load: dict
             "within_5_percent": r["within_5_percent"],
             "epochs_run_min": min(run["epochs_run"] for run in r["runs"]),
             "epochs_run_max": max(run["epochs_run"] for run in r["runs"]),
-            "runs": [{k: run[k] for k in ("seed", "test_accuracy", "val_accuracy_kept", "kept_epoch", "epochs_run")}
+            "runs": [{**{k: run[k] for k in ("seed", "test_accuracy", "val_accuracy_kept", "kept_epoch", "epochs_run")},
+                      "width": run["budget"].get("width")}  # train.budget_min_epochs may have narrowed the net
                      for run in r["runs"]]}
             for mode, res in results.items() for point, r in res["budgeted"].items()},
         "runs_within_5_percent": sum(r["within_5_percent"] for res in results.values()
