@@ -16,10 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnnpipe.config import AugmentConfig, TrainConfig
-from cnnpipe.engine.budget import (PLAN_SHARE, BudgetState, Costs, Plan, Position, Progress, _low_res_epochs, plan_budget,
-                                   remaining_cost, replan)
+from cnnpipe.engine.budget import (PLAN_SHARE, BudgetKeeper, BudgetState, Costs, NarrowerNet, Plan, Position, Progress,
+                                   _low_res_epochs, plan_budget, remaining_cost, replan)
+from cnnpipe.engine.distributed import Dist
 from cnnpipe.engine.checkpoint import load_model
-from cnnpipe.engine.loop import NarrowerNet, fit
+from cnnpipe.engine.loop import fit
 from cnnpipe.engine.model_folder import CONFIG_FILE, MODEL_FILE
 from cnnpipe.models import build_model
 from tests.formats import gtsrb_zip
@@ -194,6 +195,25 @@ def test_steps_that_turn_twenty_times_slower_near_the_end_still_end_within_the_b
     torch.manual_seed(0)
     result = fit(SlowsDown(build_model("cnn3", 1, 3, 8, 8), after_s=3.0, sleep_s=0.05), tiny_data(n=1000), cfg, None)
     assert 4 * 0.8 <= result.budget["actual_s"] <= 4 * 1.05, result.budget
+
+
+def test_a_net_far_too_slow_is_narrowed_on_its_first_timed_steps():
+    """The low-resolution steps alone, all at their cost and with no validation, fit under one epoch where 5
+    are asked for: the keeper asks for a narrower net right after timing them, before the full-resolution probe
+    and the validation pass would spend more of the budget."""
+    keeper = BudgetKeeper(BudgetState(10.0), max_epochs=100, low_res_share=0.5, full_over_low_pixels=2.0, dist=Dist(),
+                          device=torch.device("cpu"), narrow_below=5)
+
+    def time_val():
+        raise AssertionError("a validation pass was timed")
+
+    with pytest.raises(NarrowerNet) as raised:
+        for step in range(30):
+            keeper.before_step(1, step)
+            time.sleep(0.01)
+            keeper.after_step(epoch=1, step=step + 1, low_res=True, epoch_low_res=True, steps_per_epoch=1000,
+                              time_val=time_val)
+    assert step + 1 == 13 and raised.value.epochs < 1  # 3 warm-up steps and 10 timed
 
 
 def test_a_narrower_net_measures_its_steps_though_the_clock_started_earlier(capsys):

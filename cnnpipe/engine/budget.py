@@ -187,13 +187,25 @@ class BudgetState:
                    d["replans"], plan(d["first_plan"]), Progress(**d["schedule"]) if d["schedule"] else None)
 
 
+class NarrowerNet(Exception):  # noqa: N818 (not an error: the caller trains a narrower net)
+    """Fewer than `narrow_below` epochs fit (`epochs`: a plan's steps over an epoch's steps), found in the first
+    epoch: the caller starts again with a narrower net (train.budget_min_epochs)."""
+
+    def __init__(self, epochs: float) -> None:
+        super().__init__(f"{epochs:.1f} epochs fit")
+        self.epochs = epochs
+
+
 class BudgetKeeper:
     """The clock, the measurements and the plan of one budgeted run. Every rank measures; rank 0's plan is the
     one all ranks follow (broadcast at each planning point, which all ranks reach at the same step)."""
 
     def __init__(self, state: BudgetState, *, max_epochs: int, low_res_share: float, full_over_low_pixels: float,
-                 dist: Dist, device: torch.device, started: float | None = None):
+                 dist: Dist, device: torch.device, started: float | None = None, narrow_below: float = 0.0):
+        """`narrow_below`: raise NarrowerNet when the first plan fits fewer epochs, or sooner, when even steps all
+        at the cheapest measured cost and no validation would (saving the rest of the measurements)."""
         self.state, self.max_epochs, self.low_res_share = state, max_epochs, low_res_share
+        self.narrow_below = narrow_below if state.plan is None else 0.0
         self.pixel_ratio = full_over_low_pixels  # estimates a full-resolution step when none was measured yet
         self.dist, self.device = dist, device
         self.started = started if started is not None else self.now()  # perf_counter() when training began
@@ -240,10 +252,17 @@ class BudgetKeeper:
             if step % (WARMUP_STEPS + MEASURE_STEPS) != 0 and not late:
                 return None
             self.measured[low_res] = (self.now() - self.window_start) / max(self.window_steps, 1)
+            at = Position(epoch, step, int(epoch_low_res), not epoch_low_res)
+            if self.narrow_below:
+                cheapest = min(self.measured.values())
+                self._narrow_if(plan_budget(remaining_s=self.state.budget_s - self.elapsed(),
+                                            costs=Costs(cheapest, cheapest, 0.0), steps_per_epoch=steps_per_epoch,
+                                            max_epochs=self.max_epochs, low_res_share=self.low_res_share, at=at),
+                                steps_per_epoch)
             if self.low_res_share < 1 and low_res and False not in self.measured and not late:
                 return None  # next: the full-resolution probe
             self.val_s = time_val()
-            return self._first_plan(Position(epoch, step, int(epoch_low_res), not epoch_low_res), steps_per_epoch)
+            return self._first_plan(at, steps_per_epoch)
         due = (self.window_steps >= self._check_every(steps_per_epoch)
                or time.perf_counter() - self.window_start >= self.state.budget_s / CHECKS_PER_RUN)
         if not broadcast_ints([due], self.dist, self.device)[0]:  # rank 0's clock decides: ranks plan together
@@ -315,11 +334,19 @@ class BudgetKeeper:
                                                   int(plan.fits)], self.dist, self.device)
         return Plan(epochs, last, low, bool(fits))
 
+    def _narrow_if(self, plan: Plan, steps_per_epoch: int) -> None:
+        """Raise NarrowerNet when `plan` (rank 0's decides) fits fewer than narrow_below epochs."""
+        epochs = plan.total_steps(steps_per_epoch) / max(steps_per_epoch, 1)
+        if broadcast_ints([epochs < self.narrow_below], self.dist, self.device)[0]:
+            raise NarrowerNet(epochs)
+
     def _first_plan(self, at: Position, steps_per_epoch: int) -> Plan:
         self.state.costs = self._costs()
         plan = self._agree(plan_budget(remaining_s=self.state.budget_s - self.elapsed(), costs=self.state.costs,
                                        steps_per_epoch=steps_per_epoch, max_epochs=self.max_epochs,
                                        low_res_share=self.low_res_share, at=at))
+        if self.narrow_below and at.epoch == 1:  # not after an epoch: its metrics are logged, its checkpoint saved
+            self._narrow_if(plan, steps_per_epoch)
         self.state.plan = self.state.first_plan = plan
         self.window_start, self.window_steps = self.now(), 0
         return plan

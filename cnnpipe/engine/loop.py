@@ -221,15 +221,6 @@ def _better(metric: str, value: float, best: float | None) -> bool:
     return value > best if metric == "val/accuracy" else value < best
 
 
-class NarrowerNet(Exception):  # noqa: N818 (not an error: the caller trains a narrower net)
-    """With train.budget_min_epochs: the first plan fits `epochs` (steps / steps of an epoch), fewer than that, at
-    the net's width."""
-
-    def __init__(self, epochs: float) -> None:
-        super().__init__(f"{epochs:.1f} epochs fit")
-        self.epochs = epochs
-
-
 def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPolicy | None,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
@@ -238,7 +229,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
 
     `checkpoint(state)` is called after every epoch with everything `resume` needs to continue. With a budget,
     `started` (time.perf_counter()) is when its clock started (default: now); `can_narrow`: raise NarrowerNet
-    when the first plan, made before any epoch ended, fits fewer than train.budget_min_epochs epochs.
+    (cnnpipe.engine.budget) when fewer than train.budget_min_epochs epochs fit, found before any epoch ended.
     """
     started = time.perf_counter() if started is None else started  # a budget's clock
     dist = dist or Dist()  # one process
@@ -285,18 +276,16 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         keeper = BudgetKeeper(budget, max_epochs=cfg.epochs,
                               low_res_share=min(cfg.low_res_epochs / cfg.epochs, 1.0) if low_res_active else 0.0,
                               full_over_low_pixels=(data.val_images.shape[-1] / cfg.low_res) ** 2 if low_res_active
-                              else 1.0, dist=dist, device=device, started=started)
+                              else 1.0, dist=dist, device=device, started=started,
+                              narrow_below=min(cfg.budget_min_epochs, cfg.epochs) if can_narrow and not history else 0.0)
 
     def adopt(new: Plan, where: str) -> None:
         """Follow `new` from here: the schedule's remaining progress spread over its remaining steps."""
         nonlocal plan
         first, old = keeper.state.replans == 0, plan
-        total = sum(source.steps(e) for e in range(1, new.epochs)) + new.steps_in(new.epochs, source.steps(new.epochs))
-        epochs_fit = total / max(source.steps(1), 1)
-        if first and can_narrow and not history and epochs_fit < min(cfg.budget_min_epochs, cfg.epochs):
-            raise NarrowerNet(epochs_fit)  # every rank: they agreed on the plan
         plan = new
-        progress.retarget(sched.last_epoch, total)
+        progress.retarget(sched.last_epoch, sum(source.steps(e) for e in range(1, new.epochs))
+                          + new.steps_in(new.epochs, source.steps(new.epochs)))
         # every plan is counted (the record); a re-plan is said when it changes the epochs by 5 % (tiny epochs
         # re-plan by a few every few epochs: hundreds of lines), the low-resolution phase or whether it fits
         said = (abs(new.epochs - old.epochs) >= max(1, old.epochs // 20), old.low_res_epochs != new.low_res_epochs,

@@ -29,7 +29,8 @@ from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, save_checkpoin
 from cnnpipe.engine.device import resolve_device, set_threads
 from cnnpipe.engine.distributed import barrier, init_distributed
 from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
-from cnnpipe.engine.loop import NarrowerNet, TrainData, fit
+from cnnpipe.engine.budget import NarrowerNet
+from cnnpipe.engine.loop import TrainData, fit
 from cnnpipe.engine.model_folder import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, write_history
 from cnnpipe.engine.stream import StreamBatches
 from cnnpipe.errors import CnnpipeError
