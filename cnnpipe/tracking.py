@@ -57,6 +57,39 @@ def _quiet_logs() -> None:
 
 
 @contextlib.contextmanager
+def kept_mlflow_uris() -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs, and the environment variables it exports them to, put
+    back as they were when the block ends."""
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    try:
+        yield
+    finally:
+        if "mlflow" in sys.modules:  # where MLflow was never imported it holds nothing to put back
+            import mlflow
+
+            mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])  # None: unset, as before
+            mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def fluent_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (start_run, log_model, register_model) works on the process-wide URIs: pointed at `uri`
+    for the call only, so that a caller's own settings (a notebook's), and the store this process tracks to next,
+    are left as they were."""
+    import mlflow
+
+    with kept_mlflow_uris():
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        yield
+
+
+@contextlib.contextmanager
 def quiet_mlflow() -> Iterator[None]:
     """MLflow's chatter kept off a user's terminal while our pyfunc model is defined or logged: its warning that
     predict has no type hints (it takes images in any form: no hint fits), and the INFO line of its input example
@@ -281,8 +314,7 @@ class Tracker:
         from mlflow.types.schema import AnyType, ColSpec, Schema
 
         # log_model works on the fluent API's active run; scope it to this run and store
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id), quiet_mlflow(), warnings.catch_warnings():
+        with fluent_store(self.uri), mlflow.start_run(run_id=self.run_id), quiet_mlflow(), warnings.catch_warnings():
             # MLflow warns that integer columns cannot hold missing values: ours never miss
             warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
             inferred = infer_signature(input_example, output_example, params=params)
@@ -296,8 +328,8 @@ class Tracker:
         """Register `model_uri` as a new version of `name`; returns the version."""
         import mlflow
 
-        mlflow.set_registry_uri(self.uri)
-        version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+        with fluent_store(self.uri):  # a logged model's URI is resolved through the tracking store
+            version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
         return str(version.version)
 
 

@@ -5,15 +5,35 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cnnpipe.tracking import kept_mlflow_uris
 from tests.helpers import free_port, wait_for_http, write_tiny_dataset
 
 # The tests run the real `cnnpipe`, `dvc` and `mlflow` executables: those of this interpreter's
 # environment, also when pytest is started as `.venv/bin/python -m pytest` without activating it.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (the test command runs `-n 2`) each worker gets its own share of the CPUs: the processes
+    it starts inherit the mask and size their torch threads to it (cnnpipe.cores), instead of every worker's
+    training taking every core and the two spinning against each other."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and count > 1 and hasattr(os, "sched_setaffinity"):
+        cores, index = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw"))
+        os.sched_setaffinity(0, cores[index::count] or [cores[index % len(cores)]])
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_per_test() -> Iterator[None]:
+    """A test that points MLflow's process-wide URIs at its store must not redirect the tests after it in the same
+    process (under pytest-xdist, which tests share a process changes from run to run)."""
+    with kept_mlflow_uris():
+        yield
 
 
 @pytest.fixture

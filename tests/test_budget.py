@@ -256,13 +256,16 @@ def test_a_budget_too_short_for_the_min_epochs_narrows_the_net_and_keeps_its_clo
 
 
 @pytest.mark.e2e
-def test_a_narrowed_run_resumes_at_the_narrower_width(tmp_path):
-    """A run that narrowed its net and was stopped after epoch 2 resumes from its checkpoint at that width."""
+def test_a_narrowed_run_resumes_at_the_narrower_width(tmp_path, monkeypatch, capsys):
+    """A run that narrowed its net and was stopped after epoch 2 resumes from its checkpoint at that width. On a
+    CPU without bf16 the recipe's `precision: bf16` falls back to fp32, said once, not once per net."""
     from cnnpipe.stages import train
 
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     _tiny_augmented(tmp_path)
     cfg = TrainConfig(arch="fastnet", width=16, epochs=500, budget_s=6, budget_min_epochs=500, batch_size=16,
-                      threads=1)
+                      threads=1, precision="bf16")
     where = dict(cfg=cfg, data=tmp_path / "processed", augmented=tmp_path / "augmented", model=tmp_path / "model",
                  tracking=None, checkpoint=tmp_path / "state.pt")
 
@@ -275,6 +278,9 @@ def test_a_narrowed_run_resumes_at_the_narrower_width(tmp_path):
 
     with pytest.raises(Stopped):
         train.run(**where, on_epoch=stop_in_epoch_2)
+    err = capsys.readouterr().err
+    assert "starting again at width 8" in err
+    assert err.count("train.precision: bf16 asked for, but cpu has no native bf16: training in fp32") == 1
     assert torch.load(tmp_path / "state.pt", weights_only=True)["width"] == 8
     result = train.run(**where, resume=True)
     assert result["budget"]["width"] == 8 and load_model(tmp_path / "model" / MODEL_FILE)[1].width == 8

@@ -4,6 +4,7 @@ that DVC restored without its run file."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,25 @@ def test_mlflow_chatter_stays_off_the_terminal(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "type hints" not in proc.stderr and "database tables" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("users_uri", [None, "sqlite:///users.db"])
+def test_logging_a_model_leaves_the_callers_mlflow_settings_as_they_were(tmp_path, monkeypatch, users_uri):
+    """MLflow's fluent API works on process-wide URIs it also exports to the environment: the Tracker points them
+    at its store for a call and puts them back, so a notebook's settings and the next store it tracks to are kept."""
+    import mlflow
+
+    from cnnpipe.tracking import fluent_store
+
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(key, raising=False)
+    mlflow.set_tracking_uri(users_uri)
+    mlflow.set_registry_uri(users_uri)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with fluent_store(store):
+        assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == store
+    assert os.environ.get("MLFLOW_TRACKING_URI") == users_uri and os.environ.get("MLFLOW_REGISTRY_URI") == users_uri
+    if users_uri:
+        assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == users_uri
+    else:
+        assert store not in (mlflow.get_tracking_uri(), mlflow.get_registry_uri())

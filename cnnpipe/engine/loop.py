@@ -242,13 +242,10 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    mixed, precision = autocast(device, cfg.precision)
+    mixed = autocast(device, cfg.precision)[0]
     low_res_active = bool(cfg.low_res and cfg.low_res_epochs and cfg.low_res < data.val_images.shape[-1])
     if cfg.low_res and cfg.low_res_epochs:
         _check_low_res(model, cfg.low_res, data.val_images.shape[1], device)
-    if precision != cfg.precision != "auto" and dist.is_main:
-        print(f"train.precision: {cfg.precision} asked for, but {device} has no native bf16: training in fp32",
-              file=sys.stderr)
     plan = Plan(cfg.epochs, source.steps(cfg.epochs), cfg.low_res_epochs)  # a budget re-plans it
     progress = Progress(sum(source.steps(epoch) for epoch in range(1, cfg.epochs + 1)))
     opt = make_optimizer(model, cfg)
@@ -277,7 +274,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
                               low_res_share=min(cfg.low_res_epochs / cfg.epochs, 1.0) if low_res_active else 0.0,
                               full_over_low_pixels=(data.val_images.shape[-1] / cfg.low_res) ** 2 if low_res_active
                               else 1.0, dist=dist, device=device, started=started,
-                              narrow_below=min(cfg.budget_min_epochs, cfg.epochs) if can_narrow and not history else 0.0)
+                              narrow_below=min(cfg.budget_min_epochs, cfg.epochs) if can_narrow else 0.0)
 
     def adopt(new: Plan, where: str) -> None:
         """Follow `new` from here: the schedule's remaining progress spread over its remaining steps."""

@@ -26,7 +26,7 @@ from cnnpipe.config import TrackingConfig, TrainConfig
 from cnnpipe.data.store import (FIGURES_DIR, MANIFEST_FILE, Dataset, decoded_mb, fetch_dataset, few_val_images,
                                  read_dataset)
 from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_model
-from cnnpipe.engine.device import resolve_device, set_threads
+from cnnpipe.engine.device import autocast, resolve_device, set_threads
 from cnnpipe.engine.distributed import barrier, init_distributed
 from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
 from cnnpipe.engine.budget import NarrowerNet
@@ -151,6 +151,9 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
                   f"{len(val_split.labels):,} validation images, device {device}, {threads} CPU threads"
                   + (f", {dist.world} processes" if dist.world > 1 else "")
                   + (f", resuming after epoch {state['epoch']}" if state else ""), file=sys.stderr)
+            if autocast(device, cfg.precision)[1] != cfg.precision != "auto":  # said once, not per narrowed net
+                print(f"train.precision: {cfg.precision} asked for, but {device} has no native bf16: training in fp32",
+                      file=sys.stderr)
         mean_t, std_t = stats_tensors(mean, std, device)
         val = dict(val_images=to_nchw_uint8(val_split.images, device),
                    val_labels=torch.from_numpy(val_split.labels).to(device), mean=mean_t, std=std_t)
