@@ -12,13 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from cnnpipe.config import RegisterConfig, TrackingConfig
 from cnnpipe.data.store import Dataset, read_dataset
-from cnnpipe.engine.inference import predict_logits, to_nchw_uint8
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.evaluation.metrics import classification_metrics
 from cnnpipe.imaging import as_requests
 from cnnpipe.tracking import CHALLENGER, CHAMPION, Registry
 
@@ -40,6 +36,10 @@ def protocol_requests(ds: Dataset, protocol: str) -> list:
 
 def score(registry: Registry, model_uri: str, ds: Dataset, metric: str, protocol: str = "served") -> float:
     """`metric` of a registered model on the dataset's test split, through its own preprocessing."""
+    import torch  # here, not at the top: `rollback` scores nothing and starts without torch and scikit-learn
+
+    from cnnpipe.engine.inference import predict_logits, to_nchw_uint8
+    from cnnpipe.evaluation.metrics import classification_metrics
     from cnnpipe.serving import trusted
 
     predictor, _ = trusted.load(registry, model_uri)
@@ -62,18 +62,22 @@ def promote(cfg: RegisterConfig, tracking: TrackingConfig, name: str, ref: str, 
     and each one's history read is the one it extends."""
     registry = Registry(tracking.uri)
     ds = read_dataset(data, splits=("test",))
-    with registry.update_lock():
-        return _promote(cfg, registry, name, ref, ds, force)
-
-
-def _promote(cfg: RegisterConfig, registry: Registry, name: str, ref: str, ds: Dataset, force: bool) -> dict:
     challenger = str(registry.version(name, ref).version)
+    # scored before the lock, on its version alone: concurrent promotions queue only for the champion's score,
+    # the decision and the alias move
+    challenger_value = score(registry, f"models:/{name}/{challenger}", ds, cfg.promotion_metric,
+                             cfg.promotion_protocol)
+    with registry.update_lock():
+        return _promote(cfg, registry, name, challenger, challenger_value, ds, force)
+
+
+def _promote(cfg: RegisterConfig, registry: Registry, name: str, challenger: str, challenger_value: float,
+             ds: Dataset, force: bool) -> dict:
     champion = registry.alias_version(name, CHAMPION)
     read = registry.champion_history(name)
     history = read or ([champion] if champion else [])
     metric, lower_better = cfg.promotion_metric, cfg.promotion_metric == "loss"
     protocol = cfg.promotion_protocol
-    challenger_value = score(registry, f"models:/{name}/{challenger}", ds, metric, protocol)
     champion_value = None
     if champion == challenger:
         decision = "already champion"
