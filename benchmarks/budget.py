@@ -5,7 +5,8 @@ Per budget B, CPU mode and seed: the recipe a user starts from (configs/gtsrb-fa
 configs/gtsrb.yaml from it) with train.budget_s = B and train.epochs a cap of B / SECONDS_PER_EPOCH_CAP, in its
 own process: benchmarks/recipes.py's worker (augment + train on one ingest of the real GTSRB training set, whole
 frames + boxes, val and test held out by track; test accuracy on whole frames, the served protocol, without and
-with flip TTA). --set/--label measure a variant of the recipe under its own name. The fixed recipes (--fixed)
+with flip TTA; the run's test errors and its most frequent confusions). --set/--label measure a variant of the
+recipe under its own name; --split-seed the same on another draw of the held-out tracks. The fixed recipes (--fixed)
 run their own epochs: their test accuracy and training time, and the validation accuracy reached by each budget.
 The plain PyTorch peer (--peers, benchmarks/peers.py's torch worker) gets, per mode and budget, the epochs that
 fit: one epoch timed first, as a user would; "users" as users write it, "same" with cnnpipe's augmentation
@@ -145,6 +146,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="BLOCK.KEY=VALUE",
                         help="a recipe variant: these params changed at every budget (needs --label)")
     parser.add_argument("--label", default="", help="the variant's name: its points are '<budget> <label>'")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="ingest's seed: another draw of the tracks held out for validation and test (its "
+                             "points are '<budget> [<label> ]split-<seed>')")
     parser.add_argument("--seeds", type=int, default=3,
                         help="per point (0: only the peers); with --merge, seeds a point already has are kept")
     parser.add_argument("--modes", nargs="+", default=["native", "avx2"], choices=list(MODES))
@@ -166,7 +170,10 @@ def main() -> None:
     changes = parse_changes(args.set)
     if changes and not args.label:
         sys.exit("--set needs --label (a variant's points must not replace the recipe's)")
-    processed = prepare(args.zip, args.work)
+    if args.split_seed and args.fixed:
+        sys.exit("--split-seed measures the budgeted trainer: pass --fixed and --peers without names")
+    processed = prepare(args.zip, args.work, args.split_seed)
+    label = " ".join(filter(None, [args.label, f"split-{args.split_seed}" if args.split_seed else ""]))
     threads = args.threads or len(os.sched_getaffinity(0))
 
     def threads_of(mode: str) -> int:
@@ -218,7 +225,7 @@ def main() -> None:
     for budget in args.budgets:
         recipe, cap = recipe_for(budget)
         params = derived_params(recipe, budget, cap, args.work, changes, args.label)
-        point = f"{budget:g} {args.label}".strip()
+        point = f"{budget:g} {label}".strip()
         digest = params_sha256(params)
         for mode in args.modes:
             described = (f"{RECIPES[recipe].relative_to(ROOT)} with train.budget_s {budget:g}, "
@@ -241,7 +248,7 @@ def main() -> None:
                     "within_5_percent": sum(r["budget"]["actual_s"] <= 1.05 * budget for r in runs),
                     "runs": runs}
             save_all()
-            for variant in args.peers if not args.label else ():
+            for variant in args.peers if not label else ():
                 # the epochs a user would set after timing one: one epoch timed (validation included), then
                 # as many as fit in the budget, the schedule over them
                 probe = results[mode].setdefault("peer_epoch_s", {}).get(variant)

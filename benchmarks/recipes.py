@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,12 +61,15 @@ def time_to(epochs: list[dict]) -> dict[str, float | None]:
             for t in THRESHOLDS}
 
 
-def prepare(zip_path: Path, work: Path) -> Path:
-    """Ingest GTSRB once with the recipes' shared ingest block; returns the processed dataset folder."""
-    processed = work / "processed"
+def prepare(zip_path: Path, work: Path, split_seed: int = 0) -> Path:
+    """Ingest GTSRB once with the recipes' shared ingest block (its tracks split with `split_seed`); returns the
+    processed dataset folder."""
+    suffix = f"-split-{split_seed}" if split_seed else ""
+    processed = work / f"processed{suffix}"
     if not (processed / "manifest.json").exists():
         cmd = [str(Path(sys.executable).parent / "cnnpipe"), "ingest", "--params", str(RECIPES["default"]),
-               "--path", str(zip_path), "--out", str(processed), "--report", str(work / "ingest_report.json")]
+               "--path", str(zip_path), "--out", str(processed), "--seed", str(split_seed),
+               "--report", str(work / f"ingest_report{suffix}.json")]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return processed
 
@@ -109,7 +113,12 @@ def run_worker(params: Path, processed: Path, work: Path, seed: int) -> None:
     flips = json.loads((work / "model" / CONFIG_FILE).read_text()).get("flips")
     tta = tta_probabilities(lambda x: predict_logits(net, x, mean, std).softmax(1), images, flips)
     acc_tta = (tta.argmax(1).numpy() == test.labels).mean()
+    # where the errors are: GTSRB's tracks are 30 frames of one sign, so one misread track is 30 errors of one pair
+    pairs = Counter(zip(test.labels.tolist(), logits.argmax(1).tolist()))
+    confusions = [[true, pred, n] for (true, pred), n in pairs.most_common() if true != pred][:3]
     print(json.dumps({"test_accuracy": round(float(acc), 5), "test_accuracy_tta": round(float(acc_tta), 5),
+                      "test_errors": int((logits.argmax(1).numpy() != test.labels).sum()),
+                      "top_confusions": confusions,
                       "val_accuracy_kept": round(out["val_accuracy"], 5),
                       "kept_epoch": out["kept_epoch"], "epochs_run": out["epochs"], "train_s": round(train_s, 1),
                       "augment_s": round(t_train - t0, 1), "budget": out.get("budget")}), flush=True)
