@@ -160,6 +160,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per run (0 = the cores; 1 on a crowded machine: a 2-thread step waits "
                              "for whichever of its threads is descheduled)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="train nothing: score again the model folders --work kept of the file's points at "
+                             "--budgets (and --label, --split-seed) to add their test errors and top confusions")
     parser.add_argument("--merge", action="store_true",
                         help="keep the results file's other points (those this run does not measure)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-recipes"))
@@ -208,6 +211,23 @@ def main() -> None:
         return {"seed": 0, "threads": threads_of(mode), "load_1min_before": round(load_1min, 2),
                 **run}
 
+    if args.rescore:
+        for mode in args.modes:
+            for budget in args.budgets:
+                point = f"{budget:g} {label}".strip()
+                for run in results[mode]["budgeted"].get(point, {}).get("runs", []):
+                    model = args.work / f"budget-{point.replace(' ', '-')}-{mode}-{run['seed']}" / "model"
+                    if "top_confusions" in run or not model.exists():
+                        continue
+                    scored = spawn([sys.executable, "-m", "benchmarks.recipes", "--score", str(model), str(processed)])
+                    # a folder trained again since (another params file, another code) is not this run's model
+                    if abs(scored["test_accuracy"] - run["test_accuracy"]) > 1e-4:
+                        print(f"{model}: test accuracy {scored['test_accuracy']}, the run recorded "
+                              f"{run['test_accuracy']}: not this run's model, skipped", file=sys.stderr)
+                        continue
+                    run.update(test_errors=scored["test_errors"], top_confusions=scored["top_confusions"])
+        save_all()
+        return
     # the fixed recipes first (the reference), then both modes at each budget in the order given: a run cut short
     # keeps what it measured
     for name in args.fixed:
@@ -355,6 +375,7 @@ def save(out: Path, results: dict, threads: int, commands: list[str], load: dict
             "epochs_run_min": min(run["epochs_run"] for run in r["runs"]),
             "epochs_run_max": max(run["epochs_run"] for run in r["runs"]),
             "runs": [{**{k: run[k] for k in ("seed", "test_accuracy", "val_accuracy_kept", "kept_epoch", "epochs_run")},
+                      **{k: run[k] for k in ("test_errors", "top_confusions") if k in run},
                       "width": run["budget"].get("width")}  # train.budget_min_epochs may have narrowed the net
                      for run in r["runs"]]}
             for mode, res in results.items() for point, r in res["budgeted"].items()},

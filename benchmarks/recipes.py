@@ -74,16 +74,37 @@ def prepare(zip_path: Path, work: Path, split_seed: int = 0) -> Path:
     return processed
 
 
-def run_worker(params: Path, processed: Path, work: Path, seed: int) -> None:
-    """In this process: augment + train `params` with `seed` on `processed`, print epochs, then test accuracy."""
+def score(model: Path, processed: Path) -> dict:
+    """Test accuracy of the model folder `model` on `processed`'s test split (whole frames), without and with flip
+    TTA, and where its errors are."""
     import torch
 
-    from cnnpipe.config import AugmentConfig, TrainConfig, load_block, read_params
+    from cnnpipe.calibration import tta_probabilities
     from cnnpipe.data.store import read_dataset
     from cnnpipe.engine.checkpoint import load_model
     from cnnpipe.engine.inference import predict_logits, stats_tensors, to_nchw_uint8
-    from cnnpipe.calibration import tta_probabilities
     from cnnpipe.engine.model_folder import CONFIG_FILE, MODEL_FILE
+
+    net, spec = load_model(model / MODEL_FILE)
+    test = read_dataset(processed, splits=("test",)).splits["test"]
+    device = torch.device("cpu")
+    mean, std = stats_tensors(spec.mean, spec.std, device)
+    images = to_nchw_uint8(test.images, device)
+    predicted = predict_logits(net, images, mean, std).argmax(1).numpy()
+    # with test-time augmentation over the class-aware flips the model folder records (what evaluate scores as *_tta)
+    flips = json.loads((model / CONFIG_FILE).read_text()).get("flips")
+    tta = tta_probabilities(lambda x: predict_logits(net, x, mean, std).softmax(1), images, flips)
+    # where the errors are: a GTSRB track is 30 frames of one sign, so one misread track is 30 errors of one pair
+    pairs = Counter(zip(test.labels.tolist(), predicted.tolist()))
+    return {"test_accuracy": round(float((predicted == test.labels).mean()), 5),
+            "test_accuracy_tta": round(float((tta.argmax(1).numpy() == test.labels).mean()), 5),
+            "test_errors": int((predicted != test.labels).sum()),
+            "top_confusions": [[true, pred, n] for (true, pred), n in pairs.most_common() if true != pred][:3]}
+
+
+def run_worker(params: Path, processed: Path, work: Path, seed: int) -> None:
+    """In this process: augment + train `params` with `seed` on `processed`, print epochs, then test accuracy."""
+    from cnnpipe.config import AugmentConfig, TrainConfig, load_block, read_params
     from cnnpipe.stages import augment, train
 
     raw = read_params(params)
@@ -102,24 +123,7 @@ def run_worker(params: Path, processed: Path, work: Path, seed: int) -> None:
     out = train.run(cfg=cfg, data=processed, augmented=work / "augmented", model=work / "model", tracking=None,
                     on_epoch=on_epoch)
     train_s = time.perf_counter() - t_train
-    net, spec = load_model(work / "model" / MODEL_FILE)
-    test = read_dataset(processed, splits=("test",)).splits["test"]
-    device = torch.device("cpu")
-    mean, std = stats_tensors(spec.mean, spec.std, device)
-    images = to_nchw_uint8(test.images, device)
-    logits = predict_logits(net, images, mean, std)
-    acc = (logits.argmax(1).numpy() == test.labels).mean()
-    # with test-time augmentation over the class-aware flips the model folder records (what evaluate scores as *_tta)
-    flips = json.loads((work / "model" / CONFIG_FILE).read_text()).get("flips")
-    tta = tta_probabilities(lambda x: predict_logits(net, x, mean, std).softmax(1), images, flips)
-    acc_tta = (tta.argmax(1).numpy() == test.labels).mean()
-    # where the errors are: GTSRB's tracks are 30 frames of one sign, so one misread track is 30 errors of one pair
-    pairs = Counter(zip(test.labels.tolist(), logits.argmax(1).tolist()))
-    confusions = [[true, pred, n] for (true, pred), n in pairs.most_common() if true != pred][:3]
-    print(json.dumps({"test_accuracy": round(float(acc), 5), "test_accuracy_tta": round(float(acc_tta), 5),
-                      "test_errors": int((logits.argmax(1).numpy() != test.labels).sum()),
-                      "top_confusions": confusions,
-                      "val_accuracy_kept": round(out["val_accuracy"], 5),
+    print(json.dumps({**score(work / "model", processed), "val_accuracy_kept": round(out["val_accuracy"], 5),
                       "kept_epoch": out["kept_epoch"], "epochs_run": out["epochs"], "train_s": round(train_s, 1),
                       "augment_s": round(t_train - t0, 1), "budget": out.get("budget")}), flush=True)
 
@@ -151,7 +155,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-recipes"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/recipes_gtsrb.json")
     parser.add_argument("--worker", nargs=4, metavar=("PARAMS", "PROCESSED", "WORK", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--score", nargs=2, metavar=("MODEL", "PROCESSED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.score:
+        print(json.dumps(score(Path(args.score[0]), Path(args.score[1]))), flush=True)
+        return
     if args.worker:
         params, processed, work, seed = args.worker
         run_worker(Path(params), Path(processed), Path(work), int(seed))
