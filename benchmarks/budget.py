@@ -339,16 +339,18 @@ def save(out: Path, results: dict, threads: int, commands: list[str], load: dict
             r = res["budgeted"].get(point)
             if r is None:
                 continue
+            cells = [mode, f"{b:g} s" + point[len(f"{b:g}"):], pct(r["test_accuracy"]), pct(r.get("test_accuracy_tta")),
+                     str(r["test_accuracy"]["n"]), f"{max(run['budget']['actual_s'] for run in r['runs']):.1f} s",
+                     f"{r['within_5_percent']}/{r['test_accuracy']['n']}", codes(r["runs"])]
+            if "split-" in point:  # the fixed recipes and the peers ran on split 0's tracks, not this draw's
+                rows.append([*cells, *("another split" for _ in (*fixed, *peers))])
+                continue
             by_then = []
             for n in fixed:
                 runs = res["fixed"].get(n, {}).get("runs", [])
                 reached = [val_by(run["epochs"], b) for run in runs]
                 by_then.append(" / ".join("—" if v is None else f"{100 * v:.2f} %" for v in reached) or "not run")
-            rows.append([mode, f"{b:g} s" + point[len(f"{b:g}"):], pct(r["test_accuracy"]), pct(r.get("test_accuracy_tta")),
-                         str(r["test_accuracy"]["n"]),
-                         f"{max(run['budget']['actual_s'] for run in r['runs']):.1f} s",
-                         f"{r['within_5_percent']}/{r['test_accuracy']['n']}",
-                         codes(r["runs"]), *by_then,
+            rows.append([*cells, *by_then,
                          *(peer_cell(res.get("peers", {}).get(v, {}).get(f"{b:g}")) for v in peers)])
         for n, f in res["fixed"].items():
             rows.append([mode, f"{n} recipe as is", f"(fixed epochs) {pct(f['test_accuracy'])}",

@@ -45,3 +45,26 @@ def test_the_machine_is_recorded_with_what_decides_speed():
     info = harness.machine_info()
     assert {"cpu", "cpu_flags", "cores", "cores_usable", "versions"} <= set(info)
     assert set(info["cpu_flags"]) == {"avx2", "avx512f", "avx512_bf16", "amx_bf16"} and "torch" in info["versions"]
+
+
+def test_a_run_is_scored_with_where_its_errors_are(tmp_path):
+    """benchmarks/recipes.py's scoring of a model folder: its test errors agree with its accuracy, and the
+    confusions are the most frequent wrong (true, predicted) pairs, largest first, with their counts."""
+    from benchmarks.recipes import score
+    from cnnpipe.config import AugmentConfig, TrainConfig
+    from cnnpipe.data.store import read_dataset
+    from cnnpipe.stages import augment, train
+    from tests.helpers import write_tiny_dataset
+
+    write_tiny_dataset(tmp_path / "processed", classes=4)
+    augment.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
+    # lr 0: a net at chance, so there are errors to place
+    train.run(cfg=TrainConfig(epochs=1, width=4, lr=0.0, augment=False), data=tmp_path / "processed",
+              augmented=tmp_path / "augmented", model=tmp_path / "model", tracking=None)
+    scored = score(tmp_path / "model", tmp_path / "processed")
+    n = len(read_dataset(tmp_path / "processed", splits=("test",)).splits["test"].labels)
+    assert scored["test_errors"] == round((1 - scored["test_accuracy"]) * n) > 0
+    confusions = scored["top_confusions"]
+    assert 1 <= len(confusions) <= 3 and all(true != pred for true, pred, _ in confusions)
+    counts = [count for *_, count in confusions]
+    assert counts == sorted(counts, reverse=True) and sum(counts) <= scored["test_errors"]

@@ -62,7 +62,7 @@ def test_mlflow_chatter_stays_off_the_terminal(tmp_path):
 
 
 @pytest.mark.parametrize("users_uri", [None, "sqlite:///users.db"])
-def test_logging_a_model_leaves_the_callers_mlflow_settings_as_they_were(tmp_path, monkeypatch, users_uri):
+def test_pointing_mlflow_at_a_store_for_a_call_leaves_the_callers_settings_as_they_were(tmp_path, monkeypatch, users_uri):
     """MLflow's fluent API works on process-wide URIs it also exports to the environment: the Tracker points them
     at its store for a call and puts them back, so a notebook's settings and the next store it tracks to are kept."""
     import mlflow
