@@ -102,16 +102,17 @@ def plot(results: dict, budgets: list[float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for (mode, res), color in zip(results.items(), ("tab:blue", "tab:orange", "tab:red")):
         xs = [b for b in budgets if f"{b:g}" in res["budgeted"]]
         ys = [100 * res["budgeted"][f"{b:g}"]["test_accuracy"]["mean"] for b in xs]
         actual = [res["budgeted"][f"{b:g}"]["actual_s"]["mean"] for b in xs]
         ax.plot(xs, ys, "o-", color=color, label=f"budgeted ({mode})")
-        for point, r in res["budgeted"].items():
-            if " " in point:  # a recipe variant (--label)
-                ax.plot(float(point.split()[0]), 100 * r["test_accuracy"]["mean"], "D", color=color,
-                        markerfacecolor="none", label=f"budgeted, {point.split(' ', 1)[1]} ({mode})")
+        variants = [(float(point.split()[0]), 100 * r["test_accuracy"]["mean"])
+                    for point, r in res["budgeted"].items() if " " in point]  # --label and --split-seed points
+        if variants:  # one legend entry for all: their names are in the results table
+            ax.plot(*zip(*variants), "D", color=color, markerfacecolor="none", markersize=5, linestyle="none",
+                    label=f"budgeted, variants and other splits ({mode})")
         for x, y, a in zip(xs, ys, actual):
             ax.annotate(f"{a:.0f} s", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=7, color=color)
         for variant, marker in zip(PEERS, ("x", "+")):
@@ -124,11 +125,13 @@ def plot(results: dict, budgets: list[float], path: Path) -> None:
                     color=color, markerfacecolor="none", markersize=9, label=f"{name} recipe, fixed epochs ({mode})")
     ax.axhline(98.84, color="grey", linestyle=":", linewidth=1, label="human (98.84 %)")
     ax.set_xscale("log")
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])  # the budgets, not powers of ten
+    ax.minorticks_off()
     ax.set_xlabel("training + validation wall-clock (s): the budget, or a fixed recipe's time")
     ax.set_ylabel("test accuracy, whole frames (%)")
     ax.set_title("GTSRB: accuracy against a training budget (2 cores)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the points crowd the axes
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -162,7 +165,8 @@ def main() -> None:
                              "for whichever of its threads is descheduled)")
     parser.add_argument("--rescore", action="store_true",
                         help="train nothing: score again the model folders --work kept of the file's points at "
-                             "--budgets (and --label, --split-seed) to add their test errors and top confusions")
+                             "--budgets (and --label, --split-seed) to add their test errors and top confusions; "
+                             "every point is kept (with --budgets and nothing after it: the table and plot redrawn)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the results file's other points (those this run does not measure)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-recipes"))
@@ -173,17 +177,24 @@ def main() -> None:
     changes = parse_changes(args.set)
     if changes and not args.label:
         sys.exit("--set needs --label (a variant's points must not replace the recipe's)")
+    if args.rescore and not args.out.exists():
+        sys.exit(f"--rescore scores the points of a results file: {args.out} not found")
     if args.split_seed and args.fixed:
         sys.exit("--split-seed measures the budgeted trainer: pass --fixed and --peers without names")
+    # --rescore only adds to the file's runs: it keeps every point, --merge or not
+    previous = json.loads(args.out.read_text()) if (args.merge or args.rescore) and args.out.exists() else {}
+    flags, theirs = machine_info()["cpu_flags"], previous.get("cpu_flags", {})
+    if any(flags.get(f) != on for f, on in theirs.items() if f in flags):  # the file would take this machine's name
+        sys.exit(f"{args.out}: measured on a CPU with other flags ({theirs}, this one {flags}): write this machine's "
+                 "results to another --out file")
     processed = prepare(args.zip, args.work, args.split_seed)
     label = " ".join(filter(None, [args.label, f"split-{args.split_seed}" if args.split_seed else ""]))
     threads = args.threads or len(os.sched_getaffinity(0))
 
     def threads_of(mode: str) -> int:
         return MODE_THREADS.get(mode, threads)
-    previous = json.loads(args.out.read_text()) if args.merge and args.out.exists() else {}
     results: dict = previous.get("results", {})
-    for mode in args.modes:
+    for mode in [] if args.rescore else args.modes:  # --rescore adds no mode the file does not have
         results.setdefault(mode, {"env": MODES[mode], "budgeted": {}, "fixed": {}})
     commands = [*previous.get("commands", []), " ".join(["python -m benchmarks.budget", *sys.argv[1:]])]
     load = {"before": [*previous.get("load_average_before", []), [round(x, 2) for x in os.getloadavg()]]}
@@ -215,7 +226,7 @@ def main() -> None:
         for mode in args.modes:
             for budget in args.budgets:
                 point = f"{budget:g} {label}".strip()
-                for run in results[mode]["budgeted"].get(point, {}).get("runs", []):
+                for run in results.get(mode, {}).get("budgeted", {}).get(point, {}).get("runs", []):
                     model = args.work / f"budget-{point.replace(' ', '-')}-{mode}-{run['seed']}" / "model"
                     if "top_confusions" in run or not model.exists():
                         continue

@@ -68,3 +68,23 @@ def test_a_run_is_scored_with_where_its_errors_are(tmp_path):
     assert 1 <= len(confusions) <= 3 and all(true != pred for true, pred, _ in confusions)
     counts = [count for *_, count in confusions]
     assert counts == sorted(counts, reverse=True) and sum(counts) <= scored["test_errors"]
+
+
+def test_results_of_another_cpu_are_not_merged_into_or_rescored_in_place(tmp_path, monkeypatch):
+    """`benchmarks.budget --merge` or `--rescore` into a file measured on a CPU with other flags would stamp this
+    machine (and today) on that CPU's figures: it is refused before anything runs, and the file is left as it was."""
+    import json
+
+    from benchmarks import budget
+
+    flags = harness.machine_info()["cpu_flags"]
+    other = json.dumps({"cpu_flags": {**flags, "avx512_bf16": not flags["avx512_bf16"]}, "results": {}})
+    (tmp_path / "r.json").write_text(other)
+    (tmp_path / "gtsrb.zip").write_bytes(b"")  # never opened: the check comes first
+    for flag in ("--merge", "--rescore"):
+        monkeypatch.setattr(sys, "argv", ["budget", "--zip", str(tmp_path / "gtsrb.zip"), "--budgets", flag,
+                                          "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r.json")])
+        with pytest.raises(SystemExit) as exit_:
+            budget.main()
+        assert "measured on a CPU with other flags" in str(exit_.value.code), flag
+        assert (tmp_path / "r.json").read_text() == other and not (tmp_path / "work").exists()
