@@ -125,7 +125,7 @@ class TrainConfig:
                            minimum=0.0)
     budget_min_epochs: float = knob(0.0, "with budget_s: when the first plan fits fewer epochs than this at `width` "
                                          "(a partial last epoch counted by its share of the steps), the net starts "
-                                         "again at half the width (down to 8) on the same clock, as often as needed "
+                                         "again at half the width (down to 16) on the same clock, as often as needed "
                                          "(0 = never; cnnpipe's own archs, not with pretrained weights)", minimum=0.0)
     batch_size: int = knob(64, "images per step", minimum=1)
     optimizer: str = knob("sgd", "sgd (Nesterov), adamw or adam", choices=("sgd", "adamw", "adam"))
