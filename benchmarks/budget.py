@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import statistics
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.harness import code_version, machine_info, record
+from benchmarks.harness import code_version, earlier_results, machine_info, record
 from benchmarks.recipes import GTSRB_ZIP, RECIPES, prepare, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,11 +181,7 @@ def main() -> None:
     if args.split_seed and args.fixed:
         sys.exit("--split-seed measures the budgeted trainer: pass --fixed and --peers without names")
     # --rescore only adds to the file's runs: it keeps every point, --merge or not
-    previous = json.loads(args.out.read_text()) if (args.merge or args.rescore) and args.out.exists() else {}
-    flags, theirs = machine_info()["cpu_flags"], previous.get("cpu_flags", {})
-    if any(flags.get(f) != on for f, on in theirs.items() if f in flags):  # the file would take this machine's name
-        sys.exit(f"{args.out}: measured on a CPU with other flags ({theirs}, this one {flags}): write this machine's "
-                 "results to another --out file")
+    previous = earlier_results(args.out) if args.merge or args.rescore else {}
     processed = prepare(args.zip, args.work, args.split_seed)
     label = " ".join(filter(None, [args.label, f"split-{args.split_seed}" if args.split_seed else ""]))
     threads = args.threads or len(os.sched_getaffinity(0))

@@ -74,6 +74,19 @@ def code_version() -> str:
     return f"{commit}+changes" if commit and changed else commit
 
 
+def earlier_results(path: Path) -> dict:
+    """The results file a run adds to ({} when there is none). Refused (SystemExit) when it was measured on a CPU
+    with other flags: record() would stamp this machine and today on that CPU's figures."""
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    flags, theirs = machine_info()["cpu_flags"], previous.get("machine", {}).get("cpu_flags", {})
+    if any(flags.get(f) != on for f, on in theirs.items() if f in flags):
+        sys.exit(f"{path}: measured on a CPU with other flags ({theirs}, this one {flags}): write this machine's "
+                 "results to another --out file")
+    return previous
+
+
 def record(path: Path, result: dict) -> None:
     """Add the machine, the date and the command line (unless `result` says its own) to `result`, write it as
     JSON to `path`, and print it (less the machine)."""

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import load_average, record
+from benchmarks.harness import earlier_results, load_average, record
 from benchmarks.recipes import GTSRB_ZIP, RECIPES, THRESHOLDS, prepare, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +245,7 @@ def main() -> None:
     load_before = load_average()
     processed = prepare(args.zip, args.work)
     # --merge: re-run only --only's contenders, keep the others' results from the results file
-    results = json.loads(args.out.read_text())["results"] if args.merge and args.out.exists() else {}
+    results = earlier_results(args.out).get("results", {}) if args.merge else {}
     for name in args.only:
         print(f"{name} ...", file=sys.stderr, flush=True)
         if name in RECIPES:

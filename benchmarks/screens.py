@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 from benchmarks.budget import derived_params, params_sha256, parse_changes
-from benchmarks.harness import code_version, machine_info
+from benchmarks.harness import code_version, earlier_results, machine_info
 from benchmarks.recipes import GTSRB_ZIP, prepare, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +46,12 @@ def main() -> None:
     if not args.zip.exists():
         sys.exit(f"GTSRB zip not found: {args.zip}")
     changes = parse_changes(args.set)
+    results = earlier_results(args.out) or {"variants": {}}
     processed = prepare(args.zip, args.work)
     params = derived_params(RECIPE, 0.0, None, args.work / "screens", changes, args.name)
     digest = params_sha256(params)
     code = code_version()
 
-    results = json.loads(args.out.read_text()) if args.out.exists() else {"variants": {}}
     previous = results["variants"].get(args.name, {})
     same = previous.get("params_sha256") == digest and previous.get("code") == code
     runs = {r["seed"]: r for r in previous.get("runs", [])} if same else {}

@@ -78,7 +78,7 @@ def test_results_of_another_cpu_are_not_merged_into_or_rescored_in_place(tmp_pat
     from benchmarks import budget
 
     flags = harness.machine_info()["cpu_flags"]
-    other = json.dumps({"cpu_flags": {**flags, "avx512_bf16": not flags["avx512_bf16"]}, "results": {}})
+    other = json.dumps({"machine": {"cpu_flags": {**flags, "avx512_bf16": not flags["avx512_bf16"]}}, "results": {}})
     (tmp_path / "r.json").write_text(other)
     (tmp_path / "gtsrb.zip").write_bytes(b"")  # never opened: the check comes first
     for flag in ("--merge", "--rescore"):
