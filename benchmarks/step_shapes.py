@@ -119,7 +119,10 @@ def main() -> None:
              "nchw_images_per_s": round(best[width, size, batch, False]),
              "channels_last_speedup": round(best[width, size, batch, True] / best[width, size, batch, False], 2)}
             for width, size, batch in itertools.product(WIDTHS, SIZES, BATCHES)]
-    preparation = [{"size": size, "batch": batch, "ms_per_batch": round(ms, 2)} for (size, batch), ms in fastest_ms.items()]
+    # against a step of the narrowest net the budget trains (the largest share the preparation can take)
+    preparation = [{"size": size, "batch": batch, "ms_per_batch": round(ms, 2),
+                    "share_of_width16_step": round(ms / (ms + 1000 * batch / best[min(WIDTHS), size, batch, True]), 3)}
+                   for (size, batch), ms in fastest_ms.items()]
     for row in [*rows, *preparation]:
         print(row)
     record(out, {"benchmark": f"{ARCH} training step images/s on CPU by layout, batch and resolution "
