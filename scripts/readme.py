@@ -62,7 +62,10 @@ def lookup(path: str, cache: dict[str, Any]) -> Any:
             raise KeyError(f"{{{{ {path} }}}}: no results file {file.relative_to(ROOT)}")
         cache[name] = json.loads(file.read_text())
     value = cache[name]
-    for key in keys:
+    while keys:
+        # a key may hold dots itself (a variant labelled lr-0.3): the longest run of parts that is a key
+        n = next((n for n in range(len(keys), 1, -1) if isinstance(value, dict) and ".".join(keys[:n]) in value), 1)
+        key, keys = ".".join(keys[:n]), keys[n:]
         try:
             value = value[int(key)] if isinstance(value, list) else value[key]
         except (KeyError, IndexError, ValueError):

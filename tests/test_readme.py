@@ -49,6 +49,16 @@ def test_placeholders_name_what_is_missing():
         readme.render("{{ ingest_gtsrb.wall_s | }}")
 
 
+def test_keys_with_dots_are_found(tmp_path, monkeypatch):
+    readme = load_readme_script()
+    (tmp_path / "screens.json").write_text('{"points": {"60_lr-0.3": {"runs": [{"acc": 0.5}]}, "60_lr-0": {"acc": 0.1}}}')
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    assert readme.render("{{ screens.points.60_lr-0.3.runs.0.acc | pct }}") == "50.00 %"
+    assert readme.render("{{ screens.points.60_lr-0.acc }}") == "0.1"
+    with pytest.raises(KeyError, match="has no 'nope'"):
+        readme.render("{{ screens.points.nope.3.acc }}")
+
+
 def test_a_generated_page_without_its_template_is_found(tmp_path, monkeypatch):
     readme = load_readme_script()
     (tmp_path / "templates").mkdir()
