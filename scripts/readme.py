@@ -11,8 +11,9 @@ Every measured figure in a template is a placeholder filled from the benchmark r
     {{ train_gtsrb.machine.cpu }}              -> the value as it is
     {{ table study_gtsrb.md }}                 -> the Markdown table in that results file
 
-A path is dotted keys (and list indexes) into the JSON file named by its first part. A page of docs/ with no
-template is written by hand and left alone.
+A path is dotted keys (and list indexes) into the JSON file named by its first part; a key may hold dots
+itself (a benchmark variant labelled lr-0.3): the longest run of parts that is a key and leads on to the rest of
+the path is taken. A page of docs/ with no template is written by hand and left alone.
 
     python scripts/readme.py            # rewrite README.md and the rendered pages
     python scripts/readme.py --check    # exit 1 when one of them is not what its template and the results make
@@ -61,16 +62,40 @@ def lookup(path: str, cache: dict[str, Any]) -> Any:
         if not file.exists():
             raise KeyError(f"{{{{ {path} }}}}: no results file {file.relative_to(ROOT)}")
         cache[name] = json.loads(file.read_text())
-    value = cache[name]
-    while keys:
-        # a key may hold dots itself (a variant labelled lr-0.3): the longest run of parts that is a key
-        n = next((n for n in range(len(keys), 1, -1) if isinstance(value, dict) and ".".join(keys[:n]) in value), 1)
-        key, keys = ".".join(keys[:n]), keys[n:]
+    found = resolve(cache[name], keys)
+    if isinstance(found, Missing):
+        raise KeyError(f"{{{{ {path} }}}}: {name}.json has no {found.key!r} there")
+    return found
+
+
+class Missing:
+    """The part of a path that was not found (the deepest a resolution got)."""
+
+    def __init__(self, key: str, depth: int) -> None:
+        self.key, self.depth = key, depth
+
+
+def resolve(value: Any, parts: list[str], depth: int = 0) -> Any:
+    """`value` at the dotted `parts`, or the Missing part: dict keys may hold dots, so the longest run of parts that
+    is a key and resolves the rest wins."""
+    if not parts:
+        return value
+    deepest = Missing(parts[0], depth)
+    if isinstance(value, list):
         try:
-            value = value[int(key)] if isinstance(value, list) else value[key]
-        except (KeyError, IndexError, ValueError):
-            raise KeyError(f"{{{{ {path} }}}}: {name}.json has no {key!r} there") from None
-    return value
+            return resolve(value[int(parts[0])], parts[1:], depth + 1)
+        except (IndexError, ValueError):
+            return deepest
+    if not isinstance(value, dict):
+        return deepest
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in value:
+            found = resolve(value[key], parts[n:], depth + n)
+            if not isinstance(found, Missing):
+                return found
+            deepest = max(deepest, found, key=lambda m: m.depth)
+    return deepest
 
 
 def render(template: str) -> str:

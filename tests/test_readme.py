@@ -57,6 +57,10 @@ def test_keys_with_dots_are_found(tmp_path, monkeypatch):
     assert readme.render("{{ screens.points.60_lr-0.acc }}") == "0.1"
     with pytest.raises(KeyError, match="has no 'nope'"):
         readme.render("{{ screens.points.nope.3.acc }}")
+    with pytest.raises(KeyError, match="has no 'missing'"):  # the deepest part not found is named
+        readme.render("{{ screens.points.60_lr-0.3.runs.0.missing }}")
+    with pytest.raises(KeyError, match="has no 'runs'"):
+        readme.render("{{ screens.points.60_lr-0.runs }}")
 
 
 def test_a_generated_page_without_its_template_is_found(tmp_path, monkeypatch):
