@@ -28,6 +28,25 @@ def pytest_configure(config: pytest.Config) -> None:
         os.sched_setaffinity(0, cores[index::count] or [cores[index % len(cores)]])
 
 
+# The longest test modules, longest first, by their seconds in a CI run (2-core AVX2 VM, 2026-12-05, pytest
+# --durations=0): pipeline_e2e 359, parity 172, registry_updates 154, budget ~135 (with its two 60 s trainings at once),
+# finetune_e2e 127, containers 123,
+# mlflow_ui 117, kills 103, served 88, artifact_trust 86, quickstart_e2e 75, tune 73; every other one is under a minute.
+# The test command hands whole modules to its two workers (--dist loadscope) in collection order
+# (pyproject.toml: --no-loadscope-reorder; xdist's own reorder puts modules with many tests first, so the longest
+# one-test modules came last and ran alone at the end: ~140 s of one idle worker in a ~20 min run). Longest first,
+# the short ones fill in at the end. An unlisted module keeps its place after these: a stale list costs minutes,
+# never a test.
+LONGEST_MODULES_FIRST = ("test_pipeline_e2e", "test_parity", "test_registry_updates", "test_budget", "test_finetune_e2e",
+                         "test_containers", "test_mlflow_ui", "test_kills", "test_served",
+                         "test_artifact_trust", "test_quickstart_e2e", "test_tune")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module's own order is kept
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_uris_per_test() -> Iterator[None]:
     """A test that points MLflow's process-wide URIs at its store must not redirect the tests after it in the same

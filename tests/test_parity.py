@@ -1,7 +1,8 @@
 """One params file, three orchestrators, the same model: a params.yaml far from the defaults (another
 architecture, width, epochs, learning rate, model name and experiment) through `dvc repro`,
 `mlflow run .` and `cnnpipe pipeline run-local` gives bit-identical weights on CPU, the same metrics,
-the same registered model and the same experiment."""
+the same registered model and the same experiment; the KFP run's evaluate component also hands KFP its confusion
+matrix."""
 
 from __future__ import annotations
 
@@ -36,7 +37,14 @@ def test_dvc_mlflow_and_kfp_train_the_same_model_from_one_params_file(tmp_path):
     run(["mlflow", "run", ".", "--env-manager", "local", "-P", "workdir=data/mlproject"], ws)
     proc = cnnpipe("pipeline", "run-local", "--root", "data/kfp", cwd=ws)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["model_uri"] == "models:/parity-digits/3"  # one JSON line on stdout
+    (line,) = proc.stdout.splitlines()  # one JSON line of results; kfp's own logs go to stderr
+    result = json.loads(line)
+    assert result["model_uri"] == "models:/parity-digits/3"
+    # the evaluate component's confusion matrix, as the KFP UI reads it
+    executor = next(Path(result["pipeline_root"]).glob("*/evaluate/executor_output.json"))
+    matrix = json.loads(executor.read_text())["artifacts"]["classification"]["artifacts"][0]["metadata"]
+    assert len(matrix["confusionMatrix"]["rows"]) == 10
+    assert [s["displayName"] for s in matrix["confusionMatrix"]["annotationSpecs"]][:3] == ["0", "1", "2"]
 
     (kfp_model,) = (ws / "data/kfp/outputs").glob("*/train/model/model.pt")
     models = {"dvc": ws / "data/model/model.pt", "mlflow": ws / "data/mlproject/model/model.pt", "kfp": kfp_model}
