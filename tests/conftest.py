@@ -28,18 +28,16 @@ def pytest_configure(config: pytest.Config) -> None:
         os.sched_setaffinity(0, cores[index::count] or [cores[index % len(cores)]])
 
 
-# The longest test modules, longest first, by their seconds in a CI run (2-core AVX2 VM, 2026-12-05, pytest
-# --durations=0): pipeline_e2e 359, parity 172, registry_updates 154, budget ~135 (with its two 60 s trainings at once),
-# finetune_e2e 127, containers 123,
-# mlflow_ui 117, kills 103, served 88, artifact_trust 86, quickstart_e2e 75, tune 73; every other one is under a minute.
-# The test command hands whole modules to its two workers (--dist loadscope) in collection order
-# (pyproject.toml: --no-loadscope-reorder; xdist's own reorder puts modules with many tests first, so the longest
-# one-test modules came last and ran alone at the end: ~140 s of one idle worker in a ~20 min run). Longest first,
-# the short ones fill in at the end. An unlisted module keeps its place after these: a stale list costs minutes,
-# never a test.
-LONGEST_MODULES_FIRST = ("test_pipeline_e2e", "test_parity", "test_registry_updates", "test_budget", "test_finetune_e2e",
-                         "test_containers", "test_mlflow_ui", "test_kills", "test_served",
-                         "test_artifact_trust", "test_quickstart_e2e", "test_tune")
+# The longest test modules, longest first. Seconds per module in a CI run (pytest --durations=0, 2-core AVX2 VM,
+# 2026-12-05): containers 123 (+ ~300 when the image's dependency layer must be built: a fresh machine),
+# pipeline_e2e 359, parity 172, registry_updates 154, budget 135, finetune_e2e 127, mlflow_ui 117, kills 103,
+# served 88, artifact_trust 86, quickstart_e2e 75, tune 73; every other module under a minute. Under --dist
+# loadscope, xdist hands whole modules to the workers in collection order (pyproject.toml: --no-loadscope-reorder;
+# its own reorder puts the modules with the most tests first, so the longest one-test modules ran last and alone:
+# ~140 s of an idle worker). Longest first, the short ones fill in at the end. A stale list costs minutes, no test.
+LONGEST_MODULES_FIRST = ("test_containers", "test_pipeline_e2e", "test_parity", "test_registry_updates", "test_budget",
+                         "test_finetune_e2e", "test_mlflow_ui", "test_kills", "test_served", "test_artifact_trust",
+                         "test_quickstart_e2e", "test_tune")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

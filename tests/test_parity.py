@@ -1,8 +1,8 @@
 """One params file, three orchestrators, the same model: a params.yaml far from the defaults (another
 architecture, width, epochs, learning rate, model name and experiment) through `dvc repro`,
 `mlflow run .` and `cnnpipe pipeline run-local` gives bit-identical weights on CPU, the same metrics,
-the same registered model and the same experiment; the KFP run's evaluate component also hands KFP its confusion
-matrix."""
+the same registered model and the same experiment. The KFP run also hands KFP its confusion matrix, and a `-p`
+override makes its register component promote the version."""
 
 from __future__ import annotations
 
@@ -35,16 +35,17 @@ def test_dvc_mlflow_and_kfp_train_the_same_model_from_one_params_file(tmp_path):
 
     run(["dvc", "repro"], ws)
     run(["mlflow", "run", ".", "--env-manager", "local", "-P", "workdir=data/mlproject"], ws)
-    proc = cnnpipe("pipeline", "run-local", "--root", "data/kfp", cwd=ws)
+    # a -p override reaches the register component: promotion changes no weight or metric
+    proc = cnnpipe("pipeline", "run-local", "--root", "data/kfp", "-p", "register.auto_promote=true", cwd=ws)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = proc.stdout.splitlines()  # one JSON line of results; kfp's own logs go to stderr
     result = json.loads(line)
     assert result["model_uri"] == "models:/parity-digits/3"
     # the evaluate component's confusion matrix, as the KFP UI reads it
     executor = next(Path(result["pipeline_root"]).glob("*/evaluate/executor_output.json"))
-    matrix = json.loads(executor.read_text())["artifacts"]["classification"]["artifacts"][0]["metadata"]
-    assert len(matrix["confusionMatrix"]["rows"]) == 10
-    assert [s["displayName"] for s in matrix["confusionMatrix"]["annotationSpecs"]][:3] == ["0", "1", "2"]
+    metadata = json.loads(executor.read_text())["artifacts"]["classification"]["artifacts"][0]["metadata"]
+    assert len(metadata["confusionMatrix"]["rows"]) == 10
+    assert [s["displayName"] for s in metadata["confusionMatrix"]["annotationSpecs"]][:3] == ["0", "1", "2"]
 
     (kfp_model,) = (ws / "data/kfp/outputs").glob("*/train/model/model.pt")
     models = {"dvc": ws / "data/model/model.pt", "mlflow": ws / "data/mlproject/model/model.pt", "kfp": kfp_model}
@@ -67,3 +68,7 @@ def test_dvc_mlflow_and_kfp_train_the_same_model_from_one_params_file(tmp_path):
         assert r.data.params["train.epochs"] == "3" and r.data.params["train.width"] == "8"
     test_metrics = {(r.data.metrics["test/accuracy"], r.data.metrics["test/loss"]) for r in runs}
     assert len(test_metrics) == 1, test_metrics
+    ((accuracy, _),) = test_metrics
+    (kfp_version,) = [v for v in versions if str(v.version) == "3"]
+    assert float(kfp_version.tags["test.accuracy"]) == pytest.approx(accuracy) and accuracy > 0.5
+    assert str(client.get_model_version_by_alias("parity-digits", "champion").version) == "3"
