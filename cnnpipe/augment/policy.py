@@ -84,7 +84,6 @@ class AugmentPolicy:
     vflip: list[int] = field(default_factory=list)  # ... after a vertical flip
     rot180: list[int] = field(default_factory=list)  # ... after a half turn
     interpolation: str = "bilinear"  # grid_sample's mode for the one resampling: bilinear | bicubic | nearest
-    dim: float = 0.0  # chance of a low-light frame: dimmed, noisy, quantized to 8 bits again
     version: int = POLICY_VERSION
 
     def __post_init__(self) -> None:
@@ -108,8 +107,7 @@ class AugmentPolicy:
     @classmethod
     def from_config(cls, cfg: AugmentConfig, tables: dict[str, list[int]]) -> AugmentPolicy:
         return cls(cfg.translate, cfg.rotate, cfg.scale, cfg.shear, cfg.brightness, cfg.contrast,
-                   cfg.saturation, cfg.cutout, cfg.box_crop, cfg.crop_scale, **tables, interpolation=cfg.interpolation,
-                   dim=cfg.dim)
+                   cfg.saturation, cfg.cutout, cfg.box_crop, cfg.crop_scale, **tables, interpolation=cfg.interpolation)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> AugmentPolicy:
@@ -126,30 +124,13 @@ class AugmentPolicy:
     @property
     def is_identity(self) -> bool:
         geometric = self.translate or self.rotate or self.scale or self.shear
-        photometric = self.brightness or self.contrast or self.saturation or self.dim or self.cutout
+        photometric = self.brightness or self.contrast or self.saturation or self.cutout
         flips = any(t >= 0 for t in (*self.hflip, *self.vflip, *self.rot180))
         return not (self.box_crop or self.crop_scale or geometric or photometric or flips)
 
 
 def _uniform(n: int, bound: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
     return (torch.rand(n, generator=g, device=device) * 2 - 1) * bound
-
-
-DIM_RANGE = (1 / 8, 1 / 2)  # brightness kept by a low-light frame (GTSRB's darkest tracks: ~1/3 of the typical)
-DIM_NOISE = 1 / 255  # the sensor's read noise, about one 8-bit level
-
-
-def _dimmed(x: torch.Tensor, chance: float, g: torch.Generator) -> torch.Tensor:
-    """`chance` of each image in x (N x C x H x W in [0, 1]) as a low-light frame: scaled by a factor drawn
-    log-uniformly from DIM_RANGE, with Gaussian read noise and rounded to 8-bit levels. Contrast normalization
-    undoes the scaling but not the coarser levels and the noise, which are what a dark frame's digits lose."""
-    n, dev = len(x), x.device
-    low, high = (math.log(v) for v in DIM_RANGE)
-    factor = torch.exp(low + torch.rand(n, generator=g, device=dev) * (high - low)).view(n, 1, 1, 1)
-    dark = x * factor + torch.randn(x.shape, generator=g, device=dev, dtype=x.dtype) * DIM_NOISE
-    dark = (dark.clamp(0, 1) * 255).round() / 255
-    chosen = (torch.rand(n, generator=g, device=dev) < chance).view(n, 1, 1, 1)
-    return torch.where(chosen, dark, x)
 
 
 BOX_EDGE_JITTER = 0.25  # each edge of a box crop moves up to this share of its gap on its own: offset jitter
@@ -249,8 +230,6 @@ def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy, g
     if policy.saturation and c == 3:
         gray = (x * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
         x = (x - gray) * (1 + _uniform(n, policy.saturation, g, dev)).view(n, 1, 1, 1) + gray
-    if policy.dim:
-        x = _dimmed(x, policy.dim, g)
     if policy.cutout:
         side = max(1, round(policy.cutout * min(h, w)))
         cy = torch.randint(0, h, (n, 1, 1), generator=g, device=dev)
