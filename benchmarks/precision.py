@@ -1,5 +1,6 @@
-"""Benchmark: training images/s of fastnet on this CPU in fp32 and with bf16 autocast (train.precision), and
-with torch.compile (train.compile: inductor, which builds C++ kernels with the system's compiler).
+"""Benchmark: training images/s of fastnet and the recipes' fastnet-lcn on this CPU in fp32 and with bf16 autocast
+(train.precision), and with torch.compile (train.compile: inductor, which builds C++ kernels with the system's
+compiler).
 
 Steps of the real training step (forward, cross-entropy, backward, SGD) on random 32x32 RGB batches of
 128, channels_last, after a warm-up; best of --repeats timed blocks per precision, interleaved so a
@@ -28,11 +29,14 @@ from cnnpipe.models import build_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
+ARCH_WIDTHS = {"fastnet": (16, 32), "fastnet-lcn": (16, 32, 48)}  # the recipes' net at its widths: 16 narrowed, 32, 48
+
+
 def images_per_s(width: int, precision: str, steps: int, batch: int = 128, compiled: bool = False,
-                 size: int = 32) -> tuple[float, float]:
+                 size: int = 32, arch: str = "fastnet") -> tuple[float, float]:
     """(images/s of `steps` steps after a warm-up, seconds of the warm-up: compilation when `compiled`)."""
     torch.manual_seed(0)
-    model = build_model("fastnet", 3, 43, 32, width).to(memory_format=torch.channels_last)
+    model = build_model(arch, 3, 43, 32, width).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 43, (batch,))
@@ -67,12 +71,12 @@ def main() -> None:
     threads = set_threads(0)
     load_before = load_average()
     result = {}
-    for width in (16, 32):
+    for arch, width in ((arch, width) for arch, widths in ARCH_WIDTHS.items() for width in widths):
         best = {"fp32": 0.0, "bf16": 0.0}
         for _ in range(args.repeats):
             for precision in best:
-                best[precision] = max(best[precision], images_per_s(width, precision, args.steps)[0])
-        result[f"fastnet_w{width}"] = {"fp32_images_per_s": round(best["fp32"]), "bf16_images_per_s": round(best["bf16"]),
+                best[precision] = max(best[precision], images_per_s(width, precision, args.steps, arch=arch)[0])
+        result[f"{arch}_w{width}"] = {"fp32_images_per_s": round(best["fp32"]), "bf16_images_per_s": round(best["bf16"]),
                                        "speedup": round(best["bf16"] / best["fp32"], 2)}
     torch.compiler.config.force_disable_caches = True  # every compile as a first run's
     best = {"eager": 0.0, "compiled": 0.0}
@@ -89,9 +93,9 @@ def main() -> None:
     for size in (16, 20, 24, 28):
         result.setdefault("step_cost_vs_32px_bf16_w32", {})[str(size)] = round(
             best["eager"] / max(images_per_s(32, "bf16", args.steps, size=size)[0] for _ in range(args.repeats)), 3)
-    record(args.out, {"benchmark": "fastnet training step images/s on CPU, fp32 vs bf16 autocast (batch 128, 32x32 RGB, "
-                                   "channels_last), best of repeats", "threads": threads, "steps": args.steps,
-                      "repeats": args.repeats, **result, "load_average_before": load_before,
+    record(args.out, {"benchmark": "fastnet and fastnet-lcn training step images/s on CPU, fp32 vs bf16 autocast "
+                                   "(batch 128, 32x32 RGB, channels_last), best of repeats", "threads": threads,
+                      "steps": args.steps, "repeats": args.repeats, **result, "load_average_before": load_before,
                       "load_average_after": load_average()})
 
 

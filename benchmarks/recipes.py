@@ -25,6 +25,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.harness import load_average, record, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,9 +76,9 @@ def prepare(zip_path: Path, work: Path, split_seed: int = 0) -> Path:
     return processed
 
 
-def score(model: Path, processed: Path) -> dict:
-    """Test accuracy of the model folder `model` on `processed`'s test split (whole frames), without and with flip
-    TTA, and where its errors are."""
+def test_probabilities(model: Path, processed: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model folder `model`'s class probabilities on `processed`'s test split (whole frames), without and with
+    flip TTA (what evaluate scores as *_tta), and the split's labels."""
     import torch
 
     from cnnpipe.calibration import tta_probabilities
@@ -90,16 +92,30 @@ def score(model: Path, processed: Path) -> dict:
     device = torch.device("cpu")
     mean, std = stats_tensors(spec.mean, spec.std, device)
     images = to_nchw_uint8(test.images, device)
-    predicted = predict_logits(net, images, mean, std).argmax(1).numpy()
-    # with test-time augmentation over the class-aware flips the model folder records (what evaluate scores as *_tta)
+
+    def probs_of(x: torch.Tensor) -> torch.Tensor:
+        return predict_logits(net, x, mean, std).softmax(1)
     flips = json.loads((model / CONFIG_FILE).read_text()).get("flips")
-    tta = tta_probabilities(lambda x: predict_logits(net, x, mean, std).softmax(1), images, flips)
-    # where the errors are: a GTSRB track is 30 frames of one sign, so one misread track is 30 errors of one pair
-    pairs = Counter(zip(test.labels.tolist(), predicted.tolist()))
-    return {"test_accuracy": round(float((predicted == test.labels).mean()), 5),
-            "test_accuracy_tta": round(float((tta.argmax(1).numpy() == test.labels).mean()), 5),
-            "test_errors": int((predicted != test.labels).sum()),
+    return (probs_of(images).numpy(), tta_probabilities(probs_of, images, flips).numpy(),
+            np.asarray(test.labels))
+
+
+def errors(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """Accuracy of `probs`' argmax, and where the errors are: a GTSRB track is 30 frames of one sign, so one misread
+    track is 30 errors of one (true, predicted) pair."""
+    predicted = probs.argmax(1)
+    pairs = Counter(zip(labels.tolist(), predicted.tolist()))
+    return {"accuracy": round(float((predicted == labels).mean()), 5), "errors": int((predicted != labels).sum()),
             "top_confusions": [[true, pred, n] for (true, pred), n in pairs.most_common() if true != pred][:3]}
+
+
+def score(model: Path, processed: Path) -> dict:
+    """Test accuracy of the model folder `model` on `processed`'s test split (whole frames), without and with flip
+    TTA, and where its errors are."""
+    probs, tta, labels = test_probabilities(model, processed)
+    plain = errors(probs, labels)
+    return {"test_accuracy": plain["accuracy"], "test_accuracy_tta": errors(tta, labels)["accuracy"],
+            "test_errors": plain["errors"], "top_confusions": plain["top_confusions"]}
 
 
 def run_worker(params: Path, processed: Path, work: Path, seed: int) -> None:

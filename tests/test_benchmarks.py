@@ -70,6 +70,38 @@ def test_a_run_is_scored_with_where_its_errors_are(tmp_path):
     assert counts == sorted(counts, reverse=True) and sum(counts) <= scored["test_errors"]
 
 
+def test_an_ensemble_is_scored_as_the_mean_of_its_members_outputs(tmp_path):
+    """benchmarks/ensemble.py: every subset of the given size is scored; a model averaged with itself scores as it
+    does alone (the mean of equal outputs), each member's figures are benchmarks/recipes.py's, and the gain is the
+    ensemble's accuracy over its members' mean."""
+    from benchmarks.ensemble import measure
+    from benchmarks.recipes import score
+    from cnnpipe.config import AugmentConfig, TrainConfig
+    from cnnpipe.data.store import read_dataset
+    from cnnpipe.stages import augment, train
+    from tests.helpers import write_tiny_dataset
+
+    write_tiny_dataset(tmp_path / "processed", classes=4)
+    augment.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
+    models = []
+    for seed in (0, 1):
+        models.append(tmp_path / f"run-{seed}" / "model")
+        train.run(cfg=TrainConfig(epochs=1, width=4, seed=seed, augment=False), data=tmp_path / "processed",
+                  augmented=tmp_path / "augmented", model=models[-1], tracking=None)
+    result = measure([models[0], models[1], models[0]], tmp_path / "processed", size=2)
+    alone = [score(model, tmp_path / "processed") for model in models]
+    assert [m["accuracy"] for m in result["members"]] == [alone[0]["test_accuracy"], alone[1]["test_accuracy"],
+                                                          alone[0]["test_accuracy"]]
+    assert [m["errors"] for m in result["members"]][:2] == [a["test_errors"] for a in alone]
+    assert len(result["ensembles"]) == 3  # (0, 1), (0, 0'), (1, 0')
+    with_itself = result["ensembles"][1]
+    assert with_itself["models"] == ["run-0", "run-0"] and with_itself["accuracy"] == alone[0]["test_accuracy"]
+    n = len(read_dataset(tmp_path / "processed", splits=("test",)).splits["test"].labels)
+    assert all(e["errors"] == round((1 - e["accuracy"]) * n) for e in result["ensembles"])
+    gains = [e["accuracy"] - e["members_mean_accuracy"] for e in result["ensembles"]]
+    assert result["gain"]["mean"] == pytest.approx(sum(gains) / 3, abs=1e-5)
+
+
 def test_results_of_another_cpu_are_not_merged_into_or_rescored_in_place(tmp_path, monkeypatch):
     """`benchmarks.budget --merge` or `--rescore` into a file measured on a CPU with other flags would stamp this
     machine (and today) on that CPU's figures: it is refused before anything runs, and the file is left as it was."""
