@@ -5,8 +5,8 @@ were trained for (whole frames, the served protocol), each alone and as ensemble
 outputs, without and with flip TTA, for every subset of --size of them. k models of a budget B/k each are what
 one budget B could train as an ensemble; k models of budget B each bound what averaging adds at B.
 
-    .venv/bin/python -m benchmarks.ensemble --group "300 s x 2" --size 2 --merge \\
-        --models /tmp/cnnpipe-recipes/budget-300-native-{0,1,2}/model
+    .venv/bin/python -m benchmarks.ensemble --group 300-x2 --size 2 --merge \\
+        --processed /tmp/cnnpipe-recipes/processed --models /tmp/cnnpipe-recipes/budget-300-native-{0,1,2}/model
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import earlier_results, record
-from benchmarks.recipes import errors, test_probabilities
+from benchmarks.recipes import errors, probabilities_on_test
 
 ROOT = Path(__file__).resolve().parents[1]
-WORK = Path("/tmp/cnnpipe-recipes")
 
 
 def mean_std(values: list[float]) -> dict:
@@ -33,10 +32,8 @@ def mean_std(values: list[float]) -> dict:
 
 def measure(models: list[Path], processed: Path, size: int) -> dict:
     """Every model alone, then every `size`-subset averaged."""
-    scored = [test_probabilities(model, processed) for model in models]
+    scored = [probabilities_on_test(model, processed) for model in models]
     labels = scored[0][2]
-    if any(not np.array_equal(labels, other) for _, _, other in scored[1:]):
-        raise SystemExit("the models were scored on different test splits")
     names = [model.parent.name for model in models]
     members = [{"model": name, **errors(probs, labels), "accuracy_tta": errors(tta, labels)["accuracy"]}
                for name, (probs, tta, _) in zip(names, scored)]
@@ -72,8 +69,9 @@ def main() -> None:
     parser.add_argument("--models", type=Path, nargs="+", required=True, help="model folders (train's --model)")
     parser.add_argument("--size", type=int, default=2, help="models per ensemble")
     parser.add_argument("--group", required=True, help="this set of models' name in the results file")
-    parser.add_argument("--processed", type=Path, default=WORK / "processed",
-                        help="the ingested dataset the models were trained on (its test split is scored)")
+    parser.add_argument("--processed", type=Path, required=True,
+                        help="the ingested dataset the models were trained on, whose test split is scored "
+                             "(benchmarks.budget's --work/processed, or processed-split-N for --split-seed N)")
     parser.add_argument("--merge", action="store_true", help="keep the results file's other groups")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/ensemble_gtsrb.json")
     args = parser.parse_args()

@@ -71,13 +71,15 @@ def main() -> None:
     threads = set_threads(0)
     load_before = load_average()
     result = {}
-    for arch, width in ((arch, width) for arch, widths in ARCH_WIDTHS.items() for width in widths):
-        best = {"fp32": 0.0, "bf16": 0.0}
-        for _ in range(args.repeats):
-            for precision in best:
-                best[precision] = max(best[precision], images_per_s(width, precision, args.steps, arch=arch)[0])
-        result[f"{arch}_w{width}"] = {"fp32_images_per_s": round(best["fp32"]), "bf16_images_per_s": round(best["bf16"]),
-                                       "speedup": round(best["bf16"] / best["fp32"], 2)}
+    for arch, widths in ARCH_WIDTHS.items():
+        for width in widths:
+            best = {"fp32": 0.0, "bf16": 0.0}
+            for _ in range(args.repeats):
+                for precision in best:
+                    best[precision] = max(best[precision], images_per_s(width, precision, args.steps, arch=arch)[0])
+            result[f"{arch}_w{width}"] = {"fp32_images_per_s": round(best["fp32"]),
+                                          "bf16_images_per_s": round(best["bf16"]),
+                                          "speedup": round(best["bf16"] / best["fp32"], 2)}
     torch.compiler.config.force_disable_caches = True  # every compile as a first run's
     best = {"eager": 0.0, "compiled": 0.0}
     compile_s = []

@@ -76,7 +76,7 @@ def prepare(zip_path: Path, work: Path, split_seed: int = 0) -> Path:
     return processed
 
 
-def test_probabilities(model: Path, processed: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def probabilities_on_test(model: Path, processed: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The model folder `model`'s class probabilities on `processed`'s test split (whole frames), without and with
     flip TTA (what evaluate scores as *_tta), and the split's labels."""
     import torch
@@ -112,7 +112,7 @@ def errors(probs: np.ndarray, labels: np.ndarray) -> dict:
 def score(model: Path, processed: Path) -> dict:
     """Test accuracy of the model folder `model` on `processed`'s test split (whole frames), without and with flip
     TTA, and where its errors are."""
-    probs, tta, labels = test_probabilities(model, processed)
+    probs, tta, labels = probabilities_on_test(model, processed)
     plain = errors(probs, labels)
     return {"test_accuracy": plain["accuracy"], "test_accuracy_tta": errors(tta, labels)["accuracy"],
             "test_errors": plain["errors"], "top_confusions": plain["top_confusions"]}

@@ -7,6 +7,7 @@ import importlib
 import math
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import harness
@@ -70,36 +71,36 @@ def test_a_run_is_scored_with_where_its_errors_are(tmp_path):
     assert counts == sorted(counts, reverse=True) and sum(counts) <= scored["test_errors"]
 
 
-def test_an_ensemble_is_scored_as_the_mean_of_its_members_outputs(tmp_path):
-    """benchmarks/ensemble.py: every subset of the given size is scored; a model averaged with itself scores as it
-    does alone (the mean of equal outputs), each member's figures are benchmarks/recipes.py's, and the gain is the
-    ensemble's accuracy over its members' mean."""
-    from benchmarks.ensemble import measure
-    from benchmarks.recipes import score
-    from cnnpipe.config import AugmentConfig, TrainConfig
-    from cnnpipe.data.store import read_dataset
-    from cnnpipe.stages import augment, train
-    from tests.helpers import write_tiny_dataset
+def test_an_ensemble_is_scored_as_the_mean_of_its_members_outputs(tmp_path, monkeypatch):
+    """benchmarks/ensemble.py on hand-made outputs (4 test images of classes 0-3): A is right on images 0 and 1,
+    B on 2 and 3, their mean on all four; C's mean with A differs from their elementwise maximum. Every subset of
+    the size asked is scored, plain and with TTA (their own outputs), and the gain is over the members' mean."""
+    from benchmarks import ensemble
 
-    write_tiny_dataset(tmp_path / "processed", classes=4)
-    augment.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
-    models = []
-    for seed in (0, 1):
-        models.append(tmp_path / f"run-{seed}" / "model")
-        train.run(cfg=TrainConfig(epochs=1, width=4, seed=seed, augment=False), data=tmp_path / "processed",
-                  augmented=tmp_path / "augmented", model=models[-1], tracking=None)
-    result = measure([models[0], models[1], models[0]], tmp_path / "processed", size=2)
-    alone = [score(model, tmp_path / "processed") for model in models]
-    assert [m["accuracy"] for m in result["members"]] == [alone[0]["test_accuracy"], alone[1]["test_accuracy"],
-                                                          alone[0]["test_accuracy"]]
-    assert [m["errors"] for m in result["members"]][:2] == [a["test_errors"] for a in alone]
-    assert len(result["ensembles"]) == 3  # (0, 1), (0, 0'), (1, 0')
-    with_itself = result["ensembles"][1]
-    assert with_itself["models"] == ["run-0", "run-0"] and with_itself["accuracy"] == alone[0]["test_accuracy"]
-    n = len(read_dataset(tmp_path / "processed", splits=("test",)).splits["test"].labels)
-    assert all(e["errors"] == round((1 - e["accuracy"]) * n) for e in result["ensembles"])
-    gains = [e["accuracy"] - e["members_mean_accuracy"] for e in result["ensembles"]]
-    assert result["gain"]["mean"] == pytest.approx(sum(gains) / 3, abs=1e-5)
+    labels = np.arange(4)
+    plain = {"a": [[.6, .4, 0, 0], [0, .9, .1, 0], [0, 0, .4, .6], [.6, 0, 0, .4]],
+             "b": [[.45, .55, 0, 0], [0, .45, 0, .55], [0, 0, .9, .1], [0, 0, .1, .9]],
+             "c": [[.3, 0, .7, 0], [0, 0, 1, 0], [0, 0, 1, 0], [0, 0, 1, 0]]}
+    # with TTA: A right everywhere, B wrong everywhere but with 0.4 on the right class, C all on class 2
+    right, wrong = np.eye(4), np.roll(np.eye(4), 1, axis=1)
+    tta = {"a": right, "b": 0.6 * wrong + 0.4 * right, "c": np.tile(np.eye(4)[2], (4, 1))}
+
+    def outputs(model, processed):
+        name = model.parent.name
+        return np.asarray(plain[name], dtype=float), np.asarray(tta[name], dtype=float), labels
+
+    monkeypatch.setattr(ensemble, "probabilities_on_test", outputs)
+    result = ensemble.measure([tmp_path / n / "model" for n in "abc"], tmp_path / "processed", size=2)
+    assert [(m["model"], m["accuracy"], m["errors"], m["accuracy_tta"]) for m in result["members"]] == [
+        ("a", 0.5, 2, 1.0), ("b", 0.5, 2, 0.0), ("c", 0.25, 3, 0.25)]
+    pairs = {tuple(e["models"]): e for e in result["ensembles"]}
+    assert list(pairs) == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert pairs["a", "b"]["accuracy"] == 1.0 and pairs["a", "b"]["errors"] == 0  # neither member alone
+    assert pairs["a", "b"]["accuracy_tta"] == 1.0  # A's 1.0 + B's 0.4 on the right class beat B's 0.6
+    # image 0: the mean of A and C says class 0 (0.45 against 0.35); their maximum would say class 2 (0.7)
+    assert pairs["a", "c"]["accuracy"] == 0.5 and pairs["a", "c"]["top_confusions"] == [[1, 2, 1], [3, 2, 1]]
+    assert pairs["a", "b"]["members_mean_accuracy"] == 0.5
+    assert result["gain"]["mean"] == pytest.approx(((1.0 - 0.5) + (0.5 - 0.375) + (0.5 - 0.375)) / 3, abs=1e-5)
 
 
 def test_results_of_another_cpu_are_not_merged_into_or_rescored_in_place(tmp_path, monkeypatch):
