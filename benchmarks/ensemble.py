@@ -19,15 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.budget import stat
 from benchmarks.harness import earlier_results, record
 from benchmarks.recipes import errors, probabilities_on_test
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def mean_std(values: list[float]) -> dict:
-    return {"mean": round(statistics.mean(values), 5),
-            "std": round(statistics.stdev(values), 5) if len(values) > 1 else None}
 
 
 def measure(models: list[Path], processed: Path, size: int) -> dict:
@@ -45,10 +41,10 @@ def measure(models: list[Path], processed: Path, size: int) -> dict:
                           "accuracy_tta": errors(tta, labels)["accuracy"],
                           "members_mean_accuracy": round(statistics.mean(members[i]["accuracy"] for i in subset), 5)})
     return {"size": size, "members": members, "ensembles": ensembles,
-            "member_accuracy": mean_std([m["accuracy"] for m in members]),
-            "ensemble_accuracy": mean_std([e["accuracy"] for e in ensembles]),
-            "ensemble_accuracy_tta": mean_std([e["accuracy_tta"] for e in ensembles]),
-            "gain": mean_std([e["accuracy"] - e["members_mean_accuracy"] for e in ensembles])}
+            "member_accuracy": stat([m["accuracy"] for m in members]),
+            "ensemble_accuracy": stat([e["accuracy"] for e in ensembles]),
+            "ensemble_accuracy_tta": stat([e["accuracy_tta"] for e in ensembles]),
+            "gain": stat([e["accuracy"] - e["members_mean_accuracy"] for e in ensembles])}
 
 
 def table(groups: dict) -> str:
