@@ -121,3 +121,29 @@ def test_results_of_another_cpu_are_not_merged_into_or_rescored_in_place(tmp_pat
             budget.main()
         assert "measured on a CPU with other flags" in str(exit_.value.code), flag
         assert (tmp_path / "r.json").read_text() == other and not (tmp_path / "work").exists()
+
+
+def test_a_misread_track_is_probed_where_its_evidence_is():
+    """benchmarks/misread.py's pieces on hand-made frames: a crop to a box fills the frame with the box's pixels, an
+    identity change keeps the frames, and occlusion finds the patch whose pixels a scorer's wrong class rests on."""
+    from benchmarks import misread
+
+    frames = np.zeros((2, 32, 32, 3), np.uint8)
+    frames[:, 8:24, 16:32] = 200  # a bright box: x 16-32, y 8-24
+    boxes = np.array([[16, 8, 32, 24]] * 2, np.float32)
+    cropped = misread.to_box(frames, boxes)
+    assert cropped.shape == frames.shape and (cropped[:, 1:-1, 1:-1] == 200).all()  # the outer pixels blend the edge
+    assert np.array_equal(misread.affine(frames), frames)
+    bar = np.zeros((1, 32, 32, 3), np.uint8)
+    bar[:, 8:24, 12:20] = 200  # 8 columns wide, off the edges
+    squeezed = (misread.affine(bar, sx=0.5) > 100).sum() / (bar > 100).sum()
+    assert 0.35 < squeezed < 0.65  # half as wide
+
+    def scorer(images):  # class 1's probability: the brightness of rows 20-28, columns 4-12
+        p1 = images[:, 20:28, 4:12].mean(axis=(1, 2, 3)) / 255
+        return np.stack([1 - p1, p1], 1), None
+
+    lit = np.zeros((3, 32, 32, 3), np.uint8)
+    lit[:, 20:28, 4:12] = 255
+    found = misread.occlusion(scorer, lit, predicted=1)
+    assert found["centre_yx"] == [24, 8] and found["p_predicted"] == 1.0 and found["p_predicted_occluded"] == 0.0
