@@ -8,7 +8,9 @@ This takes kept model folders (benchmarks/budget.py's --work/budget-<B>-<mode>-<
   gamma, grey, cropped to its box, squeezed or stretched, sheared) and the frames read as --true are counted, with the
   same change's accuracy on the class's other test frames beside it (a change that wrecks every frame says nothing);
 - neighbours: the classes of the training frames nearest to these frames in each model's last features (the head's
-  input, cosine similarity): what the model thinks they look like;
+  input, cosine similarity): the misreading seen from inside the model (a frame read as B sits among B's frames
+  there almost by construction); and nearest in pixels after local contrast normalization, which no model
+  decides: whether the frames look like the other class's training frames at all;
 - occlusion: where in the frame the evidence for --predicted is: a square patch painted with the frame's median
   colour at each position, the position that lowers the --predicted probability most (mean over the frames).
 
@@ -46,13 +48,11 @@ def affine(images: np.ndarray, sx: float = 1.0, sy: float = 1.0, shear: float = 
 
 
 def to_box(images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Each frame cropped to its sign's box (x1 y1 x2 y2 in pixels) and resized back to the frame's size."""
+    """Each frame cropped to its sign's box (x1 y1 x2 y2, pixel edges) and resized back to the frame's size."""
+    from cnnpipe.augment.policy import box_theta
+
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    _, _, h, w = x.shape
-    b = torch.from_numpy(boxes).float()
-    zero = torch.zeros(len(b))
-    theta = torch.stack([torch.stack([(b[:, 2] - b[:, 0]) / w, zero, (b[:, 0] + b[:, 2]) / w - 1], 1),
-                         torch.stack([zero, (b[:, 3] - b[:, 1]) / h, (b[:, 1] + b[:, 3]) / h - 1], 1)], 1)
+    theta = box_theta(torch.from_numpy(boxes).float(), x.shape[2], x.shape[3])
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -110,8 +110,29 @@ class Scorer:
         return probs.numpy(), F.normalize(torch.cat(self.features), dim=1).numpy()
 
 
-def occlusion(scorer: Scorer, images: np.ndarray, predicted: int) -> dict:
-    """The patch position (its centre, pixels) whose painting lowers P(predicted) most, averaged over the frames."""
+def contrast_normalized(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+    """Frames as unit vectors after fastnet-lcn's first layers: the dataset's standardization (`mean`, `std`:
+    1 x C x 1 x 1, of pixels in [0, 1]), then local contrast normalization (no parameters): a likeness of
+    pixels that no trained model decides."""
+    from cnnpipe.models.contrast import LocalContrastNorm
+
+    lcn = LocalContrastNorm(images.shape[3])
+    with torch.no_grad():
+        out = [lcn((torch.from_numpy(images[i:i + 4096]).permute(0, 3, 1, 2).float() / 255 - mean) / std).flatten(1)
+               for i in range(0, len(images), 4096)]
+    return F.normalize(torch.cat(out), dim=1).numpy()
+
+
+def nearest_classes(wanted: np.ndarray, pool: np.ndarray, pool_labels: np.ndarray) -> dict:
+    """Classes of the NEIGHBOURS pool vectors most like (cosine) each wanted one, counted over all of them."""
+    nearest = np.argsort(-(wanted @ pool.T), axis=1)[:, :NEIGHBOURS]
+    counts = Counter(pool_labels[nearest].ravel().tolist())
+    return {"k": NEIGHBOURS, "of": int(nearest.size), "classes": dict(counts.most_common())}
+
+
+def occlusion(scorer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], images: np.ndarray, predicted: int) -> dict:
+    """The patch (its rows and columns, end excluded) whose painting lowers P(predicted) most, averaged over the
+    frames."""
     n, h, w, _ = images.shape
     positions = [(y, x) for y in range(0, h - PATCH + 1, STRIDE) for x in range(0, w - PATCH + 1, STRIDE)]
     median = np.median(images.reshape(n, -1, images.shape[3]), axis=1).astype(np.uint8)
@@ -123,7 +144,7 @@ def occlusion(scorer: Scorer, images: np.ndarray, predicted: int) -> dict:
         drops.append(base - scorer(painted)[0][:, predicted].mean())
     best = int(np.argmax(drops))
     y, x = positions[best]
-    return {"patch": PATCH, "centre_yx": [y + PATCH // 2, x + PATCH // 2], "p_predicted": round(float(base), 3),
+    return {"patch": PATCH, "rows": [y, y + PATCH], "columns": [x, x + PATCH], "p_predicted": round(float(base), 3),
             "p_predicted_occluded": round(float(base - drops[best]), 3)}
 
 
@@ -132,6 +153,8 @@ def measure(models: list[Path], processed: Path, true: int, predicted: int) -> d
 
     data = read_dataset(processed, splits=("train", "test")).splits
     test, train = data["test"], data["train"]
+    if test.boxes is None:
+        raise SystemExit(f"{processed}: its test split has no boxes (the crop probe needs them: ingest GTSRB's zip)")
     images, labels, boxes = np.asarray(test.images), np.asarray(test.labels), np.asarray(test.boxes)
     train_images, train_labels = np.asarray(train.images), np.asarray(train.labels)
     scorers = [Scorer(m) for m in models]
@@ -141,7 +164,7 @@ def measure(models: list[Path], processed: Path, true: int, predicted: int) -> d
         raise SystemExit(f"no test frame of class {true} is read as {predicted} by every model")
     others = np.flatnonzero((labels == true) & ~np.isin(np.arange(len(labels)), frames))
     result = {"true": true, "predicted": predicted, "models": [m.parent.name for m in models],
-              "frames": len(frames), "test_frames": [int(frames.min()), int(frames.max())],
+              "frames": len(frames), "test_indices": frames.tolist(),
               "pixel_mean": round(float(images[frames].mean()), 1),
               "class_others_pixel_mean": round(float(images[others].mean()), 1), "probes": {}}
     for name, (what, change) in PROBES.items():
@@ -150,13 +173,12 @@ def measure(models: list[Path], processed: Path, true: int, predicted: int) -> d
             "change": what,
             "read_as_true": [int((s(track)[0].argmax(1) == true).sum()) for s in scorers],
             "others_accuracy": [round(float((s(rest)[0].argmax(1) == true).mean()), 4) for s in scorers]}
+    mean, std = scorers[0].mean, scorers[0].std  # one dataset: the models' standardization is the same
+    result["pixel_neighbours"] = nearest_classes(contrast_normalized(images[frames], mean, std),
+                                                 contrast_normalized(train_images, mean, std), train_labels)
     result["neighbours"], result["occlusion"] = [], []
     for s in scorers:
-        _, wanted = s(images[frames])
-        _, pool = s(train_images)
-        nearest = np.argsort(-(wanted @ pool.T), axis=1)[:, :NEIGHBOURS]
-        counts = Counter(train_labels[nearest].ravel().tolist())
-        result["neighbours"].append({"k": NEIGHBOURS, "of": int(nearest.size), "classes": dict(counts.most_common())})
+        result["neighbours"].append(nearest_classes(s(images[frames])[1], s(train_images)[1], train_labels))
         result["occlusion"].append(occlusion(s, images[frames], predicted))
     return result
 

@@ -123,27 +123,42 @@ def test_results_of_another_cpu_are_not_merged_into_or_rescored_in_place(tmp_pat
         assert (tmp_path / "r.json").read_text() == other and not (tmp_path / "work").exists()
 
 
-def test_a_misread_track_is_probed_where_its_evidence_is():
-    """benchmarks/misread.py's pieces on hand-made frames: a crop to a box fills the frame with the box's pixels, an
-    identity change keeps the frames, and occlusion finds the patch whose pixels a scorer's wrong class rests on."""
+def test_a_misread_track_is_probed_where_its_evidence_is(monkeypatch):
+    """benchmarks/misread.py's pieces on hand-made frames: a crop fills the frame with each frame's own box, a
+    squeeze narrows and keeps the height, contrast-normalized pixels ignore a dimming, neighbours are counted by
+    class, and occlusion finds the patch whose pixels a scorer's wrong class rests on."""
+    import torch
+
     from benchmarks import misread
 
     frames = np.zeros((2, 32, 32, 3), np.uint8)
-    frames[:, 8:24, 16:32] = 200  # a bright box: x 16-32, y 8-24
-    boxes = np.array([[16, 8, 32, 24]] * 2, np.float32)
-    cropped = misread.to_box(frames, boxes)
-    assert cropped.shape == frames.shape and (cropped[:, 1:-1, 1:-1] == 200).all()  # the outer pixels blend the edge
+    frames[0, 8:24, 16:24], frames[0, 8:24, 24:32] = 50, 200  # box x 16-32, y 8-24: left half 50, right half 200
+    frames[1, 0:16, 0:16], frames[1, 16:32, 0:16] = 50, 200  # box x 0-16, y 0-32: top half 50, bottom half 200
+    cropped = misread.to_box(frames, np.array([[16, 8, 32, 24], [0, 0, 16, 32]], np.float32))
+    assert (cropped[0, 2:-2, 2:14] == 50).all() and (cropped[0, 2:-2, 18:30] == 200).all()
+    assert (cropped[1, 2:14, 2:-2] == 50).all() and (cropped[1, 18:30, 2:-2] == 200).all()
     assert np.array_equal(misread.affine(frames), frames)
     bar = np.zeros((1, 32, 32, 3), np.uint8)
-    bar[:, 8:24, 12:20] = 200  # 8 columns wide, off the edges
-    squeezed = (misread.affine(bar, sx=0.5) > 100).sum() / (bar > 100).sum()
-    assert 0.35 < squeezed < 0.65  # half as wide
+    bar[:, 8:24, 12:20] = 200  # 8 columns wide, 16 rows tall, off the edges
+    lit = misread.affine(bar, sx=0.5)[0, :, :, 0] > 100
+    assert 3 <= lit.any(axis=0).sum() <= 5 and lit.any(axis=1).sum() == 16
+
+    texture = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+    dimmed = (texture[:1] * 0.5).round().astype(np.uint8)
+    mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
+    vectors = misread.contrast_normalized(np.concatenate([texture, dimmed]), mean, std)
+    assert vectors[0] @ vectors[2] > 0.98 and abs(vectors[0] @ vectors[1]) < 0.2
+    monkeypatch.setattr(misread, "NEIGHBOURS", 3)
+    pool, pool_labels = np.eye(4)[[0, 2, 0, 1, 3]], np.array([7, 9, 7, 8, 9])
+    near = misread.nearest_classes(np.array([[1.0, 0.1, 0, 0], [0, 0.05, 0.1, 1.0]]), pool, pool_labels)
+    assert near == {"k": 3, "of": 6, "classes": {7: 2, 8: 2, 9: 2}}  # 7, 7, 8 and 9, 9, 8
 
     def scorer(images):  # class 1's probability: the brightness of rows 20-28, columns 4-12
         p1 = images[:, 20:28, 4:12].mean(axis=(1, 2, 3)) / 255
         return np.stack([1 - p1, p1], 1), None
 
-    lit = np.zeros((3, 32, 32, 3), np.uint8)
-    lit[:, 20:28, 4:12] = 255
-    found = misread.occlusion(scorer, lit, predicted=1)
-    assert found["centre_yx"] == [24, 8] and found["p_predicted"] == 1.0 and found["p_predicted_occluded"] == 0.0
+    spot = np.zeros((3, 32, 32, 3), np.uint8)
+    spot[:, 20:28, 4:12] = 255
+    found = misread.occlusion(scorer, spot, predicted=1)
+    assert found["rows"] == [20, 28] and found["columns"] == [4, 12]
+    assert found["p_predicted"] == 1.0 and found["p_predicted_occluded"] == 0.0

@@ -98,7 +98,7 @@ def test_contrast_normalization_ignores_exposure_and_keeps_blank_images_finite(a
     assert (norm(red) - norm(blue))[:, [0, 2]].abs().min() > 0.5
 
 
-@pytest.mark.parametrize("arch", ["fastnet-cn", "fastnet-lcn"])
+@pytest.mark.parametrize("arch", ["fastnet-cn", "fastnet-lcn", "fastnet-lcn-up"])
 def test_contrast_normalization_exports_to_onnx(arch, tmp_path):
     model = build_model(arch, 3, 10, 16, width=8).eval()
     x = torch.rand(3, 3, 16, 16) * torch.tensor([0.2, 1.0, 3.0]).view(3, 1, 1, 1)  # three exposures

@@ -148,7 +148,13 @@ def box_crop_theta(boxes: torch.Tensor, h: int, w: int, p: float, g: torch.Gener
     share = share.clamp(0, 1)
     share = torch.where((torch.rand(n, 1, generator=g, device=dev) < p), share, torch.ones_like(share))
     frame = torch.tensor([0.0, 0.0, w, h], device=dev)
-    x1, y1, x2, y2 = (boxes + (frame - boxes) * share).unbind(1)
+    return box_theta(boxes + (frame - boxes) * share, h, w)
+
+
+def box_theta(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """N x 2 x 3 affine maps (output -> input, normalized) that fill an h x w output with each box (x1 y1 x2 y2,
+    pixel edges)."""
+    x1, y1, x2, y2 = boxes.unbind(1)
     # pixel edges -> grid_sample's normalized coordinates (align_corners=False: -1 and 1 are the outer edges)
     zero = torch.zeros_like(x1)
     return torch.stack([torch.stack([(x2 - x1) / w, zero, (x1 + x2) / w - 1], 1),

@@ -20,6 +20,7 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], int]] = {
     "fastnet-stn": (stn.build, stn.MIN_SIZE),  # fastnet behind a spatial transformer (whole frames)
     "fastnet-cn": (contrast.build_cn, contrast.MIN_SIZE),  # each image's contrast normalized first
     "fastnet-lcn": (contrast.build_lcn, contrast.MIN_SIZE),  # ... locally (a Gaussian window)
+    "fastnet-lcn-up": (contrast.build_lcn_up, contrast.MIN_SIZE),  # ... its input upsampled 1.5x (docs/budget.md)
     "mlp": (mlp.build, 1),
     "lenet5": (lenet5.build, lenet5.MIN_SIZE),
     "cnn3": (cnn3.build, cnn3.MIN_SIZE),

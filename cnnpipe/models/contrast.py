@@ -16,6 +16,7 @@ MIN_SIZE = 1
 MIN_STD = 0.1  # in dataset-standardized units: a near-blank image's noise is amplified at most 10x
 LCN_SIZE = 7  # the local window (pixels at 32x32: about a quarter of a sign's diameter)
 LCN_SIGMA = 2.0
+UPSAMPLE = 1.5  # fastnet-lcn-up: every feature map 1.5 times finer (docs/budget.md: it did not pay in 600 s)
 
 
 class ImageContrastNorm(nn.Module):
@@ -57,3 +58,9 @@ def build_cn(in_channels: int, num_classes: int, image_size: int, width: int = 3
 
 def build_lcn(in_channels: int, num_classes: int, image_size: int, width: int = 32) -> nn.Module:
     return nn.Sequential(LocalContrastNorm(in_channels), fastnet.build(in_channels, num_classes, image_size, width))
+
+
+def build_lcn_up(in_channels: int, num_classes: int, image_size: int, width: int = 32) -> nn.Module:
+    """fastnet-lcn reading its input upsampled (bilinear) by UPSAMPLE: finer maps of the same pixels."""
+    return nn.Sequential(LocalContrastNorm(in_channels), nn.Upsample(scale_factor=UPSAMPLE, mode="bilinear"),
+                         fastnet.build(in_channels, num_classes, image_size, width))
