@@ -38,24 +38,25 @@ PATCH = 8  # occlusion square's side (pixels at 32 x 32: a digit's height is ~10
 STRIDE = 2
 
 
-def affine(images: np.ndarray, sx: float = 1.0, sy: float = 1.0, shear: float = 0.0) -> np.ndarray:
-    """Frames scaled by (sx, sy) about their centre and sheared (edges repeated, as augment does)."""
+def resampled(images: np.ndarray, theta: torch.Tensor) -> np.ndarray:
+    """uint8 N x H x W x C frames through the affine maps `theta` (N x 2 x 3, output -> input, normalized), bilinear,
+    edges repeated (as augment does)."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    theta = torch.tensor([[1 / sx, shear, 0.0], [0.0, 1 / sy, 0.0]]).expand(len(x), 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def affine(images: np.ndarray, sx: float = 1.0, sy: float = 1.0, shear: float = 0.0) -> np.ndarray:
+    """Frames scaled by (sx, sy) about their centre and sheared."""
+    return resampled(images, torch.tensor([[1 / sx, shear, 0.0], [0.0, 1 / sy, 0.0]]).expand(len(images), 2, 3))
 
 
 def to_box(images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Each frame cropped to its sign's box (x1 y1 x2 y2, pixel edges) and resized back to the frame's size."""
     from cnnpipe.augment.policy import box_theta
 
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    theta = box_theta(torch.from_numpy(boxes).float(), x.shape[2], x.shape[3])
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return resampled(images, box_theta(torch.from_numpy(boxes).float(), images.shape[1], images.shape[2]))
 
 
 def stretched(images: np.ndarray) -> np.ndarray:
