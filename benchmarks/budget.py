@@ -383,7 +383,7 @@ def save(out: Path, results: dict, threads: int, commands: list[str], load: dict
             "epochs_run_min": min(run["epochs_run"] for run in r["runs"]),
             "epochs_run_max": max(run["epochs_run"] for run in r["runs"]),
             "runs": [{**{k: run[k] for k in ("seed", "test_accuracy", "val_accuracy_kept", "kept_epoch", "epochs_run")},
-                      **{k: run[k] for k in ("test_errors", "top_confusions") if k in run},
+                      **{k: run[k] for k in ("test_accuracy_tta", "test_errors", "top_confusions") if k in run},
                       "width": run["budget"].get("width")}  # train.budget_min_epochs may have narrowed the net
                      for run in r["runs"]]}
             for mode, res in results.items() for point, r in res["budgeted"].items()},

@@ -123,6 +123,29 @@ def test_results_of_another_cpu_are_not_merged_into_or_rescored_in_place(tmp_pat
         assert (tmp_path / "r.json").read_text() == other and not (tmp_path / "work").exists()
 
 
+def test_a_points_runs_carry_what_the_docs_cite(tmp_path):
+    """benchmarks.budget's flat `points` (what docs/templates address) keep each run's own figures: its flip-TTA
+    accuracy and errors when it has them, nothing invented when it does not; the table shows the point's means."""
+    import json
+
+    from benchmarks import budget
+
+    def run(seed: int, acc: float, **extra) -> dict:
+        return {"seed": seed, "test_accuracy": acc, "val_accuracy_kept": 0.99, "kept_epoch": 3, "epochs_run": 3,
+                "budget": {"actual_s": 59.5 + seed, "width": 32}, "code": "abc1234", **extra}
+    point = {"test_accuracy": {"mean": 0.98, "std": 0.01, "n": 2}, "test_accuracy_tta": {"mean": 0.985, "std": 0.005,
+             "n": 2}, "actual_s": {"mean": 60.0}, "within_5_percent": 2,
+             "runs": [run(0, 0.97, test_accuracy_tta=0.98, test_errors=30, top_confusions=[[3, 5, 20]]), run(1, 0.99)]}
+    budget.save(tmp_path / "r.json", {"native": {"env": {}, "budgeted": {"60 split-1": point}, "fixed": {}}}, 2,
+                ["python -m benchmarks.budget"], {"before": [], "after": []})
+    runs = json.loads((tmp_path / "r.json").read_text())["points"]["native_60_split-1"]["runs"]
+    assert runs[0]["test_accuracy_tta"] == 0.98 and runs[0]["test_errors"] == 30
+    assert runs[0]["top_confusions"] == [[3, 5, 20]] and runs[0]["width"] == 32
+    assert "test_accuracy_tta" not in runs[1] and "test_errors" not in runs[1]
+    assert "| native | 60 s split-1 | 98.00 ± 1.00 % | 98.50 ± 0.50 % | 2 | 60.5 s | 2/2 | abc1234 |" in \
+        (tmp_path / "r.md").read_text()
+
+
 def test_a_misread_track_is_probed_where_its_evidence_is(monkeypatch):
     """benchmarks/misread.py's pieces on hand-made frames: a crop fills the frame with each frame's own box, a
     squeeze narrows and keeps the height, contrast-normalized pixels ignore a dimming, neighbours are counted by
