@@ -486,5 +486,8 @@ def _main(args: argparse.Namespace) -> int:
             raise
         print(f"cnnpipe {args.command}: error: {full}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(json.dumps(result, default=str))
+    # one results line for the job: under torchrun every rank returns here, and two ranks printing to one stdout
+    # can interleave into a line no JSON parser reads
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result, default=str))
     return EXIT_OK

@@ -1,6 +1,7 @@
 import contextlib
 import copy
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -165,6 +166,7 @@ def test_ddp_trains_with_two_cpu_processes(tmp_path):
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stderr and proc.stderr.count("epoch 2/2") == 1  # only rank 0 reports
+    assert len(proc.stdout.strip().splitlines()) == 1 and json.loads(proc.stdout)["epochs"] == 2  # one results line
     model, spec = load_model(tmp_path / "model" / "model.pt")
     assert spec.num_classes == 3 and not (tmp_path / "ckpt.pt").exists()
 
