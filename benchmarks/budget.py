@@ -86,7 +86,7 @@ def params_sha256(params: Path) -> str:
 
 def val_by(epochs: list[dict], seconds: float) -> float | None:
     """The best validation accuracy a run had reached `seconds` into its training (None: no epoch by then)."""
-    reached = [e["val_accuracy"] for e in epochs if e["elapsed_s"] <= seconds]
+    reached = [e["val_accuracy"] for e in epochs if e["elapsed_s"] <= seconds and e["val_accuracy"] is not None]
     return max(reached) if reached else None
 
 

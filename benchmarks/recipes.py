@@ -46,8 +46,9 @@ def spawn(cmd: list[str], env: dict | None = None) -> dict:
         record_ = json.loads(line)
         if "epoch" in record_:
             epochs.append(record_)
-            print(f"  {cmd[-1] if len(cmd) > 1 else ''} epoch {record_['epoch']}: val {record_['val_accuracy']:.4f} "
-                  f"at {record_['elapsed_s']:.1f} s", file=sys.stderr, flush=True)
+            val = record_["val_accuracy"]  # None: train.train_on_val, nothing validated
+            print(f"  {cmd[-1] if len(cmd) > 1 else ''} epoch {record_['epoch']}: val "
+                  f"{'-' if val is None else f'{val:.4f}'} at {record_['elapsed_s']:.1f} s", file=sys.stderr, flush=True)
         else:
             final.append(record_)
 
@@ -59,7 +60,8 @@ def spawn(cmd: list[str], env: dict | None = None) -> dict:
 
 def time_to(epochs: list[dict]) -> dict[str, float | None]:
     """Seconds until validation accuracy first reached each threshold (None: never)."""
-    return {f"{t:.2%}": next((round(e["elapsed_s"], 1) for e in epochs if e["val_accuracy"] >= t), None)
+    return {f"{t:.2%}": next((round(e["elapsed_s"], 1) for e in epochs
+                              if e["val_accuracy"] is not None and e["val_accuracy"] >= t), None)
             for t in THRESHOLDS}
 
 
@@ -133,13 +135,14 @@ def run_worker(params: Path, processed: Path, work: Path, seed: int) -> None:
 
     def on_epoch(stats: dict[str, float]) -> None:
         print(json.dumps({"epoch": int(stats["epoch"]), "elapsed_s": time.perf_counter() - t_train,
-                          "val_accuracy": stats["val/accuracy"]}), flush=True)
+                          "val_accuracy": stats.get("val/accuracy")}), flush=True)
 
     cfg = load_block(TrainConfig, "train", raw, {**seeded, **threads}, params)
     out = train.run(cfg=cfg, data=processed, augmented=work / "augmented", model=work / "model", tracking=None,
                     on_epoch=on_epoch)
     train_s = time.perf_counter() - t_train
-    print(json.dumps({**score(work / "model", processed), "val_accuracy_kept": round(out["val_accuracy"], 5),
+    val = out["val_accuracy"]  # None: train.train_on_val
+    print(json.dumps({**score(work / "model", processed), "val_accuracy_kept": None if val is None else round(val, 5),
                       "kept_epoch": out["kept_epoch"], "epochs_run": out["epochs"], "train_s": round(train_s, 1),
                       "augment_s": round(t_train - t0, 1), "budget": out.get("budget")}), flush=True)
 

@@ -148,6 +148,10 @@ class TrainConfig:
                                       choices=("val/accuracy", "val/loss"))
     keep: str = knob("best", "the weights saved: best = the epoch with the best early_stopping_metric, last = the "
                               "final epoch", choices=("best", "last"))
+    train_on_val: bool = knob(False, "also train on the val split, a final fit on every image but the test split's: "
+                                     "nothing is held out, so no validation pass (needs keep last and no early "
+                                     "stopping), no per-epoch val metrics, and evaluate does not calibrate (T = 1); "
+                                     "not with data_mode stream, tune or a Katib search")
     channels_last: bool = knob(True, "NHWC memory layout (faster convolutions on CPU and on tensor cores: "
                                               "benchmarks/results/train_throughput.json)")
     precision: str = knob("auto", "training arithmetic: auto (bf16 autocast on CUDA, fp32 on CPU: CPU runs repeat "
@@ -195,8 +199,9 @@ class RegisterConfig:
     min_delta: float = knob(0.001, "the challenger must beat the champion by at least this much", minimum=0.0)
     promotion_protocol: str = knob("served", "test images promotion scores on: served = whole frames, as a server gets "
                                              "them; roi = crops to the dataset's boxes", choices=("served", "roi"))
-    min_accuracy: float = knob(0.5, "refuse to register a model whose validation accuracy is below this (and always "
-                                    "below chance, 1 / classes)", minimum=0.0, maximum=1.0)
+    min_accuracy: float = knob(0.5, "refuse to register a model whose validation accuracy (test accuracy for one "
+                                    "trained on val) is below this (and always below chance, 1 / classes)",
+                               minimum=0.0, maximum=1.0)
 
 
 @dataclass

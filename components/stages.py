@@ -69,7 +69,7 @@ def train_job(params: str, overrides: list, tracking_uri: str, credentials_secre
     result = trainjob.run(json.loads(job), params=yaml.safe_load(params), overrides=overrides,
                           tracking_uri=tracking_uri, credentials_secret=credentials_secret, data_uri=data.uri,
                           augmented_uri=augmented.uri, model_uri=model.uri, model_dir=Path(model.path))
-    model.metadata.update(result)
+    model.metadata.update({k: v for k, v in result.items() if v is not None})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -18,7 +18,7 @@ import yaml
 from kubeflow.katib import ApiClient, models
 
 from cnnpipe.config import TuneConfig
-from cnnpipe.search.space import Dimension
+from cnnpipe.search.space import Dimension, check_val_held_out
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
 from cnnpipe.search.tune import grid_values
@@ -69,6 +69,7 @@ def experiment(cfg: TuneConfig, space: dict[str, Dimension], params: dict[str, A
     """The Katib Experiment of this search: same space, metric, budget, parallelism and early stopping."""
     if not space:
         raise CnnpipeError("tune.space: expected at least one dimension to compile a Katib Experiment")
+    check_val_held_out(params, space, cfg.metric)
     if cfg.pruner == "successive_halving":
         raise CnnpipeError("tune.pruner: Katib has no successive-halving early stopping; use median (Katib's "
                            "medianstop) or none")

@@ -236,7 +236,9 @@ def run(template: dict[str, Any], *, params: dict[str, Any], overrides: list[str
     config, history = read_train_config(model_dir), read_history(model_dir)
     kept = history[config["kept_epoch"] - 1]
     run_file = model_dir / RUN_FILE
+    val = {k: float(kept[f"val/{k}"]) if f"val/{k}" in kept else None  # none: train.train_on_val
+           for k in ("accuracy", "loss")}
     return {"epochs": len(history), "best_epoch": config["best_epoch"], "kept_epoch": config["kept_epoch"],
-            "val_accuracy": float(kept["val/accuracy"]), "val_loss": float(kept["val/loss"]),
+            "val_accuracy": val["accuracy"], "val_loss": val["loss"],
             "parameters": config["parameters"], "job": name,
             **({"run_id": json.loads(run_file.read_text())["run_id"]} if run_file.exists() else {})}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cnnpipe.augment import AugmentPolicy, no_flips
-from cnnpipe.config import TrainConfig
+from cnnpipe.config import AugmentConfig, TrainConfig
 from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, load_model, save_checkpoint, save_model
 from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
 from cnnpipe.engine.loop import EMA, TrainData, fit, lr_factor
@@ -119,6 +119,11 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(CnnpipeError, match="written with train.epochs=5, this run has 3"):
         load_checkpoint(tmp_path / "ok.pt", cfg)
     assert load_checkpoint(tmp_path / "ok.pt", {**cfg, "epochs": 5, "device": "cuda"})["epoch"] == 1
+    # a checkpoint from before a knob existed resumes when the run leaves that knob at its default
+    save_checkpoint(tmp_path / "older.pt", {"epoch": 1, "config": {k: v for k, v in cfg.items() if k != "train_on_val"}})
+    assert load_checkpoint(tmp_path / "older.pt", cfg)["epoch"] == 1
+    with pytest.raises(CnnpipeError, match="written with train.train_on_val=None, this run has True"):
+        load_checkpoint(tmp_path / "older.pt", {**cfg, "train_on_val": True})
 
 
 @pytest.mark.e2e
@@ -241,6 +246,44 @@ def test_training_warns_once_when_validation_stays_at_chance(capsys):
     assert chance_ceiling(torch.tensor([0, 1, 2] * 2), 3) == pytest.approx(1 / 3 + 2 * (2 / 9 / 6) ** 0.5)
     assert chance_ceiling(torch.tensor([0] * 9 + [1]), 2) == pytest.approx(0.9 + 2 * (0.09 / 10) ** 0.5)
     assert few_val_images(100) is None and "holds 24 images (< 100)" in few_val_images(24)
+
+
+def test_fit_without_a_val_split_validates_nothing_and_plans_no_validation(capsys):
+    """train.train_on_val hands fit an empty val split: no val metrics, no validation pass timed or planned for, the
+    last epoch kept, and the run still learns."""
+    data = tiny_data()
+    empty = dataclasses.replace(data, val_images=data.val_images[:0], val_labels=data.val_labels[:0])
+    cfg = TrainConfig(arch="cnn3", width=8, epochs=6, batch_size=16, lr=0.05, keep="last", budget_s=60)
+    torch.manual_seed(0)
+    result = fit(build_model("cnn3", 1, 3, 8, 8), empty, cfg, policy=None)
+    assert [sorted(k for k in e if k.startswith("val/")) for e in result.history] == [[]] * 6
+    assert result.best_epoch == 0 and result.kept_epoch == 6 and result.warnings == []
+    assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
+    err = capsys.readouterr().err
+    assert "val loss" not in err and "epoch 6/6  train loss" in err
+    with pytest.raises(CnnpipeError, match="no val split to keep the best epoch or stop early by"):
+        fit(build_model("cnn3", 1, 3, 8, 8), empty, dataclasses.replace(cfg, keep="best"), policy=None)
+    # one step, then an update nothing validates: the weights' check stands in for the validation loss's
+    one_step = dataclasses.replace(cfg, epochs=1, batch_size=len(data.train_labels), lr=float("inf"),
+                                   schedule="constant", budget_s=0.0)
+    with pytest.raises(CnnpipeError, match="the weights became non-finite by the end of epoch 1"):
+        fit(build_model("cnn3", 1, 3, 8, 8), empty, one_step, policy=None)
+
+
+def test_train_on_val_is_refused_where_something_must_be_held_out(tmp_path):
+    """Keeping the best epoch and early stopping rank by the val split, and streamed shards do not hold it: with
+    train_on_val, a one-line error naming the knob before any training (the searches: test_tune.py)."""
+    from cnnpipe.stages import augment, train
+
+    write_tiny_dataset(tmp_path / "processed")
+    augment.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
+    for bad, got in (({"keep": "best"}, "expected train.keep last and train.early_stopping_patience 0, got best and 0"),
+                     ({"keep": "last", "early_stopping_patience": 2}, "got last and 2"),
+                     ({"keep": "last", "data_mode": "stream"}, "not with training batches streamed from shards")):
+        with pytest.raises(CnnpipeError, match=f"^train.train_on_val: .*{got}") as e:
+            train.run(cfg=TrainConfig(train_on_val=True, **bad), data=tmp_path / "processed",
+                      augmented=tmp_path / "augmented", model=tmp_path / "model", tracking=None)
+        assert "\n" not in str(e.value) and not (tmp_path / "model").exists()
 
 
 @pytest.mark.e2e  # a real MLflow store (~10 s to create)

@@ -128,6 +128,47 @@ def test_calibration_is_fitted_reported_and_kept_out_of_the_model_folder(evaluat
 
 
 @pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
+def test_a_final_fit_on_train_and_val_trains_on_both_and_is_not_calibrated(evaluated, tmp_path, capsys):
+    """train.train_on_val: the val split's images join the training ones (counted, no validation), and evaluate
+    fits no temperature on images the model learned: T = 1, said in the report, on stderr and in calibration.json."""
+    from cnnpipe.calibration import Calibration
+    from cnnpipe.data.store import read_dataset
+
+    data = evaluated.parent / "processed"
+    r = train.run(cfg=TrainConfig(arch="fastnet", width=8, epochs=3, batch_size=16, keep="last", train_on_val=True),
+                  data=data, augmented=evaluated.parent / "augmented", model=tmp_path / "model", tracking=None)
+    assert r["val_accuracy"] is None and r["val_loss"] is None and r["best_epoch"] is None and r["kept_epoch"] == 3
+    counts = read_dataset(data, splits=()).manifest["counts"]
+    n = counts["train"]["total"] + counts["val"]["total"]
+    assert f"{n:,} training images (the val split's among them: no validation)" in capsys.readouterr().err
+    metrics = evaluate.run(cfg=EvaluateConfig(tsne_samples=0), model=tmp_path / "model", data=data,
+                           evaluation=tmp_path / "evaluation", tracking=None)
+    assert Calibration.read(tmp_path / "evaluation/calibration.json").temperature == 1.0
+    assert all(m["ece"] == m["ece_uncalibrated"] for m in metrics.values())
+    # its val scores are named for what they are, in every place a held-out score would be read
+    assert set(metrics) == {"val_trained", "test"}
+    assert json.loads((tmp_path / "evaluation/metrics.json").read_text()).keys() == metrics.keys()
+    assert "val" not in json.loads((tmp_path / "evaluation/headline.json").read_text())
+    md = (tmp_path / "evaluation/report.md").read_text()
+    assert "Not calibrated (train.train_on_val: no held-out split to fit a temperature on): T = 1." in md
+    assert "its val_trained rows score training images" in md and "| val_trained |" in md
+    assert "its val_trained scores are of training images" in capsys.readouterr().err
+    assert (tmp_path / "evaluation/training_curves.png").stat().st_size > 0  # train's curves alone
+
+
+def test_register_gates_a_model_trained_on_val_on_its_test_accuracy():
+    """Its val scores are of training images (metrics.json names them val_trained): the floor reads test's."""
+    from cnnpipe.config import RegisterConfig
+    from cnnpipe.stages.register import check_quality
+
+    cfg = RegisterConfig(min_accuracy=0.5)
+    assert check_quality(cfg, {"val": {"accuracy": 0.9}, "test": {"accuracy": 0.3}}, 4, Path("m.json")) == 0.9
+    with pytest.raises(CnnpipeError, match=r"register: test accuracy 0.3000 \('m.json'\) is below register.min_acc"):
+        check_quality(cfg, {"val_trained": {"accuracy": 1.0}, "test": {"accuracy": 0.3}}, 4, Path("m.json"))
+    assert check_quality(cfg, {"val_trained": {"accuracy": 1.0}, "test": {"accuracy": 0.8}}, 4, Path("m.json")) == 0.8
+
+
+@pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_tta_is_measured_when_the_policy_has_flips(tmp_path):
     from cnnpipe.augment.policy import CIFAR10
     from cnnpipe.calibration import Calibration

@@ -258,7 +258,7 @@ def kube_api(tmp_path, monkeypatch):
     from cnnpipe.engine.model_folder import CONFIG_FILE, HISTORY_FILE, write_history
     from cnnpipe.remote import upload_dir
 
-    state = {"outcome": "Succeeded", "jobs": {}, "requests": []}
+    state = {"outcome": "Succeeded", "jobs": {}, "requests": [], "train_on_val": False}
     prefix = "/apis/kubeflow.org/v1/namespaces/default/pytorchjobs"
 
     def finish(job: dict) -> dict:
@@ -268,9 +268,12 @@ def kube_api(tmp_path, monkeypatch):
             env = {e["name"]: e["value"] for e in container["env"]}
             folder = tmp_path / "rank0-model"
             folder.mkdir(exist_ok=True)
-            write_history(folder / HISTORY_FILE, [{"epoch": 1, "val/loss": 0.5, "val/accuracy": 0.8},
-                                                  {"epoch": 2, "val/loss": 0.3, "val/accuracy": 0.9}])
-            (folder / CONFIG_FILE).write_text(json.dumps({"best_epoch": 2, "kept_epoch": 2, "parameters": 1234}))
+            history = [{"epoch": 1, "val/loss": 0.5, "val/accuracy": 0.8}, {"epoch": 2, "val/loss": 0.3, "val/accuracy": 0.9}]
+            if state["train_on_val"]:  # no validation: no val columns, no best epoch
+                history = [{"epoch": e["epoch"], "train/loss": e["val/loss"]} for e in history]
+            write_history(folder / HISTORY_FILE, history)
+            (folder / CONFIG_FILE).write_text(json.dumps({"best_epoch": None if state["train_on_val"] else 2,
+                                                          "kept_epoch": 2, "parameters": 1234}))
             upload_dir(folder, env["CNNPIPE_MODEL_URL"])
         if state["outcome"] != "Running":
             conditions.append({"type": state["outcome"], "status": "True", "reason": "PyTorchJob" + state["outcome"],
@@ -340,6 +343,14 @@ def test_step_creates_the_job_waits_and_outputs_its_model(tmp_path, kube_api, mo
     # cancelling the run deletes the step's pod, and with it the job
     assert job["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "cnnpipe-abc-train-job-driver",
                                                    "uid": "a1b2c3d4-0000-0000-0000-a1b2c3d4e5f6"}]
+
+
+def test_step_outputs_a_model_trained_on_val_without_val_scores(tmp_path, kube_api):
+    """train.train_on_val: the job's history has no val columns; the step says so with None, not a crash."""
+    kube_api["train_on_val"] = True
+    result = step(tmp_path)
+    assert {k: result[k] for k in ("best_epoch", "kept_epoch", "val_accuracy", "val_loss")} == \
+        {"best_epoch": None, "kept_epoch": 2, "val_accuracy": None, "val_loss": None}
 
 
 def test_step_fails_with_the_jobs_name_when_the_job_fails(tmp_path, kube_api):

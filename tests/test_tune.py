@@ -272,6 +272,22 @@ def test_katib_grid_uses_the_same_values_and_rejects_what_katib_lacks(tmp_path):
         katib.check(manifest)
 
 
+def test_searches_refuse_to_train_trials_on_the_val_split_they_rank_by(tmp_path):
+    """train.train_on_val set, or searched over: Optuna and Katib both refuse in one line before any trial."""
+    from cnnpipe.pipeline import katib
+
+    on = {**PARAMS, "train": {**PARAMS["train"], "train_on_val": True}}
+    searched = with_tune(**{**PARAMS["tune"], "space": {"train.train_on_val": {"choice": [False, True]}}})
+    refused = r"^train.train_on_val: a search ranks trials by the val split's val/accuracy, which the trials would"
+    for params in (on, searched):
+        cfg, space = load_tune(params, {})
+        with pytest.raises(CnnpipeError, match=refused):
+            tune.run(cfg, space, params, TrackingConfig(), tmp_path, tmp_path, tmp_path / "out")
+        with pytest.raises(CnnpipeError, match=refused) as e:
+            katib.experiment(cfg, space, params, "x")
+        assert "\n" not in str(e.value)
+
+
 @pytest.mark.e2e  # whole stages on real models: seconds each, so not in the unit tier
 def test_pipeline_compile_tune_writes_the_experiment(tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")

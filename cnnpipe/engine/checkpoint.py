@@ -6,12 +6,14 @@ loading a model file never runs code from it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from cnnpipe.config import TrainConfig
 from cnnpipe.engine.spec import ModelSpec
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_file
@@ -67,8 +69,9 @@ def load_checkpoint(path: Path | str, config: dict) -> dict:
         raise CnnpipeError(f"checkpoint '{path}' is corrupt or not a checkpoint: {str(e).splitlines()[0]}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CnnpipeError(f"checkpoint '{path}': expected format {CHECKPOINT_FORMAT}")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # a knob newer than the checkpoint
     for key, value in config.items():
-        if key not in RESUMABLE_CHANGES and state["config"].get(key) != value:
+        if key not in RESUMABLE_CHANGES and state["config"].get(key, defaults.get(key)) != value:
             raise CnnpipeError(f"checkpoint '{path}' was written with train.{key}={state['config'].get(key)!r}, "
                                f"this run has {value!r}: resume with the same params or start afresh")
     return state

@@ -90,7 +90,7 @@ class DeviceBatches:
 class FitResult:
     history: list[dict[str, float]]
     model: nn.Module  # the weights to keep: the EMA's or the model's, of the best or the last epoch (cfg.keep)
-    best_epoch: int
+    best_epoch: int  # 0: no validation (train.train_on_val)
     kept_epoch: int
     stopped_early: bool
     budget: dict | None = None  # a budgeted run's plan, costs, re-plans and actual seconds (BudgetKeeper.record)
@@ -311,7 +311,11 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
     tty = sys.stderr.isatty() and dist.is_main
     stopped_early = False
     warnings: list[str] = []
-    ceiling = chance_ceiling(data.val_labels, head(model).out_features) if len(data.val_labels) else -1.0
+    validating = len(data.val_labels) > 0  # train.train_on_val: nothing held out, no validation pass
+    if not validating and (cfg.keep != "last" or cfg.early_stopping_patience):
+        raise CnnpipeError("train: no val split to keep the best epoch or stop early by: expected train.keep last and "
+                           "train.early_stopping_patience 0")
+    ceiling = chance_ceiling(data.val_labels, head(model).out_features) if validating else -1.0
     epoch = start_epoch
     while epoch <= plan.epochs:
         torch.manual_seed(epoch_seed(cfg.seed, dist.rank, epoch, 0))  # dropout and the like
@@ -368,14 +372,17 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         evaluated = ema.model if ema is not None else model
         if keeper is not None:
             keeper.after_training_steps(steps=steps, low_res=bool(low_res))
+        val: dict[str, float] = {}
         val_start = time.perf_counter()
-        with mixed():  # validation in the training's precision (bf16: half its time here); evaluate scores in fp32
-            val_loss, val_acc = evaluate_split(evaluated, data.val_images, data.val_labels, data.mean, data.std)
+        if validating:
+            with mixed():  # validation in the training's precision (bf16: half its time here); evaluate scores in fp32
+                val["val/loss"], val["val/accuracy"] = evaluate_split(evaluated, data.val_images, data.val_labels,
+                                                                      data.mean, data.std)
         if keeper is not None:
             keeper.after_validation(keeper.now() - val_start)
         # checked once per epoch (a check per step would sync the device); the last step's update only shows
         # in the validation loss
-        diverged = next((v for v in (loss_sum, val_loss if len(data.val_labels) else 0.0) if not math.isfinite(v)), None)
+        diverged = next((v for v in (loss_sum, *val.values()) if not math.isfinite(v)), None)
         if diverged is not None:
             raise CnnpipeError(f"train: the loss became {diverged} in epoch {epoch} (diverged: lower train.lr, or "
                                f"check the data); no model was written")
@@ -383,28 +390,30 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             "epoch": epoch,
             "train/loss": loss_sum / n,
             "train/accuracy": correct / n,
-            "val/loss": val_loss,
-            "val/accuracy": val_acc,
+            **val,
             "lr": opt.param_groups[0]["lr"],
             "train/images_per_s": n / seconds,
             "train/epoch_seconds": seconds,
         }
         history.append(stats)
-        at_chance = next((i for i, h in enumerate(reversed(history)) if h["val/accuracy"] > ceiling), len(history))
+        at_chance = 0
+        if validating:
+            at_chance = next((i for i, h in enumerate(reversed(history)) if h["val/accuracy"] > ceiling), len(history))
         if at_chance == CHANCE_EPOCHS:
             warnings.append(f"train: validation accuracy has stayed at chance (<= {ceiling:.3f}) for {CHANCE_EPOCHS} "
                             f"epochs ({epoch - CHANCE_EPOCHS + 1}-{epoch}): the network is not learning (try "
                             f"train.pretrained imagenet, another train.lr, or check the labels)")
             if dist.is_main:
                 print(warnings[-1], file=sys.stderr, flush=True)
-        watched = stats[cfg.early_stopping_metric]
-        if _better(cfg.early_stopping_metric, watched, best_value):
+        watched = stats.get(cfg.early_stopping_metric)
+        if watched is not None and _better(cfg.early_stopping_metric, watched, best_value):
             best_value, best_epoch = watched, epoch
             if cfg.keep == "best":
                 best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
         if dist.is_main:
             print(f"epoch {epoch}/{plan.epochs}  train loss {stats['train/loss']:.4f} acc {stats['train/accuracy']:.4f}  "
-                  f"val loss {val_loss:.4f} acc {val_acc:.4f}  {stats['train/images_per_s']:.0f} img/s "
+                  + (f"val loss {val['val/loss']:.4f} acc {val['val/accuracy']:.4f}  " if val else "")
+                  + f"{stats['train/images_per_s']:.0f} img/s "
                   f"({seconds:.1f} s)", file=sys.stderr, flush=True)
             if on_epoch is not None:
                 on_epoch(stats)
@@ -426,6 +435,10 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             break
         epoch += 1
     kept = ema.model if ema is not None else model
+    if not validating and not all(t.isfinite().all() for t in kept.state_dict().values() if t.is_floating_point()):
+        # what the validation loss would have shown: the last steps' updates made the weights non-finite
+        raise CnnpipeError(f"train: the weights became non-finite by the end of epoch {len(history)} (diverged: lower "
+                           f"train.lr, or check the data); no model was written")
     kept_epoch = len(history)
     if cfg.keep == "best" and best_state is not None:
         kept.load_state_dict(best_state)

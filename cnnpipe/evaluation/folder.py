@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 METRICS_FILE = "metrics.json"  # {"val": {...}, "test": {...}, ...}: every score; register's tags
+TRAINED_VAL = "val_trained"  # metrics.json's name for the val split of a model trained on it (train.train_on_val)
 HEADLINE_FILE = "headline.json"  # tracking.HEADLINE_METRICS of metrics.json, nested: `dvc metrics show`
 CALIBRATION_FILE = "calibration.json"  # {"temperature": T, ...}: cnnpipe.calibration; register packages it
 CONFUSION_JSON = "confusion_matrix.json"  # {"categories", "matrix"}: KFP's ClassificationMetrics

@@ -34,6 +34,13 @@ def load_tune(params: dict[str, Any], overrides: dict[str, Any],
     return cfg, space
 
 
+def check_val_held_out(params: dict[str, Any], space: dict[str, Dimension], metric: str) -> None:
+    """A search ranks trials by the val split's `metric`: a CnnpipeError when train.train_on_val would train on it."""
+    if (params.get("train") or {}).get("train_on_val") or "train.train_on_val" in space:
+        raise CnnpipeError(f"train.train_on_val: a search ranks trials by the val split's {metric}, which the trials "
+                           f"would train on: expected false while searching (set it for the final fit)")
+
+
 def _dimension(key: str, entry: Any, params: dict[str, Any], params_path: Path) -> Dimension:
     where = f"params file '{params_path}': tune.space.{key}"
     block, _, name = key.partition(".")

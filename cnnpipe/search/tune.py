@@ -29,7 +29,7 @@ from cnnpipe.data.store import MANIFEST_FILE
 from cnnpipe.engine.device import available_cores
 from cnnpipe.engine.model_folder import read_history
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.search.space import Dimension
+from cnnpipe.search.space import Dimension, check_val_held_out
 from cnnpipe.fsio import atomic_file, write_json
 from cnnpipe.stages import augment, train
 
@@ -227,6 +227,7 @@ def run(cfg: TuneConfig, space: dict[str, Dimension], params: dict[str, Any], tr
         raise CnnpipeError("tune.space: expected at least one dimension, e.g. train.lr: {log_uniform: [0.01, 1.0]}")
     if not cfg.n_trials and not cfg.timeout and cfg.sampler != "grid":
         raise CnnpipeError("tune: give a budget, tune.n_trials or tune.timeout (both are 0)")
+    check_val_held_out(params, space, cfg.metric)
     for path, what in ((data / MANIFEST_FILE, "dataset"), (augmented / MANIFEST_FILE, "augmented dataset")):
         if not path.exists():
             raise CnnpipeError(f"{what} '{path.parent}' not found (run `dvc repro augment` first)")

@@ -14,6 +14,9 @@ this folder (never into train's), which register packages with the model, with t
 policy the model was trained with (train records them): the views test-time augmentation averages. Averaging
 views that disagree softens the probabilities, so TTA gets its own temperature, fitted (NLL) on the log of val's
 averaged probabilities (calibration/temperature_tta): every TTA path (serve --tta, ONNX, SageMaker) applies it.
+A model trained on the val split too (train.train_on_val) is not calibrated (T = 1, said): a temperature fitted on
+images the model learned would only sharpen it. Its val scores, of training images, are named `val_trained` (and
+`val_trained_roi`), so no headline, run view or register gate takes them for held-out ones.
 
 Test-time augmentation (evaluate.tta): each protocol is scored again with the probabilities averaged over the
 original and every class-aware flipped view (contract.tta_probabilities), as `*_tta`, with the batched inference
@@ -52,6 +55,7 @@ from cnnpipe.evaluation.folder import (
     METRICS_FILE,
     MOST_CONFUSED_FILE,
     PREDICTIONS_FILE,
+    TRAINED_VAL,
     per_class_file,
 )
 from cnnpipe.evaluation.metrics import classification_metrics
@@ -65,6 +69,7 @@ SPLITS = ("val", "test")
 MAX_MAP_LAYERS = 16  # rows of the feature-map figure
 ROI_SUFFIX = "_roi"  # metrics.json key and MLflow prefix of a split's ROI-protocol scores
 UNCALIBRATED_SCORES = ("ece", "loss")  # reported at T = 1 too, as <name>_uncalibrated
+TRAINED_ON_VAL = "The model was trained on the val split too (train.train_on_val)"
 
 
 def protocol_note(ds: Dataset) -> str:
@@ -160,20 +165,27 @@ WORST_CLASSES = 10  # rows of the report's worst-classes table (the full per-cla
 
 
 def _report(folder: Path, ds: Dataset, spec: ModelSpec, n_params: int, train_cfg: dict, metrics: dict,
-            results: dict, made: list[tuple], temperature: float, calibrate: bool, tta_note: str) -> None:
+            results: dict, made: list[tuple], temperature: float, calibrate: bool, tta_note: str,
+            trained_on_val: bool) -> None:
     """Top-down: the headline (accuracy per protocol, calibration, the confusion matrix, the worst classes), then
     the details, the data and the model; the training params folded at the end."""
     r = Report("cnnpipe evaluation report")
     figures_of = dict(made)
     r.heading("Headline")
-    r.text(f"Protocol: {protocol_note(ds)}.")
+    r.text(f"Protocol: {protocol_note(ds)}." + (f" {TRAINED_ON_VAL}: its {TRAINED_VAL} rows score training images, "
+                                                 f"only the test rows held-out ones." if trained_on_val else ""))
     r.table(["split", "accuracy", "top-5 accuracy", "F1 macro", "ECE", "loss"],
             [[split, m["accuracy"], m["top5_accuracy"], m["f1_macro"], m["ece"], m["loss"]] for split, m in metrics.items()])
     r.heading("Calibration")
     few = few_val_images(ds.manifest["counts"]["val"]["total"])
-    r.text((f"Temperature T = {temperature:.4f}, fitted on the val split (NLL): the registered and served model answers "
-            f"softmax(logits / T); accuracy is unchanged." if calibrate else
-            "Not calibrated (evaluate.calibrate: false): T = 1.") + (f" Note: {few}." if few else ""))
+    if calibrate:
+        said = (f"Temperature T = {temperature:.4f}, fitted on the val split (NLL): the registered and served model "
+                f"answers softmax(logits / T); accuracy is unchanged.")
+    elif trained_on_val:
+        said = "Not calibrated (train.train_on_val: no held-out split to fit a temperature on): T = 1."
+    else:
+        said = "Not calibrated (evaluate.calibrate: false): T = 1."
+    r.text(said + (f" Note: {few}." if few and not trained_on_val else ""))
     r.table(["split", "ECE before", "ECE after", "NLL before", "NLL after"],
             [[split, m["ece_uncalibrated"], m["ece"], m["loss_uncalibrated"], m["loss"]] for split, m in metrics.items()])
     if "reliability_diagram.png" in figures_of:
@@ -272,6 +284,8 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
             logits[key] = predict_logits(model, tensors[key], mean, std, cfg.batch_size)
             labels[key] = torch.from_numpy(split.labels).to(device)
     train_cfg = read_train_config(model_dir)
+    trained_on_val = bool((train_cfg.get("train") or {}).get("train_on_val"))
+    calibrate = cfg.calibrate and not trained_on_val
     # T from the served protocol's val logits (the images a server gets); the flips of the policy the model was
     # trained with travel beside it
     try:  # the flip tables checked before TTA's temperature is fitted with them
@@ -279,7 +293,7 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
         calibration = Calibration.fit(
             logits["val"], labels["val"], train_cfg.get("flips"),
             lambda plain: Predictor(model, spec, device, plain, tta=True).probabilities(tensors["val"], cfg.batch_size),
-            cfg.calibrate)
+            calibrate)
     except ValueError as e:
         raise CnnpipeError(f"model folder '{model_dir}': {e}") from None
     temperature = calibration.temperature
@@ -290,6 +304,8 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
                for name, r in results.items()}
     tta_note = _tta(metrics, cfg, calibration, Predictor(model, spec, device, calibration),
                     Predictor(model, spec, device, calibration, tta=True), tensors, labels, ds.classes)
+    if trained_on_val:  # scores of training images: named so, never read as held-out val ones (headline, register)
+        metrics = {name.replace("val", TRAINED_VAL, 1): m for name, m in metrics.items()}
     history = read_history(model_dir)
     test = results["test"]
     names = np.asarray(ds.classes)
@@ -304,7 +320,7 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
     with atomic_dir(out) as tmp:
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / HEADLINE_FILE).write_text(json.dumps(headline, indent=2) + "\n")
-        calibration.write(tmp / CALIBRATION_FILE, fitted_on="val (NLL)" if cfg.calibrate else None)
+        calibration.write(tmp / CALIBRATION_FILE, fitted_on="val (NLL)" if calibrate else None)
         _write_csv(tmp / CONFUSION_CSV, ["true \\ predicted", *ds.classes],
                    [[c, *row] for c, row in zip(ds.classes, test["confusion"].tolist())])
         # the form KFP's ClassificationMetrics.log_confusion_matrix(categories, matrix) takes
@@ -320,17 +336,21 @@ def run(*, cfg: EvaluateConfig, model: Path, data: Path, evaluation: Path, track
                    [[p["true"], p["predicted"], p["count"]] for p in test["most_confused"]])
         made = _figures(tmp, model, spec, test_images, tensors["test"], test, uncalibrated["test"], temperature,
                         history, cfg, mean, std)
-        _report(tmp, ds, spec, count_parameters(model), train_cfg, metrics, results, made, temperature, cfg.calibrate,
-                tta_note)
+        _report(tmp, ds, spec, count_parameters(model), train_cfg, metrics, results, made, temperature, calibrate,
+                tta_note, trained_on_val)
         if tracker is not None:
             # at the last epoch's step, so val/* continues train's curves instead of restarting at 0
             tracker.log_metrics(logged, step=len(history))
-            tracker.set_tags({"evaluate.protocol": protocol_note(ds), "evaluate.tta": tta_note})
+            tracker.set_tags({"evaluate.protocol": protocol_note(ds), "evaluate.tta": tta_note,
+                              **({"evaluate.val": f"trained on: scored as {TRAINED_VAL}"} if trained_on_val else {})})
             tracker.log_artifact(tmp, "evaluate")
-    print(f"calibration: temperature {temperature:.4f}" + ("" if cfg.calibrate else " (evaluate.calibrate: false)") +
+    why = "" if calibrate else " (train.train_on_val)" if trained_on_val else " (evaluate.calibrate: false)"
+    print(f"calibration: temperature {temperature:.4f}{why}" +
           (f", with TTA {calibration.tta_temperature:.4f}" if calibration.tta_temperature is not None else ""),
           file=sys.stderr)
     print(f"evaluate: {tta_note}", file=sys.stderr)
+    if trained_on_val:
+        print(f"evaluate: {TRAINED_ON_VAL}: its {TRAINED_VAL} scores are of training images", file=sys.stderr)
     for name, m in metrics.items():
         print(f"{name}: accuracy {m['accuracy']:.4f}  loss {m['loss_uncalibrated']:.4f} -> {m['loss']:.4f}  "
               f"f1_macro {m['f1_macro']:.4f}  ece {m['ece_uncalibrated']:.4f} -> {m['ece']:.4f}", file=sys.stderr)

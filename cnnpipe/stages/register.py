@@ -1,8 +1,8 @@
 """register: log the model as an MLflow pyfunc (raw images in) into the pipeline's run and register it.
 
-A model whose validation accuracy (served protocol, from evaluate) is below `register.min_accuracy`,
-or no better than chance (1 / classes), is refused before anything is logged: a collapsed run never
-reaches the registry.
+A model whose validation accuracy (served protocol, from evaluate; the test split's for a model trained on val
+too) is below `register.min_accuracy`, or no better than chance (1 / classes), is refused before anything is
+logged: a collapsed run never reaches the registry.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from cnnpipe.data.store import read_dataset
 from cnnpipe.engine.model_folder import MODEL_FILE, read_train_config
 from cnnpipe.engine.predictor import Predictor
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.evaluation.folder import CALIBRATION_FILE, METRICS_FILE
+from cnnpipe.evaluation.folder import CALIBRATION_FILE, METRICS_FILE, TRAINED_VAL
 from cnnpipe.fsio import ensure_writable_parent, read_json, write_json
 from cnnpipe.promotion import promote
 from cnnpipe.serving import trusted
@@ -46,15 +46,17 @@ def _png_base64(image: np.ndarray) -> str:
 
 
 def check_quality(cfg: RegisterConfig, metrics: dict, num_classes: int, where: Path) -> float:
-    """The validation accuracy, or a CnnpipeError when it is below the floor or not above chance."""
-    accuracy = (metrics.get("val") or {}).get("accuracy")
+    """The validation accuracy (the test split's for a model trained on val: its val scores are of training
+    images), or a CnnpipeError when it is below the floor or not above chance."""
+    split, what = ("test", "test") if TRAINED_VAL in metrics else ("val", "validation")
+    accuracy = (metrics.get(split) or {}).get("accuracy")
     if not isinstance(accuracy, (int, float)):
-        raise CnnpipeError(f"evaluation metrics '{where}': expected val.accuracy (re-run `cnnpipe evaluate`)")
+        raise CnnpipeError(f"evaluation metrics '{where}': expected {split}.accuracy (re-run `cnnpipe evaluate`)")
     chance = 1 / num_classes
     if accuracy <= chance or accuracy < cfg.min_accuracy:
         why = f"no better than chance (1/{num_classes} = {chance:.4f})" if accuracy <= chance else \
             f"below register.min_accuracy {cfg.min_accuracy}"
-        raise CnnpipeError(f"register: validation accuracy {accuracy:.4f} ('{where}') is {why}: the model is not "
+        raise CnnpipeError(f"register: {what} accuracy {accuracy:.4f} ('{where}') is {why}: the model is not "
                            f"registered")
     return accuracy
 

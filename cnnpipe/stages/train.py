@@ -1,4 +1,5 @@
 """train: the augmented training split + the validation split -> a model file, per-epoch history.
+With train.train_on_val the val split's images are trained on too, and nothing is validated.
 
 With `tracking` given, the stage starts the pipeline's MLflow run (params, per-epoch metrics, the
 data manifest and the augmentation preview) and writes the run id next to the model; with None it
@@ -19,12 +20,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cnnpipe.augment import POLICY_FILE, PREVIEW_FILE, AugmentPolicy
 from cnnpipe.config import TrackingConfig, TrainConfig
-from cnnpipe.data.store import (FIGURES_DIR, MANIFEST_FILE, Dataset, decoded_mb, fetch_dataset, few_val_images,
-                                 read_dataset)
+from cnnpipe.data.store import (FIGURES_DIR, MANIFEST_FILE, Dataset, Split, decoded_mb, fetch_dataset,
+                                 few_val_images, read_dataset)
 from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_model
 from cnnpipe.engine.device import autocast, resolve_device, set_threads
 from cnnpipe.engine.distributed import barrier, init_distributed
@@ -52,6 +54,17 @@ def _check_same_data(processed: Dataset, augmented: Dataset, data: Path, aug: Pa
                                f"(re-run `cnnpipe augment`)")
 
 
+def _with_val(train: Split, val: Split) -> Split:
+    """The training split with the val split's images appended (train.train_on_val); a dataset has boxes for
+    every split or for none (cnnpipe.data.store)."""
+    return Split(np.concatenate([train.images, val.images]), np.concatenate([train.labels, val.labels]),
+                 None if train.boxes is None else np.concatenate([train.boxes, val.boxes]))
+
+
+def _empty(split: Split) -> Split:
+    return Split(split.images[:0], split.labels[:0], None if split.boxes is None else split.boxes[:0])
+
+
 def data_path(cfg: TrainConfig, manifest: dict) -> str:
     """`device` or `stream`: train.data_mode, with auto resolved from the decoded training split's size."""
     if cfg.data_mode == "auto":
@@ -62,7 +75,8 @@ def data_path(cfg: TrainConfig, manifest: dict) -> str:
 def run(*, cfg: TrainConfig, data: Location, augmented: Location, model: Path, tracking: TrackingConfig | None,
         checkpoint: Path | None = None, resume: bool = False, run_tags: dict[str, str] | None = None,
         on_epoch: Callable[[dict[str, float]], None] | None = None, allow_unverified: bool = False) -> dict:
-    """Train on `augmented`'s training split, validate on `data`'s val split, write the model folder `model`.
+    """Train on `augmented`'s training split, validate on `data`'s val split (train.train_on_val: train on it too,
+    validate on nothing), write the model folder `model`.
     With `checkpoint`, the full state is saved there after every epoch and removed on success, and `resume`
     continues from it (into the same MLflow run). `on_epoch(stats)` sees every epoch's metrics after they are
     logged (a tuner's pruner raises from it to stop the run). `allow_unverified`: train.pretrained may name a
@@ -86,6 +100,13 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
     dist = init_distributed()
     if dist.world > 1 and cfg.freeze_epochs:  # DDP reduces every parameter's gradient; frozen ones never come
         raise CnnpipeError("train.freeze_epochs: not supported with several processes (torchrun); use 0")
+    if cfg.train_on_val and (cfg.keep != "last" or cfg.early_stopping_patience):
+        raise CnnpipeError("train.train_on_val: no split is held out to pick an epoch or stop early by: expected "
+                           f"train.keep last and train.early_stopping_patience 0, got {cfg.keep} and "
+                           f"{cfg.early_stopping_patience}")
+    if cfg.train_on_val and shards is not None:
+        raise CnnpipeError("train.train_on_val: not with training batches streamed from shards (the val split is not "
+                           "in them): expected train.data_mode device")
     processed = read_dataset(data, splits=("val",))
     aug = read_dataset(augmented, splits=() if shards is not None else ("train",))
     _check_same_data(processed, aug, data, augmented)
@@ -118,6 +139,10 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
     net = net.to(device)
     n_params = count_parameters(net)
     n_train, val_split = aug.manifest["counts"]["train"]["total"], processed.splits["val"]
+    train_split = aug.splits["train"] if shards is None else None
+    if cfg.train_on_val:  # the val split joins the training images; nothing is validated on
+        train_split, val_split = _with_val(train_split, val_split), _empty(val_split)
+        n_train = len(train_split.labels)
 
     tracker = None  # started once every input is known good, so a bad input leaves no failed run behind
     if tracking is not None and dist.is_main:
@@ -148,8 +173,10 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
     try:
         if dist.is_main:
             print(f"{cfg.arch}: {n_params:,} parameters, {n_train:,} training images"
-                  + (" streamed from shards" if shards is not None else "") + ", "
-                  f"{len(val_split.labels):,} validation images, device {device}, {threads} CPU threads"
+                  + (" streamed from shards" if shards is not None else "")
+                  + (" (the val split's among them: no validation)" if cfg.train_on_val
+                     else f", {len(val_split.labels):,} validation images")
+                  + f", device {device}, {threads} CPU threads"
                   + (f", {dist.world} processes" if dist.world > 1 else "")
                   + (f", resuming after epoch {state['epoch']}" if state else ""), file=sys.stderr)
             if autocast(device, cfg.precision)[1] != cfg.precision != "auto":  # said once, not per narrowed net
@@ -163,7 +190,6 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
                 shards, aug.manifest, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
                 workers=cfg.loader_workers, seed=cfg.seed, dist=dist, device=device))
         else:
-            train_split = aug.splits["train"]
             tensors = TrainData(to_nchw_uint8(train_split.images, device), torch.from_numpy(train_split.labels).to(device),
                                 **val, train_boxes=None if train_split.boxes is None
                                 else torch.from_numpy(train_split.boxes).to(device))
@@ -174,7 +200,7 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
             if on_epoch is not None:
                 on_epoch(stats)
 
-        few = few_val_images(len(val_split.labels))
+        few = None if cfg.train_on_val else few_val_images(len(val_split.labels))
         if few and dist.is_main:
             print(f"train: {few}", file=sys.stderr)
         started = time.perf_counter()  # a budget's clock, which a narrower net's start does not reset
@@ -194,6 +220,7 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
                           f"spent)", file=sys.stderr, flush=True)
                 width //= 2
         n_params = count_parameters(net)
+        best_epoch = result.best_epoch or None  # None: nothing validated (train.train_on_val)
         if result.budget is not None:
             result.budget["width"] = width
         warnings = ([f"train: {few}"] if few else []) + result.warnings
@@ -206,7 +233,7 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
                 save_model(tmp / MODEL_FILE, result.model, spec)
                 write_history(tmp / HISTORY_FILE, result.history)
                 (tmp / CONFIG_FILE).write_text(json.dumps({"train": dataclasses.asdict(cfg), "parameters": n_params,
-                                                           "best_epoch": result.best_epoch,
+                                                           "best_epoch": best_epoch,
                                                            "kept_epoch": result.kept_epoch, "lineage": lineage,
                                                            "budget": result.budget,
                                                            # what test-time augmentation may average over
@@ -214,7 +241,8 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
                                                           indent=2) + "\n")
                 if tracker is not None:
                     tracker.write_run_file(tmp)
-                    tracker.log_metrics({"train/best_epoch": result.best_epoch, "train/kept_epoch": result.kept_epoch,
+                    tracker.log_metrics({**({"train/best_epoch": best_epoch} if best_epoch else {}),
+                                         "train/kept_epoch": result.kept_epoch,
                                          **{f"budget/{k}": float(v) for k, v in (result.budget or {}).items()}})
                     if warnings:  # beside the run's numbers, where whoever compares runs looks
                         tracker.set_tags({"cnnpipe.warnings": " | ".join(warnings)})
@@ -234,7 +262,8 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
     if save is not None:
         checkpoint.unlink(missing_ok=True)  # the model file is the result; a stale state must not be resumed
     kept = result.history[result.kept_epoch - 1]
-    return {"epochs": len(result.history), "best_epoch": result.best_epoch, "kept_epoch": result.kept_epoch,
-            "stopped_early": result.stopped_early, "val_accuracy": kept["val/accuracy"], "val_loss": kept["val/loss"],
+    return {"epochs": len(result.history), "best_epoch": best_epoch, "kept_epoch": result.kept_epoch,
+            "stopped_early": result.stopped_early, "val_accuracy": kept.get("val/accuracy"),
+            "val_loss": kept.get("val/loss"),
             "parameters": n_params, "run_id": run_id, "warnings": warnings,
             **({"budget": result.budget} if result.budget else {})}
