@@ -5,7 +5,7 @@ ONEDNN_VERBOSE=1; records oneDNN's ISA line, the implementation of every convolu
 brg_conv_fwd:avx512_core_bf16 vs brg_conv_fwd:avx2), torch's CPU capability, and what cnnpipe's trainer would
 do with train.precision bf16 (native bf16, or the fp32 fallback). Writes benchmarks/results/avx2_emulation.json.
 
-    .venv/bin/python -m benchmarks.avx2_emulation
+    .venv/bin/python -m benchmarks.avx2_emulation [--out benchmarks/results/avx2_emulation_amx.json]
 """
 
 from __future__ import annotations
@@ -40,19 +40,25 @@ def probe(env: dict[str, str]) -> dict:
                           env={**os.environ, **env, "ONEDNN_VERBOSE": "1"})
     lines = proc.stdout.splitlines()
     isa = next((line.split("isa:", 1)[1] for line in lines if ",isa:" in line), None)
-    convs = sorted({",".join(line.split(",")[5:8]) for line in lines if ",exec,cpu,convolution," in line})
+    conv_lines = [line for line in lines if ",exec,cpu,convolution," in line]
+    convs = sorted({",".join(line.split(",")[5:8]) for line in conv_lines})
     result = json.loads(next(line for line in lines if line.startswith("PROBE "))[6:])
+    # by the data the kernel read, not its name: an AMX kernel (brg_conv_fwd:avx10_1_512_amx) names no bf16
     return {"env": env, "onednn_isa": isa, "onednn_convolutions": convs, **result,
-            "bf16_convolutions_in_onednn": any("bf16" in c for c in convs)}
+            "bf16_convolutions_in_onednn": any("src:bf16" in line for line in conv_lines)}
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/avx2_emulation.json",
+                        help="results file (one per kind of CPU)")
+    args = parser.parse_args()
     modes = {mode: probe(env) for mode, env in MODES.items()}
-    record(ROOT / "benchmarks/results/avx2_emulation.json", {
+    record(args.out, {
         "check": "oneDNN kernels and the trainer's bf16 decision, as the machine is and with the AVX2 emulation "
                  "(a conv forward + backward in fp32, then under bf16 autocast; ONEDNN_VERBOSE=1)",
-        "command": "python -m benchmarks.avx2_emulation", "cpu_flags": machine_info()["cpu_flags"], "modes": modes})
+        "command": " ".join(["python -m benchmarks.avx2_emulation", *sys.argv[1:]]),
+        "cpu_flags": machine_info()["cpu_flags"], "modes": modes})
 
 
 if __name__ == "__main__":
