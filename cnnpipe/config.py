@@ -90,9 +90,6 @@ class AugmentConfig:
     saturation: float = knob(0.0, "max saturation change, as a fraction (RGB only)", minimum=0.0, maximum=1.0)
     cutout: float = knob(0.0, "side of the square cut out of each image, as a fraction of the side (0 = off)",
                          minimum=0.0, maximum=1.0)
-    stroke: float = knob(0.0, "max stroke-weight change: each image blended by up to this share towards its 3x3 "
-                              "minimum (dark strokes a pixel bolder) or maximum (a pixel thinner), per channel; 0 = off",
-                         minimum=0.0, maximum=1.0)
     box_crop: float = knob(0.0, "chance that a training image with a box (ingest.roi_crop: false) is cropped to a random "
                                 "box between its box and the whole frame, scale and offset jittered (0 = off)",
                            minimum=0.0, maximum=1.0)

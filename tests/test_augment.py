@@ -54,33 +54,6 @@ def test_cutout_zeroes_a_square():
     assert (zeros > 0).all() and (zeros <= 25).all()
 
 
-def test_stroke_makes_a_dark_stroke_bolder_or_thinner_per_image_and_nothing_else():
-    # a white image with a dark 3-pixel-wide vertical bar (a digit's stroke)
-    x = torch.ones(64, 1, 16, 16)
-    x[:, :, 2:14, 6:9] = 0.0
-    out, _ = apply_policy(x.clone(), torch.zeros(64, dtype=torch.long), policy(stroke=0.8, hflip=[-1]),
-                          torch.Generator().manual_seed(0))
-    ink = (1 - out).flatten(1).sum(1)  # total darkness per image: the bar's weight
-    bolder, thinner = ink > 36 + 1, ink < 36 - 1  # the bar alone is 12 x 3 = 36
-    assert bolder.any() and thinner.any() and ((ink - 36).abs() < 10).any()  # a share per image, not all or nothing
-    # every pixel lies between the 3x3 maximum and minimum of the input: a blend, nothing drawn from nowhere
-    low, high = -torch.nn.functional.max_pool2d(-x, 3, 1, 1), torch.nn.functional.max_pool2d(x, 3, 1, 1)
-    assert (out >= low - 1e-6).all() and (out <= high + 1e-6).all()
-    # at most 0.8 of the way to a bar one pixel wider (5 x 14 = 70) or narrower (1 x 10 = 10)
-    assert ink.max() <= 36 + 0.8 * (70 - 36) + 1e-4 and ink.min() >= 36 - 0.8 * (36 - 10) - 1e-4
-    flat = torch.full((4, 3, 8, 8), 0.5)  # no edge: nothing to thicken
-    same, _ = apply_policy(flat.clone(), torch.zeros(4, dtype=torch.long), policy(stroke=1.0, hflip=[-1]),
-                           torch.Generator().manual_seed(0))
-    assert torch.allclose(same, flat) and not policy(stroke=0.5).is_identity
-    # the knob reaches the policy, and a policy.json written before the knob loads with it off
-    from cnnpipe.config import AugmentConfig
-
-    tables = {"hflip": no_flips(3), "vflip": no_flips(3), "rot180": no_flips(3)}
-    assert AugmentPolicy.from_config(AugmentConfig(stroke=0.3), tables).stroke == 0.3
-    older = {k: v for k, v in policy(stroke=0.3).to_dict().items() if k != "stroke"}
-    assert AugmentPolicy.from_dict(older, "policy.json").stroke == 0.0
-
-
 def test_flip_table_remaps_labels_and_never_flips_forbidden_classes():
     # class 0 flips into itself, 1 <-> 2 swap, class 3 never flips
     x = torch.arange(4 * 1 * 2 * 4, dtype=torch.float).view(4, 1, 2, 4).repeat(50, 1, 1, 1) / 32

@@ -80,7 +80,6 @@ class AugmentPolicy:
     cutout: float
     box_crop: float = 0.0  # chance of a random crop between an image's box and its whole frame
     crop_scale: float = 0.0  # random-resized crops: the smallest share of the image's area kept (0 = off)
-    stroke: float = 0.0  # max blend towards a 3x3 minimum (bolder dark strokes) or maximum (thinner); 0 = off
     hflip: list[int] = field(default_factory=list)  # class -> class after a horizontal flip, -1 = never
     vflip: list[int] = field(default_factory=list)  # ... after a vertical flip
     rot180: list[int] = field(default_factory=list)  # ... after a half turn
@@ -108,8 +107,7 @@ class AugmentPolicy:
     @classmethod
     def from_config(cls, cfg: AugmentConfig, tables: dict[str, list[int]]) -> AugmentPolicy:
         return cls(cfg.translate, cfg.rotate, cfg.scale, cfg.shear, cfg.brightness, cfg.contrast,
-                   cfg.saturation, cfg.cutout, cfg.box_crop, cfg.crop_scale, stroke=cfg.stroke, **tables,
-                   interpolation=cfg.interpolation)
+                   cfg.saturation, cfg.cutout, cfg.box_crop, cfg.crop_scale, **tables, interpolation=cfg.interpolation)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> AugmentPolicy:
@@ -126,7 +124,7 @@ class AugmentPolicy:
     @property
     def is_identity(self) -> bool:
         geometric = self.translate or self.rotate or self.scale or self.shear
-        photometric = self.brightness or self.contrast or self.saturation or self.cutout or self.stroke
+        photometric = self.brightness or self.contrast or self.saturation or self.cutout
         flips = any(t >= 0 for t in (*self.hflip, *self.vflip, *self.rot180))
         return not (self.box_crop or self.crop_scale or geometric or photometric or flips)
 
@@ -230,12 +228,6 @@ def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy, g
         # border padding repeats the edge: no black wedges that a model could learn as a cue
         x = F.grid_sample(x, grid, mode=policy.interpolation, padding_mode="border", align_corners=False)
 
-    if policy.stroke:  # after the resampling: a pixel at the resolution the net sees
-        # one sign's digits come in several fonts, a bold 6 close to an 8: the weight of a stroke is not the class
-        s = _uniform(n, policy.stroke, g, dev).view(n, 1, 1, 1)
-        bolder = -F.max_pool2d(-x, 3, stride=1, padding=1)  # every dark region one pixel wider
-        thinner = F.max_pool2d(x, 3, stride=1, padding=1)
-        x = x + s.clamp(min=0) * (bolder - x) + (-s).clamp(min=0) * (thinner - x)
     if policy.brightness:
         x = x * (1 + _uniform(n, policy.brightness, g, dev)).view(n, 1, 1, 1)
     if policy.contrast:
