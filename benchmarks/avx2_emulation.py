@@ -3,7 +3,8 @@
 In a fresh process per mode: a convolution's forward and backward in fp32, then under bf16 autocast, with
 ONEDNN_VERBOSE=1; records oneDNN's ISA line, the implementation of every convolution it ran (e.g.
 brg_conv_fwd:avx512_core_bf16 vs brg_conv_fwd:avx2), torch's CPU capability, and what cnnpipe's trainer would
-do with train.precision bf16 (native bf16, or the fp32 fallback). Writes benchmarks/results/avx2_emulation.json.
+do with train.precision bf16 (native bf16, or the fp32 fallback). Writes benchmarks/results/avx2_emulation.json,
+or --out (one file per kind of CPU).
 
     .venv/bin/python -m benchmarks.avx2_emulation [--out benchmarks/results/avx2_emulation_amx.json]
 """
