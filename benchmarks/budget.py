@@ -9,7 +9,7 @@ with flip TTA; the run's test errors and its most frequent confusions). --set/--
 recipe under its own name; --split-seed the same on another draw of the held-out tracks. The fixed recipes (--fixed)
 run their own epochs: their test accuracy and training time, and the validation accuracy reached by each budget.
 The plain PyTorch peer (--peers, benchmarks/peers.py's torch worker) gets, per mode and budget, the epochs that
-fit: one epoch timed first, as a user would; "users" as users write it, "same" with cnnpipe's augmentation
+fit (--seeds runs of them): one epoch timed first, as a user would; "users" as users write it, "same" with cnnpipe's augmentation
 (box crops on tv_tensors.BoundingBoxes), optimizer, schedule, EMA and precision. Seconds per full-resolution
 epoch, cnnpipe's (the fixed fast recipe) against each peer's: `epoch_time_ratios`.
 
@@ -115,9 +115,10 @@ def plot(results: dict, budgets: list[float], path: Path) -> None:
         for x, y, a in zip(xs, ys, actual):
             ax.annotate(f"{a:.0f} s", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=7, color=color)
         for variant, marker in zip(PEERS, ("x", "+")):
-            points = sorted((float(b), r) for b, r in res.get("peers", {}).get(variant, {}).items())
-            if points:
-                ax.plot([r["train_s"] for _, r in points], [100 * r["test_accuracy"] for _, r in points], marker,
+            points = sorted((float(b), peer_runs(r)) for b, r in res.get("peers", {}).get(variant, {}).items())
+            if points:  # each point the mean of its seeds
+                ax.plot([statistics.mean(r["train_s"] for r in runs) for _, runs in points],
+                        [100 * statistics.mean(r["test_accuracy"] for r in runs) for _, runs in points], marker,
                         color=color, linestyle="--", linewidth=0.8, label=f"PyTorch peer, {variant} ({mode})")
         for name, fixed in res["fixed"].items():
             ax.plot(fixed["train_s"]["mean"], 100 * fixed["test_accuracy"]["mean"], "s" if name == "fast" else "^",
@@ -152,7 +153,8 @@ def main() -> None:
                         help="ingest's seed: another draw of the tracks held out for validation and test (its "
                              "points are '<budget> [<label> ]split-<seed>')")
     parser.add_argument("--seeds", type=int, default=3,
-                        help="per point (0: only the peers); with --merge, seeds a point already has are kept")
+                        help="per point, the peers' too (0: only the peers, one seed); with --merge, seeds a point "
+                             "already has are kept")
     parser.add_argument("--modes", nargs="+", default=["native", "avx2"], choices=list(MODES))
     parser.add_argument("--fixed", nargs="*", default=["fast", "default"], choices=sorted(RECIPES),
                         help="fixed-epoch recipes to compare (none: only the budgeted trainer)")
@@ -207,14 +209,15 @@ def main() -> None:
         load["after"] = [round(x, 2) for x in os.getloadavg()]
         save(args.out, results, threads, commands, load)
 
-    def peer(mode: str, variant: str, budget: float, epochs: int) -> dict:
-        print(f"{mode}: peer ({variant}), {epochs} epochs, budget {budget:g} s", file=sys.stderr, flush=True)
+    def peer(mode: str, variant: str, budget: float, epochs: int, seed: int = 0) -> dict:
+        print(f"{mode}: peer ({variant}), {epochs} epochs, budget {budget:g} s, seed {seed}", file=sys.stderr,
+              flush=True)
         load_1min = os.getloadavg()[0]
         run = spawn([sys.executable, "-m", "benchmarks.peers", "--budget", f"{budget:g}", "--threads",
-                     str(threads_of(mode)),
-                     "--augment", variant, "--epochs", str(epochs), "--worker", "torch", str(processed)],
+                     str(threads_of(mode)), "--augment", variant, "--epochs", str(epochs), "--seed", str(seed),
+                     "--worker", "torch", str(processed)],
                     env={**MODES[mode], "OMP_NUM_THREADS": str(threads_of(mode))})
-        return {"seed": 0, "threads": threads_of(mode), "load_1min_before": round(load_1min, 2),
+        return {"seed": seed, "threads": threads_of(mode), "load_1min_before": round(load_1min, 2),
                 **run}
 
     if args.rescore:
@@ -282,8 +285,13 @@ def main() -> None:
                     probe = peer(mode, variant, math.inf, 1)["epochs"][0]["elapsed_s"]
                     results[mode]["peer_epoch_s"][variant] = round(probe, 2)
                 epochs = max(1, math.floor(budget / probe))
-                results[mode].setdefault("peers", {}).setdefault(variant, {})[f"{budget:g}"] = {
-                    "what": PEERS[variant], **peer(mode, variant, budget, epochs)}  # epochs_planned: the epochs that fit
+                by_budget = results[mode].setdefault("peers", {}).setdefault(variant, {})
+                # --merge keeps the seeds this point has run with the same epochs (the same probe)
+                kept = {r["seed"]: r for r in peer_runs(by_budget.get(f"{budget:g}"))
+                        if r["epochs_planned"] == epochs and r["seed"] < max(1, args.seeds)}
+                runs = [kept.get(seed) or peer(mode, variant, budget, epochs, seed)
+                        for seed in range(max(1, args.seeds))]
+                by_budget[f"{budget:g}"] = peer_point(PEERS[variant], runs)
                 save_all()
 
 
@@ -306,16 +314,39 @@ def epoch_time_ratios(res: dict) -> dict:
     ours = steady_epoch_s(fast["runs"], after=low_res + 1)
     out: dict = {"cnnpipe_epoch_s": ours}
     for variant, by_budget in res.get("peers", {}).items():
-        theirs = steady_epoch_s(list(by_budget.values())) or res.get("peer_epoch_s", {}).get(variant)
+        theirs = steady_epoch_s([r for point in by_budget.values() for r in peer_runs(point)]) \
+            or res.get("peer_epoch_s", {}).get(variant)
         if ours and theirs:
             out[variant] = {"epoch_s": theirs, "ratio": round(theirs / ours, 2)}
     return out
 
 
-def peer_cell(run: dict | None) -> str:
-    if run is None:
+def peer_runs(point: dict | None) -> list[dict]:
+    """A peer point's runs, one per seed (a point recorded before peers had seeds is its one run, seed 0)."""
+    if point is None:
+        return []
+    return point.get("runs", [point])
+
+
+def peer_point(what: str, runs: list[dict]) -> dict:
+    """A peer's point: its runs and, under the keys a one-run point had, their mean (epochs_run: the most run)."""
+    accuracy = stat([r["test_accuracy"] for r in runs])
+    return {"what": what, "test_accuracy": accuracy["mean"], "test_accuracy_std": accuracy["std"],
+            "seeds": len(runs), "train_s": round(statistics.mean(r["train_s"] for r in runs), 1),
+            "train_s_max": max(r["train_s"] for r in runs), "epochs_planned": runs[0]["epochs_planned"],
+            "epochs_run": max(r["epochs_run"] for r in runs), "epochs_run_min": min(r["epochs_run"] for r in runs),
+            "runs": runs}
+
+
+def peer_cell(point: dict | None) -> str:
+    runs = peer_runs(point)
+    if not runs:
         return "not run"
-    return f"{100 * run['test_accuracy']:.2f} %, {run['epochs_run']} ep., {run['train_s']:.0f} s"
+    accuracy = stat([r["test_accuracy"] for r in runs])
+    low, high = min(r["epochs_run"] for r in runs), max(r["epochs_run"] for r in runs)
+    std = f" ± {100 * accuracy['std']:.2f}" if accuracy["std"] is not None else ""
+    return (f"{100 * accuracy['mean']:.2f}{std} % ({len(runs)} seed{'s' if len(runs) > 1 else ''}), "
+            f"{low if low == high else f'{low}-{high}'} ep., {max(r['train_s'] for r in runs):.0f} s")
 
 
 def codes(runs: list[dict]) -> str:

@@ -146,6 +146,40 @@ def test_a_points_runs_carry_what_the_docs_cite(tmp_path):
         (tmp_path / "r.md").read_text()
 
 
+def test_a_peers_seeds_are_kept_and_summed_up_and_a_one_run_point_still_reads(tmp_path):
+    """A peer's point keeps every seed's run and, under the keys a one-run point had (what docs/templates
+    address), their mean; a point recorded before peers had seeds is read as its one run, in the table and in
+    the epoch-time ratios."""
+    import json
+
+    from benchmarks import budget
+
+    def run(seed: int, acc: float, epochs: int) -> dict:
+        ends = [10.0 + 9.0 * e + seed for e in range(epochs)]  # epochs 9 s apart, the first 10 s
+        return {"seed": seed, "test_accuracy": acc, "train_s": ends[-1], "epochs_run": epochs, "epochs_planned": 3,
+                "epochs": [{"epoch": e + 1, "elapsed_s": t, "val_accuracy": 0.9} for e, t in enumerate(ends)]}
+    seeded = budget.peer_point("users", [run(0, 0.90, 3), run(1, 0.92, 2), run(2, 0.94, 3)])
+    assert seeded["test_accuracy"] == pytest.approx(0.92) and seeded["test_accuracy_std"] == pytest.approx(0.02)
+    assert (seeded["seeds"], seeded["epochs_run"], seeded["epochs_run_min"]) == (3, 3, 2)
+    assert [r["seed"] for r in budget.peer_runs(seeded)] == [0, 1, 2]
+    one_run = {"what": "same", **run(0, 0.8, 1)}  # before seeds: the point is its run
+    assert budget.peer_runs(one_run) == [one_run] and budget.peer_runs(None) == []
+    fast = {"params_low_res_epochs": 0,
+            "runs": [{"train_s": 9.0, "epochs": [{"epoch": e, "elapsed_s": 3.0 * e, "val_accuracy": 0.9} for e in (1, 2, 3)]}],
+            "test_accuracy": {"mean": 0.99, "std": None, "n": 1}, "train_s": {"mean": 9.0}}
+    point = {"test_accuracy": {"mean": 0.98, "std": None, "n": 1}, "actual_s": {"mean": 60.0}, "within_5_percent": 1,
+             "runs": [{"seed": 0, "test_accuracy": 0.98, "val_accuracy_kept": 0.99, "kept_epoch": 3, "epochs_run": 3,
+                       "budget": {"actual_s": 60.0}}]}
+    results = {"native": {"env": {}, "budgeted": {"60": point}, "fixed": {"fast": fast},
+                          "peers": {"users": {"60": seeded}, "same": {"60": one_run}}, "peer_epoch_s": {"same": 12.0}}}
+    budget.save(tmp_path / "r.json", results, 2, ["python -m benchmarks.budget"], {"before": [], "after": []})
+    table = (tmp_path / "r.md").read_text()
+    assert "| 92.00 ± 2.00 % (3 seeds), 2-3 ep., 30 s | 80.00 % (1 seed), 1 ep., 10 s |" in table
+    ratios = json.loads((tmp_path / "r.json").read_text())["results"]["native"]["epoch_time_ratios"]
+    assert ratios["users"] == {"epoch_s": 9.0, "ratio": 3.0}  # between the seeded runs' epochs
+    assert ratios["same"] == {"epoch_s": 12.0, "ratio": 4.0}  # one epoch: the probe's
+
+
 def test_a_misread_track_is_probed_where_its_evidence_is(monkeypatch):
     """benchmarks/misread.py's pieces on hand-made frames: a crop fills the frame with each frame's own box, a
     squeeze narrows and keeps the height, contrast-normalized pixels ignore a dimming, neighbours are counted by
