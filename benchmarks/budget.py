@@ -218,7 +218,7 @@ def main() -> None:
                      "--worker", "torch", str(processed)],
                     env={**MODES[mode], "OMP_NUM_THREADS": str(threads_of(mode))})
         return {"seed": seed, "threads": threads_of(mode), "load_1min_before": round(load_1min, 2),
-                **run}
+                "code": code_version(), **run}
 
     if args.rescore:
         for mode in args.modes:
