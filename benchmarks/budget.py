@@ -34,6 +34,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -263,10 +265,8 @@ def main() -> None:
             # --merge keeps the seeds this point already has when its params file is the same byte for byte (a
             # recipe edited since, its arch say, starts the point over): a run cut short, or more seeds, goes on
             kept = results[mode]["budgeted"].get(point, {})
-            kept = {r["seed"]: r for r in kept.get("runs", []) if r["seed"] < args.seeds} \
-                if kept.get("params_sha256") == digest else {}
-            runs = [kept.get(seed) or worker(mode, params, f"budget-{point.replace(' ', '-')}", seed)
-                    for seed in range(args.seeds)]
+            kept = {r["seed"]: r for r in kept.get("runs", [])} if kept.get("params_sha256") == digest else {}
+            runs = merged_runs(kept, args.seeds, partial(worker, mode, params, f"budget-{point.replace(' ', '-')}"))
             if runs:  # --seeds 0: only the peers
                 results[mode]["budgeted"][point] = {
                     "params": described, "params_sha256": digest,
@@ -287,10 +287,8 @@ def main() -> None:
                 epochs = max(1, math.floor(budget / probe))
                 by_budget = results[mode].setdefault("peers", {}).setdefault(variant, {})
                 # --merge keeps the seeds this point has run with the same epochs (the same probe)
-                kept = {r["seed"]: r for r in peer_runs(by_budget.get(f"{budget:g}"))
-                        if r["epochs_planned"] == epochs and r["seed"] < max(1, args.seeds)}
-                runs = [kept.get(seed) or peer(mode, variant, budget, epochs, seed)
-                        for seed in range(max(1, args.seeds))]
+                kept = {r["seed"]: r for r in peer_runs(by_budget.get(f"{budget:g}")) if r["epochs_planned"] == epochs}
+                runs = merged_runs(kept, max(1, args.seeds), partial(peer, mode, variant, budget, epochs))
                 by_budget[f"{budget:g}"] = peer_point(PEERS[variant], runs)
                 save_all()
 
@@ -319,6 +317,15 @@ def epoch_time_ratios(res: dict) -> dict:
         if ours and theirs:
             out[variant] = {"epoch_s": theirs, "ratio": round(theirs / ours, 2)}
     return out
+
+
+def merged_runs(kept: dict[int, dict], seeds: int, run: Callable[[int], dict]) -> list[dict]:
+    """Seeds 0..seeds-1, each kept run reused and the others run, then every other kept seed: by seed. --merge adds
+    seeds to a point, never drops one."""
+    for seed in range(seeds):
+        if seed not in kept:
+            kept[seed] = run(seed)
+    return [kept[seed] for seed in sorted(kept)]
 
 
 def peer_runs(point: dict | None) -> list[dict]:

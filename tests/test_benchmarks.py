@@ -180,6 +180,22 @@ def test_a_peers_seeds_are_kept_and_summed_up_and_a_one_run_point_still_reads(tm
     assert ratios["same"] == {"epoch_s": 12.0, "ratio": 4.0}  # one epoch: the probe's
 
 
+def test_merging_adds_the_missing_seeds_and_drops_none():
+    """--merge runs only the seeds a point lacks and keeps every seed it has, asked for or not."""
+    from benchmarks import budget
+
+    ran = []
+
+    def run(seed: int) -> dict:
+        ran.append(seed)
+        return {"seed": seed, "new": True}
+    kept = {0: {"seed": 0}, 2: {"seed": 2}}
+    assert budget.merged_runs(dict(kept), 2, run) == [{"seed": 0}, {"seed": 1, "new": True}, {"seed": 2}]
+    assert ran == [1]
+    assert budget.merged_runs(dict(kept), 0, run) == [{"seed": 0}, {"seed": 2}] and ran == [1]
+    assert budget.merged_runs({}, 2, run) == [{"seed": 0, "new": True}, {"seed": 1, "new": True}] and ran == [1, 0, 1]
+
+
 def test_a_misread_track_is_probed_where_its_evidence_is(monkeypatch):
     """benchmarks/misread.py's pieces on hand-made frames: a crop fills the frame with each frame's own box, a
     squeeze narrows and keeps the height, contrast-normalized pixels ignore a dimming, neighbours are counted by
