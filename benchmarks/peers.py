@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import earlier_results, load_average, record
-from benchmarks.recipes import GTSRB_ZIP, RECIPES, THRESHOLDS, prepare, spawn
+from benchmarks.recipes import GTSRB_ZIP, RECIPES, THRESHOLDS, errors, prepare, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_EPOCHS = 30  # upper bound; the time budget usually ends a peer first
@@ -187,15 +187,20 @@ def torch_worker(processed: Path, budget: float, threads: int, augment: str = "u
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) \
         if augment == "same" and cfg.ema else None
 
-    def accuracy(loader: DataLoader) -> float:
+    def predictions(loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
+        """One-hot predictions of the model evaluated (the EMA's where there is one) and the labels."""
         net = ema.module if ema is not None else model
         net.eval()
-        correct = n = 0
+        predicted, labels = [], []
         with torch.no_grad(), mixed():
             for x, y in loader:
-                correct += (net(x.contiguous(memory_format=torch.channels_last)).argmax(1) == y).sum().item()
-                n += len(y)
-        return correct / n
+                predicted.append(net(x.contiguous(memory_format=torch.channels_last)).argmax(1))
+                labels.append(y)
+        return F.one_hot(torch.cat(predicted), len(ds.classes)).numpy(), torch.cat(labels).numpy()
+
+    def accuracy(loader: DataLoader) -> float:
+        predicted, labels = predictions(loader)
+        return float((predicted.argmax(1) == labels).mean())
 
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -215,7 +220,9 @@ def torch_worker(processed: Path, budget: float, threads: int, augment: str = "u
         if time.perf_counter() - t0 > budget:
             break
     train_s = time.perf_counter() - t0
-    print(json.dumps({"test_accuracy": round(accuracy(test), 5), "train_s": round(train_s, 1),
+    scored = errors(*predictions(test))  # where the errors are, as benchmarks.budget records cnnpipe's
+    print(json.dumps({"test_accuracy": scored["accuracy"], "test_errors": scored["errors"],
+                      "top_confusions": scored["top_confusions"], "train_s": round(train_s, 1),
                       "epochs_run": epoch, "epochs_planned": epochs, "precision": precision}), flush=True)
 
 
