@@ -168,7 +168,8 @@ def main() -> None:
                              "for whichever of its threads is descheduled)")
     parser.add_argument("--rescore", action="store_true",
                         help="train nothing: score again the model folders --work kept of the file's points at "
-                             "--budgets (and --label, --split-seed) to add their test errors and top confusions; "
+                             "--budgets (and --label, --split-seed) to add their test errors, top confusions and accuracy on "
+                             "frames cropped to their boxes; "
                              "every point is kept (with --budgets and nothing after it: the table and plot redrawn)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the results file's other points (those this run does not measure)")
@@ -228,7 +229,7 @@ def main() -> None:
                 point = f"{budget:g} {label}".strip()
                 for run in results.get(mode, {}).get("budgeted", {}).get(point, {}).get("runs", []):
                     model = args.work / f"budget-{point.replace(' ', '-')}-{mode}-{run['seed']}" / "model"
-                    if "top_confusions" in run or not model.exists():
+                    if "test_accuracy_roi" in run or not model.exists():
                         continue
                     scored = spawn([sys.executable, "-m", "benchmarks.recipes", "--score", str(model), str(processed)])
                     # a folder trained again since (another params file, another code) is not this run's model
@@ -236,7 +237,8 @@ def main() -> None:
                         print(f"{model}: test accuracy {scored['test_accuracy']}, the run recorded "
                               f"{run['test_accuracy']}: not this run's model, skipped", file=sys.stderr)
                         continue
-                    run.update(test_errors=scored["test_errors"], top_confusions=scored["top_confusions"])
+                    run.update({k: scored[k] for k in ("test_errors", "top_confusions", "test_accuracy_roi",
+                                                       "top_confusions_roi")})
         save_all()
         return
     # the fixed recipes first (the reference), then both modes at each budget in the order given: a run cut short

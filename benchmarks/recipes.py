@@ -78,9 +78,10 @@ def prepare(zip_path: Path, work: Path, split_seed: int = 0) -> Path:
     return processed
 
 
-def probabilities_on_test(model: Path, processed: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The model folder `model`'s class probabilities on `processed`'s test split (whole frames), without and with
-    flip TTA (what evaluate scores as *_tta), and the split's labels."""
+def probabilities_on_test(model: Path, processed: Path, roi: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model folder `model`'s class probabilities on `processed`'s test split, without and with flip TTA (what
+    evaluate scores as *_tta), and the split's labels. Whole frames (the served protocol), or with `roi` each frame
+    cropped to its sign's box by the server's own preprocessing (evaluate's test_roi)."""
     import torch
 
     from cnnpipe.calibration import tta_probabilities
@@ -88,12 +89,15 @@ def probabilities_on_test(model: Path, processed: Path) -> tuple[np.ndarray, np.
     from cnnpipe.engine.checkpoint import load_model
     from cnnpipe.engine.inference import predict_logits, stats_tensors, to_nchw_uint8
     from cnnpipe.engine.model_folder import CONFIG_FILE, MODEL_FILE
+    from cnnpipe.engine.predictor import Predictor
+    from cnnpipe.imaging import as_requests
 
     net, spec = load_model(model / MODEL_FILE)
     test = read_dataset(processed, splits=("test",)).splits["test"]
     device = torch.device("cpu")
     mean, std = stats_tensors(spec.mean, spec.std, device)
-    images = to_nchw_uint8(test.images, device)
+    frames = Predictor(net, spec, device).preprocess(as_requests(test.images, test.boxes)) if roi else test.images
+    images = to_nchw_uint8(frames, device)
 
     def probs_of(x: torch.Tensor) -> torch.Tensor:
         return predict_logits(net, x, mean, std).softmax(1)
@@ -113,11 +117,14 @@ def errors(probs: np.ndarray, labels: np.ndarray) -> dict:
 
 def score(model: Path, processed: Path) -> dict:
     """Test accuracy of the model folder `model` on `processed`'s test split (whole frames), without and with flip
-    TTA, and where its errors are."""
+    TTA, and where its errors are; then on the frames cropped to their boxes (what a user who crops sends), without
+    TTA, and its errors there."""
     probs, tta, labels = probabilities_on_test(model, processed)
     plain = errors(probs, labels)
+    roi = errors(probabilities_on_test(model, processed, roi=True)[0], labels)
     return {"test_accuracy": plain["accuracy"], "test_accuracy_tta": errors(tta, labels)["accuracy"],
-            "test_errors": plain["errors"], "top_confusions": plain["top_confusions"]}
+            "test_errors": plain["errors"], "top_confusions": plain["top_confusions"],
+            "test_accuracy_roi": roi["accuracy"], "top_confusions_roi": roi["top_confusions"]}
 
 
 def run_worker(params: Path, processed: Path, work: Path, seed: int) -> None:

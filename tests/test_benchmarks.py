@@ -71,6 +71,35 @@ def test_a_run_is_scored_with_where_its_errors_are(tmp_path):
     assert counts == sorted(counts, reverse=True) and sum(counts) <= scored["test_errors"]
 
 
+def test_a_run_is_scored_on_frames_cropped_to_their_boxes_as_evaluate_scores_them(tmp_path):
+    """benchmarks/recipes.py's ROI score (what a user who crops to the sign sends) is evaluate's test_roi, and its
+    whole-frame score evaluate's test, on a dataset whose boxes are random parts of each image."""
+    from benchmarks.recipes import score
+    from cnnpipe.config import AugmentConfig, EvaluateConfig, TrainConfig
+    from cnnpipe.data.store import Split, read_dataset, write_dataset
+    from cnnpipe.stages import augment, evaluate, train
+    from tests.helpers import write_tiny_dataset
+
+    tiny = read_dataset(write_tiny_dataset(tmp_path / "tiny", classes=3, size=16, n=30))
+    rng = np.random.default_rng(0)
+
+    def boxes(n: int) -> np.ndarray:
+        corner = rng.uniform(0, 8, (n, 2))
+        return np.concatenate([corner, corner + rng.uniform(4, 8, (n, 2))], axis=1).astype(np.float32)
+    data = tmp_path / "processed"
+    write_dataset(data, tiny.classes, {name: Split(s.images, s.labels, boxes(len(s.labels)))
+                                       for name, s in tiny.splits.items()}, {"source": {"name": "tiny-boxed"}})
+    augment.run(cfg=AugmentConfig(), data=data, augmented=tmp_path / "augmented")
+    train.run(cfg=TrainConfig(epochs=2, width=4, augment=False), data=data, augmented=tmp_path / "augmented",
+              model=tmp_path / "model", tracking=None)
+    scored = score(tmp_path / "model", data)
+    metrics = evaluate.run(cfg=EvaluateConfig(tsne_samples=0), model=tmp_path / "model", data=data,
+                           evaluation=tmp_path / "evaluation", tracking=None)
+    assert scored["test_accuracy"] == round(metrics["test"]["accuracy"], 5)
+    assert scored["test_accuracy_roi"] == round(metrics["test_roi"]["accuracy"], 5)
+    assert all(true != pred for true, pred, _ in scored["top_confusions_roi"])
+
+
 def test_an_ensemble_is_scored_as_the_mean_of_its_members_outputs(tmp_path, monkeypatch):
     """benchmarks/ensemble.py on hand-made outputs (4 test images of classes 0-3): A is right on images 0 and 1,
     B on 2 and 3, their mean on all four; C's mean with A differs from their elementwise maximum. Every subset of
