@@ -348,14 +348,14 @@ def peer_point(what: str, runs: list[dict]) -> dict:
 
 
 def peer_cell(point: dict | None) -> str:
-    runs = peer_runs(point)
-    if not runs:
+    """A peer point in the table: peer_point's summary (a point recorded before seeds is its one run)."""
+    if point is None:
         return "not run"
-    accuracy = stat([r["test_accuracy"] for r in runs])
-    low, high = min(r["epochs_run"] for r in runs), max(r["epochs_run"] for r in runs)
-    std = f" ± {100 * accuracy['std']:.2f}" if accuracy["std"] is not None else ""
-    return (f"{100 * accuracy['mean']:.2f}{std} % ({len(runs)} seed{'s' if len(runs) > 1 else ''}), "
-            f"{low if low == high else f'{low}-{high}'} ep., {max(r['train_s'] for r in runs):.0f} s")
+    seeds, std = point.get("seeds", 1), point.get("test_accuracy_std")
+    low, high = point.get("epochs_run_min", point["epochs_run"]), point["epochs_run"]
+    return (f"{100 * point['test_accuracy']:.2f}{f' ± {100 * std:.2f}' if std is not None else ''} % "
+            f"({seeds} seed{'s' if seeds > 1 else ''}), {low if low == high else f'{low}-{high}'} ep., "
+            f"{point.get('train_s_max', point['train_s']):.0f} s")
 
 
 def codes(runs: list[dict]) -> str:
@@ -418,12 +418,16 @@ def save(out: Path, results: dict, threads: int, commands: list[str], load: dict
         "points": {f"{mode}_{point.replace(' ', '_')}": {
             "test_accuracy": r["test_accuracy"]["mean"], "test_accuracy_std": r["test_accuracy"]["std"],
             "test_accuracy_tta": r.get("test_accuracy_tta", {}).get("mean"), "seeds": r["test_accuracy"]["n"],
+            # frames cropped to their boxes (a point measured or rescored since benchmarks.recipes scored them)
+            "test_accuracy_roi": stat([run["test_accuracy_roi"] for run in r["runs"]])["mean"]
+            if all("test_accuracy_roi" in run for run in r["runs"]) else None,
             "actual_s_max": max(run["budget"]["actual_s"] for run in r["runs"]),
             "within_5_percent": r["within_5_percent"],
             "epochs_run_min": min(run["epochs_run"] for run in r["runs"]),
             "epochs_run_max": max(run["epochs_run"] for run in r["runs"]),
             "runs": [{**{k: run[k] for k in ("seed", "test_accuracy", "val_accuracy_kept", "kept_epoch", "epochs_run")},
-                      **{k: run[k] for k in ("test_accuracy_tta", "test_errors", "top_confusions") if k in run},
+                      **{k: run[k] for k in ("test_accuracy_tta", "test_errors", "top_confusions", "test_accuracy_roi",
+                                             "top_confusions_roi") if k in run},
                       "width": run["budget"].get("width")}  # train.budget_min_epochs may have narrowed the net
                      for run in r["runs"]]}
             for mode, res in results.items() for point, r in res["budgeted"].items()},

@@ -164,13 +164,22 @@ def test_a_points_runs_carry_what_the_docs_cite(tmp_path):
                 "budget": {"actual_s": 59.5 + seed, "width": 32}, "code": "abc1234", **extra}
     point = {"test_accuracy": {"mean": 0.98, "std": 0.01, "n": 2}, "test_accuracy_tta": {"mean": 0.985, "std": 0.005,
              "n": 2}, "actual_s": {"mean": 60.0}, "within_5_percent": 2,
-             "runs": [run(0, 0.97, test_accuracy_tta=0.98, test_errors=30, top_confusions=[[3, 5, 20]]), run(1, 0.99)]}
+             "runs": [run(0, 0.97, test_accuracy_tta=0.98, test_errors=30, top_confusions=[[3, 5, 20]],
+                          test_accuracy_roi=0.96, top_confusions_roi=[[1, 2, 9]]), run(1, 0.99)]}
     budget.save(tmp_path / "r.json", {"native": {"env": {}, "budgeted": {"60 split-1": point}, "fixed": {}}}, 2,
                 ["python -m benchmarks.budget"], {"before": [], "after": []})
-    runs = json.loads((tmp_path / "r.json").read_text())["points"]["native_60_split-1"]["runs"]
+    saved = json.loads((tmp_path / "r.json").read_text())["points"]["native_60_split-1"]
+    runs = saved["runs"]
     assert runs[0]["test_accuracy_tta"] == 0.98 and runs[0]["test_errors"] == 30
     assert runs[0]["top_confusions"] == [[3, 5, 20]] and runs[0]["width"] == 32
-    assert "test_accuracy_tta" not in runs[1] and "test_errors" not in runs[1]
+    assert runs[0]["test_accuracy_roi"] == 0.96 and runs[0]["top_confusions_roi"] == [[1, 2, 9]]
+    assert "test_accuracy_tta" not in runs[1] and "test_errors" not in runs[1] and "test_accuracy_roi" not in runs[1]
+    assert saved["test_accuracy_roi"] is None  # one run without it: no mean of some seeds under the point's name
+    point["runs"][1].update(test_accuracy_roi=0.98)
+    budget.save(tmp_path / "r.json", {"native": {"env": {}, "budgeted": {"60 split-1": point}, "fixed": {}}}, 2,
+                ["python -m benchmarks.budget"], {"before": [], "after": []})
+    assert json.loads((tmp_path / "r.json").read_text())["points"]["native_60_split-1"]["test_accuracy_roi"] == \
+        pytest.approx(0.97)
     assert "| native | 60 s split-1 | 98.00 ± 1.00 % | 98.50 ± 0.50 % | 2 | 60.5 s | 2/2 | abc1234 |" in \
         (tmp_path / "r.md").read_text()
 
