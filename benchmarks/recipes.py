@@ -119,12 +119,16 @@ def score(model: Path, processed: Path) -> dict:
     """Test accuracy of the model folder `model` on `processed`'s test split (whole frames), without and with flip
     TTA, and where its errors are; then on the frames cropped to their boxes (what a user who crops sends), without
     TTA, and its errors there."""
+    from cnnpipe.data.store import read_dataset
+
     probs, tta, labels = probabilities_on_test(model, processed)
     plain = errors(probs, labels)
+    scored = {"test_accuracy": plain["accuracy"], "test_accuracy_tta": errors(tta, labels)["accuracy"],
+              "test_errors": plain["errors"], "top_confusions": plain["top_confusions"]}
+    if not read_dataset(processed, splits=()).has_boxes:  # no boxes: no crops to score
+        return scored
     roi = errors(probabilities_on_test(model, processed, roi=True)[0], labels)
-    return {"test_accuracy": plain["accuracy"], "test_accuracy_tta": errors(tta, labels)["accuracy"],
-            "test_errors": plain["errors"], "top_confusions": plain["top_confusions"],
-            "test_accuracy_roi": roi["accuracy"], "top_confusions_roi": roi["top_confusions"]}
+    return {**scored, "test_accuracy_roi": roi["accuracy"], "top_confusions_roi": roi["top_confusions"]}
 
 
 def run_worker(params: Path, processed: Path, work: Path, seed: int) -> None:

@@ -69,6 +69,7 @@ def test_a_run_is_scored_with_where_its_errors_are(tmp_path):
     assert 1 <= len(confusions) <= 3 and all(true != pred for true, pred, _ in confusions)
     counts = [count for *_, count in confusions]
     assert counts == sorted(counts, reverse=True) and sum(counts) <= scored["test_errors"]
+    assert "test_accuracy_roi" not in scored  # no boxes, no crops: not the whole frames' score again
 
 
 def test_a_run_is_scored_on_frames_cropped_to_their_boxes_as_evaluate_scores_them(tmp_path):
