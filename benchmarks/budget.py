@@ -238,7 +238,7 @@ def main() -> None:
                               f"{run['test_accuracy']}: not this run's model, skipped", file=sys.stderr)
                         continue
                     run.update({k: scored[k] for k in ("test_errors", "top_confusions", "test_accuracy_roi",
-                                                       "top_confusions_roi")})
+                                                       "top_confusions_roi") if k in scored})  # no boxes: no ROI
         save_all()
         return
     # the fixed recipes first (the reference), then both modes at each budget in the order given: a run cut short

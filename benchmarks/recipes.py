@@ -78,10 +78,11 @@ def prepare(zip_path: Path, work: Path, split_seed: int = 0) -> Path:
     return processed
 
 
-def probabilities_on_test(model: Path, processed: Path, roi: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def probabilities_on_test(model: Path, processed: Path,
+                          roi: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """The model folder `model`'s class probabilities on `processed`'s test split, without and with flip TTA (what
     evaluate scores as *_tta), and the split's labels. Whole frames (the served protocol), or with `roi` each frame
-    cropped to its sign's box by the server's own preprocessing (evaluate's test_roi)."""
+    cropped to its sign's box by the server's own preprocessing (evaluate's test_roi), without TTA (None)."""
     import torch
 
     from cnnpipe.calibration import tta_probabilities
@@ -101,6 +102,8 @@ def probabilities_on_test(model: Path, processed: Path, roi: bool = False) -> tu
 
     def probs_of(x: torch.Tensor) -> torch.Tensor:
         return predict_logits(net, x, mean, std).softmax(1)
+    if roi:  # crops are scored plain: no flip passes to throw away
+        return probs_of(images).numpy(), None, np.asarray(test.labels)
     flips = json.loads((model / CONFIG_FILE).read_text()).get("flips")
     return (probs_of(images).numpy(), tta_probabilities(probs_of, images, flips).numpy(),
             np.asarray(test.labels))
