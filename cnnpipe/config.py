@@ -88,8 +88,6 @@ class AugmentConfig:
     brightness: float = knob(0.2, "max brightness change, as a fraction", minimum=0.0, maximum=1.0)
     contrast: float = knob(0.2, "max contrast change, as a fraction", minimum=0.0, maximum=1.0)
     saturation: float = knob(0.0, "max saturation change, as a fraction (RGB only)", minimum=0.0, maximum=1.0)
-    noise: float = knob(0.0, "sensor noise: Gaussian noise per pixel and channel, its standard deviation drawn per "
-                             "image up to this share of the pixel range (0 = off)", minimum=0.0, maximum=0.5)
     cutout: float = knob(0.0, "side of the square cut out of each image, as a fraction of the side (0 = off)",
                          minimum=0.0, maximum=1.0)
     box_crop: float = knob(0.0, "chance that a training image with a box (ingest.roi_crop: false) is cropped to a random "

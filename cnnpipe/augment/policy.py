@@ -80,7 +80,6 @@ class AugmentPolicy:
     cutout: float
     box_crop: float = 0.0  # chance of a random crop between an image's box and its whole frame
     crop_scale: float = 0.0  # random-resized crops: the smallest share of the image's area kept (0 = off)
-    noise: float = 0.0  # the largest standard deviation of Gaussian pixel noise, drawn per image (0 = off)
     hflip: list[int] = field(default_factory=list)  # class -> class after a horizontal flip, -1 = never
     vflip: list[int] = field(default_factory=list)  # ... after a vertical flip
     rot180: list[int] = field(default_factory=list)  # ... after a half turn
@@ -108,8 +107,7 @@ class AugmentPolicy:
     @classmethod
     def from_config(cls, cfg: AugmentConfig, tables: dict[str, list[int]]) -> AugmentPolicy:
         return cls(cfg.translate, cfg.rotate, cfg.scale, cfg.shear, cfg.brightness, cfg.contrast,
-                   cfg.saturation, cfg.cutout, cfg.box_crop, cfg.crop_scale, noise=cfg.noise, **tables,
-                   interpolation=cfg.interpolation)
+                   cfg.saturation, cfg.cutout, cfg.box_crop, cfg.crop_scale, **tables, interpolation=cfg.interpolation)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> AugmentPolicy:
@@ -126,7 +124,7 @@ class AugmentPolicy:
     @property
     def is_identity(self) -> bool:
         geometric = self.translate or self.rotate or self.scale or self.shear
-        photometric = self.brightness or self.contrast or self.saturation or self.cutout or self.noise
+        photometric = self.brightness or self.contrast or self.saturation or self.cutout
         flips = any(t >= 0 for t in (*self.hflip, *self.vflip, *self.rot180))
         return not (self.box_crop or self.crop_scale or geometric or photometric or flips)
 
@@ -238,9 +236,6 @@ def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy, g
     if policy.saturation and c == 3:
         gray = (x * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
         x = (x - gray) * (1 + _uniform(n, policy.saturation, g, dev)).view(n, 1, 1, 1) + gray
-    if policy.noise:  # after the light changes: a dark frame's noise is as strong as a bright one's, not dimmed
-        sigma = torch.rand(n, 1, 1, 1, generator=g, device=dev) * policy.noise
-        x = x + sigma * torch.randn(x.shape, generator=g, device=dev, dtype=x.dtype)
     if policy.cutout:
         side = max(1, round(policy.cutout * min(h, w)))
         cy = torch.randint(0, h, (n, 1, 1), generator=g, device=dev)
