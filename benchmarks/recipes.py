@@ -78,11 +78,12 @@ def prepare(zip_path: Path, work: Path, split_seed: int = 0) -> Path:
     return processed
 
 
-def probabilities_on_test(model: Path, processed: Path,
-                          roi: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def test_outputs(model: Path, processed: Path,
+                 crops: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """The model folder `model`'s class probabilities on `processed`'s test split, without and with flip TTA (what
-    evaluate scores as *_tta), and the split's labels. Whole frames (the served protocol), or with `roi` each frame
-    cropped to its sign's box by the server's own preprocessing (evaluate's test_roi), without TTA (None)."""
+    evaluate scores as *_tta), and the split's labels: whole frames, the served protocol. With `crops`, also on each
+    frame cropped to its sign's box by the server's own preprocessing (evaluate's test_roi), without TTA; None when
+    the split has no boxes. The model is loaded and the split read once."""
     import torch
 
     from cnnpipe.calibration import tta_probabilities
@@ -97,16 +98,22 @@ def probabilities_on_test(model: Path, processed: Path,
     test = read_dataset(processed, splits=("test",)).splits["test"]
     device = torch.device("cpu")
     mean, std = stats_tensors(spec.mean, spec.std, device)
-    frames = Predictor(net, spec, device).preprocess(as_requests(test.images, test.boxes)) if roi else test.images
-    images = to_nchw_uint8(frames, device)
 
     def probs_of(x: torch.Tensor) -> torch.Tensor:
         return predict_logits(net, x, mean, std).softmax(1)
-    if roi:  # crops are scored plain: no flip passes to throw away
-        return probs_of(images).numpy(), None, np.asarray(test.labels)
+    images = to_nchw_uint8(test.images, device)
     flips = json.loads((model / CONFIG_FILE).read_text()).get("flips")
-    return (probs_of(images).numpy(), tta_probabilities(probs_of, images, flips).numpy(),
-            np.asarray(test.labels))
+    cropped = None
+    if crops and test.boxes is not None:
+        frames = Predictor(net, spec, device).preprocess(as_requests(test.images, test.boxes))
+        cropped = probs_of(to_nchw_uint8(frames, device)).numpy()
+    return (probs_of(images).numpy(), tta_probabilities(probs_of, images, flips).numpy(), np.asarray(test.labels),
+            cropped)
+
+
+def probabilities_on_test(model: Path, processed: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whole frames only: test_outputs without the crops."""
+    return test_outputs(model, processed)[:3]
 
 
 def errors(probs: np.ndarray, labels: np.ndarray) -> dict:
@@ -122,15 +129,13 @@ def score(model: Path, processed: Path) -> dict:
     """Test accuracy of the model folder `model` on `processed`'s test split (whole frames), without and with flip
     TTA, and where its errors are; then on the frames cropped to their boxes (what a user who crops sends), without
     TTA, and its errors there."""
-    from cnnpipe.data.store import read_dataset
-
-    probs, tta, labels = probabilities_on_test(model, processed)
+    probs, tta, labels, cropped = test_outputs(model, processed, crops=True)
     plain = errors(probs, labels)
     scored = {"test_accuracy": plain["accuracy"], "test_accuracy_tta": errors(tta, labels)["accuracy"],
               "test_errors": plain["errors"], "top_confusions": plain["top_confusions"]}
-    if not read_dataset(processed, splits=()).has_boxes:  # no boxes: no crops to score
+    if cropped is None:  # no boxes: no crops to score
         return scored
-    roi = errors(probabilities_on_test(model, processed, roi=True)[0], labels)
+    roi = errors(cropped, labels)
     return {**scored, "test_accuracy_roi": roi["accuracy"], "top_confusions_roi": roi["top_confusions"]}
 
 
