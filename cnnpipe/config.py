@@ -135,6 +135,11 @@ class TrainConfig:
     schedule: str = knob("onecycle", "learning-rate schedule", choices=("onecycle", "cosine", "step", "constant"))
     label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy loss", minimum=0.0, maximum=0.5)
     augment: bool = knob(True, "apply the augment stage's online policy every epoch")
+    mixup: float = knob(0.0, "MixUp: each batch blended with itself shuffled, the share ~ Beta(mixup, mixup) per "
+                             "batch, the loss mixed alike (0 = off; 0.2 is usual)", minimum=0.0)
+    cutmix: float = knob(0.0, "CutMix: a box of each batch's shuffled partner pasted in, its area ~ Beta(cutmix, "
+                              "cutmix) per batch, the loss mixed by area (0 = off; 1.0 is usual); with mixup, each "
+                              "batch one or the other", minimum=0.0)
     ema: float = knob(0.0, "decay of the exponential moving average of weights and BatchNorm statistics evaluated and "
                            "saved (0 = off); it ramps up over the first steps ((1 + n) / (10 + n)), so short runs "
                            "average trained weights",

@@ -1,7 +1,11 @@
 import numpy as np
 import torch
 
-from cnnpipe.augment import AugmentPolicy, apply_policy, no_flips
+import random
+
+import pytest
+
+from cnnpipe.augment import AugmentPolicy, apply_policy, mix_batch, no_flips
 from cnnpipe.data.store import Split
 from cnnpipe.stages.augment import balance
 from tests.helpers import make_images
@@ -139,3 +143,42 @@ def test_interpolation_nearest_only_moves_pixels_and_bicubic_stays_in_range():
     assert not torch.equal(cubic, smooth) and cubic.min() >= 0 and cubic.max() <= 1
     # blur lowers the spread of values: bilinear's is the lowest, bicubic's above it
     assert smooth.std() < cubic.std() < near.std() + 1e-6
+
+
+def test_mixup_blends_each_image_with_its_partner_by_one_share():
+    x, y = batch(n=32)
+    g = torch.Generator().manual_seed(0)
+    mixed, partners, lam = mix_batch(x, y, mixup=0.4, cutmix=0.0, g=g, rng=random.Random(0))
+    assert 0 < lam < 1
+    # the partner of image i is the image whose label partners[i] came from: find it by the blend
+    for i in range(len(x)):
+        j = [k for k in range(len(x)) if torch.allclose(mixed[i], x[i] * lam + x[k] * (1 - lam), atol=1e-6)]
+        assert j and partners[i] == y[j[0]]
+
+
+def test_cutmix_pastes_one_box_of_the_partner_and_returns_the_area_kept():
+    x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 3, 20, 20).contiguous()  # image i: all i
+    y = torch.arange(8)
+    for seed in range(20):
+        mixed, partners, lam = mix_batch(x, y, mixup=0.0, cutmix=1.0, g=torch.Generator().manual_seed(seed),
+                                         rng=random.Random(seed))
+        for i in range(8):
+            pasted = mixed[i] != i  # the box (an image's partner is itself now and then: nothing shows)
+            if partners[i] != i:
+                assert (mixed[i][pasted] == partners[i]).all()
+                assert 1 - pasted.float().mean().item() == pytest.approx(lam)
+                rows, cols = pasted[0].any(1).nonzero(), pasted[0].any(0).nonzero()
+                assert pasted[0].sum() == len(rows) * len(cols)  # one rectangle
+        assert 0 <= lam <= 1
+
+
+def test_mixup_and_cutmix_together_pick_one_per_batch():
+    x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 1, 10, 10).contiguous()
+    kinds = set()
+    rng = random.Random(0)
+    for seed in range(30):
+        mixed, partners, lam = mix_batch(x, torch.arange(8), 0.4, 1.0, torch.Generator().manual_seed(seed), rng)
+        moved = partners != torch.arange(8)
+        whole = (mixed[moved] == mixed[moved][:, :1, :1, :1]).flatten(1).all(1)  # blended: one value everywhere
+        kinds.add("mixup" if whole.all() else "cutmix")
+    assert kinds == {"mixup", "cutmix"}

@@ -76,8 +76,9 @@ def test_corrupt_or_missing_model_file(tmp_path):
         load_model(tmp_path / "bad.pt")
 
 
-def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run():
-    cfg = TrainConfig(arch="cnn3", width=8, epochs=4, batch_size=16, lr=0.05, ema=0.9)
+@pytest.mark.parametrize("mixing", [{}, {"mixup": 0.4, "cutmix": 1.0}], ids=["plain", "mixup-cutmix"])
+def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run(mixing):
+    cfg = TrainConfig(arch="cnn3", width=8, epochs=4, batch_size=16, lr=0.05, ema=0.9, **mixing)
     policy = AugmentPolicy(translate=0.1, rotate=10, scale=0.1, shear=0, brightness=0.2, contrast=0.2, saturation=0,
                            cutout=0.2, hflip=no_flips(3))
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ device, not a Python loop per image.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -245,3 +246,28 @@ def apply_policy(x: torch.Tensor, labels: torch.Tensor, policy: AugmentPolicy, g
         hole = ((ys - cy).abs() <= side // 2) & ((xs - cx).abs() <= side // 2)
         x = x.masked_fill(hole.unsqueeze(1), 0.0)
     return x.clamp_(0, 1), labels
+
+
+def mix_batch(x: torch.Tensor, labels: torch.Tensor, mixup: float, cutmix: float, g: torch.Generator,
+              rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """MixUp (Zhang et al., 2018) or CutMix (Yun et al., 2019) of a batch with itself in a shuffled order.
+
+    One share `lam` ~ Beta(alpha, alpha) per batch (timm's batch mode): MixUp blends every image with its partner,
+    CutMix pastes a box of the partner's covering 1 - lam of the image (lam is then the area actually kept, the box
+    clipped at the edges). With both alphas set, each batch is one or the other with equal chance. Returns the mixed
+    batch, the partners' labels and lam: the loss is lam * loss(labels) + (1 - lam) * loss(partners).
+    """
+    n, _, h, w = x.shape
+    partner = torch.randperm(n, generator=g, device=x.device)
+    cut = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    alpha = cutmix if cut else mixup
+    lam = rng.betavariate(alpha, alpha)
+    if not cut:
+        return x * lam + x[partner] * (1 - lam), labels[partner], lam
+    side_h, side_w = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+    cy, cx = rng.randrange(h), rng.randrange(w)
+    y1, y2 = max(cy - side_h // 2, 0), min(cy + side_h - side_h // 2, h)
+    x1, x2 = max(cx - side_w // 2, 0), min(cx + side_w - side_w // 2, w)
+    mixed = x.clone()
+    mixed[:, :, y1:y2, x1:x2] = x[partner, :, y1:y2, x1:x2]
+    return mixed, labels[partner], 1 - (y2 - y1) * (x2 - x1) / (h * w)

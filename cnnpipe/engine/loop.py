@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import random
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cnnpipe.augment import AugmentPolicy, apply_policy
+from cnnpipe.augment import AugmentPolicy, apply_policy, mix_batch
 from cnnpipe.config import TrainConfig
 from cnnpipe.engine.budget import BudgetKeeper, BudgetState, Plan, Progress
 from cnnpipe.engine.device import autocast
@@ -320,6 +321,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
     while epoch <= plan.epochs:
         torch.manual_seed(epoch_seed(cfg.seed, dist.rank, epoch, 0))  # dropout and the like
         g_aug.manual_seed(epoch_seed(cfg.seed, dist.rank, epoch, 2))
+        mix_rng = random.Random(epoch_seed(cfg.seed, dist.rank, epoch, 3))  # MixUp/CutMix shares: host scalars
         model.train()
         if cfg.freeze_epochs:
             freeze_backbone(model, epoch <= cfg.freeze_epochs, cfg.frozen_bn_eval)
@@ -340,12 +342,18 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             x = images.float().div_(255.0)
             if policy is not None and not policy.is_identity:
                 x, y = apply_policy(x, y, policy, g_aug, boxes)
+            partners, lam = y, 1.0
+            if cfg.mixup or cfg.cutmix:
+                x, partners, lam = mix_batch(x, y, cfg.mixup, cfg.cutmix, g_aug, mix_rng)
             if size:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             x = normalize(x, data.mean, data.std).contiguous(memory_format=memory)
             with mixed():
                 logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if lam < 1:
+                    loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), partners,
+                                                                    label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -353,7 +361,9 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             if ema is not None:
                 ema.update(model, sched.last_epoch)  # the scheduler counts the run's steps, resumes included
             # no host sync per step
-            sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
+            predicted = logits.argmax(1)
+            correct = (predicted == y).sum() * lam + (predicted == partners).sum() * (1 - lam)  # mixed: by share
+            sums += torch.stack([loss.detach() * len(y), correct, torch.tensor(len(y), device=device)])
             steps = i + 1
             if tty and i % 10 == 0:
                 done = (i + 1) * cfg.batch_size
