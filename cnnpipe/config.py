@@ -135,6 +135,9 @@ class TrainConfig:
     schedule: str = knob("onecycle", "learning-rate schedule", choices=("onecycle", "cosine", "step", "constant"))
     label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy loss", minimum=0.0, maximum=0.5)
     augment: bool = knob(True, "apply the augment stage's online policy every epoch")
+    sam_rho: float = knob(0.0, "sharpness-aware minimization: each step's gradient taken at the weights moved this far "
+                               "along the normalized gradient, a second forward and backward pass a step (0 = off; "
+                               "0.05 is usual)", minimum=0.0)
     mixup: float = knob(0.0, "MixUp: each batch blended with itself shuffled, the share ~ Beta(mixup, mixup) per "
                              "batch, the loss mixed alike (0 = off; 0.2 is usual)", minimum=0.0)
     cutmix: float = knob(0.0, "CutMix: a box of each batch's shuffled partner pasted in, its area ~ Beta(cutmix, "

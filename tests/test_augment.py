@@ -146,7 +146,8 @@ def test_interpolation_nearest_only_moves_pixels_and_bicubic_stays_in_range():
 
 
 def test_mixup_blends_each_image_with_its_partner_by_one_share():
-    x, y = batch(n=32)
+    x, _ = batch(n=32)
+    y = torch.arange(32)  # a label per image: the partner's label names it
     g = torch.Generator().manual_seed(0)
     mixed, partners, lam = mix_batch(x, y, mixup=0.4, cutmix=0.0, g=g, rng=random.Random(0))
     assert 0 < lam < 1
@@ -159,6 +160,7 @@ def test_mixup_blends_each_image_with_its_partner_by_one_share():
 def test_cutmix_pastes_one_box_of_the_partner_and_returns_the_area_kept():
     x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 3, 20, 20).contiguous()  # image i: all i
     y = torch.arange(8)
+    boxes = 0
     for seed in range(20):
         mixed, partners, lam = mix_batch(x, y, mixup=0.0, cutmix=1.0, g=torch.Generator().manual_seed(seed),
                                          rng=random.Random(seed))
@@ -169,7 +171,9 @@ def test_cutmix_pastes_one_box_of_the_partner_and_returns_the_area_kept():
                 assert 1 - pasted.float().mean().item() == pytest.approx(lam)
                 rows, cols = pasted[0].any(1).nonzero(), pasted[0].any(0).nonzero()
                 assert pasted[0].sum() == len(rows) * len(cols)  # one rectangle
+                boxes += bool(pasted.any())
         assert 0 <= lam <= 1
+    assert boxes > 20 * 8 // 2  # most images get a box (not: none pasted and lam 1, which the checks above allow)
 
 
 def test_mixup_and_cutmix_together_pick_one_per_batch():

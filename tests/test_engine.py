@@ -14,7 +14,7 @@ from cnnpipe.augment import AugmentPolicy, no_flips
 from cnnpipe.config import AugmentConfig, TrainConfig
 from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, load_model, save_checkpoint, save_model
 from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
-from cnnpipe.engine.loop import EMA, TrainData, fit, lr_factor
+from cnnpipe.engine.loop import EMA, TrainData, fit, lr_factor, sharpness_aware_gradients
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import build_model
 from tests.helpers import REPO, make_images, write_tiny_dataset
@@ -76,7 +76,8 @@ def test_corrupt_or_missing_model_file(tmp_path):
         load_model(tmp_path / "bad.pt")
 
 
-@pytest.mark.parametrize("mixing", [{}, {"mixup": 0.4, "cutmix": 1.0}], ids=["plain", "mixup-cutmix"])
+@pytest.mark.parametrize("mixing", [{}, {"mixup": 0.4, "cutmix": 1.0}, {"sam_rho": 0.05}],
+                         ids=["plain", "mixup-cutmix", "sam"])
 def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run(mixing):
     cfg = TrainConfig(arch="cnn3", width=8, epochs=4, batch_size=16, lr=0.05, ema=0.9, **mixing)
     policy = AugmentPolicy(translate=0.1, rotate=10, scale=0.1, shear=0, brightness=0.2, contrast=0.2, saturation=0,
@@ -157,8 +158,9 @@ print("ok")
 
 
 @pytest.mark.e2e
-def test_ddp_trains_with_two_cpu_processes(tmp_path):
-    """The DistributedDataParallel path under torchrun, on CPU with the gloo backend."""
+@pytest.mark.parametrize("extra", [[], ["--sam-rho", "0.05"]], ids=["plain", "sam"])
+def test_ddp_trains_with_two_cpu_processes(tmp_path, extra):
+    """The DistributedDataParallel path under torchrun, on CPU with the gloo backend (SAM: its second pass too)."""
     write_tiny_dataset(tmp_path / "processed", n=24)
     from cnnpipe.config import AugmentConfig
     from cnnpipe.stages import augment
@@ -168,7 +170,7 @@ def test_ddp_trains_with_two_cpu_processes(tmp_path):
         ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "cnnpipe", "train", "--params",
          str(REPO / "params.yaml"), "--no-tracking", "--epochs", "2", "--width", "4", "--batch-size", "16",
          "--data", str(tmp_path / "processed"), "--augmented", str(tmp_path / "augmented"),
-         "--out", str(tmp_path / "model"), "--checkpoint", str(tmp_path / "ckpt.pt")],
+         "--out", str(tmp_path / "model"), "--checkpoint", str(tmp_path / "ckpt.pt"), *extra],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stderr and proc.stderr.count("epoch 2/2") == 1  # only rank 0 reports
@@ -340,3 +342,37 @@ def test_ema_averages_batchnorm_statistics_with_the_weights():
     torch.testing.assert_close(ema_bn.running_mean, before + 0.1 * (bn.running_mean - before))
     assert not torch.allclose(ema_bn.running_mean, bn.running_mean)
     assert ema_bn.num_batches_tracked.item() == bn.num_batches_tracked.item() == 1
+
+
+def test_sam_takes_the_gradient_at_the_perturbed_weights_and_puts_everything_back():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    x, target = torch.randn(8, 4), torch.randn(8, 3)
+
+    def loss():
+        return ((model(x) - target) ** 2).sum()
+
+    loss().backward()
+    weights = [p.detach().clone() for p in model.parameters()]
+    stats = [b.clone() for b in model.buffers()]
+    g = [p.grad.clone() for p in model.parameters()]
+    rho = 0.1
+    norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+    with torch.no_grad():  # the expected gradient: at w + rho * g / |g|, by hand
+        for p, t in zip(model.parameters(), g):
+            p.add_(t * rho / norm)
+    model.zero_grad()
+    loss().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), weights):
+            p.copy_(w)
+        for b, s in zip(model.buffers(), stats):
+            b.copy_(s)
+    model.zero_grad()
+    loss().backward()
+    stats = [b.clone() for b in model.buffers()]  # after the first pass: what SAM's second must leave
+    sharpness_aware_gradients(model, rho, loss)
+    for p, w, e in zip(model.parameters(), weights, expected):
+        assert torch.equal(p.detach(), w) and torch.allclose(p.grad, e, atol=1e-6)
+    assert all(torch.equal(b, s) for b, s in zip(model.buffers(), stats))

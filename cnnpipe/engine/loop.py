@@ -4,7 +4,7 @@ The batches come from the device path (the whole training split held on the devi
 DataLoader workers: each step gathers a batch by index) or from a stream of shards (cnnpipe.engine.stream);
 either way each step augments its batch with one batched call and normalizes it on the fly.
 
-Every random stream (shuffling, augmentation, dropout) is reseeded at the start of each epoch from
+Every random stream (shuffling, augmentation, mixing, dropout) is reseeded at the start of each epoch from
 (seed, rank, epoch), so an epoch's randomness depends on nothing that came before it: a run resumed
 from a checkpoint repeats the uninterrupted run exactly on CPU.
 """
@@ -163,6 +163,49 @@ class EMA:
                 e.copy_(b)
 
 
+def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, partners: torch.Tensor, lam: float,
+                        smoothing: float) -> torch.Tensor:
+    """Cross-entropy of a batch mixed by MixUp/CutMix: lam of it is `labels`, the rest `partners` (lam 1: plain)."""
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+    if lam == 1:
+        return loss
+    return lam * loss + (1 - lam) * F.cross_entropy(logits.float(), partners, label_smoothing=smoothing)
+
+
+def batch_loss(net: nn.Module, x: torch.Tensor, labels: torch.Tensor, partners: torch.Tensor, lam: float,
+               smoothing: float, mixed: Callable) -> torch.Tensor:
+    """The training loss of one batch, forward pass included (SAM's second pass)."""
+    with mixed():
+        return mixed_cross_entropy(net(x), labels, partners, lam, smoothing)
+
+
+SAM_EPS = 1e-12  # keeps a zero gradient's perturbation finite
+
+
+def sharpness_aware_gradients(model: nn.Module, rho: float, loss_at_perturbed: Callable[[], torch.Tensor]) -> None:
+    """SAM (Foret et al., 2021): replace the gradients in `model` with those at the weights moved `rho` along the
+    current gradient, normalized (the worst weights nearby, to first order); the weights are then put back, and so
+    are the buffers the second pass moved (BatchNorm's running statistics count each step's batch once)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+    weights = [p.detach().clone() for p in params]  # put back exactly (w + e - e is not w in floating point)
+    scale = rho / (norm + SAM_EPS)  # a tensor: no host sync
+    with torch.no_grad():
+        for p in params:
+            p.add_(p.grad * scale)
+    for p in params:
+        p.grad = None
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    try:
+        loss_at_perturbed().backward()
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+            for b, before in buffers:
+                b.copy_(before)
+
+
 def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
                    std: torch.Tensor) -> tuple[float, float]:
     """(loss, accuracy) of `model` on a split held on the device."""
@@ -174,6 +217,8 @@ def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def epoch_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
+    """The seed of one random stream in one epoch. Streams: 0 dropout and the like, 1 the device path's shuffle,
+    2 augmentation, 3 the shard plan and 4 the shard buffer (cnnpipe.engine.stream), 5 MixUp/CutMix shares."""
     return (seed * 1_000_003 + rank * 10_007 + epoch * 101 + stream) % (2**63 - 1)
 
 
@@ -321,7 +366,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
     while epoch <= plan.epochs:
         torch.manual_seed(epoch_seed(cfg.seed, dist.rank, epoch, 0))  # dropout and the like
         g_aug.manual_seed(epoch_seed(cfg.seed, dist.rank, epoch, 2))
-        mix_rng = random.Random(epoch_seed(cfg.seed, dist.rank, epoch, 3))  # MixUp/CutMix shares: host scalars
+        mix_rng = random.Random(epoch_seed(cfg.seed, dist.rank, epoch, 5))  # MixUp/CutMix shares: host scalars
         model.train()
         if cfg.freeze_epochs:
             freeze_backbone(model, epoch <= cfg.freeze_epochs, cfg.frozen_bn_eval)
@@ -350,12 +395,12 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             x = normalize(x, data.mean, data.std).contiguous(memory_format=memory)
             with mixed():
                 logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                if lam < 1:
-                    loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), partners,
-                                                                    label_smoothing=cfg.label_smoothing)
+                loss = mixed_cross_entropy(logits, y, partners, lam, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.sam_rho:
+                sharpness_aware_gradients(model, cfg.sam_rho, functools.partial(
+                    batch_loss, net, x, y, partners, lam, cfg.label_smoothing, mixed))
             opt.step()
             sched.step()
             if ema is not None:
