@@ -35,9 +35,10 @@ RECIPES = {"fast": ROOT / "configs/gtsrb-fast.yaml", "default": ROOT / "configs/
 THRESHOLDS = (0.95, 0.98, 0.9884)  # 98.84 %: human accuracy on GTSRB (Stallkamp et al. 2012)
 
 
-def spawn(cmd: list[str], env: dict | None = None) -> dict:
-    """Run a worker process; its JSON lines on stdout are epochs ({"epoch", "elapsed_s", "val_accuracy"})
-    and a last one with the final scores. Returns the final record with "epochs" and "peak_rss_mb" added."""
+def spawn(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run a worker process (in `cwd`: another checkout's benchmarks); its JSON lines on stdout are epochs ({"epoch",
+    "elapsed_s", "val_accuracy"}) and a last one with the final scores. Returns the final record with "epochs" and
+    "peak_rss_mb" added."""
     epochs, final = [], []
 
     def on_line(line: str) -> None:
@@ -52,7 +53,7 @@ def spawn(cmd: list[str], env: dict | None = None) -> dict:
         else:
             final.append(record_)
 
-    measured = run(cmd, env={**os.environ, **(env or {})}, on_line=on_line, stderr_to_terminal=True)
+    measured = run(cmd, env={**os.environ, **(env or {})}, on_line=on_line, stderr_to_terminal=True, cwd=cwd)
     if not final:
         sys.exit(f"worker printed no result: {' '.join(cmd)}")
     return {**final[-1], "epochs": epochs, "peak_rss_mb": measured.peak_group_rss_mb, "time_to_val": time_to(epochs)}

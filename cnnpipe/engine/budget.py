@@ -6,11 +6,16 @@ of the last one, the low-resolution epochs) that ends inside the budget, train.e
 steps and after every epoch the loop measures again; `replan` changes the rest of the plan when the costs
 have drifted so that the plan would overrun or leave time unused. The learning-rate schedule follows the plan
 (`Progress`): it ends exactly at the planned last step.
+
+The one decision no re-plan undoes, training a narrower net (train.budget_min_epochs), is not taken on steps timed
+while another process took the cores (`core_waits`): the run goes on at its width and decides on the first window in
+which the cores were its own, or on what it measured once MEASURE_SHARE of the budget has gone.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,6 +31,8 @@ PLAN_SHARE = 0.97  # of the remaining time a plan fills: room for the measuremen
 DRIFT = 0.1  # re-plan when the rest of the plan would overrun, or finish this share of the remaining time early
 SMOOTHING = 0.3  # weight of the latest window in a falling step cost's moving average; a rising one is taken as
                  # measured: a neighbour taking a core must shorten the plan now, not after several windows
+SHARED_WAIT = 0.2  # a timed window ran on shared cores when this process's threads waited for a core this share of
+                   # the time they were runnable (docs/budget.md: ~1 % alone, ~50 % beside one busy process)
 CHECKS_PER_RUN = 25  # mid-epoch checks of the clock over a run (and one after every epoch): every that share of the
                      # planned steps or of the budget's seconds, whichever comes first (steps that turn several
                      # times slower would otherwise stretch a window, and the overrun, as many times)
@@ -196,20 +203,44 @@ class NarrowerNet(Exception):  # noqa: N818 (not an error: the caller trains a n
         self.epochs = epochs
 
 
+def core_waits() -> tuple[int, int] | None:
+    """Nanoseconds this process's threads have so far waited on a run queue for a core, and run on one, summed over
+    its threads (Linux's schedstat). None where the kernel does not say (other OSes, no /proc): every window then
+    counts as the run's own."""
+    waited = ran = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                run_ns, wait_ns = f.read().split()[:2]
+        except (OSError, ValueError):  # a thread that ended since the listing; a kernel without schedstat
+            continue
+        ran, waited = ran + int(run_ns), waited + int(wait_ns)
+    return (waited, ran) if ran else None
+
+
 class BudgetKeeper:
     """The clock, the measurements and the plan of one budgeted run. Every rank measures; rank 0's plan is the
     one all ranks follow (broadcast at each planning point, which all ranks reach at the same step)."""
 
     def __init__(self, state: BudgetState, *, max_epochs: int, low_res_share: float, full_over_low_pixels: float,
-                 dist: Dist, device: torch.device, started: float | None = None, narrow_below: float = 0.0):
+                 dist: Dist, device: torch.device, started: float | None = None, narrow_below: float = 0.0,
+                 waits: Callable[[], tuple[int, int] | None] = core_waits):
         """`narrow_below`: raise NarrowerNet when the first plan fits fewer epochs, or sooner, when even steps all
-        at the cheapest measured cost and no validation would (saving the rest of the measurements)."""
+        at the cheapest measured cost and no validation would (saving the rest of the measurements); not on steps
+        timed beside another busy process (`waits()`: nanoseconds this process's threads waited for a core, and ran)."""
         self.state, self.max_epochs, self.low_res_share = state, max_epochs, low_res_share
         self.narrow_below = narrow_below if state.plan is None else 0.0
         self.pixel_ratio = full_over_low_pixels  # estimates a full-resolution step when none was measured yet
         self.dist, self.device = dist, device
         self.started = started if started is not None else self.now()  # perf_counter() when training began
-        self.window_start, self.window_steps = self.started, 0
+        self.waits = waits
+        self.window_start, self.window_steps, self.window_waits = self.started, 0, waits()
+        self.shared_seen = False  # a window timed before the first plan ran on shared cores
+        self.narrow_pending = False  # too few epochs fit on shared cores: decided on a later window of epoch 1
         self.val_s: float | None = None
         self.overhead_s: float | None = None
         self.val_end = self.started
@@ -236,7 +267,7 @@ class BudgetKeeper:
     def before_step(self, epoch: int, step: int) -> None:
         """Call before step `step` (0-based) of `epoch`: opens a timing window after the warm-up steps."""
         if epoch == 1 and self.state.plan is None and step % (WARMUP_STEPS + MEASURE_STEPS) == WARMUP_STEPS:
-            self.window_start, self.window_steps = self.now(), 0
+            self._open_window(self.now())
 
     def after_step(self, *, epoch: int, step: int, low_res: bool, epoch_low_res: bool, steps_per_epoch: int,
                    time_val: Callable[[], float]) -> Plan | None:
@@ -252,13 +283,14 @@ class BudgetKeeper:
             if step % (WARMUP_STEPS + MEASURE_STEPS) != 0 and not late:
                 return None
             self.measured[low_res] = (self.now() - self.window_start) / max(self.window_steps, 1)
+            self.shared_seen |= self._window_shared()
             at = Position(epoch, step, int(epoch_low_res), not epoch_low_res)
             if self.narrow_below:
                 cheapest = min(self.measured.values())
                 self._narrow_if(plan_budget(remaining_s=self.state.budget_s - self.elapsed(),
                                             costs=Costs(cheapest, cheapest, 0.0), steps_per_epoch=steps_per_epoch,
                                             max_epochs=self.max_epochs, low_res_share=self.low_res_share, at=at),
-                                steps_per_epoch)
+                                steps_per_epoch, shared=self.shared_seen)
             if self.low_res_share < 1 and low_res and False not in self.measured and not late:
                 return None  # next: the full-resolution probe
             self.val_s = time_val()
@@ -267,17 +299,34 @@ class BudgetKeeper:
                or time.perf_counter() - self.window_start >= self.state.budget_s / CHECKS_PER_RUN)
         if not broadcast_ints([due], self.dist, self.device)[0]:  # rank 0's clock decides: ranks plan together
             return None
-        self._measure(low_res, (self.now() - self.window_start) / self.window_steps)
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        now = self.now()
+        step_s = (now - self.window_start) / self.window_steps
+        shared = self.narrow_pending and self._window_shared()
+        if self.narrow_pending and not shared and self.measured.get(low_res):
+            # the cores are this run's again: every cost measured beside the neighbour, scaled as this one fell
+            shared_cost = self.measured[low_res]
+            scale = min(step_s / shared_cost, 1.0)
+            self.measured = {res: s * scale for res, s in self.measured.items()}
+            self.val_s = self.val_s * scale if self.val_s is not None else None
+        self._measure(low_res, step_s)
+        self._open_window(time.perf_counter())
         low_done = epoch if epoch_low_res else min(self.state.plan.low_res_epochs, epoch - 1)
-        return self._replan(Position(epoch, step, low_done, not epoch_low_res), steps_per_epoch)
+        at = Position(epoch, step, low_done, not epoch_low_res)
+        if self.narrow_pending and epoch == 1 and (not shared or self._deferral_over()):
+            self.narrow_pending = False
+            self.state.costs = self._costs()
+            self._narrow_if(plan_budget(remaining_s=self.state.budget_s - self.elapsed(), costs=self.state.costs,
+                                        steps_per_epoch=steps_per_epoch, max_epochs=self.max_epochs,
+                                        low_res_share=self.low_res_share, at=at), steps_per_epoch, shared=False)
+        return self._replan(at, steps_per_epoch)
 
     def epoch_started(self) -> None:
         now = self.now()
         if self.val_s is not None:  # since the last validation: the checkpoint, tracking, the callbacks
             self.overhead_s = now - self.val_end
-        self.epoch_start = self.window_start = now
-        self.window_steps = 0
+        self.epoch_start = now
+        self._open_window(now)
+        self.narrow_pending = False  # an epoch trained at this width: narrowing now would throw it away
         self.planned_at_epoch_start = self.state.plan is not None
 
     def after_training_steps(self, *, steps: int, low_res: bool) -> None:
@@ -334,10 +383,31 @@ class BudgetKeeper:
                                                   int(plan.fits)], self.dist, self.device)
         return Plan(epochs, last, low, bool(fits))
 
-    def _narrow_if(self, plan: Plan, steps_per_epoch: int) -> None:
-        """Raise NarrowerNet when `plan` (rank 0's decides) fits fewer than narrow_below epochs."""
+    def _open_window(self, now: float) -> None:
+        self.window_start, self.window_steps, self.window_waits = now, 0, self.waits()
+
+    def _window_shared(self) -> bool:
+        """Did the window since _open_window run on shared cores (rank 0's answer, on every rank)?"""
+        before, after = self.window_waits, self.waits()
+        shared = False
+        if before is not None and after is not None:  # a thread that ended takes its counts along: never below 0
+            waited, ran = max(after[0] - before[0], 0), max(after[1] - before[1], 0)
+            shared = waited > SHARED_WAIT * (waited + ran)
+        return bool(broadcast_ints([shared], self.dist, self.device)[0])
+
+    def _deferral_over(self) -> bool:
+        """Past MEASURE_SHARE of the budget since this net's measurements began (rank 0's clock decides)."""
+        over = time.perf_counter() - self.measuring_since >= MEASURE_SHARE * self.state.budget_s
+        return bool(broadcast_ints([over], self.dist, self.device)[0])
+
+    def _narrow_if(self, plan: Plan, steps_per_epoch: int, *, shared: bool) -> None:
+        """Raise NarrowerNet when `plan` (rank 0's decides) fits fewer than narrow_below epochs; when its costs were
+        measured on shared cores (`shared`), only once the deferral is over: until then, narrow_pending."""
         epochs = plan.total_steps(steps_per_epoch) / max(steps_per_epoch, 1)
         if broadcast_ints([epochs < self.narrow_below], self.dist, self.device)[0]:
+            if shared and not self._deferral_over():
+                self.narrow_pending = True
+                return
             raise NarrowerNet(epochs)
 
     def _first_plan(self, at: Position, steps_per_epoch: int) -> Plan:
@@ -346,9 +416,10 @@ class BudgetKeeper:
                                        steps_per_epoch=steps_per_epoch, max_epochs=self.max_epochs,
                                        low_res_share=self.low_res_share, at=at))
         if self.narrow_below and at.epoch == 1:  # not after an epoch: its metrics are logged, its checkpoint saved
-            self._narrow_if(plan, steps_per_epoch)
+            self.narrow_pending = False  # this plan's verdict replaces the early bound's
+            self._narrow_if(plan, steps_per_epoch, shared=self.shared_seen)
         self.state.plan = self.state.first_plan = plan
-        self.window_start, self.window_steps = self.now(), 0
+        self._open_window(self.now())
         return plan
 
     def _replan(self, at: Position, steps_per_epoch: int) -> Plan | None:

@@ -1,0 +1,166 @@
+"""A busy neighbour at a budgeted run's start, and the narrowing rule (train.budget_min_epochs; docs/budget.md).
+
+`--rates`: the share of the time this process's threads were runnable that they waited for a core
+(cnnpipe.engine.budget.core_waits, what the budget keeper reads) and the cost of a step, over training steps of the
+fast recipe's net (fastnet-lcn, width 32, batches of 128 at 32 px, fp32, channels_last, SGD, 2 threads) alone and
+beside each neighbour: the evidence for SHARED_WAIT.
+
+`--budget B`: benchmarks.recipes' worker (augment, train, score on GTSRB's test split) with configs/gtsrb-fast.yaml
+at B seconds: alone, and with a neighbour (`--neighbour`) running through the first `--neighbour-s` seconds of its
+training (from when the augment stage's output appears), with this checkout's code and, with `--old ROOT`, another
+checkout's (its own .venv and benchmarks: the rule as it was there). Records each run's width, first plan, epochs,
+actual_s, test accuracy.
+
+    python -m benchmarks.contention --rates
+    python -m benchmarks.contention --budget 120 --neighbour-s 8 [--old /work/wt/budget]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks.harness import RESULTS, ROOT, code_version, earlier_results, record
+from benchmarks.recipes import GTSRB_ZIP, RECIPES, prepare, spawn
+
+NEIGHBOURS = {  # each a separate process, as another user's job would be
+    "one busy core": ["while True: pass"],
+    "every core busy": ["while True: pass"] * (os.cpu_count() or 1),
+    "a 2-thread torch job": ["import torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\n"
+                             "while True: a @ a"],
+}
+STEPS = 60  # timed steps per case (~3 s alone), after WARMUP
+WARMUP = 5
+
+
+def start(neighbour: str) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", code]) for code in NEIGHBOURS.get(neighbour, [])]
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def rates() -> dict:
+    """The share of runnable time spent waiting for a core, and ms a step, alone and beside each neighbour, the cases
+    in turn twice."""
+    import torch
+
+    from cnnpipe.engine.budget import core_waits
+    from cnnpipe.models import build_model
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    net = build_model("fastnet-lcn", 3, 43, 32, 32).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x = torch.randn(128, 3, 32, 32).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 43, (128,))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    out: dict[str, list[dict]] = {}
+    for _ in range(2):
+        for case in ["alone", *NEIGHBOURS]:
+            procs = start(case)
+            try:
+                time.sleep(0.5)  # the neighbours running
+                for _ in range(WARMUP):
+                    step()
+                before, t0 = core_waits(), time.perf_counter()
+                for _ in range(STEPS):
+                    step()
+                seconds = time.perf_counter() - t0
+                waited, ran = (after - earlier for after, earlier in zip(core_waits(), before))
+            finally:
+                stop(procs)
+            out.setdefault(case, []).append({"waited_share": round(waited / (waited + ran), 3),
+                                             "step_ms": round(1000 * seconds / STEPS, 1)})
+            print(f"{case}: {out[case][-1]}", file=sys.stderr, flush=True)
+    return out
+
+
+def budget_runs(args: argparse.Namespace) -> list[dict]:
+    processed = prepare(args.zip, args.work)
+    params = yaml.safe_load(RECIPES["fast"].read_text())
+    params["train"]["budget_s"] = float(args.budget)
+    path = args.work / f"params-contention-{args.budget:g}.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    cases = [("alone", ROOT, 0.0), (args.neighbour, ROOT, args.neighbour_s)]
+    if args.old:
+        cases.append((args.neighbour, args.old, args.neighbour_s))
+    runs = []
+    for case, root, seconds in cases:
+        for seed in range(args.seeds):
+            work = args.work / f"contention-{args.budget:g}-{len(runs)}"
+            shutil.rmtree(work, ignore_errors=True)
+            ended = threading.Event()
+
+            def neighbour(work: Path = work, case: str = case, seconds: float = seconds, ended=ended) -> None:
+                while seconds and not ended.is_set() and not (work / "augmented").exists():  # then training starts
+                    time.sleep(0.05)
+                procs = start(case) if seconds and not ended.is_set() else []
+                ended.wait(seconds)
+                stop(procs)
+
+            code = code_version() if root == ROOT else subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+            print(f"{case} for {seconds:g} s, code {code}, seed {seed}", file=sys.stderr, flush=True)
+            side = threading.Thread(target=neighbour)
+            side.start()
+            try:
+                python = sys.executable if root == ROOT else str(root / ".venv/bin/python")
+                run = spawn([python, "-m", "benchmarks.recipes", "--worker", str(path),
+                             str(processed), str(work), str(seed)], env={"CNNPIPE_BENCH_THREADS": "2"}, cwd=root)
+            finally:
+                ended.set()
+                side.join()
+            b = run["budget"]
+            runs.append({"case": case, "neighbour_s": seconds, "code": code, "seed": seed,
+                         "width": b["width"], "first_plan_epochs": b.get("first_plan_epochs"),
+                         "planned_epochs": b.get("planned_epochs"), "actual_s": b["actual_s"],
+                         "step_s": b.get("step_s"), "test_accuracy": run["test_accuracy"]})
+            print(runs[-1], file=sys.stderr, flush=True)
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rates", action="store_true", help="the share of time waited for a core, alone and shared")
+    parser.add_argument("--budget", type=float, help="seconds: budgeted GTSRB runs (configs/gtsrb-fast.yaml)")
+    parser.add_argument("--neighbour", default="a 2-thread torch job", choices=sorted(NEIGHBOURS))
+    parser.add_argument("--neighbour-s", type=float, default=8.0, help="seconds of training the neighbour runs")
+    parser.add_argument("--old", type=Path, help="another checkout (with its .venv): the same runs with its code")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--zip", type=Path, default=GTSRB_ZIP)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-recipes"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "contention.json")
+    args = parser.parse_args()
+    if not args.rates and not args.budget:
+        parser.error("--rates, --budget or both")
+    if args.budget and not args.zip.exists():
+        sys.exit(f"GTSRB zip not found: {args.zip}")
+    result = earlier_results(args.out)
+    result["code"] = code_version()
+    if args.rates:
+        result["rates"] = rates()
+    if args.budget:
+        result.setdefault("budgeted", {})[f"{args.budget:g} s, {args.neighbour} for {args.neighbour_s:g} s"] = {
+            "command": " ".join(["python -m benchmarks.contention", *sys.argv[1:]]), "runs": budget_runs(args)}
+    record(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
