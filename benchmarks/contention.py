@@ -12,7 +12,7 @@ checkout's (its own .venv and benchmarks: the rule as it was there). Records eac
 actual_s, test accuracy.
 
     python -m benchmarks.contention --rates
-    python -m benchmarks.contention --budget 120 --neighbour-s 8 [--old /work/wt/budget]
+    python -m benchmarks.contention --budget 120 --neighbour busy-core --neighbour-s 8 [--old /work/wt/budget]
 """
 
 from __future__ import annotations
@@ -31,18 +31,18 @@ import yaml
 from benchmarks.harness import RESULTS, ROOT, code_version, earlier_results, record
 from benchmarks.recipes import GTSRB_ZIP, RECIPES, prepare, spawn
 
-NEIGHBOURS = {  # each a separate process, as another user's job would be
-    "one busy core": ["while True: pass"],
-    "every core busy": ["while True: pass"] * (os.cpu_count() or 1),
-    "a 2-thread torch job": ["import torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\n"
-                             "while True: a @ a"],
+NEIGHBOURS = {  # each a separate process, as another user's job would be: (what it is, the code of each process)
+    "busy-core": ("one busy core (a Python loop)", ["while True: pass"]),
+    "busy-cores": ("every core busy (a Python loop per core)", ["while True: pass"] * (os.cpu_count() or 1)),
+    "torch-job": ("a 2-thread torch job (matrix products)", ["import torch\ntorch.set_num_threads(2)\n"
+                                                             "a = torch.randn(1024, 1024)\nwhile True: a @ a"]),
 }
 STEPS = 60  # timed steps per case (~3 s alone), after WARMUP
 WARMUP = 5
 
 
 def start(neighbour: str) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", code]) for code in NEIGHBOURS.get(neighbour, [])]
+    return [subprocess.Popen([sys.executable, "-c", code]) for code in NEIGHBOURS.get(neighbour, ("", []))[1]]
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -98,9 +98,8 @@ def budget_runs(args: argparse.Namespace) -> list[dict]:
     params["train"]["budget_s"] = float(args.budget)
     path = args.work / f"params-contention-{args.budget:g}.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
-    cases = [("alone", ROOT, 0.0), (args.neighbour, ROOT, args.neighbour_s)]
-    if args.old:
-        cases.append((args.neighbour, args.old, args.neighbour_s))
+    cases = [(args.neighbour, args.old, args.neighbour_s)] if args.old else []
+    cases += [(args.neighbour, ROOT, args.neighbour_s), ("alone", ROOT, 0.0)]
     runs = []
     for case, root, seconds in cases:
         for seed in range(args.seeds):
@@ -140,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rates", action="store_true", help="the share of time waited for a core, alone and shared")
     parser.add_argument("--budget", type=float, help="seconds: budgeted GTSRB runs (configs/gtsrb-fast.yaml)")
-    parser.add_argument("--neighbour", default="a 2-thread torch job", choices=sorted(NEIGHBOURS))
+    parser.add_argument("--neighbour", default="busy-core", choices=sorted(NEIGHBOURS))
     parser.add_argument("--neighbour-s", type=float, default=8.0, help="seconds of training the neighbour runs")
     parser.add_argument("--old", type=Path, help="another checkout (with its .venv): the same runs with its code")
     parser.add_argument("--seeds", type=int, default=1)
@@ -157,9 +156,31 @@ def main() -> None:
     if args.rates:
         result["rates"] = rates()
     if args.budget:
-        result.setdefault("budgeted", {})[f"{args.budget:g} s, {args.neighbour} for {args.neighbour_s:g} s"] = {
-            "command": " ".join(["python -m benchmarks.contention", *sys.argv[1:]]), "runs": budget_runs(args)}
+        result.setdefault("budgeted", {})[f"{args.budget:g}s_{args.neighbour}_{args.neighbour_s:g}s"] = {
+            "command": " ".join(["python -m benchmarks.contention", *sys.argv[1:]]), "budget_s": args.budget,
+            "runs": budget_runs(args)}
     record(args.out, result)
+    write_tables(result, args.out)
+
+
+def write_tables(result: dict, out: Path) -> None:
+    """`out`'s .md: the waits table, then one table of the budgeted runs."""
+    rows = ["| beside | waited for a core (share of the threads' runnable time), each pass | ms a step, each pass |",
+            "| --- | ---: | ---: |"]
+    for case, passes in result.get("rates", {}).items():
+        waited = ", ".join(f"{100 * p['waited_share']:.1f} %" for p in passes)
+        step_ms = ", ".join(f"{p['step_ms']:.0f}" for p in passes)
+        rows.append(f"| {NEIGHBOURS[case][0] if case in NEIGHBOURS else case} | {waited} | {step_ms} |")
+    rows += ["", "| budget, neighbour | code | seed | width trained | first plan | planned epochs | actual time | "
+             "ms a step (last plan) | test accuracy |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for point in result.get("budgeted", {}).values():
+        for r in point["runs"]:
+            beside = (f"{NEIGHBOURS[r['case']][0]} for the first {r['neighbour_s']:g} s" if r["case"] in NEIGHBOURS
+                      else r["case"])
+            rows.append(f"| {point['budget_s']:g} s, {beside} | {r['code']} | {r['seed']} | {r['width']} | "
+                        f"{r['first_plan_epochs']} epochs | {r['planned_epochs']} | {r['actual_s']:.1f} s | "
+                        f"{1000 * r['step_s']:.0f} | {100 * r['test_accuracy']:.2f} % |")
+    out.with_suffix(".md").write_text("\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":
