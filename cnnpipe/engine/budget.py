@@ -31,8 +31,8 @@ PLAN_SHARE = 0.97  # of the remaining time a plan fills: room for the measuremen
 DRIFT = 0.1  # re-plan when the rest of the plan would overrun, or finish this share of the remaining time early
 SMOOTHING = 0.3  # weight of the latest window in a falling step cost's moving average; a rising one is taken as
                  # measured: a neighbour taking a core must shorten the plan now, not after several windows
-SHARED_WAIT = 0.2  # a timed window ran on shared cores when this process's threads waited for a core this share of
-                   # the time they were runnable (docs/budget.md: ~1 % alone, ~50 % beside one busy process)
+SHARED_CORES = 0.5  # a timed window ran beside another busy process when this process's threads, together, waited
+                    # for a core this many cores' worth of its time (docs/budget.md: alone and beside busy processes)
 CHECKS_PER_RUN = 25  # mid-epoch checks of the clock over a run (and one after every epoch): every that share of the
                      # planned steps or of the budget's seconds, whichever comes first (steps that turn several
                      # times slower would otherwise stretch a window, and the overrun, as many times)
@@ -203,23 +203,21 @@ class NarrowerNet(Exception):  # noqa: N818 (not an error: the caller trains a n
         self.epochs = epochs
 
 
-def core_waits() -> tuple[int, int] | None:
-    """Nanoseconds this process's threads have so far waited on a run queue for a core, and run on one, summed over
-    its threads (Linux's schedstat). None where the kernel does not say (other OSes, no /proc): every window then
-    counts as the run's own."""
-    waited = ran = 0
+def core_waits() -> dict[int, int] | None:
+    """Nanoseconds each of this process's threads has so far waited on a run queue for a core, by thread id (Linux's
+    schedstat). None where the kernel does not say (other OSes, no /proc): every window then counts as the run's own."""
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
         return None
+    waited = {}
     for task in tasks:
         try:
             with open(f"/proc/self/task/{task}/schedstat") as f:
-                run_ns, wait_ns = f.read().split()[:2]
-        except (OSError, ValueError):  # a thread that ended since the listing; a kernel without schedstat
+                waited[int(task)] = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):  # a thread that ended since the listing; no schedstat
             continue
-        ran, waited = ran + int(run_ns), waited + int(wait_ns)
-    return (waited, ran) if ran else None
+    return waited or None
 
 
 class BudgetKeeper:
@@ -228,19 +226,21 @@ class BudgetKeeper:
 
     def __init__(self, state: BudgetState, *, max_epochs: int, low_res_share: float, full_over_low_pixels: float,
                  dist: Dist, device: torch.device, started: float | None = None, narrow_below: float = 0.0,
-                 waits: Callable[[], tuple[int, int] | None] = core_waits):
+                 waits: Callable[[], dict[int, int] | None] = core_waits):
         """`narrow_below`: raise NarrowerNet when the first plan fits fewer epochs, or sooner, when even steps all
-        at the cheapest measured cost and no validation would (saving the rest of the measurements); not on steps
-        timed beside another busy process (`waits()`: nanoseconds this process's threads waited for a core, and ran)."""
+        at the cheapest measured cost and no validation would (saving the rest of the measurements); a decision on
+        costs measured beside another busy process (`waits()`: nanoseconds each thread waited for a core) waits."""
         self.state, self.max_epochs, self.low_res_share = state, max_epochs, low_res_share
         self.narrow_below = narrow_below if state.plan is None else 0.0
         self.pixel_ratio = full_over_low_pixels  # estimates a full-resolution step when none was measured yet
         self.dist, self.device = dist, device
         self.started = started if started is not None else self.now()  # perf_counter() when training began
         self.waits = waits
-        self.window_start, self.window_steps, self.window_waits = self.started, 0, waits()
-        self.shared_seen = False  # a window timed before the first plan ran on shared cores
+        self.window_start, self.window_steps, self.window_waits = self.started, 0, None
+        self.shared_at: dict[bool, bool] = {}  # low resolution? -> its step cost was measured beside a neighbour
+        self.val_shared = False  # ... the validation pass's
         self.narrow_pending = False  # too few epochs fit on shared cores: decided on a later window of epoch 1
+        self.epochs_started = 0
         self.val_s: float | None = None
         self.overhead_s: float | None = None
         self.val_end = self.started
@@ -283,39 +283,33 @@ class BudgetKeeper:
             if step % (WARMUP_STEPS + MEASURE_STEPS) != 0 and not late:
                 return None
             self.measured[low_res] = (self.now() - self.window_start) / max(self.window_steps, 1)
-            self.shared_seen |= self._window_shared()
             at = Position(epoch, step, int(epoch_low_res), not epoch_low_res)
             if self.narrow_below:
+                self.shared_at[low_res] = self._shared_since(self.window_waits, self.window_start)
                 cheapest = min(self.measured.values())
                 self._narrow_if(plan_budget(remaining_s=self.state.budget_s - self.elapsed(),
                                             costs=Costs(cheapest, cheapest, 0.0), steps_per_epoch=steps_per_epoch,
                                             max_epochs=self.max_epochs, low_res_share=self.low_res_share, at=at),
-                                steps_per_epoch, shared=self.shared_seen)
+                                steps_per_epoch, shared=any(self.shared_at.values()))
             if self.low_res_share < 1 and low_res and False not in self.measured and not late:
                 return None  # next: the full-resolution probe
-            self.val_s = time_val()
+            self._time_val(time_val)
             return self._first_plan(at, steps_per_epoch)
         due = (self.window_steps >= self._check_every(steps_per_epoch)
                or time.perf_counter() - self.window_start >= self.state.budget_s / CHECKS_PER_RUN)
         if not broadcast_ints([due], self.dist, self.device)[0]:  # rank 0's clock decides: ranks plan together
             return None
-        now = self.now()
-        step_s = (now - self.window_start) / self.window_steps
-        shared = self.narrow_pending and self._window_shared()
-        if self.narrow_pending and not shared and self.measured.get(low_res):
-            # the cores are this run's again: every cost measured beside the neighbour, scaled as this one fell
-            shared_cost = self.measured[low_res]
-            scale = min(step_s / shared_cost, 1.0)
-            self.measured = {res: s * scale for res, s in self.measured.items()}
-            self.val_s = self.val_s * scale if self.val_s is not None else None
+        step_s = (self.now() - self.window_start) / self.window_steps
+        shared = self.narrow_pending and self._shared_since(self.window_waits, self.window_start)
+        if self.narrow_pending and not shared:
+            self._unshare(low_res, step_s, time_val)
         self._measure(low_res, step_s)
         self._open_window(time.perf_counter())
         low_done = epoch if epoch_low_res else min(self.state.plan.low_res_epochs, epoch - 1)
         at = Position(epoch, step, low_done, not epoch_low_res)
-        if self.narrow_pending and epoch == 1 and (not shared or self._deferral_over()):
+        if self.narrow_pending and (not shared or self._deferral_over()):  # pending only in epoch 1 (epoch_started)
             self.narrow_pending = False
-            self.state.costs = self._costs()
-            self._narrow_if(plan_budget(remaining_s=self.state.budget_s - self.elapsed(), costs=self.state.costs,
+            self._narrow_if(plan_budget(remaining_s=self.state.budget_s - self.elapsed(), costs=self._costs(),
                                         steps_per_epoch=steps_per_epoch, max_epochs=self.max_epochs,
                                         low_res_share=self.low_res_share, at=at), steps_per_epoch, shared=False)
         return self._replan(at, steps_per_epoch)
@@ -324,9 +318,11 @@ class BudgetKeeper:
         now = self.now()
         if self.val_s is not None:  # since the last validation: the checkpoint, tracking, the callbacks
             self.overhead_s = now - self.val_end
+        self.epochs_started += 1
+        if self.epochs_started > 1:  # an epoch trained at this width: narrowing now would throw it away
+            self.narrow_below, self.narrow_pending = 0.0, False
         self.epoch_start = now
         self._open_window(now)
-        self.narrow_pending = False  # an epoch trained at this width: narrowing now would throw it away
         self.planned_at_epoch_start = self.state.plan is not None
 
     def after_training_steps(self, *, steps: int, low_res: bool) -> None:
@@ -384,16 +380,36 @@ class BudgetKeeper:
         return Plan(epochs, last, low, bool(fits))
 
     def _open_window(self, now: float) -> None:
-        self.window_start, self.window_steps, self.window_waits = now, 0, self.waits()
+        self.window_start, self.window_steps = now, 0
+        self.window_waits = self.waits() if self.narrow_below else None  # read only while the width may change
 
-    def _window_shared(self) -> bool:
-        """Did the window since _open_window run on shared cores (rank 0's answer, on every rank)?"""
-        before, after = self.window_waits, self.waits()
+    def _shared_since(self, waits: dict[int, int] | None, since: float) -> bool:
+        """Did this process's threads wait for a core SHARED_CORES cores' worth of the time since `since`, when
+        they had waited `waits` (rank 0's answer, on every rank)? A thread that ended since takes its count along;
+        one started since counts whole."""
+        now, after = time.perf_counter(), self.waits()
         shared = False
-        if before is not None and after is not None:  # a thread that ended takes its counts along: never below 0
-            waited, ran = max(after[0] - before[0], 0), max(after[1] - before[1], 0)
-            shared = waited > SHARED_WAIT * (waited + ran)
+        if waits is not None and after is not None:
+            waited_ns = sum(ns - waits.get(thread, 0) for thread, ns in after.items())
+            shared = waited_ns / 1e9 > SHARED_CORES * (now - since)
         return bool(broadcast_ints([shared], self.dist, self.device)[0])
+
+    def _time_val(self, time_val: Callable[[], float]) -> None:
+        waits, since = self.waits() if self.narrow_below else None, time.perf_counter()
+        self.val_s = time_val()
+        self.val_shared = bool(self.narrow_below) and self._shared_since(waits, since)
+
+    def _unshare(self, low_res: bool, step_s: float, time_val: Callable[[], float]) -> None:
+        """The cores are the run's again (a window at `low_res` of `step_s` a step, timed on them): what was measured
+        beside the neighbour comes down, this resolution's step to this window's cost, the other's to an estimate
+        from it (no dearer than measured), and the validation pass is timed again."""
+        for res, was_shared in self.shared_at.items():
+            if was_shared and res in self.measured:
+                estimate = step_s * self.pixel_ratio if low_res and not res else step_s  # a low-res step: no dearer
+                self.measured[res] = min(self.measured[res], estimate)
+                self.shared_at[res] = False
+        if self.val_shared:
+            self._time_val(time_val)
 
     def _deferral_over(self) -> bool:
         """Past MEASURE_SHARE of the budget since this net's measurements began (rank 0's clock decides)."""
@@ -417,7 +433,7 @@ class BudgetKeeper:
                                        low_res_share=self.low_res_share, at=at))
         if self.narrow_below and at.epoch == 1:  # not after an epoch: its metrics are logged, its checkpoint saved
             self.narrow_pending = False  # this plan's verdict replaces the early bound's
-            self._narrow_if(plan, steps_per_epoch, shared=self.shared_seen)
+            self._narrow_if(plan, steps_per_epoch, shared=any(self.shared_at.values()) or self.val_shared)
         self.state.plan = self.state.first_plan = plan
         self._open_window(self.now())
         return plan
