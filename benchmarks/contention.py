@@ -6,13 +6,14 @@ of the fast recipe's net (fastnet-lcn, width 32, batches of 128 at 32 px, fp32, 
 and beside each neighbour: the evidence for SHARED_CORES.
 
 `--budget B`: benchmarks.recipes' worker (augment, train, score on GTSRB's test split) with configs/gtsrb-fast.yaml
-at B seconds (`--min-epochs`: its train.budget_min_epochs instead): with a neighbour (`--neighbour`) from the end of
-the augment stage (the trainer then loads the data and starts its clock) for `--neighbour-s` seconds, with
-another checkout's code first (`--old ROOT`, its own .venv and benchmarks: the rule as it was there), then this
-checkout's; then alone. Each run is recorded as it ends: its width, first plan, epochs, actual time, test accuracy.
+at B seconds and the epoch cap benchmarks.budget gives it (`--min-epochs`: its train.budget_min_epochs instead):
+with a neighbour (`--neighbour`) for the first `--neighbour-s` seconds of the worker (its start, the augment stage,
+loading the data, then training's first seconds), with another checkout's code first (`--old ROOT`, its own .venv
+and benchmarks: the rule as it was there), then this checkout's; then alone. Each run is recorded as it ends: its
+width, first plan, epochs, actual time, test accuracy.
 
     python -m benchmarks.contention --rates
-    python -m benchmarks.contention --budget 120 --neighbour busy-cores --neighbour-s 8 [--old /work/wt/budget]
+    python -m benchmarks.contention --budget 120 --min-epochs 6 --neighbour busy-cores --neighbour-s 10 [--old ROOT]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.budget import derived_params, recipe_for
 from benchmarks.harness import RESULTS, ROOT, code_version, earlier_results, record
 from benchmarks.recipes import GTSRB_ZIP, RECIPES, prepare, spawn
 from cnnpipe.cores import available_cores
@@ -115,12 +117,8 @@ def checkout_version(root: Path) -> str:
 def budget_runs(args: argparse.Namespace, runs: list[dict], save: Callable[[], None]) -> None:
     """The runs, appended to `runs` and saved (`save()`) one by one."""
     processed = prepare(args.zip, args.work)
-    params = yaml.safe_load(RECIPES["fast"].read_text())
-    params["train"]["budget_s"] = float(args.budget)
-    if args.min_epochs is not None:
-        params["train"]["budget_min_epochs"] = args.min_epochs
-    path = args.work / f"params-contention-{args.budget:g}.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    changes = {} if args.min_epochs is None else {"train.budget_min_epochs": args.min_epochs}
+    path = derived_params("fast", args.budget, recipe_for(args.budget)[1], args.work, changes, label="contention")
     cases = [(args.neighbour, args.old, args.neighbour_s)] if args.old else []
     cases += [(args.neighbour, ROOT, args.neighbour_s), ("alone", ROOT, 0.0)]
     for case, root, seconds in cases:
@@ -129,9 +127,7 @@ def budget_runs(args: argparse.Namespace, runs: list[dict], save: Callable[[], N
             shutil.rmtree(work, ignore_errors=True)
             ended = threading.Event()
 
-            def neighbour(work: Path = work, case: str = case, seconds: float = seconds, ended=ended) -> None:
-                while seconds and not ended.is_set() and not (work / "augmented").exists():
-                    time.sleep(0.05)
+            def neighbour(case: str = case, seconds: float = seconds, ended=ended) -> None:
                 procs: list[subprocess.Popen] = []
                 try:
                     if seconds and not ended.is_set():
@@ -189,6 +185,7 @@ def main() -> None:
     parser.add_argument("--neighbour-s", type=float, default=8.0, help="seconds the neighbour runs")
     parser.add_argument("--old", type=Path, help="another checkout (with its .venv): the same runs with its code")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--label", default="", help="a suffix of the point's name (another variant of the code)")
     parser.add_argument("--zip", type=Path, default=GTSRB_ZIP)
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnnpipe-recipes"))
     parser.add_argument("--out", type=Path, default=RESULTS / "contention.json")
@@ -210,7 +207,7 @@ def main() -> None:
     if args.budget:
         min_epochs = args.min_epochs if args.min_epochs is not None else \
             yaml.safe_load(RECIPES["fast"].read_text())["train"]["budget_min_epochs"]
-        key = f"{args.budget:g}s_min{min_epochs:g}_{args.neighbour}_{args.neighbour_s:g}s"
+        key = f"{args.budget:g}s_min{min_epochs:g}_{args.neighbour}_{args.neighbour_s:g}s{'_' + args.label if args.label else ''}"
         point = result.setdefault("budgeted", {})[key] = {
             "command": " ".join(["python -m benchmarks.contention", *sys.argv[1:]]), "budget_s": args.budget,
             "min_epochs": min_epochs, "runs": []}

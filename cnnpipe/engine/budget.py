@@ -31,8 +31,10 @@ PLAN_SHARE = 0.97  # of the remaining time a plan fills: room for the measuremen
 DRIFT = 0.1  # re-plan when the rest of the plan would overrun, or finish this share of the remaining time early
 SMOOTHING = 0.3  # weight of the latest window in a falling step cost's moving average; a rising one is taken as
                  # measured: a neighbour taking a core must shorten the plan now, not after several windows
-SHARED_CORES = 0.5  # a timed window ran beside another busy process when this process's threads, together, waited
-                    # for a core this many cores' worth of its time (docs/budget.md: alone and beside busy processes)
+SHARED_CORES = 0.1  # a timed window ran beside another busy process when this process's threads, together, waited
+                    # for a core this many cores' worth of its time or more: alone a hundredth of a core, beside a
+                    # busy process most of one (docs/budget.md); low, so that a window the neighbour left halfway
+                    # through, its cost still inflated, does not count as the run's own
 CHECKS_PER_RUN = 25  # mid-epoch checks of the clock over a run (and one after every epoch): every that share of the
                      # planned steps or of the budget's seconds, whichever comes first (steps that turn several
                      # times slower would otherwise stretch a window, and the overrun, as many times)
