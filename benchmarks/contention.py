@@ -7,13 +7,13 @@ and beside each neighbour: the evidence for SHARED_CORES.
 
 `--budget B`: benchmarks.recipes' worker (augment, train, score on GTSRB's test split) with configs/gtsrb-fast.yaml
 at B seconds and the epoch cap benchmarks.budget gives it (`--min-epochs`: its train.budget_min_epochs instead):
-with a neighbour (`--neighbour`) for the first `--neighbour-s` seconds of the worker (its start, the augment stage,
-loading the data, then training's first seconds), with another checkout's code first (`--old ROOT`, its own .venv
-and benchmarks: the rule as it was there), then this checkout's; then alone. Each run is recorded as it ends: its
-width, first plan, epochs, actual time, test accuracy.
+with a neighbour (`--neighbour`) from the end of the augment stage (the trainer then loads the data and starts its
+clock) for `--neighbour-s` seconds, with another checkout's code first (`--old ROOT`, its own .venv and benchmarks:
+the rule as it was there), then this checkout's; then alone. Each run is recorded as it ends: its width, first plan,
+epochs, actual time, test accuracy.
 
     python -m benchmarks.contention --rates
-    python -m benchmarks.contention --budget 120 --min-epochs 6 --neighbour busy-cores --neighbour-s 10 [--old ROOT]
+    python -m benchmarks.contention --budget 200 --min-epochs 10 --neighbour busy-cores --neighbour-s 12 [--old ROOT]
 """
 
 from __future__ import annotations
@@ -127,7 +127,9 @@ def budget_runs(args: argparse.Namespace, runs: list[dict], save: Callable[[], N
             shutil.rmtree(work, ignore_errors=True)
             ended = threading.Event()
 
-            def neighbour(case: str = case, seconds: float = seconds, ended=ended) -> None:
+            def neighbour(work: Path = work, case: str = case, seconds: float = seconds, ended=ended) -> None:
+                while seconds and not ended.is_set() and not (work / "augmented").exists():  # then training starts
+                    time.sleep(0.05)
                 procs: list[subprocess.Popen] = []
                 try:
                     if seconds and not ended.is_set():
