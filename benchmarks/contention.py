@@ -87,7 +87,7 @@ def rates() -> dict:
             procs: list[subprocess.Popen] = []
             try:
                 start(case, procs)
-                time.sleep(0.5)  # the neighbours running
+                time.sleep(3.0 if case == "torch-job" else 0.5)  # the neighbours running (torch takes seconds to load)
                 for _ in range(WARMUP):
                     step()
                 before, t0 = core_waits(), time.perf_counter()
@@ -158,24 +158,28 @@ def budget_runs(args: argparse.Namespace, runs: list[dict], save: Callable[[], N
 
 
 def write_tables(result: dict, out: Path) -> None:
-    """`out`'s .md: the waits table, then one table of the budgeted runs."""
+    """`out`'s .md: the waits table; `out`'s stem + _runs.md: the budgeted runs (two files: a page takes each table
+    by its file)."""
     rows = ["| beside | cores' worth of time the threads waited for a core, each pass | ms a step, each pass |",
             "| --- | ---: | ---: |"]
-    for case, passes in result.get("rates", {}).items():
+    for case, passes in result.get("rates", {}).get("cases", {}).items():
         waited = ", ".join(f"{p['waited_cores']:.2f}" for p in passes)
         step_ms = ", ".join(f"{p['step_ms']:.0f}" for p in passes)
         rows.append(f"| {NEIGHBOURS[case][0] if case in NEIGHBOURS else case} | {waited} | {step_ms} |")
-    rows += ["", "| budget, neighbour | code | seed | width trained | first plan | planned epochs | actual time | "
-             "ms a step (last plan) | test accuracy |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out.with_suffix(".md").write_text("\n".join(rows) + "\n")
+    rows = ["| budget, neighbour | code | seed | width trained | first plan (of the net trained) | last plan | "
+            "actual time | ms a step (last plan) | test accuracy |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for point in result.get("budgeted", {}).values():
         for r in point["runs"]:
             beside = (f"{NEIGHBOURS[r['case']][0]} for {r['neighbour_s']:g} s" if r["case"] in NEIGHBOURS
                       else r["case"])
             step_ms = "-" if r["step_s"] is None else f"{1000 * r['step_s']:.0f}"
-            rows.append(f"| {point['budget_s']:g} s (budget_min_epochs {point['min_epochs']}), {beside} | {r['code']} "
-                        f"| {r['seed']} | {r['width']} | {r['first_plan_epochs']} epochs | {r['planned_epochs']} | "
-                        f"{r['actual_s']:.1f} s | {step_ms} | {100 * r['test_accuracy']:.2f} % |")
-    out.with_suffix(".md").write_text("\n".join(rows) + "\n")
+            rows.append(f"| {point['budget_s']:g} s (budget_min_epochs {point['min_epochs']:g}), {beside} | "
+                        f"{r['code']} | {r['seed']} | {r['width']} | {r['first_plan_epochs']} epochs | "
+                        f"{r['planned_epochs']} epochs | {r['actual_s']:.1f} s | {step_ms} | "
+                        f"{100 * r['test_accuracy']:.2f} % |")
+    out.with_name(f"{out.stem}_runs.md").write_text("\n".join(rows) + "\n")
 
 
 def main() -> None:
@@ -197,22 +201,25 @@ def main() -> None:
     if args.budget and not args.zip.exists():
         sys.exit(f"GTSRB zip not found: {args.zip}")
     result = earlier_results(args.out)
+    result.pop("command", None)  # record() writes this one's; each part keeps its own below
     result["code"] = code_version()
+    command = " ".join(["python -m benchmarks.contention", *sys.argv[1:]])
 
     def save() -> None:
         record(args.out, result)
         write_tables(result, args.out)
 
     if args.rates:
-        result["rates"] = rates()
+        result["rates"] = {"command": command, "code": result["code"], "date": time.strftime("%Y-%m-%d"),
+                           "cases": rates()}
         save()
     if args.budget:
         min_epochs = args.min_epochs if args.min_epochs is not None else \
             yaml.safe_load(RECIPES["fast"].read_text())["train"]["budget_min_epochs"]
         key = f"{args.budget:g}s_min{min_epochs:g}_{args.neighbour}_{args.neighbour_s:g}s{'_' + args.label if args.label else ''}"
         point = result.setdefault("budgeted", {})[key] = {
-            "command": " ".join(["python -m benchmarks.contention", *sys.argv[1:]]), "budget_s": args.budget,
-            "min_epochs": min_epochs, "runs": []}
+            "command": command, "date": time.strftime("%Y-%m-%d"), "budget_s": args.budget, "min_epochs": min_epochs,
+            "runs": []}
         budget_runs(args, point["runs"], save)
 
 

@@ -284,6 +284,17 @@ def test_a_full_resolution_probe_beside_a_neighbour_is_estimated_from_the_steps_
     assert keeper.state.plan.total_steps(100) >= 20 * 100, keeper.state.plan
 
 
+def test_a_neighbour_that_arrives_during_the_deferral_is_not_averaged_into_the_costs():
+    """The low-resolution steps are timed alone; the neighbour arrives for the full-resolution probe and stays through
+    the next low-resolution steps. Those windows, shared, raise the low-resolution cost too; the first window of the
+    run's own replaces it (a moving average of the two would fit under 5 epochs): the net keeps its width."""
+    neighbour = Neighbour(shared=range(16, 60))
+    keeper = _keeper(neighbour, budget_s=30.0, narrow_below=5, low_res_share=0.5)
+    _first_epoch(keeper, neighbour, steps_per_epoch=1000, low_res=True)
+    assert keeper.state.first_plan.total_steps(1000) < 5 * 1000, keeper.state.first_plan
+    assert not keeper.narrow_pending and keeper.state.plan.total_steps(1000) >= 10 * 1000, keeper.state.plan
+
+
 def test_steps_too_slow_on_the_cores_of_their_own_narrow_at_once():
     """The neighbour leaves after the first timed steps, but the run's own steps are still too slow for 5 epochs:
     it narrows on its first window of them, before the deferral would have ended."""
@@ -329,7 +340,7 @@ def test_core_waits_sees_busy_neighbours():
             p.kill()
             p.wait()
     waited_s = sum(ns - before.get(thread, 0) for thread, ns in after.items()) / 1e9
-    assert waited_s > SHARED_CORES * seconds, (waited_s, seconds)
+    assert waited_s > 0.5 * seconds > SHARED_CORES * seconds, (waited_s, seconds)  # not the run time, ~0.25 s
 
 
 def test_a_narrower_net_measures_its_steps_though_the_clock_started_earlier(capsys):

@@ -303,7 +303,9 @@ class BudgetKeeper:
             return None
         step_s = (self.now() - self.window_start) / self.window_steps
         shared = self.narrow_pending and self._shared_since(self.window_waits, self.window_start)
-        if self.narrow_pending and not shared:
+        if shared:  # this resolution's cost now holds the neighbour's too: the next window of its own replaces it
+            self.shared_at[low_res] = True
+        elif self.narrow_pending:
             self._unshare(low_res, step_s, time_val)
         self._measure(low_res, step_s)
         self._open_window(time.perf_counter())
@@ -393,7 +395,7 @@ class BudgetKeeper:
         shared = False
         if waits is not None and after is not None:
             waited_ns = sum(ns - waits.get(thread, 0) for thread, ns in after.items())
-            shared = waited_ns / 1e9 > SHARED_CORES * (now - since)
+            shared = waited_ns / 1e9 >= SHARED_CORES * (now - since)
         return bool(broadcast_ints([shared], self.dist, self.device)[0])
 
     def _time_val(self, time_val: Callable[[], float]) -> None:
@@ -403,8 +405,9 @@ class BudgetKeeper:
 
     def _unshare(self, low_res: bool, step_s: float, time_val: Callable[[], float]) -> None:
         """The cores are the run's again (a window at `low_res` of `step_s` a step, timed on them): what was measured
-        beside the neighbour comes down, this resolution's step to this window's cost, the other's to an estimate
-        from it (no dearer than measured), and the validation pass is timed again."""
+        beside the neighbour comes down, this resolution's step to this window's cost, the other's to a bound from it
+        (a full-resolution step at most the pixels' ratio dearer, a low-resolution one no dearer; either no dearer than
+        measured), and the validation pass is timed again."""
         for res, was_shared in self.shared_at.items():
             if was_shared and res in self.measured:
                 estimate = step_s * self.pixel_ratio if low_res and not res else step_s  # a low-res step: no dearer
