@@ -64,22 +64,13 @@ def rates() -> dict:
     in turn twice."""
     import torch
 
+    from benchmarks.step_shapes import training_step
     from cnnpipe.engine.budget import core_waits
-    from cnnpipe.models import build_model
 
     if core_waits() is None:
         sys.exit("this kernel does not say how long threads waited for a core (no /proc/self/task/*/schedstat)")
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    net = build_model("fastnet-lcn", 3, 43, 32, 32).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    x = torch.randn(128, 3, 32, 32).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 43, (128,))
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
+    step = training_step("fastnet-lcn", 32, 32, 128, channels_last=True, precision="fp32")
 
     out: dict[str, list[dict]] = {}
     for _ in range(2):
@@ -101,17 +92,6 @@ def rates() -> dict:
                                              "step_ms": round(1000 * seconds / STEPS, 1)})
             print(f"{case}: {out[case][-1]}", file=sys.stderr, flush=True)
     return out
-
-
-def checkout_version(root: Path) -> str:
-    """`root`'s commit, "+changes" when its cnnpipe/ or benchmarks/ differ from it (as harness.code_version)."""
-    if root == ROOT:
-        return code_version()
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    changed = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "cnnpipe", "benchmarks/*.py"],
-                             capture_output=True).returncode == 1
-    return f"{commit}+changes" if changed else commit
 
 
 def budget_runs(args: argparse.Namespace, runs: list[dict], save: Callable[[], None]) -> None:
@@ -138,7 +118,7 @@ def budget_runs(args: argparse.Namespace, runs: list[dict], save: Callable[[], N
                 finally:
                     stop(procs)
 
-            code = checkout_version(root)
+            code = code_version(root)
             print(f"{case} for {seconds:g} s, code {code}, seed {seed}", file=sys.stderr, flush=True)
             side = threading.Thread(target=neighbour)
             side.start()

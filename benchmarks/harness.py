@@ -61,13 +61,13 @@ def machine_info() -> dict:
             "python": platform.python_version(), "versions": versions, "git_commit": code_version()}
 
 
-def code_version() -> str:
-    """The commit the benchmark runs, "+changes" when cnnpipe/ or benchmarks/ differ from it (a variant measured
-    before it was committed); "" outside a git checkout."""
+def code_version(root: Path = ROOT) -> str:
+    """The commit the benchmark runs (`root`: another checkout's), "+changes" when cnnpipe/ or benchmarks/ differ
+    from it (a variant measured before it was committed); "" outside a git checkout."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                                 text=True).stdout.strip()
-        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "cnnpipe", "benchmarks/*.py"], cwd=ROOT,
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "cnnpipe", "benchmarks/*.py"], cwd=root,
                                  capture_output=True).returncode == 1
     except OSError:
         return ""

@@ -280,8 +280,7 @@ class BudgetKeeper:
             if epoch != 1:
                 return None
             # steps so slow that measuring them all would spend the budget: plan from those done
-            late = bool(broadcast_ints([time.perf_counter() - self.measuring_since > MEASURE_SHARE * self.state.budget_s],
-                                       self.dist, self.device)[0])
+            late = self._deferral_over()
             if step % (WARMUP_STEPS + MEASURE_STEPS) != 0 and not late:
                 return None
             self.measured[low_res] = (self.now() - self.window_start) / max(self.window_steps, 1)
@@ -417,7 +416,8 @@ class BudgetKeeper:
             self._time_val(time_val)
 
     def _deferral_over(self) -> bool:
-        """Past MEASURE_SHARE of the budget since this net's measurements began (rank 0's clock decides)."""
+        """Past MEASURE_SHARE of the budget since this net's measurements began (rank 0's clock decides): the end
+        of the first measurements and of a narrowing's wait."""
         over = time.perf_counter() - self.measuring_since >= MEASURE_SHARE * self.state.budget_s
         return bool(broadcast_ints([over], self.dist, self.device)[0])
 
