@@ -52,8 +52,8 @@ MODE_THREADS = {"avx2-1core": 1}
 PEERS = {"users": "plain PyTorch as users write it: RandomAffine + ColorJitter per image, fp32, configs/gtsrb.yaml's "
                   "optimizer and one-cycle schedule over the epochs that fit",
          "same": "plain PyTorch with cnnpipe's augmentation through torchvision v2 (class-aware flips, box crops on "
-                 "tv_tensors.BoundingBoxes, affine, colour), configs/gtsrb-fast.yaml's optimizer, schedule, EMA and "
-                 "precision, over the epochs that fit"}
+                 "tv_tensors.BoundingBoxes, affine, colour), configs/gtsrb-fast.yaml's optimizer, schedule, EMA, "
+                 "precision and conv_init, over the epochs that fit"}
 LONG_BUDGET_S = 300  # from this budget on, the long recipe (configs/gtsrb.yaml) is the starting point
 SECONDS_PER_EPOCH_CAP = 8  # train.epochs = B / 8: a cap the budget reaches first (an epoch takes ~9-14 s here)
 

@@ -93,7 +93,7 @@ def torch_worker(processed: Path, budget: float, threads: int, augment: str = "u
     the default recipe's epochs and schedule, stopped after `budget` seconds (the script as users write it);
     "same" = cnnpipe's augmentation of configs/gtsrb-fast.yaml through torchvision v2 (class-aware flips, crops
     between the sign's box and the frame on tv_tensors.BoundingBoxes, the same affine and colour ranges), its
-    optimizer, one-cycle schedule, EMA and precision (bf16 where the CPU has it), over `epochs` epochs: engine
+    optimizer, one-cycle schedule, EMA, precision (bf16 where the CPU has it) and conv_init, over `epochs` epochs: engine
     against engine. Not given: progressive resizing, border padding (v2's affine fills black)."""
     import numpy as np
     import torch
@@ -111,6 +111,7 @@ def torch_worker(processed: Path, budget: float, threads: int, augment: str = "u
     from cnnpipe.engine.device import autocast
     from cnnpipe.engine.loop import lr_factor, make_optimizer
     from cnnpipe.models import build_model
+    from cnnpipe.models.init import CONV_INITS
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -179,7 +180,10 @@ def torch_worker(processed: Path, budget: float, threads: int, augment: str = "u
                        num_workers=threads, persistent_workers=True, drop_last=False, worker_init_fn=seed_worker)
     val = DataLoader(Images(ds.splits["val"], v2.Compose(to_tensor), False), batch_size=512, num_workers=threads)
     test = DataLoader(Images(ds.splits["test"], v2.Compose(to_tensor), False), batch_size=512, num_workers=threads)
-    model = build_model(cfg.arch, 3, len(ds.classes), 32, cfg.width).to(memory_format=torch.channels_last)
+    model = build_model(cfg.arch, 3, len(ds.classes), 32, cfg.width)
+    if augment == "same" and cfg.conv_init != "default":
+        CONV_INITS[cfg.conv_init](model)
+    model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     total = epochs * len(train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total))

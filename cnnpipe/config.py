@@ -118,6 +118,10 @@ class TrainConfig:
                                    "fine-tuning)", minimum=0.0)
     frozen_bn_eval: bool = knob(True, "keep BatchNorm statistics fixed (eval mode) while the backbone is frozen")
     width: int = knob(16, "base width (channels of the first conv layer; hidden units for mlp)", minimum=1)
+    conv_init: str = knob("default", "default: the net as built; dirac: in fastnet (and the fastnet* archs), every "
+                                     "convolution after the stem starts with identity filters, airbench's init "
+                                     "(from scratch only; measured in docs/budget.md)",
+                          choices=("default", "dirac"))
     epochs: int = knob(12, "training epochs (with budget_s: the most epochs the plan may have)", minimum=1)
     budget_s: float = knob(0.0, "wall-clock budget of training + validation in seconds (0 = off: train.epochs epochs): "
                                 "the step and validation costs measured on the first steps plan the epochs, the "

@@ -385,14 +385,20 @@ def test_a_budget_too_short_for_the_min_epochs_narrows_the_net_and_keeps_its_clo
 @pytest.mark.e2e
 def test_a_narrowed_run_resumes_at_the_narrower_width(tmp_path, monkeypatch, capsys):
     """A run that narrowed its net and was stopped after epoch 2 resumes from its checkpoint at that width. On a
-    CPU without bf16 the recipe's `precision: bf16` falls back to fp32, said once, not once per net."""
+    CPU without bf16 the recipe's `precision: bf16` falls back to fp32, said once, not once per net. The recipe's
+    train.conv_init initializes the narrower net too (and the resumed one, whose weights the checkpoint replaces)."""
     from cnnpipe.stages import train
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    initialized = []  # the stem's width (half the net's) of every net the init was applied to
+    dirac = train.CONV_INITS["dirac"]
+    monkeypatch.setitem(train.CONV_INITS, "dirac", lambda net: initialized.append(
+        next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).out_channels) or dirac(net))
     _tiny_augmented(tmp_path)
-    cfg = TrainConfig(arch="fastnet", width=32, epochs=500, budget_s=6, budget_min_epochs=500, batch_size=16,
-                      threads=1, precision="bf16")
+    # 12 s: beside two busy processes (CI's other test worker) a 6 s run could end inside its first epoch
+    cfg = TrainConfig(arch="fastnet", width=32, epochs=500, budget_s=12, budget_min_epochs=500, batch_size=16,
+                      threads=1, precision="bf16", conv_init="dirac")
     where = dict(cfg=cfg, data=tmp_path / "processed", augmented=tmp_path / "augmented", model=tmp_path / "model",
                  tracking=None, checkpoint=tmp_path / "state.pt")
 
@@ -409,8 +415,10 @@ def test_a_narrowed_run_resumes_at_the_narrower_width(tmp_path, monkeypatch, cap
     assert "starting again at width 16" in err
     assert err.count("train.precision: bf16 asked for, but cpu has no native bf16: training in fp32") == 1
     assert torch.load(tmp_path / "state.pt", weights_only=True)["width"] == 16
+    assert initialized == [16, 8]  # width 32, then 16
     result = train.run(**where, resume=True)
     assert result["budget"]["width"] == 16 and load_model(tmp_path / "model" / MODEL_FILE)[1].width == 16
+    assert initialized == [16, 8, 8]
 
 
 @pytest.mark.e2e

@@ -15,6 +15,7 @@ from cnnpipe.config import AugmentConfig, TrainConfig
 from cnnpipe.engine.checkpoint import ModelSpec, load_checkpoint, load_model, save_checkpoint, save_model
 from cnnpipe.engine.inference import stats_tensors, to_nchw_uint8
 from cnnpipe.engine.loop import EMA, TrainData, fit, lr_factor, sharpness_aware_gradients
+from cnnpipe.engine.model_folder import CONFIG_FILE
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import build_model
 from tests.helpers import REPO, make_images, write_tiny_dataset
@@ -287,6 +288,27 @@ def test_train_on_val_is_refused_where_something_must_be_held_out(tmp_path):
             train.run(cfg=TrainConfig(train_on_val=True, **bad), data=tmp_path / "processed",
                       augmented=tmp_path / "augmented", model=tmp_path / "model", tracking=None)
         assert "\n" not in str(e.value) and not (tmp_path / "model").exists()
+
+
+def test_conv_init_dirac_trains_fastnet_and_is_refused_for_other_nets(tmp_path):
+    """train.conv_init dirac: a fastnet run trains and records it; a library backbone, pretrained weights (which
+    would overwrite it) or one of cnnpipe's nets without fastnet get one line naming the knob, nothing written."""
+    from cnnpipe.stages import augment, train
+
+    write_tiny_dataset(tmp_path / "processed")
+    augment.run(cfg=AugmentConfig(), data=tmp_path / "processed", augmented=tmp_path / "augmented")
+    for bad in ({"arch": "torchvision/resnet18"}, {"arch": "fastnet", "pretrained": str(tmp_path / "weights.pt")},
+                {"arch": "cnn3"}):
+        with pytest.raises(CnnpipeError, match=rf"^train.conv_init: dirac initializes fastnet's convolutions .*"
+                                               rf"not {bad['arch']}.*: expected default$") as e:
+            train.run(cfg=TrainConfig(conv_init="dirac", **bad), data=tmp_path / "processed",
+                      augmented=tmp_path / "augmented", model=tmp_path / "model", tracking=None)
+        assert "\n" not in str(e.value) and not (tmp_path / "model").exists()
+    result = train.run(cfg=TrainConfig(arch="fastnet", conv_init="dirac", epochs=1, width=4),
+                       data=tmp_path / "processed", augmented=tmp_path / "augmented", model=tmp_path / "model",
+                       tracking=None)
+    assert result["epochs"] == 1
+    assert json.loads((tmp_path / "model" / CONFIG_FILE).read_text())["train"]["conv_init"] == "dirac"
 
 
 @pytest.mark.e2e  # a real MLflow store (~10 s to create)

@@ -1,9 +1,13 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import MODELS, build_model, count_parameters
+from cnnpipe.models.init import dirac_convs
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
@@ -23,6 +27,32 @@ def test_every_model_trains_a_step(arch, channels, size):
 def test_cnn3_width_scales_parameters():
     counts = [count_parameters(build_model("cnn3", 3, 10, 32, w)) for w in (16, 32, 64)]
     assert counts[0] < counts[1] < counts[2]
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_dirac_init_passes_each_fastnet_convs_input_through_its_first_filters(arch):
+    """train.conv_init dirac: in fastnet, each of the 6 convolutions after the stem maps input channel i to output
+    channel i unchanged; the stem (the only conv taking the image's 3 channels), the other filters and every other
+    layer, a spatial transformer's included, keep their random init. Archs without fastnet are left whole (0)."""
+    torch.manual_seed(0)
+    net = build_model(arch, 3, 10, 32, 16)
+    before = copy.deepcopy(net)
+    changed = dirac_convs(net)
+    old = dict(before.named_modules())
+    convs = {name: m for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    moved = {name for name, conv in convs.items() if not torch.equal(conv.weight, old[name].weight)}
+    assert changed == len(moved) == (6 if arch.startswith("fastnet") else 0)
+    for name in moved:
+        conv = convs[name]
+        cin = conv.in_channels
+        assert cin > 3 and not name.startswith("0.loc")  # not the stem, not the spatial transformer's
+        x = torch.randn(2, cin, 5, 5)
+        with torch.no_grad():
+            assert torch.allclose(conv(x)[:, :cin], x, atol=1e-6)
+        assert torch.equal(conv.weight[cin:], old[name].weight[cin:])
+    weights = {id(convs[name].weight) for name in moved}
+    assert all(torch.equal(p, dict(before.named_parameters())[n]) for n, p in net.named_parameters()
+               if id(p) not in weights)
 
 
 def test_bad_arch_and_size_are_clear():

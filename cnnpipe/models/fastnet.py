@@ -20,6 +20,11 @@ def _block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
+class FastNet(nn.Sequential):
+    """fastnet's layers: a class of its own so that an initialization (train.conv_init) finds them inside the archs
+    that wrap fastnet (contrast normalization, a spatial transformer) and leaves the wrappers' layers alone."""
+
+
 class Mul(nn.Module):
     def __init__(self, scale: float):
         super().__init__()
@@ -32,7 +37,7 @@ class Mul(nn.Module):
 def build(in_channels: int, num_classes: int, image_size: int, width: int = 32) -> nn.Module:
     del image_size  # global pooling: the net is size-agnostic
     w = (width, 2 * width, 4 * width)
-    return nn.Sequential(
+    return FastNet(
         nn.Conv2d(in_channels, w[0] // 2, 3, padding=1, bias=False), nn.BatchNorm2d(w[0] // 2), nn.GELU(),
         _block(w[0] // 2, w[0]), _block(w[0], w[1]), _block(w[1], w[2]),
         nn.AdaptiveMaxPool2d(1), nn.Flatten(),

@@ -38,12 +38,27 @@ from cnnpipe.engine.stream import StreamBatches
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsio import atomic_dir, ensure_writable_parent, read_json
 from cnnpipe.models import MODELS, build_model, check_input_size, count_parameters, is_library_arch
+from cnnpipe.models.init import CONV_INITS
 from cnnpipe.engine.pretrained import adapt_stats, fit_weights, load_pretrained
 from cnnpipe.remote import Location
 
 
 MIN_WIDTH = 16  # train.budget_min_epochs narrows no further: narrower nets trained more epochs on GTSRB and still
                 # scored far below width 16 on the same clock (docs/budget.md)
+
+
+def _conv_init_refused(cfg: TrainConfig) -> CnnpipeError:
+    source = f" from {cfg.pretrained}" if cfg.pretrained else ""
+    return CnnpipeError(f"train.conv_init: {cfg.conv_init} initializes fastnet's convolutions (the fastnet* archs, "
+                        f"trained from scratch), not {cfg.arch}{source}: expected default")
+
+
+def _build_net(cfg: TrainConfig, channels: int, classes: int, image_size: int, width: int) -> torch.nn.Module:
+    """The net to train, initialized as train.conv_init asks (seeded by the caller)."""
+    net = build_model(cfg.arch, channels, classes, image_size, width)
+    if cfg.conv_init != "default" and not CONV_INITS[cfg.conv_init](net):
+        raise _conv_init_refused(cfg)
+    return net
 
 
 def _check_same_data(processed: Dataset, augmented: Dataset, data: Path, aug: Path) -> None:
@@ -104,6 +119,8 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
         raise CnnpipeError("train.train_on_val: no split is held out to pick an epoch or stop early by: expected "
                            f"train.keep last and train.early_stopping_patience 0, got {cfg.keep} and "
                            f"{cfg.early_stopping_patience}")
+    if cfg.conv_init != "default" and (cfg.arch not in MODELS or cfg.pretrained):  # before any download
+        raise _conv_init_refused(cfg)
     if cfg.train_on_val and shards is not None:
         raise CnnpipeError("train.train_on_val: not with training batches streamed from shards (the val split is not "
                            "in them): expected train.data_mode device")
@@ -120,7 +137,7 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
               f"(`--resume` would continue it)", file=sys.stderr)
     width = state.get("width", cfg.width) if state is not None else cfg.width  # a budget may have narrowed it
     torch.manual_seed(cfg.seed)
-    net = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, width)
+    net = _build_net(cfg, aug.channels, len(aug.classes), aug.image_size, width)
     if is_library_arch(cfg.arch):
         check_input_size(net, cfg.arch, aug.channels, aug.image_size)
     mean, std = aug.manifest["mean"], aug.manifest["std"]
@@ -212,7 +229,7 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
                 break
             except NarrowerNet as e:  # raised in the first epoch, before anything was logged or saved
                 torch.manual_seed(cfg.seed)
-                net = build_model(cfg.arch, aug.channels, len(aug.classes), aug.image_size, width // 2).to(device)
+                net = _build_net(cfg, aug.channels, len(aug.classes), aug.image_size, width // 2).to(device)
                 if dist.is_main:
                     print(f"train.budget_min_epochs {cfg.budget_min_epochs:g}: {e.epochs:.1f} epochs fit at width "
                           f"{width}: starting again at width {width // 2} "
