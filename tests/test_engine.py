@@ -304,6 +304,9 @@ def test_conv_init_dirac_trains_fastnet_and_is_refused_for_other_nets(tmp_path):
             train.run(cfg=TrainConfig(conv_init="dirac", **bad), data=tmp_path / "processed",
                       augmented=tmp_path / "augmented", model=tmp_path / "model", tracking=None)
         assert "\n" not in str(e.value) and not (tmp_path / "model").exists()
+    with pytest.raises(CnnpipeError, match="^train.arch: unknown architecture 'fastnte'"):  # a typo: said as such
+        train.run(cfg=TrainConfig(conv_init="dirac", arch="fastnte"), data=tmp_path / "processed",
+                  augmented=tmp_path / "augmented", model=tmp_path / "model", tracking=None)
     result = train.run(cfg=TrainConfig(arch="fastnet", conv_init="dirac", epochs=1, width=4),
                        data=tmp_path / "processed", augmented=tmp_path / "augmented", model=tmp_path / "model",
                        tracking=None)

@@ -119,7 +119,7 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
         raise CnnpipeError("train.train_on_val: no split is held out to pick an epoch or stop early by: expected "
                            f"train.keep last and train.early_stopping_patience 0, got {cfg.keep} and "
                            f"{cfg.early_stopping_patience}")
-    if cfg.conv_init != "default" and (cfg.arch not in MODELS or cfg.pretrained):  # before any download
+    if cfg.conv_init != "default" and (is_library_arch(cfg.arch) or cfg.pretrained):  # before any download
         raise _conv_init_refused(cfg)
     if cfg.train_on_val and shards is not None:
         raise CnnpipeError("train.train_on_val: not with training batches streamed from shards (the val split is not "
