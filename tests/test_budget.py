@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -162,13 +163,37 @@ def test_resume_keeps_the_plan_and_the_clock_of_the_checkpoint():
     assert resumed.budget["first_plan_epochs"] == 2 and resumed.budget["actual_s"] >= saved["used_s"]
 
 
+def test_the_clock_starts_once_the_run_is_set_up(monkeypatch):
+    """Set-up is not training: a process's first optimizer (or DistributedDataParallel) imports torch's compiler
+    stack, 3 s on an idle 2-core VM and past 5 s beside busy processes, which once took most of a 6 s budget under
+    torchrun. Here 1.5 s more set-up stays off the clock."""
+    from cnnpipe.engine import loop
+
+    fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), TrainConfig(arch="cnn3", width=8, epochs=1), None)  # the
+    # process's first steps cost ~1.5 s of set-up: not this test's subject
+    real_make_optimizer = loop.make_optimizer
+
+    def slow_optimizer(*args, **kwargs):
+        time.sleep(1.5)
+        return real_make_optimizer(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "make_optimizer", slow_optimizer)
+    cfg = TrainConfig(arch="cnn3", width=8, epochs=10_000, batch_size=1, lr=0.05, budget_s=2)
+    start = time.perf_counter()
+    result = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, None)
+    assert result.budget["actual_s"] <= 2 * 1.05, result.budget
+    assert time.perf_counter() - start - result.budget["actual_s"] >= 1.5  # the set-up, before the clock
+
+
 def test_a_first_plan_of_fewer_than_the_min_epochs_asks_for_a_narrower_net():
     """20 one-image steps an epoch: the first plan comes in epoch 1 (after the warm-up and timed steps); a second
     of budget fits far fewer than 10,000 epochs. Only the caller that can build a narrower net is asked to."""
     cfg = TrainConfig(arch="cnn3", width=8, epochs=10_000, batch_size=1, lr=0.05, budget_s=1, budget_min_epochs=10_000)
+    before = time.perf_counter()
     with pytest.raises(NarrowerNet) as raised:
         fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, None, can_narrow=True)
     assert 0 < raised.value.epochs < 10_000
+    assert before < raised.value.started < time.perf_counter()  # the clock the narrower net goes on with
     result = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, None)
     assert 1 <= result.budget["planned_epochs"] < 10_000 and result.budget["actual_s"] <= 1.05
 
@@ -374,6 +399,9 @@ def test_a_budget_too_short_for_the_min_epochs_narrows_the_net_and_keeps_its_clo
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fit at width 32: starting again at width 16" in proc.stderr
     assert "starting again at width 8" not in proc.stderr
+    spent = float(re.search(r"; ([0-9.]+) s of the budget spent", proc.stderr)[1])
+    planned_at = float(re.search(r"train.budget_s 8: planned .* at ([0-9.]+) s:", proc.stderr)[1])
+    assert planned_at > spent  # the narrower net's plan counts the seconds the wider one spent
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["budget"]["width"] == 16 and result["budget"]["actual_s"] <= 8 * 1.05
     model, spec = load_model(tmp_path / "model" / MODEL_FILE)
@@ -499,7 +527,7 @@ def test_ddp_ranks_follow_one_budget_plan(tmp_path):
          str(REPO / "params.yaml"), "--no-tracking", "--budget-s", "6", "--epochs", "300", "--width", "4", "--threads", "1",
          "--batch-size", "16", "--data", str(tmp_path / "processed"), "--augmented", str(tmp_path / "augmented"),
          "--out", str(tmp_path / "model")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, lines  # one results line for the job, from rank 0 (two ranks' could interleave)

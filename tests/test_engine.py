@@ -172,7 +172,7 @@ def test_ddp_trains_with_two_cpu_processes(tmp_path, extra):
          str(REPO / "params.yaml"), "--no-tracking", "--epochs", "2", "--width", "4", "--batch-size", "16",
          "--data", str(tmp_path / "processed"), "--augmented", str(tmp_path / "augmented"),
          "--out", str(tmp_path / "model"), "--checkpoint", str(tmp_path / "ckpt.pt"), *extra],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stderr and proc.stderr.count("epoch 2/2") == 1  # only rank 0 reports
     assert len(proc.stdout.strip().splitlines()) == 1 and json.loads(proc.stdout)["epochs"] == 2  # one results line

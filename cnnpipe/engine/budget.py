@@ -198,11 +198,11 @@ class BudgetState:
 
 class NarrowerNet(Exception):  # noqa: N818 (not an error: the caller trains a narrower net)
     """Fewer than `narrow_below` epochs fit (`epochs`: a plan's steps over an epoch's steps), found in the first
-    epoch: the caller starts again with a narrower net (train.budget_min_epochs)."""
+    epoch: the caller starts again with a narrower net (train.budget_min_epochs), on the same clock (`started`)."""
 
-    def __init__(self, epochs: float) -> None:
+    def __init__(self, epochs: float, started: float) -> None:
         super().__init__(f"{epochs:.1f} epochs fit")
-        self.epochs = epochs
+        self.epochs, self.started = epochs, started
 
 
 def core_waits() -> dict[int, int] | None:
@@ -429,7 +429,7 @@ class BudgetKeeper:
             if shared and not self._deferral_over():
                 self.narrow_pending = True
                 return
-            raise NarrowerNet(epochs)
+            raise NarrowerNet(epochs, self.started)
 
     def _first_plan(self, at: Position, steps_per_epoch: int) -> Plan:
         self.state.costs = self._costs()

@@ -52,5 +52,5 @@ def broadcast_ints(values: list[int], d: Dist, device: torch.device) -> list[int
 
 
 def barrier(d: Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
+    if d.world > 1:  # nccl: on this rank's GPU (it would guess one otherwise)
+        dist.barrier(device_ids=[d.local_rank] if dist.get_backend() == "nccl" else None)

@@ -30,7 +30,7 @@ from cnnpipe.augment import AugmentPolicy, apply_policy, mix_batch
 from cnnpipe.config import TrainConfig
 from cnnpipe.engine.budget import BudgetKeeper, BudgetState, Plan, Progress
 from cnnpipe.engine.device import autocast
-from cnnpipe.engine.distributed import Dist, all_sum
+from cnnpipe.engine.distributed import Dist, all_sum, barrier
 from cnnpipe.engine.inference import normalize, predict_logits
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.models import head
@@ -274,10 +274,10 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
     """Train `model` in place; returns the history and the weights to keep.
 
     `checkpoint(state)` is called after every epoch with everything `resume` needs to continue. With a budget,
-    `started` (time.perf_counter()) is when its clock started (default: now); `can_narrow`: raise NarrowerNet
-    (cnnpipe.engine.budget) when fewer than train.budget_min_epochs epochs fit, found before any epoch ended.
+    `started` (time.perf_counter()) is when its clock started (default: once the run is set up, every rank ready
+    to take its first step); `can_narrow`: raise NarrowerNet (cnnpipe.engine.budget, with that clock) when fewer
+    than train.budget_min_epochs epochs fit, found before any epoch ended.
     """
-    started = time.perf_counter() if started is None else started  # a budget's clock
     dist = dist or Dist()  # one process
     device = data.val_images.device
     source = data.train_stream if data.train_stream is not None else DeviceBatches(data, cfg.batch_size, cfg.seed, dist)
@@ -316,6 +316,9 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             plan = budget.plan
             progress.__dict__.update(budget.schedule.__dict__)
         budget.schedule = progress
+        # the clock starts after the set-up (a process's first DDP or optimizer imports torch._dynamo, 3-5 s;
+        # docs/budget.md) and once every rank is ready (rank 0's clock would count a slower rank's set-up)
+        barrier(dist)
         keeper = BudgetKeeper(budget, max_epochs=cfg.epochs,
                               low_res_share=min(cfg.low_res_epochs / cfg.epochs, 1.0) if low_res_active else 0.0,
                               full_over_low_pixels=(data.val_images.shape[-1] / cfg.low_res) ** 2 if low_res_active

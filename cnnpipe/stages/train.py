@@ -220,7 +220,7 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
         few = None if cfg.train_on_val else few_val_images(len(val_split.labels))
         if few and dist.is_main:
             print(f"train: {few}", file=sys.stderr)
-        started = time.perf_counter()  # a budget's clock, which a narrower net's start does not reset
+        started = None  # a budget's clock: fit starts it, a narrower net's start does not reset it
         while True:
             try:
                 result = fit(net, tensors, cfg, policy, on_epoch=each_epoch, checkpoint=save, resume=state, dist=dist,
@@ -228,6 +228,7 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
                                                                and not cfg.pretrained and width // 2 >= MIN_WIDTH))
                 break
             except NarrowerNet as e:  # raised in the first epoch, before anything was logged or saved
+                started = e.started
                 torch.manual_seed(cfg.seed)
                 net = _build_net(cfg, aug.channels, len(aug.classes), aug.image_size, width // 2).to(device)
                 if dist.is_main:
