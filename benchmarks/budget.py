@@ -411,7 +411,8 @@ def save(out: Path, results: dict, threads: int, commands: list[str], load: dict
     plot(results, sorted({float(p.split()[0]) for p in points}), out.with_suffix(".png"))
     record(out, {
         "benchmark": "GTSRB test accuracy (whole frames, track-held-out split) against train.budget_s; the fixed "
-                     "recipes as they are; actual_s = the trainer's own count of training + validation seconds, "
+                     "recipes as they are; actual_s = the trainer's own count of training + validation seconds (from the "
+                     "first step: set-up excluded since b9d6be5), "
                      "train_s = the worker's from the start of the train stage (data loading included)",
         "commands": commands, "command": commands[-1], "threads_per_run": threads,
         # every point under one flat name (<mode>_<budget>[_<label>]) a docs placeholder can address
