@@ -245,6 +245,29 @@ def test_a_net_far_too_slow_is_narrowed_on_its_first_timed_steps(waits):
     assert step + 1 == 13 and raised.value.epochs < 1  # 3 warm-up steps and 10 timed
 
 
+def test_a_net_too_slow_at_full_resolution_is_narrowed_before_its_validation_pass_is_timed():
+    """Low-resolution steps of 10 ms fit 8 epochs of 100 in a 20 s budget (the bound from them alone cannot decide);
+    the full-resolution probe's 80 ms steps, with 30 % of the epochs at low resolution, fit fewer than 8 even with no
+    validation: the keeper asks for a narrower net right after the probe, before timing a validation pass (the
+    full plan's verdict would be the same, a pass and its warm-up later). Each margin is 1.7x or more for a loaded
+    machine's longer sleeps."""
+    keeper = BudgetKeeper(BudgetState(20.0), max_epochs=100, low_res_share=0.3, full_over_low_pixels=2.0, dist=Dist(),
+                          device=torch.device("cpu"), narrow_below=8, waits=lambda: {1: 0})
+
+    def time_val():
+        raise AssertionError("a validation pass was timed")
+
+    keeper.epoch_started()
+    with pytest.raises(NarrowerNet) as raised:
+        for step in range(40):
+            keeper.before_step(1, step)
+            full_res = keeper.probing_full_res(1, step, True)
+            time.sleep(0.08 if full_res else 0.01)
+            keeper.after_step(epoch=1, step=step + 1, low_res=not full_res, epoch_low_res=True, steps_per_epoch=100,
+                              time_val=time_val)
+    assert step + 1 == 26 and 1 < raised.value.epochs < 8  # 13 low-resolution steps, then the 13 of the probe
+
+
 class Neighbour:
     """Steps of `step_s` seconds (twice that at full resolution), `slow` times slower on the run's steps numbered in
     `shared` (a busy process beside them): each of the run's `threads` threads then waits for a core the extra time

@@ -287,9 +287,12 @@ class BudgetKeeper:
             at = Position(epoch, step, int(epoch_low_res), not epoch_low_res)
             if self.narrow_below:
                 self.shared_at[low_res] = self._shared_since(self.window_waits, self.window_start)
+                # a bound before the validation pass is timed (it costs a pass and its warm-up): no validation, and
+                # a resolution not timed yet at the cheapest cost timed
                 cheapest = min(self.measured.values())
+                bound = Costs(self.measured.get(False, cheapest), self.measured.get(True, cheapest), 0.0)
                 self._narrow_if(plan_budget(remaining_s=self.state.budget_s - self.elapsed(),
-                                            costs=Costs(cheapest, cheapest, 0.0), steps_per_epoch=steps_per_epoch,
+                                            costs=bound, steps_per_epoch=steps_per_epoch,
                                             max_epochs=self.max_epochs, low_res_share=self.low_res_share, at=at),
                                 steps_per_epoch, shared=any(self.shared_at.values()))
             if self.low_res_share < 1 and low_res and False not in self.measured and not late:
