@@ -246,7 +246,7 @@ def test_a_net_far_too_slow_is_narrowed_on_its_first_timed_steps(waits):
 
 
 def test_a_net_too_slow_at_full_resolution_is_narrowed_before_its_validation_pass_is_timed():
-    """Low-resolution steps of 10 ms fit 8 epochs of 100 in a 20 s budget (the bound from them alone cannot decide);
+    """Low-resolution steps of 10 ms fit ~19 epochs of 100 in a 20 s budget (their bound alone cannot decide);
     the full-resolution probe's 80 ms steps, with 30 % of the epochs at low resolution, fit fewer than 8 even with no
     validation: the keeper asks for a narrower net right after the probe, before timing a validation pass (the
     full plan's verdict would be the same, a pass and its warm-up later). Each margin is 1.7x or more for a loaded

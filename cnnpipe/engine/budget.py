@@ -229,9 +229,10 @@ class BudgetKeeper:
     def __init__(self, state: BudgetState, *, max_epochs: int, low_res_share: float, full_over_low_pixels: float,
                  dist: Dist, device: torch.device, started: float | None = None, narrow_below: float = 0.0,
                  waits: Callable[[], dict[int, int] | None] = core_waits):
-        """`narrow_below`: raise NarrowerNet when the first plan fits fewer epochs, or sooner, when even steps all
-        at the cheapest measured cost and no validation would (saving the rest of the measurements); a decision on
-        costs measured beside another busy process (`waits()`: nanoseconds each thread waited for a core) waits."""
+        """`narrow_below`: raise NarrowerNet when the first plan fits fewer epochs, or sooner, when even the steps
+        timed so far (each resolution at its cost, one not timed yet at the cheapest timed) with no validation would
+        (saving the rest of the measurements); a decision on costs measured beside another busy process (`waits()`:
+        nanoseconds each thread waited for a core) waits."""
         self.state, self.max_epochs, self.low_res_share = state, max_epochs, low_res_share
         self.narrow_below = narrow_below if state.plan is None else 0.0
         self.pixel_ratio = full_over_low_pixels  # estimates a full-resolution step when none was measured yet
@@ -290,7 +291,8 @@ class BudgetKeeper:
                 # a bound before the validation pass is timed (it costs a pass and its warm-up): no validation, and
                 # a resolution not timed yet at the cheapest cost timed
                 cheapest = min(self.measured.values())
-                bound = Costs(self.measured.get(False, cheapest), self.measured.get(True, cheapest), 0.0)
+                full, low = self.measured.get(False, cheapest), self.measured.get(True, cheapest)
+                bound = Costs(full, low, 0.0)
                 self._narrow_if(plan_budget(remaining_s=self.state.budget_s - self.elapsed(),
                                             costs=bound, steps_per_epoch=steps_per_epoch,
                                             max_epochs=self.max_epochs, low_res_share=self.low_res_share, at=at),
