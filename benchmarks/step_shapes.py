@@ -3,7 +3,9 @@ batch size, input resolution and width, in the precision the trainer picks here 
 has it natively, fp32 elsewhere): the engine's share of train.channels_last, train.batch_size, train.low_res
 and the budget's narrowing (train.budget_min_epochs). Beside it, what the trainer does to a batch before the
 net: the recipe's augmentation of a uint8 batch (flips, box crops and the affine map in one resampling,
-photometric jitter), the downscale to train.low_res and the normalization.
+photometric jitter), the downscale to train.low_res and the normalization. And the trainer's whole step at the
+recipe's batch (cnnpipe.engine.loop.fit on random uint8 images with boxes: preparation, step, EMA update,
+scheduler, running metrics), against the bare step and the preparation: what the trainer adds.
 
 The bare training step (forward, cross-entropy, backward, SGD; not the trainer's EMA update, scheduler step
 and running metrics) on random batches. Every shape's net is built and warmed up once, then --repeats passes
@@ -19,6 +21,7 @@ native bf16, step_shapes_avx2_cpu.json without).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable
@@ -34,6 +37,7 @@ from cnnpipe.config import AugmentConfig, TrainConfig, load_block, read_params
 from cnnpipe.data.sources.gtsrb import CLASSES
 from cnnpipe.engine.device import autocast, set_threads
 from cnnpipe.engine.inference import normalize
+from cnnpipe.engine.loop import TrainData, fit
 from cnnpipe.models import build_model
 
 RECIPE = ROOT / "configs/gtsrb-fast.yaml"
@@ -85,6 +89,29 @@ def batch_preparation(policy: AugmentPolicy, size: int, batch: int) -> Callable[
     for _ in range(WARM_UP_STEPS):
         prepare()
     return prepare
+
+
+def trainer_step_s(train: TrainConfig, policy: AugmentPolicy, width: int, size: int, steps: int, epochs: int) -> float:
+    """Seconds per step of the trainer's own loop (fit, no budget) at this width and size: its best epoch of
+    `epochs` (the first creates the kernels) of `steps` steps on random uint8 images, every box 5 px in."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    n = steps * train.batch_size
+
+    def images(count: int) -> torch.Tensor:
+        return torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=g)
+
+    def labels(count: int) -> torch.Tensor:
+        return torch.randint(0, len(CLASSES), (count,), generator=g)
+
+    data = TrainData(images(n), labels(n), images(train.batch_size), labels(train.batch_size),
+                     torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25),
+                     torch.tensor([[5.0, 5.0, 27.0, 27.0]]).repeat(n, 1))
+    low_res = size if size != 32 else 0
+    cfg = dataclasses.replace(train, budget_s=0.0, epochs=epochs, width=width, low_res=low_res,
+                              low_res_epochs=epochs if low_res else 0, early_stopping_patience=0)
+    history = fit(build_model(cfg.arch, 3, len(CLASSES), 32, width), data, cfg, policy).history
+    return min(h["train/epoch_seconds"] for h in history) / steps
 
 
 def best_block_s(fn: Callable[[], None], calls: int, best: float) -> float:
@@ -143,7 +170,16 @@ def main() -> None:
         step_ms = 1000 * batch / images_per_s(min(WIDTHS), size, batch, True)
         preparation_rows.append({"size": size, "batch": batch, "ms_per_batch": round(ms, 2),
                                  "share_of_width16_step": round(ms / (ms + step_ms), 3)})
-    for row in [*rows, *preparation_rows]:
+    trainer_rows = []
+    for width, size in itertools.product(WIDTHS, SIZES):
+        batch = train.batch_size
+        step_ms = 1000 * trainer_step_s(train, policy, width, size, calls(batch), args.repeats + 1)
+        bare_ms = 1000 * batch / images_per_s(width, size, batch, train.channels_last)
+        prepare_ms = 1000 * preparation_s[size, batch] / calls(batch)
+        trainer_rows.append({"width": width, "size": size, "batch": batch, "trainer_ms_per_step": round(step_ms, 1),
+                             "bare_step_ms": round(bare_ms, 1), "preparation_ms": round(prepare_ms, 1),
+                             "rest_share": round((step_ms - bare_ms - prepare_ms) / step_ms, 3)})
+    for row in [*rows, *preparation_rows, *trainer_rows]:
         print(row)
     record(out, {"benchmark": f"{train.arch} training step images/s on CPU by layout, width, resolution and batch "
                               f"({precision}: what train.precision {train.precision} gives on this CPU), best block",
@@ -152,6 +188,12 @@ def main() -> None:
                  "batch_preparation": {"what": f"{RECIPE.relative_to(ROOT)}'s augmentation of a uint8 32x32 batch, "
                                                "the downscale to size, normalization, channels_last (best block)",
                                        "rows": preparation_rows},
+                 "trainer": {"what": "the trainer's step (cnnpipe.engine.loop.fit, no budget, best epoch of "
+                                     f"{args.repeats + 1} of {args.images} images each, the first epoch creating the "
+                                     "kernels) against the bare step and the preparation above; rest_share: the "
+                                     "trainer's other work (EMA update, scheduler, running metrics) and the noise "
+                                     "between separate timings, as a share of its step",
+                             "rows": trainer_rows},
                  "load_average_before": load_before, "load_average_after": load_average()})
 
 
