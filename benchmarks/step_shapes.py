@@ -15,7 +15,7 @@ is slow, so a short block of a fast shape gets no better odds of a quiet spell: 
 third from one second to the next here. Results go to one file per kind of CPU (step_shapes_cpu.json with
 native bf16, step_shapes_avx2_cpu.json without).
 
-    flock /tmp/cnnpipe-bench.lock .venv/bin/python -m benchmarks.step_shapes [--images 1280] [--repeats 5]
+    flock /tmp/cnnpipe-bench.lock .venv/bin/python -m benchmarks.step_shapes [--images 1280] [--repeats 5] [--out FILE]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def batch_preparation(policy: AugmentPolicy, size: int, batch: int) -> Callable[
 
 def trainer_step_s(train: TrainConfig, policy: AugmentPolicy, width: int, size: int, steps: int, epochs: int) -> float:
     """Seconds per step of the trainer's own loop (fit, no budget) at this width and size: its best epoch of
-    `epochs` (the first creates the kernels) of `steps` steps on random uint8 images, every box 5 px in."""
+    `epochs` after a first that creates the kernels, each `steps` steps on random uint8 images, every box 5 px in."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     n = steps * train.batch_size
@@ -108,10 +108,10 @@ def trainer_step_s(train: TrainConfig, policy: AugmentPolicy, width: int, size: 
                      torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25),
                      torch.tensor([[5.0, 5.0, 27.0, 27.0]]).repeat(n, 1))
     low_res = size if size != 32 else 0
-    cfg = dataclasses.replace(train, budget_s=0.0, epochs=epochs, width=width, low_res=low_res,
-                              low_res_epochs=epochs if low_res else 0, early_stopping_patience=0)
+    cfg = dataclasses.replace(train, budget_s=0.0, epochs=epochs + 1, width=width, low_res=low_res,
+                              low_res_epochs=epochs + 1 if low_res else 0, early_stopping_patience=0)
     history = fit(build_model(cfg.arch, 3, len(CLASSES), 32, width), data, cfg, policy).history
-    return min(h["train/epoch_seconds"] for h in history) / steps
+    return min(h["train/epoch_seconds"] for h in history[1:]) / steps
 
 
 def best_block_s(fn: Callable[[], None], calls: int, best: float) -> float:
@@ -173,7 +173,7 @@ def main() -> None:
     trainer_rows = []
     for width, size in itertools.product(WIDTHS, SIZES):
         batch = train.batch_size
-        step_ms = 1000 * trainer_step_s(train, policy, width, size, calls(batch), args.repeats + 1)
+        step_ms = 1000 * trainer_step_s(train, policy, width, size, calls(batch), args.repeats)
         bare_ms = 1000 * batch / images_per_s(width, size, batch, train.channels_last)
         prepare_ms = 1000 * preparation_s[size, batch] / calls(batch)
         trainer_rows.append({"width": width, "size": size, "batch": batch, "trainer_ms_per_step": round(step_ms, 1),
@@ -188,10 +188,11 @@ def main() -> None:
                  "batch_preparation": {"what": f"{RECIPE.relative_to(ROOT)}'s augmentation of a uint8 32x32 batch, "
                                                "the downscale to size, normalization, channels_last (best block)",
                                        "rows": preparation_rows},
-                 "trainer": {"what": "the trainer's step (cnnpipe.engine.loop.fit, no budget, best epoch of "
-                                     f"{args.repeats + 1} of {args.images} images each, the first epoch creating the "
-                                     "kernels) against the bare step and the preparation above; rest_share: the "
-                                     "trainer's other work (EMA update, scheduler, running metrics) and the noise "
+                 "trainer": {"what": "the trainer's step at the recipe's batch (cnnpipe.engine.loop.fit, no budget, "
+                                     f"best of {args.repeats} epochs of {calls(train.batch_size) * train.batch_size} "
+                                     "images after a first that creates the kernels) against the bare step and the "
+                                     "preparation above; rest_share: the trainer's other work (each epoch's shuffle, "
+                                     "the batches' gather, EMA update, scheduler, running metrics) and the noise "
                                      "between separate timings, as a share of its step",
                              "rows": trainer_rows},
                  "load_average_before": load_before, "load_average_after": load_average()})

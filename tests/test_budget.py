@@ -21,7 +21,7 @@ from cnnpipe.config import AugmentConfig, TrainConfig
 from cnnpipe.cores import available_cores
 from cnnpipe.engine.budget import (MEASURE_SHARE, MEASURE_STEPS, PLAN_SHARE, SHARED_CORES, WARMUP_STEPS, BudgetKeeper,
                                    BudgetState, Costs, NarrowerNet, Plan, Position, Progress, _low_res_epochs,
-                                   core_waits, plan_budget, remaining_cost, replan)
+                                   core_waits, floored_epochs, plan_budget, remaining_cost, replan)
 from cnnpipe.engine.distributed import Dist
 from cnnpipe.engine.checkpoint import load_model
 from cnnpipe.engine.loop import fit
@@ -196,6 +196,15 @@ def test_a_first_plan_of_fewer_than_the_min_epochs_asks_for_a_narrower_net():
     assert before < raised.value.started < time.perf_counter()  # the clock the narrower net goes on with
     result = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, None)
     assert 1 <= result.budget["planned_epochs"] < 10_000 and result.budget["actual_s"] <= 1.05
+
+
+@pytest.mark.parametrize(("epochs", "said"), [(2.996, "2.99"), (2.3, "2.30"), (2.5, "2.50"), (0.004, "0.00"), (12.0, "12.00")])
+def test_the_epochs_a_narrowing_names_never_read_as_the_threshold_they_fell_short_of(epochs, said):
+    """The narrowing's line names the epochs that fit: a count between 2.95 and 3 read, rounded to tenths, "3.0
+    epochs fit ... starting again at width 16" (a 120 s run on the slower AVX2 VM); floored to hundredths it reads
+    under 3."""
+    assert floored_epochs(epochs) == said
+    assert str(NarrowerNet(epochs, 0.0)) == f"{said} epochs fit"
 
 
 class SlowsDown(nn.Module):

@@ -196,12 +196,19 @@ class BudgetState:
                    d["replans"], plan(d["first_plan"]), Progress(**d["schedule"]) if d["schedule"] else None)
 
 
+def floored_epochs(epochs: float) -> str:
+    """Epochs that fit, floored to hundredths: a count just short of train.budget_min_epochs never reads as it
+    (2.96 -> "2.96", where rounding to tenths printed "3.0 epochs fit ... starting again at width 16"); the 1e-9
+    keeps a binary fraction's shortfall from flooring 2.3 (229.99999999999997 hundredths) to 2.29."""
+    return f"{math.floor(epochs * 100 + 1e-9) / 100:.2f}"
+
+
 class NarrowerNet(Exception):  # noqa: N818 (not an error: the caller trains a narrower net)
     """Fewer than `narrow_below` epochs fit (`epochs`: a plan's steps over an epoch's steps), found in the first
     epoch: the caller starts again with a narrower net (train.budget_min_epochs), on the same clock (`started`)."""
 
     def __init__(self, epochs: float, started: float) -> None:
-        super().__init__(f"{epochs:.1f} epochs fit")
+        super().__init__(f"{floored_epochs(epochs)} epochs fit")
         self.epochs, self.started = epochs, started
 
 

@@ -232,8 +232,8 @@ def _train(*, cfg: TrainConfig, data: Path, augmented: Path, shards: Location | 
                 torch.manual_seed(cfg.seed)
                 net = _build_net(cfg, aug.channels, len(aug.classes), aug.image_size, width // 2).to(device)
                 if dist.is_main:
-                    print(f"train.budget_min_epochs {cfg.budget_min_epochs:g}: {e.epochs:.1f} epochs fit at width "
-                          f"{width}: starting again at width {width // 2} "
+                    print(f"train.budget_min_epochs {cfg.budget_min_epochs:g}: {e} at width {width}: starting again "
+                          f"at width {width // 2} "
                           f"({count_parameters(net):,} parameters; {time.perf_counter() - started:.1f} s of the budget "
                           f"spent)", file=sys.stderr, flush=True)
                 width //= 2
