@@ -182,7 +182,8 @@ def test_the_clock_starts_once_the_run_is_set_up(monkeypatch):
     start = time.perf_counter()
     result = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, None)
     assert result.budget["actual_s"] <= 2 * 1.05, result.budget
-    assert time.perf_counter() - start - result.budget["actual_s"] >= 1.5  # the set-up, before the clock
+    # the set-up, before the clock; actual_s is recorded in hundredths (CI once measured 1.4998 s: 2.01 rounded up)
+    assert time.perf_counter() - start - result.budget["actual_s"] >= 1.5 - 0.005
 
 
 def test_a_first_plan_of_fewer_than_the_min_epochs_asks_for_a_narrower_net():
