@@ -21,11 +21,12 @@ from cnnpipe.config import AugmentConfig, TrainConfig
 from cnnpipe.cores import available_cores
 from cnnpipe.engine.budget import (MEASURE_SHARE, MEASURE_STEPS, PLAN_SHARE, SHARED_CORES, WARMUP_STEPS, BudgetKeeper,
                                    BudgetState, Costs, NarrowerNet, Plan, Position, Progress, _low_res_epochs,
-                                   core_waits, floored_epochs, plan_budget, remaining_cost, replan)
+                                   core_waits, floored_epochs, plan_budget, remaining_cost, replan, validated,
+                                   validations)
 from cnnpipe.engine.distributed import Dist
 from cnnpipe.engine.checkpoint import load_model
 from cnnpipe.engine.loop import fit
-from cnnpipe.engine.model_folder import CONFIG_FILE, MODEL_FILE
+from cnnpipe.engine.model_folder import CONFIG_FILE, MODEL_FILE, read_history
 from cnnpipe.models import build_model
 from tests.formats import gtsrb_zip
 from tests.helpers import REPO, cnnpipe, user_env, write_tiny_dataset
@@ -112,26 +113,48 @@ def test_replan_never_undoes_low_res_epochs_already_trained():
 @settings(max_examples=200, deadline=None)
 @given(remaining=st.floats(0.01, 5000), step=st.floats(1e-3, 2), low=st.floats(0.3, 1.0), val=st.floats(0, 30),
        per=st.integers(1, 400), cap=st.integers(1, 40), share=st.sampled_from([0, 0.25, 0.6, 1.0]),
-       epoch=st.integers(1, 5), done=st.integers(0, 400))
-def test_a_plan_that_fits_fits_and_could_not_take_one_more_step(remaining, step, low, val, per, cap, share, epoch, done):
+       epoch=st.integers(1, 5), done=st.integers(0, 400), every=st.integers(0, 4))
+def test_a_plan_that_fits_fits_and_could_not_take_one_more_step(remaining, step, low, val, per, cap, share, epoch, done,
+                                                                every):
     costs = Costs(step_s=step, low_res_step_s=step * low, val_s=val)
     at = Position(epoch=epoch, steps_done=min(done, per - 1), low_res_done=0, low_res_over=share == 0)
     plan = plan_budget(remaining_s=remaining, costs=costs, steps_per_epoch=per, max_epochs=cap, low_res_share=share,
-                       at=at)
+                       at=at, val_every=every)
     assert plan.epochs >= (at.epoch if plan.fits or at.steps_done else at.epoch - 1)
     if not plan.fits:
         return
-    assert remaining_cost(plan, costs, per, at) <= remaining * PLAN_SHARE + 1e-9
+    assert remaining_cost(plan, costs, per, at, every) <= remaining * PLAN_SHARE + 1e-9
     assert plan.epochs <= max(cap, at.epoch) and 1 <= plan.last_epoch_steps <= per
     last_s = costs.low_res_step_s if plan.epochs <= plan.low_res_epochs else costs.step_s
     if plan.epochs > at.epoch and plan.last_epoch_steps < per:  # a new partial epoch: at least its validation's time
         assert plan.last_epoch_steps * last_s >= costs.val_s - 1e-9
     if plan.last_epoch_steps == per and plan.epochs < cap:  # whole: one more whole epoch would not have fitted
         more = Plan(plan.epochs + 1, per, _low_res_epochs(plan.epochs + 1, share, at))
-        assert remaining_cost(more, costs, per, at) > remaining * PLAN_SHARE - 1e-9
+        assert remaining_cost(more, costs, per, at, every) > remaining * PLAN_SHARE - 1e-9
     if plan.last_epoch_steps < per:  # partial: one more step would not have fitted
         bigger = Plan(plan.epochs, plan.last_epoch_steps + 1, plan.low_res_epochs)
-        assert remaining_cost(bigger, costs, per, at) > remaining * PLAN_SHARE - 1e-9
+        assert remaining_cost(bigger, costs, per, at, every) > remaining * PLAN_SHARE - 1e-9
+
+
+def test_validations_count_every_nth_epoch_and_the_last():
+    for every in range(5):
+        for last in range(1, 13):
+            assert [e for e in range(1, last + 1) if validated(e, last, every)] == \
+                ([last] if every == 0 else sorted({*range(every, last, every), last}))
+            for first in range(1, last + 1):
+                assert validations(first, last, every) == sum(validated(e, last, every) for e in range(first, last + 1))
+
+
+def test_a_plan_that_validates_less_often_trains_the_validations_it_skips():
+    """10 s passes, 1 s steps, 100 s: every epoch validated, 5 epochs of 10 steps fit (50 s of passes); the last only,
+    8 epochs and a partial one (one 10 s pass)."""
+    costs = Costs(step_s=1.0, low_res_step_s=1.0, val_s=10.0)
+    every = plan_budget(remaining_s=100 / PLAN_SHARE, costs=costs, steps_per_epoch=10, max_epochs=100, low_res_share=0)
+    last = plan_budget(remaining_s=100 / PLAN_SHARE, costs=costs, steps_per_epoch=10, max_epochs=100, low_res_share=0,
+                       val_every=0)
+    assert every.total_steps(10) == 50 and last.total_steps(10) == 90
+    assert remaining_cost(last, costs, 10, Position(), val_every=0) == pytest.approx(100)
+    assert remaining_cost(last, costs, 10, Position(), val_every=1) == pytest.approx(100 + 8 * 10)
 
 
 def test_progress_is_step_over_total_until_retargeted_then_continuous_to_the_new_end():
@@ -484,9 +507,11 @@ def test_a_narrowed_run_resumes_at_the_narrower_width(tmp_path, monkeypatch, cap
 
 
 @pytest.mark.e2e
-def test_train_with_a_budget_ends_within_it(tmp_path):
+@pytest.mark.parametrize("val_every", [1, 0], ids=["every-epoch", "last-only"])
+def test_train_with_a_budget_ends_within_it(tmp_path, val_every):
     """`cnnpipe train --budget-s 8`, with train.epochs far more than fit: the recorded training + validation
-    time is within 5 % of the budget, and the result line and the model folder record the plan."""
+    time is within 5 % of the budget, and the result line and the model folder record the plan; with
+    train.val_every 0 only the last epoch is validated."""
     write_tiny_dataset(tmp_path / "processed", classes=4, size=16, n=400)
     from cnnpipe.stages import augment
 
@@ -495,11 +520,16 @@ def test_train_with_a_budget_ends_within_it(tmp_path):
     proc = cnnpipe("train", "--params", str(REPO / "params.yaml"), "--no-tracking", "--budget-s", str(budget),
                    "--epochs", "500", "--threads", "1", "--arch", "fastnet", "--width", "8", "--batch-size", "32",
                    "--low-res", "8", "--low-res-epochs", "200", "--data", str(tmp_path / "processed"),
-                   "--augmented", str(tmp_path / "augmented"), "--out", str(tmp_path / "model"), cwd=tmp_path)
+                   "--augmented", str(tmp_path / "augmented"), "--out", str(tmp_path / "model"),
+                   "--val-every", str(val_every), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     record = result["budget"]
     assert record["actual_s"] <= budget * 1.05, proc.stderr[-3000:]
+    rows = read_history(tmp_path / "model")
+    assert [r["val/accuracy"] != "" for r in rows] == [True] * len(rows) if val_every else \
+        [False] * (len(rows) - 1) + [True]
+    assert rows[result["kept_epoch"] - 1]["val/accuracy"] != ""  # keep best: among the validated epochs
     assert record["actual_s"] >= budget * 0.8  # the budget is used, not left
     assert 1 <= result["epochs"] == record["planned_epochs"] < 500 and record["low_res_epochs"] >= 1
     assert record["step_s"] > 0 and record["val_s"] > 0

@@ -77,8 +77,8 @@ def test_corrupt_or_missing_model_file(tmp_path):
         load_model(tmp_path / "bad.pt")
 
 
-@pytest.mark.parametrize("mixing", [{}, {"mixup": 0.4, "cutmix": 1.0}, {"sam_rho": 0.05}],
-                         ids=["plain", "mixup-cutmix", "sam"])
+@pytest.mark.parametrize("mixing", [{}, {"mixup": 0.4, "cutmix": 1.0}, {"sam_rho": 0.05}, {"val_every": 3}],
+                         ids=["plain", "mixup-cutmix", "sam", "val-every-3"])
 def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run(mixing):
     cfg = TrainConfig(arch="cnn3", width=8, epochs=4, batch_size=16, lr=0.05, ema=0.9, **mixing)
     policy = AugmentPolicy(translate=0.1, rotate=10, scale=0.1, shear=0, brightness=0.2, contrast=0.2, saturation=0,
@@ -241,7 +241,7 @@ def test_training_warns_once_when_validation_stays_at_chance(capsys):
     result = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, policy=None)
     assert len(result.warnings) == 1
     assert result.warnings[0].startswith("train: validation accuracy has stayed at chance (<= 0.")
-    assert f"for {CHANCE_EPOCHS} epochs (1-{CHANCE_EPOCHS})" in result.warnings[0]
+    assert f"for {CHANCE_EPOCHS} validations in a row (epochs 1, 2, 3)" in result.warnings[0]
     assert capsys.readouterr().err.count("stayed at chance") == 1
     torch.manual_seed(0)
     learned = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), dataclasses.replace(cfg, lr=0.05, epochs=6), policy=None)
@@ -250,6 +250,50 @@ def test_training_warns_once_when_validation_stays_at_chance(capsys):
     assert chance_ceiling(torch.tensor([0, 1, 2] * 2), 3) == pytest.approx(1 / 3 + 2 * (2 / 9 / 6) ** 0.5)
     assert chance_ceiling(torch.tensor([0] * 9 + [1]), 2) == pytest.approx(0.9 + 2 * (0.09 / 10) ** 0.5)
     assert few_val_images(100) is None and "holds 24 images (< 100)" in few_val_images(24)
+
+
+def test_val_every_validates_every_nth_epoch_and_the_last_and_trains_the_same(tmp_path):
+    """train.val_every 2 over 5 epochs validates epochs 2, 4 and 5; 0, the last only. The training is the same run
+    (validation draws no randomness), keep best chooses among the validated epochs, and the history file and the
+    training curves take the epochs without val metrics."""
+    from cnnpipe.engine.model_folder import read_history, write_history
+    from cnnpipe.evaluation.figures import training_curves_png
+
+    cfg = TrainConfig(arch="cnn3", width=8, epochs=5, batch_size=16, lr=0.05, ema=0.9)
+    runs = {}
+    for every in (1, 2, 0):
+        torch.manual_seed(0)
+        runs[every] = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), dataclasses.replace(cfg, val_every=every),
+                          policy=None)
+    validated = {every: [e["epoch"] for e in r.history if "val/accuracy" in e] for every, r in runs.items()}
+    assert validated == {1: [1, 2, 3, 4, 5], 2: [2, 4, 5], 0: [5]}
+    train_only = lambda r: [{k: v for k, v in e.items() if k.startswith("train/") and "per_s" not in k  # noqa: E731
+                             and "seconds" not in k} for e in r.history]
+    assert train_only(runs[2]) == train_only(runs[1]) == train_only(runs[0])
+    every_epoch = {e["epoch"]: e["val/accuracy"] for e in runs[1].history}
+    assert runs[2].best_epoch == max([2, 4, 5], key=lambda e: (every_epoch[e], -e))  # the first of equals
+    assert runs[0].best_epoch == runs[0].kept_epoch == 5
+    for every in (2, 0):  # the same passes on the same weights
+        for e in runs[every].history:
+            assert {k: v for k, v in e.items() if k.startswith("val/")} == \
+                ({k: v for k, v in runs[1].history[e["epoch"] - 1].items() if k.startswith("val/")}
+                 if e["epoch"] in validated[every] else {})
+    write_history(tmp_path / "history.csv", runs[2].history)
+    rows = read_history(tmp_path)
+    assert [r["val/accuracy"] != "" for r in rows] == [False, True, False, True, True]
+    training_curves_png(rows, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_early_stopping_with_val_every_stops_on_a_validated_epoch():
+    """Patience counts epochs, but only a validated epoch can stop the run: it ends on one, which is then its last."""
+    cfg = TrainConfig(arch="cnn3", width=8, epochs=40, batch_size=16, lr=0.05, schedule="constant",
+                      early_stopping_patience=1, early_stopping_metric="val/loss", val_every=3)
+    torch.manual_seed(0)
+    result = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, policy=None)
+    validated = [e["epoch"] for e in result.history if "val/loss" in e]
+    assert result.stopped_early and validated == list(range(3, len(result.history) + 1, 3))
+    assert result.best_epoch in validated and len(result.history) - result.best_epoch >= 3
 
 
 def test_fit_without_a_val_split_validates_nothing_and_plans_no_validation(capsys):

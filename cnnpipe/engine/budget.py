@@ -85,30 +85,45 @@ def _low_res_epochs(n: int, share: float, at: Position) -> int:
     return min(n, max(target, at.low_res_done))
 
 
-def remaining_cost(plan: Plan, costs: Costs, steps_per_epoch: int, at: Position) -> float:
-    """Seconds the rest of `plan` takes from `at` (the current epoch's validation included)."""
+def validated(epoch: int, last_epoch: int, val_every: int) -> bool:
+    """Does `epoch` end with a validation pass (train.val_every): every val_every-th epoch and the last (0: the last
+    only)?"""
+    return epoch >= last_epoch or (val_every > 0 and epoch % val_every == 0)
+
+
+def validations(first: int, last_epoch: int, val_every: int) -> int:
+    """Validation passes in epochs first..last_epoch (first <= last_epoch) of a plan ending at last_epoch."""
+    every = 0 if val_every <= 0 else (last_epoch - 1) // val_every - (first - 1) // val_every
+    return every + 1
+
+
+def remaining_cost(plan: Plan, costs: Costs, steps_per_epoch: int, at: Position, val_every: int = 1) -> float:
+    """Seconds the rest of `plan` takes from `at` (the current epoch's validation included, when it has one)."""
     seconds = 0.0
     for epoch in range(at.epoch, plan.epochs + 1):
         steps = plan.steps_in(epoch, steps_per_epoch) - (at.steps_done if epoch == at.epoch else 0)
         step_s = costs.low_res_step_s if epoch <= plan.low_res_epochs else costs.step_s
-        seconds += max(steps, 0) * step_s + costs.val_s + costs.epoch_overhead_s
+        seconds += (max(steps, 0) * step_s + costs.epoch_overhead_s
+                    + (costs.val_s if validated(epoch, plan.epochs, val_every) else 0.0))
     return seconds
 
 
-def _cost_before_last_steps(n: int, low: int, costs: Costs, steps_per_epoch: int, at: Position) -> float:
+def _cost_before_last_steps(n: int, low: int, costs: Costs, steps_per_epoch: int, at: Position,
+                            val_every: int) -> float:
     """Seconds an n-epoch plan (`low` of them at low resolution) takes from `at` besides its last epoch's steps:
-    the epochs before it in full and every epoch's validation and overhead. Arithmetic, not a loop over epochs:
-    plan_budget asks it for every candidate n, and n may run to tens of thousands (tiny epochs, long budgets)."""
+    the epochs before it in full, every epoch's overhead and its validation passes. Arithmetic, not a loop over
+    epochs: plan_budget asks it for every candidate n, and n may run to tens of thousands (tiny epochs, long
+    budgets)."""
     before = n - at.epoch  # whole epochs before the last, the current one first
     low_before = max(0, min(low, n - 1) - at.epoch + 1)
     steps = before * steps_per_epoch - (at.steps_done if before else 0)
     low_steps = low_before * steps_per_epoch - (at.steps_done if low_before else 0)
     return (low_steps * costs.low_res_step_s + (steps - low_steps) * costs.step_s
-            + (before + 1) * (costs.val_s + costs.epoch_overhead_s))
+            + (before + 1) * costs.epoch_overhead_s + validations(at.epoch, n, val_every) * costs.val_s)
 
 
 def plan_budget(*, remaining_s: float, costs: Costs, steps_per_epoch: int, max_epochs: int, low_res_share: float,
-                at: Position = Position()) -> Plan:
+                at: Position = Position(), val_every: int = 1) -> Plan:
     """The plan that trains the most steps within PLAN_SHARE of `remaining_s` from `at`, in at most `max_epochs`
     epochs, the last one possibly partial but, when it is a new partial epoch, no shorter than its validation (fewer
     epochs on a tie: fewer validation passes). When nothing more
@@ -120,7 +135,7 @@ def plan_budget(*, remaining_s: float, costs: Costs, steps_per_epoch: int, max_e
     for n in range(at.epoch, max(max_epochs, at.epoch) + 1):
         low = _low_res_epochs(n, low_res_share, at)
         # what the epochs before the last cost, and the last's validation: the rest buys its steps
-        spare = usable - _cost_before_last_steps(n, low, costs, steps_per_epoch, at)
+        spare = usable - _cost_before_last_steps(n, low, costs, steps_per_epoch, at, val_every)
         if spare < 0:  # every epoch more only adds cost: no larger n fits either (and max_epochs may be huge)
             break
         last_step_s = costs.low_res_step_s if n <= low else costs.step_s
@@ -143,14 +158,14 @@ def plan_budget(*, remaining_s: float, costs: Costs, steps_per_epoch: int, max_e
 
 
 def replan(plan: Plan, *, remaining_s: float, costs: Costs, steps_per_epoch: int, max_epochs: int,
-           low_res_share: float, at: Position) -> Plan:
+           low_res_share: float, at: Position, val_every: int = 1) -> Plan:
     """`plan`, or a new plan from `at` when the rest of `plan` at `costs` would overrun `remaining_s` or end
     more than DRIFT of it early (and a new plan could use that time)."""
-    needed = remaining_cost(plan, costs, steps_per_epoch, at)
+    needed = remaining_cost(plan, costs, steps_per_epoch, at, val_every)
     if needed <= remaining_s and (needed >= remaining_s * (1 - DRIFT) or not plan.fits):
         return plan
     new = plan_budget(remaining_s=remaining_s, costs=costs, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs,
-                      low_res_share=low_res_share, at=at)
+                      low_res_share=low_res_share, at=at, val_every=val_every)
     return plan if new == plan else new
 
 
@@ -235,12 +250,12 @@ class BudgetKeeper:
 
     def __init__(self, state: BudgetState, *, max_epochs: int, low_res_share: float, full_over_low_pixels: float,
                  dist: Dist, device: torch.device, started: float | None = None, narrow_below: float = 0.0,
-                 waits: Callable[[], dict[int, int] | None] = core_waits):
+                 val_every: int = 1, waits: Callable[[], dict[int, int] | None] = core_waits):
         """`narrow_below`: raise NarrowerNet when the first plan fits fewer epochs, or sooner, when even the steps
         timed so far (each resolution at its cost, one not timed yet at the cheapest timed) with no validation would
         (saving the rest of the measurements); a decision on costs measured beside another busy process (`waits()`:
         nanoseconds each thread waited for a core) waits."""
-        self.state, self.max_epochs, self.low_res_share = state, max_epochs, low_res_share
+        self.state, self.max_epochs, self.low_res_share, self.val_every = state, max_epochs, low_res_share, val_every
         self.narrow_below = narrow_below if state.plan is None else 0.0
         self.pixel_ratio = full_over_low_pixels  # estimates a full-resolution step when none was measured yet
         self.dist, self.device = dist, device
@@ -326,7 +341,8 @@ class BudgetKeeper:
             self.narrow_pending = False
             self._narrow_if(plan_budget(remaining_s=self.state.budget_s - self.elapsed(), costs=self._costs(),
                                         steps_per_epoch=steps_per_epoch, max_epochs=self.max_epochs,
-                                        low_res_share=self.low_res_share, at=at), steps_per_epoch, shared=False)
+                                        low_res_share=self.low_res_share, at=at, val_every=self.val_every),
+                            steps_per_epoch, shared=False)
         return self._replan(at, steps_per_epoch)
 
     def epoch_started(self) -> None:
@@ -346,12 +362,15 @@ class BudgetKeeper:
         if steps and (self.planned_at_epoch_start or low_res not in self.measured):
             self._measure(low_res, (self.now() - self.epoch_start) / steps)
 
-    def after_validation(self, seconds: float) -> None:
-        self.val_s, self.val_end = seconds, self.now()
+    def after_validation(self, seconds: float | None) -> None:
+        """Call after an epoch's validation pass of `seconds`, or after its last step when it has none (None)."""
+        if seconds is not None:
+            self.val_s = seconds
+        self.val_end = self.now()
 
     def after_epoch(self, *, epoch: int, low_res: bool, steps_per_epoch: int) -> Plan | None:
-        """Call after an epoch's validation and logging, before its checkpoint; after the planned last epoch the
-        run ends."""
+        """Call after an epoch's validation (when it has none: after after_validation(None)), before its checkpoint;
+        after the planned last epoch the run ends."""
         if self.state.plan is not None and epoch >= self.state.plan.epochs:
             return None
         at = Position(epoch + 1, 0, min(epoch, self.state.plan.low_res_epochs) if self.state.plan else int(low_res),
@@ -447,7 +466,7 @@ class BudgetKeeper:
         self.state.costs = self._costs()
         plan = self._agree(plan_budget(remaining_s=self.state.budget_s - self.elapsed(), costs=self.state.costs,
                                        steps_per_epoch=steps_per_epoch, max_epochs=self.max_epochs,
-                                       low_res_share=self.low_res_share, at=at))
+                                       low_res_share=self.low_res_share, at=at, val_every=self.val_every))
         if self.narrow_below and at.epoch == 1:  # not after an epoch: its metrics are logged, its checkpoint saved
             self.narrow_pending = False  # this plan's verdict replaces the early bound's
             self._narrow_if(plan, steps_per_epoch, shared=any(self.shared_at.values()) or self.val_shared)
@@ -459,7 +478,7 @@ class BudgetKeeper:
         self.state.costs = self._costs()
         plan = self._agree(replan(self.state.plan, remaining_s=self.state.budget_s - self.elapsed(),
                                   costs=self.state.costs, steps_per_epoch=steps_per_epoch, max_epochs=self.max_epochs,
-                                  low_res_share=self.low_res_share, at=at))
+                                  low_res_share=self.low_res_share, at=at, val_every=self.val_every))
         if plan == self.state.plan:
             return None
         self.state.plan = plan

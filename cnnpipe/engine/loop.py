@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from cnnpipe.augment import AugmentPolicy, apply_policy, mix_batch
 from cnnpipe.config import TrainConfig
-from cnnpipe.engine.budget import BudgetKeeper, BudgetState, Plan, Progress
+from cnnpipe.engine.budget import BudgetKeeper, BudgetState, Plan, Progress, validated
 from cnnpipe.engine.device import autocast
 from cnnpipe.engine.distributed import Dist, all_sum, barrier
 from cnnpipe.engine.inference import normalize, predict_logits
@@ -323,7 +323,8 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
                               low_res_share=min(cfg.low_res_epochs / cfg.epochs, 1.0) if low_res_active else 0.0,
                               full_over_low_pixels=(data.val_images.shape[-1] / cfg.low_res) ** 2 if low_res_active
                               else 1.0, dist=dist, device=device, started=started,
-                              narrow_below=min(cfg.budget_min_epochs, cfg.epochs) if can_narrow else 0.0)
+                              narrow_below=min(cfg.budget_min_epochs, cfg.epochs) if can_narrow else 0.0,
+                              val_every=cfg.val_every)
 
     def adopt(new: Plan, where: str) -> None:
         """Follow `new` from here: the schedule's remaining progress spread over its remaining steps."""
@@ -430,14 +431,25 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         evaluated = ema.model if ema is not None else model
         if keeper is not None:
             keeper.after_training_steps(steps=steps, low_res=bool(low_res))
+        # train.val_every: this epoch validates when it is every N-th or the plan's last, or when a budget has not
+        # timed a pass yet (an epoch shorter than the first measurements)
+        validate = validating and (validated(epoch, plan.epochs, cfg.val_every)
+                                   or (keeper is not None and keeper.val_s is None))
+        replanned = False
+        if keeper is not None and not validate:  # no pass to wait for: re-plan now; a run that ends here validates
+            keeper.after_validation(None)
+            new = keeper.after_epoch(epoch=epoch, low_res=bool(low_res), steps_per_epoch=source.steps(epoch + 1))
+            if new is not None:
+                adopt(new, f"after epoch {epoch}")
+            replanned, validate = True, validating and epoch >= plan.epochs
         val: dict[str, float] = {}
-        val_start = time.perf_counter()
-        if validating:
+        if validate:
+            val_start = time.perf_counter()
             with mixed():  # validation in the training's precision (bf16: half its time here); evaluate scores in fp32
                 val["val/loss"], val["val/accuracy"] = evaluate_split(evaluated, data.val_images, data.val_labels,
                                                                       data.mean, data.std)
-        if keeper is not None:
-            keeper.after_validation(keeper.now() - val_start)
+            if keeper is not None:
+                keeper.after_validation(keeper.now() - val_start)
         # checked once per epoch (a check per step would sync the device); the last step's update only shows
         # in the validation loss
         diverged = next((v for v in (loss_sum, *val.values()) if not math.isfinite(v)), None)
@@ -454,13 +466,13 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
             "train/epoch_seconds": seconds,
         }
         history.append(stats)
-        at_chance = 0
-        if validating:
-            at_chance = next((i for i, h in enumerate(reversed(history)) if h["val/accuracy"] > ceiling), len(history))
-        if at_chance == CHANCE_EPOCHS:
+        scored = [h for h in history if "val/accuracy" in h]  # the validated epochs (train.val_every)
+        at_chance = next((i for i, h in enumerate(reversed(scored)) if h["val/accuracy"] > ceiling), len(scored))
+        if val and at_chance == CHANCE_EPOCHS:
             warnings.append(f"train: validation accuracy has stayed at chance (<= {ceiling:.3f}) for {CHANCE_EPOCHS} "
-                            f"epochs ({epoch - CHANCE_EPOCHS + 1}-{epoch}): the network is not learning (try "
-                            f"train.pretrained imagenet, another train.lr, or check the labels)")
+                            f"validations in a row (epochs {', '.join(str(h['epoch']) for h in scored[-CHANCE_EPOCHS:])}): "
+                            f"the network is not learning (try train.pretrained imagenet, another train.lr, or check "
+                            f"the labels)")
             if dist.is_main:
                 print(warnings[-1], file=sys.stderr, flush=True)
         watched = stats.get(cfg.early_stopping_metric)
@@ -475,7 +487,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
                   f"({seconds:.1f} s)", file=sys.stderr, flush=True)
             if on_epoch is not None:
                 on_epoch(stats)
-        if keeper is not None:  # before the checkpoint, which keeps the plan the rest of the run follows
+        if keeper is not None and not replanned:  # before the checkpoint, which keeps the plan the rest follows
             new = keeper.after_epoch(epoch=epoch, low_res=bool(low_res), steps_per_epoch=source.steps(epoch + 1))
             if new is not None:
                 adopt(new, f"after epoch {epoch}")
@@ -485,7 +497,7 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
                         "ema": ema.model.state_dict() if ema is not None else None, "history": history,
                         "best_value": best_value, "best_epoch": best_epoch, "best_state": best_state,
                         "budget": {**keeper.state.to_dict(), "used_s": keeper.elapsed()} if keeper else None})
-        if cfg.early_stopping_patience and epoch - best_epoch >= cfg.early_stopping_patience:
+        if val and cfg.early_stopping_patience and epoch - best_epoch >= cfg.early_stopping_patience:
             stopped_early = epoch < plan.epochs
             if dist.is_main:
                 print(f"early stopping: {cfg.early_stopping_metric} has not improved for "

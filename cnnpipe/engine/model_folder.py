@@ -15,7 +15,9 @@ RUN_FILE = "mlflow_run.json"  # which MLflow run the later stages log into (abse
 
 def write_history(path: Path, history: list[dict]) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        # every row's fields, in order of appearance: an epoch train.val_every did not validate has no val/ fields
+        # (its cells stay empty)
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
         writer.writeheader()
         writer.writerows(history)
 

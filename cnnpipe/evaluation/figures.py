@@ -39,13 +39,14 @@ def confusion_matrix_png(cm: np.ndarray, classes: list[str], path: Path, title: 
 
 def training_curves_png(history: list[dict], path: Path) -> None:
     """Loss and accuracy per epoch, train vs validation (train alone when nothing was validated)."""
-    epochs = [int(float(e["epoch"])) for e in history]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for split, style in (("train", "-o"), ("val", "-s")):
-            if f"{split}/{metric}" not in history[0]:  # no val curves: train.train_on_val validated nothing
-                continue
-            ax.plot(epochs, [float(e[f"{split}/{metric}"]) for e in history], style, markersize=3, label=split)
+            # the epochs that have the value: train.val_every skips epochs, train.train_on_val validates none
+            rows = [e for e in history if e.get(f"{split}/{metric}") not in (None, "")]
+            if rows:
+                ax.plot([int(float(e["epoch"])) for e in rows], [float(e[f"{split}/{metric}"]) for e in rows], style,
+                        markersize=3, label=split)
         ax.set_xlabel("epoch")
         ax.set_title(metric)
         ax.grid(alpha=0.3)

@@ -147,6 +147,8 @@ def _objective(job: Job, trial: optuna.Trial) -> float:
 
     def report(stats: dict[str, float]) -> None:
         epoch = int(stats["epoch"])
+        if job.cfg.metric not in stats:  # an epoch train.val_every did not validate
+            return
         trial.report(stats[job.cfg.metric], epoch)
         if trial.should_prune():
             raise Pruned(f"pruned after epoch {epoch}")
