@@ -4,6 +4,7 @@ state a checkpoint keeps; the end-to-end test runs `cnnpipe train --budget-s` an
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -184,6 +185,18 @@ def test_resume_keeps_the_plan_and_the_clock_of_the_checkpoint():
     resumed = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), cfg, None, resume=states[0])
     assert [e["epoch"] for e in resumed.history] == [1, 2]
     assert resumed.budget["first_plan_epochs"] == 2 and resumed.budget["actual_s"] >= saved["used_s"]
+    # train.val_every 3: epoch 1 validates (the plan, made after it, needs a pass's cost), then 3 and the last; a run
+    # resumed after epoch 1 has the checkpoint's cost and validates the same epochs
+    every_third = dataclasses.replace(cfg, epochs=4, val_every=3)
+    states.clear()
+    torch.manual_seed(0)
+    first = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), every_third, None,
+                checkpoint=lambda s: states.append(copy.deepcopy(s)))
+    resumed = fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), every_third, None, resume=states[0])
+    for run in (first, resumed):
+        assert [e["epoch"] for e in run.history if "val/accuracy" in e] == [1, 3, 4]
+        assert run.budget["validations"] == 3  # the resumed run's count goes on from its checkpoint's
+    assert resumed.budget["training_s"] > states[0]["budget"]["training_s"] > 0
 
 
 def test_the_clock_starts_once_the_run_is_set_up(monkeypatch):
@@ -529,6 +542,11 @@ def test_train_with_a_budget_ends_within_it(tmp_path, val_every):
     rows = read_history(tmp_path / "model")
     assert [r["val/accuracy"] != "" for r in rows] == [True] * len(rows) if val_every else \
         [False] * (len(rows) - 1) + [True]
+    # where the budget went: the epochs' steps (their own clock) and the passes, within the whole
+    assert record["validations"] == sum(r["val/accuracy"] != "" for r in rows)
+    assert record["training_s"] == pytest.approx(sum(float(r["train/epoch_seconds"]) for r in rows), abs=0.5)
+    assert record["validation_s"] >= record["validations"] * 0.5 * record["val_s"]
+    assert record["training_s"] + record["validation_s"] <= record["actual_s"]
     assert rows[result["kept_epoch"] - 1]["val/accuracy"] != ""  # keep best: among the validated epochs
     assert record["actual_s"] >= budget * 0.8  # the budget is used, not left
     assert 1 <= result["epochs"] == record["planned_epochs"] < 500 and record["low_res_epochs"] >= 1

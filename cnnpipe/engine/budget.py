@@ -200,6 +200,10 @@ class BudgetState:
     replans: int = 0
     first_plan: Plan | None = None
     schedule: Progress | None = None  # the learning-rate schedule's progress, re-targeted with the plan
+    # where the seconds went (the rest of used_s: the epochs' overhead, a narrower net's start, the steps it replaced)
+    training_s: float = 0.0  # in training steps
+    validation_s: float = 0.0  # in validation passes and the timing of one
+    validations: int = 0  # passes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,7 +212,9 @@ class BudgetState:
     def from_dict(cls, d: dict) -> BudgetState:
         plan = lambda p: Plan(**p) if p else None  # noqa: E731
         return cls(d["budget_s"], plan(d["plan"]), Costs(**d["costs"]) if d["costs"] else None, d["used_s"],
-                   d["replans"], plan(d["first_plan"]), Progress(**d["schedule"]) if d["schedule"] else None)
+                   d["replans"], plan(d["first_plan"]), Progress(**d["schedule"]) if d["schedule"] else None,
+                   # a checkpoint written before these were recorded counts from the resume
+                   d.get("training_s", 0.0), d.get("validation_s", 0.0), d.get("validations", 0))
 
 
 def floored_epochs(epochs: float) -> str:
@@ -271,6 +277,7 @@ class BudgetKeeper:
         self.val_end = self.started
         self.measured: dict[bool, float] = {}  # low resolution? -> seconds per step
         self.epoch_start = self.started
+        self.val_timing_in_epoch = 0.0  # seconds the current epoch spent timing a validation pass (not training)
         self.measuring_since = time.perf_counter()  # a narrower net's measurements start afresh on the same clock
         self.planned_at_epoch_start = False
 
@@ -352,20 +359,24 @@ class BudgetKeeper:
         self.epochs_started += 1
         if self.epochs_started > 1:  # an epoch trained at this width: narrowing now would throw it away
             self.narrow_below, self.narrow_pending = 0.0, False
-        self.epoch_start = now
+        self.epoch_start, self.val_timing_in_epoch = now, 0.0
         self._open_window(now)
         self.planned_at_epoch_start = self.state.plan is not None
 
     def after_training_steps(self, *, steps: int, low_res: bool) -> None:
         """Call after an epoch's last step: the epoch's average step cost is the latest measure (not in the epoch
         the first plan was made in, whose warm-up and probe steps it would count)."""
+        seconds = self.now() - self.epoch_start
+        self.state.training_s += seconds - self.val_timing_in_epoch
         if steps and (self.planned_at_epoch_start or low_res not in self.measured):
-            self._measure(low_res, (self.now() - self.epoch_start) / steps)
+            self._measure(low_res, seconds / steps)
 
     def after_validation(self, seconds: float | None) -> None:
         """Call after an epoch's validation pass of `seconds`, or after its last step when it has none (None)."""
         if seconds is not None:
             self.val_s = seconds
+            self.state.validation_s += seconds
+            self.state.validations += 1
         self.val_end = self.now()
 
     def after_epoch(self, *, epoch: int, low_res: bool, steps_per_epoch: int) -> Plan | None:
@@ -381,7 +392,9 @@ class BudgetKeeper:
 
     def record(self) -> dict:
         s = self.state
-        out = {"budget_s": s.budget_s, "actual_s": round(self.elapsed(), 2), "replans": s.replans}
+        out = {"budget_s": s.budget_s, "actual_s": round(self.elapsed(), 2), "replans": s.replans,
+               "training_s": round(s.training_s, 2), "validation_s": round(s.validation_s, 2),
+               "validations": s.validations}
         if s.plan is not None:
             out |= {"planned_epochs": s.plan.epochs, "last_epoch_steps": s.plan.last_epoch_steps,
                     "low_res_epochs": s.plan.low_res_epochs, "fits": s.plan.fits,
@@ -429,8 +442,11 @@ class BudgetKeeper:
         return bool(broadcast_ints([shared], self.dist, self.device)[0])
 
     def _time_val(self, time_val: Callable[[], float]) -> None:
-        waits, since = self.waits() if self.narrow_below else None, time.perf_counter()
+        waits, since = self.waits() if self.narrow_below else None, self.now()
         self.val_s = time_val()
+        timing_s = self.now() - since
+        self.state.validation_s += timing_s
+        self.val_timing_in_epoch += timing_s
         self.val_shared = bool(self.narrow_below) and self._shared_since(waits, since)
 
     def _unshare(self, low_res: bool, step_s: float, time_val: Callable[[], float]) -> None:

@@ -431,10 +431,10 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
         evaluated = ema.model if ema is not None else model
         if keeper is not None:
             keeper.after_training_steps(steps=steps, low_res=bool(low_res))
-        # train.val_every: this epoch validates when it is every N-th or the plan's last, or when a budget has not
-        # timed a pass yet (an epoch shorter than the first measurements)
+        # train.val_every: this epoch validates when it is every N-th or the plan's last, or when a budget has no
+        # pass's cost yet (a fresh run's epoch shorter than the first measurements; a resumed run has its checkpoint's)
         validate = validating and (validated(epoch, plan.epochs, cfg.val_every)
-                                   or (keeper is not None and keeper.val_s is None))
+                                   or (keeper is not None and keeper.val_s is None and keeper.state.costs is None))
         replanned = False
         if keeper is not None and not validate:  # no pass to wait for: re-plan now; a run that ends here validates
             keeper.after_validation(None)
