@@ -426,9 +426,14 @@ def save(out: Path, results: dict, threads: int, commands: list[str], load: dict
             "within_5_percent": r["within_5_percent"],
             "epochs_run_min": min(run["epochs_run"] for run in r["runs"]),
             "epochs_run_max": max(run["epochs_run"] for run in r["runs"]),
+            # the share of actual_s spent in training steps (runs recorded since the budget records training_s)
+            "training_share": stat(shares)["mean"] if (shares := [run["budget"]["training_s"] / run["budget"]["actual_s"]
+                                                                  for run in r["runs"] if "training_s" in run["budget"]])
+            else None,
             "runs": [{**{k: run[k] for k in ("seed", "test_accuracy", "val_accuracy_kept", "kept_epoch", "epochs_run")},
                       **{k: run[k] for k in ("test_accuracy_tta", "test_errors", "top_confusions", "test_accuracy_roi",
                                              "top_confusions_roi") if k in run},
+                      **{k: run["budget"][k] for k in ("training_s", "validation_s", "validations") if k in run["budget"]},
                       "width": run["budget"].get("width")}  # train.budget_min_epochs may have narrowed the net
                      for run in r["runs"]]}
             for mode, res in results.items() for point, r in res["budgeted"].items()},
