@@ -47,7 +47,7 @@ def spawn(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> d
         record_ = json.loads(line)
         if "epoch" in record_:
             epochs.append(record_)
-            val = record_["val_accuracy"]  # None: train.train_on_val, nothing validated
+            val = record_["val_accuracy"]  # None: an epoch train.val_every skips, or train.train_on_val
             print(f"  {cmd[-1] if len(cmd) > 1 else ''} epoch {record_['epoch']}: val "
                   f"{'-' if val is None else f'{val:.4f}'} at {record_['elapsed_s']:.1f} s", file=sys.stderr, flush=True)
         else:

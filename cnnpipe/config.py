@@ -155,9 +155,10 @@ class TrainConfig:
                            "downscaled to low_res x low_res (cheaper steps; the last epochs at full size fix the "
                            "scale); 0 = off; needs a size-agnostic net (fastnet, resnet*, library nets)", minimum=0)
     low_res_epochs: int = knob(0, "epochs trained at low_res", minimum=0)
-    val_every: int = knob(1, "validate every N epochs, the last always (0 = the last only): a validation pass a "
-                             "short budgeted run does not spend buys it training steps; keep best and early stopping "
-                             "then choose among the validated epochs", minimum=0)
+    val_every: int = knob(1, "validate every N epochs, the last always (0 = the last only; under a budget also an "
+                             "epoch 1 shorter than the first measurements, to time a pass): a pass a short budgeted "
+                             "run does not spend buys it training steps; keep best chooses among the validated "
+                             "epochs, early stopping (patience in epochs) is checked on them", minimum=0)
     early_stopping_patience: int = knob(0, "stop after this many epochs without improvement (0 = off)", minimum=0)
     early_stopping_metric: str = knob("val/accuracy", "what early stopping watches",
                                       choices=("val/accuracy", "val/loss"))

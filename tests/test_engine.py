@@ -294,6 +294,8 @@ def test_early_stopping_with_val_every_stops_on_a_validated_epoch():
     validated = [e["epoch"] for e in result.history if "val/loss" in e]
     assert result.stopped_early and validated == list(range(3, len(result.history) + 1, 3))
     assert result.best_epoch in validated and len(result.history) - result.best_epoch >= 3
+    with pytest.raises(CnnpipeError, match="train.val_every 0 validates the last epoch only, so nothing can stop early"):
+        fit(build_model("cnn3", 1, 3, 8, 8), tiny_data(), dataclasses.replace(cfg, val_every=0), policy=None)
 
 
 def test_fit_without_a_val_split_validates_nothing_and_plans_no_validation(capsys):

@@ -324,3 +324,12 @@ def test_katib_trial_command_runs_and_its_metric_line_is_collected(tmp_path):
     found = re.findall(manifest["spec"]["metricsCollectorSpec"]["source"]["filter"]["metricsFormat"][0],
                        proc.stdout + proc.stderr)
     assert len(found) == 1 and found[0][0] == "val" and 0 < float(found[0][1]) <= 1
+
+
+def test_trials_validate_every_epoch_for_the_pruner():
+    """configs/gtsrb-fast.yaml validates its last epoch only (train.val_every 0); a pruner compares trials epoch by
+    epoch, so its trials validate every epoch, unless the space tunes val_every; without a pruner the params stand."""
+    params = {"train": {"val_every": 0, "lr": 0.1}}
+    assert tune.trial_configs(params, {}, pruning=True)[1].val_every == 1
+    assert tune.trial_configs(params, {"train.val_every": 3}, pruning=True)[1].val_every == 3
+    assert tune.trial_configs(params, {"train.lr": 0.2}, pruning=False)[1].val_every == 0

@@ -354,7 +354,7 @@ class BudgetKeeper:
 
     def epoch_started(self) -> None:
         now = self.now()
-        if self.val_s is not None:  # since the last validation: the checkpoint, tracking, the callbacks
+        if self.epochs_started:  # since the last epoch's validation (or its last step): checkpoint, tracking, callbacks
             self.overhead_s = now - self.val_end
         self.epochs_started += 1
         if self.epochs_started > 1:  # an epoch trained at this width: narrowing now would throw it away

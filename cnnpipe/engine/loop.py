@@ -365,6 +365,9 @@ def fit(model: nn.Module, data: TrainData, cfg: TrainConfig, policy: AugmentPoli
     if not validating and (cfg.keep != "last" or cfg.early_stopping_patience):
         raise CnnpipeError("train: no val split to keep the best epoch or stop early by: expected train.keep last and "
                            "train.early_stopping_patience 0")
+    if cfg.early_stopping_patience and cfg.val_every == 0:
+        raise CnnpipeError("train.early_stopping_patience: train.val_every 0 validates the last epoch only, so nothing "
+                           "can stop early; expected train.val_every >= 1 or train.early_stopping_patience 0")
     ceiling = chance_ceiling(data.val_labels, head(model).out_features) if validating else -1.0
     epoch = start_epoch
     while epoch <= plan.epochs:

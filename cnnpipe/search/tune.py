@@ -120,9 +120,12 @@ def suggest(trial: optuna.Trial, space: dict[str, Dimension]) -> dict[str, Any]:
     return values
 
 
-def trial_configs(params: dict[str, Any], values: dict[str, Any]) -> tuple[AugmentConfig, TrainConfig]:
-    """The augment and train blocks of params.yaml with a trial's values put in."""
+def trial_configs(params: dict[str, Any], values: dict[str, Any], *, pruning: bool) -> tuple[AugmentConfig, TrainConfig]:
+    """The augment and train blocks of params.yaml with a trial's values put in. With a pruner, every epoch validates
+    (train.val_every 1, unless the space tunes it): the pruner compares trials epoch by epoch."""
     blocks = {name: dict(params.get(name) or {}) for name in ("augment", "train")}
+    if pruning:
+        blocks["train"]["val_every"] = 1
     for key, value in values.items():
         block, _, name = key.partition(".")
         blocks[block][name] = value
@@ -134,7 +137,7 @@ def _objective(job: Job, trial: optuna.Trial) -> float:
 
     trial.set_user_attr(OWNER_ATTR, owner_tags())  # who runs it: a killed owner's trial is failed at once
     values = suggest(trial, job.space)
-    aug_cfg, train_cfg = trial_configs(job.params, values)
+    aug_cfg, train_cfg = trial_configs(job.params, values, pruning=job.cfg.pruner != "none")
     if job.threads and not train_cfg.threads:  # parallel trials share the cores
         train_cfg = dataclasses.replace(train_cfg, threads=job.threads)
     label = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
@@ -255,6 +258,9 @@ def run(cfg: TuneConfig, space: dict[str, Dimension], params: dict[str, Any], tr
         parent.log_params({"space": _space_record(space), "storage": url}, prefix="tune.")
         study.set_user_attr(PARENT_ATTR, parent.run_id)
         study.set_user_attr(SPACE_ATTR, _space_record(space))
+    if cfg.pruner != "none" and (params.get("train") or {}).get("val_every", 1) != 1 and "train.val_every" not in space:
+        print(f"tune: train.val_every {params['train']['val_every']}: trials validate every epoch (tune.pruner "
+              f"{cfg.pruner} compares them epoch by epoch)", file=sys.stderr)
     job = Job(cfg, space, params, tracking, url, data, augmented, out, parent.run_id)
     try:
         if cfg.jobs == 1:
